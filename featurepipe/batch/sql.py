@@ -1,0 +1,121 @@
+"""DuckDB SQL for a windowed-aggregate view, generated from its declaration.
+
+One query per view: window functions over the entity's events, one frame per distinct
+window, ``RANGE BETWEEN <window> PRECEDING AND CURRENT ROW`` (so ``[t - window, t]``,
+ties at ``t`` included). Rows of one entity at the same instant collapse to one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from featurepipe.definitions import AggregateSpec, AggregateView
+from featurepipe.errors import InvalidInput
+
+_SQL_FUNCTION = {"count": "count", "sum": "sum", "mean": "avg", "min": "min", "max": "max"}
+
+
+def quote(identifier: str) -> str:
+    """Quote a SQL identifier for DuckDB."""
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def literal(value: str) -> str:
+    """Quote a SQL string literal."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def ts_literal(value: datetime) -> str:
+    """A TIMESTAMPTZ literal (naive datetimes are taken as UTC)."""
+    return f"TIMESTAMPTZ {literal(value.isoformat() if value.tzinfo else value.isoformat() + '+00:00')}"
+
+
+@dataclass(frozen=True)
+class SourceColumns:
+    """Column names and DuckDB types of a view's input, from the Parquet schema."""
+
+    types: dict[str, str]
+
+    def require(self, view: AggregateView) -> None:
+        needed = [*view.join_keys, view.timestamp_field, *(a.column for a in view.aggregations)]
+        missing = sorted({c for c in needed if c not in self.types})
+        if missing:
+            raise InvalidInput(
+                f"feature view {view.name!r}: input {view.input_path} has no column(s) {missing}; "
+                f"it has {sorted(self.types)}. Fix the source data or the aggregation's column"
+            )
+
+
+def _value_expr(agg: AggregateSpec, columns: SourceColumns) -> str:
+    col = quote(agg.column)
+    if "TIMESTAMP" in columns.types[agg.column].upper():
+        return f"(epoch_us({col}) / 1e6)"
+    if agg.function == "count":
+        return col
+    return f"CAST({col} AS DOUBLE)"
+
+
+def _frame(view: AggregateView, window: timedelta | None) -> str:
+    keys = ", ".join(quote(k) for k in view.join_keys)
+    if window is None:
+        return f"(PARTITION BY {keys}, __ts)"
+    micros = int(window / timedelta(microseconds=1))
+    return (
+        f"(PARTITION BY {keys} ORDER BY __ts "
+        f"RANGE BETWEEN INTERVAL ({micros}) MICROSECONDS PRECEDING AND CURRENT ROW)"
+    )
+
+
+def aggregate_sql(
+    view: AggregateView,
+    columns: SourceColumns,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    extra_input: str | None = None,
+) -> str:
+    """SELECT producing the view's feature rows with event time in ``[start, end)``.
+
+    Reads ``[start - max_window, end)`` of the input so windows at ``start`` are complete.
+    ``extra_input``, when given, is a relation (table name) unioned with the Parquet input
+    (the push path uses it for events not yet on disk).
+    """
+    columns.require(view)
+    keys = [quote(k) for k in view.join_keys]
+    ts = quote(view.timestamp_field)
+    needed_cols = sorted({a.column for a in view.aggregations} - {view.timestamp_field})
+    select_cols = ", ".join([*keys, f"{ts} AS __ts", *(quote(c) for c in needed_cols)])
+    if view.timestamp_field in {a.column for a in view.aggregations}:
+        select_cols += f", {ts}"
+    unbounded = any(a.window is None and a.function != "last" for a in view.aggregations)
+    where = ["__ts IS NOT NULL", *(f"{k} IS NOT NULL" for k in keys)]
+    if start is not None and not unbounded:
+        where.append(f"__ts >= {ts_literal(start - view.max_window)}")
+    if end is not None:
+        where.append(f"__ts < {ts_literal(end)}")
+    source = f"read_parquet({literal(view.input_path)}, hive_partitioning = true, union_by_name = true)"
+    inputs = f"SELECT {select_cols} FROM {source}"
+    if extra_input:
+        inputs += f" UNION ALL BY NAME SELECT {select_cols} FROM {extra_input}"
+    outputs = []
+    for agg in view.aggregations:
+        frame = _frame(view, agg.window)
+        expr = _value_expr(agg, columns)
+        if agg.function == "last":
+            outputs.append(f"max({expr}) OVER {frame} AS {quote(agg.name)}")
+        else:
+            fn = _SQL_FUNCTION[agg.function]
+            cast = "BIGINT" if agg.function == "count" else "DOUBLE"
+            outputs.append(f"CAST({fn}({expr}) OVER {frame} AS {cast}) AS {quote(agg.name)}")
+    outer_where = f"WHERE event_timestamp >= {ts_literal(start)}" if start is not None else ""
+    return f"""
+WITH src AS (SELECT * FROM ({inputs}) WHERE {" AND ".join(where)}),
+agg AS (
+  SELECT {", ".join(keys)}, __ts AS event_timestamp,
+    {(", " + chr(10) + "    ").join(outputs)}
+  FROM src
+)
+SELECT DISTINCT ON ({", ".join(keys)}, event_timestamp) *
+FROM agg {outer_where}
+ORDER BY event_timestamp, {", ".join(keys)}
+""".strip()

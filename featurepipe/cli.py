@@ -1,0 +1,143 @@
+"""The ``featurepipe`` command line: a thin layer over library calls.
+
+Every command works with no arguments on what the previous one produced: data lives
+under ``feature_repo/data`` (see ``featurepipe.config``), Redis comes from ``REDIS_URL``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import date, datetime
+from pathlib import Path
+
+import click
+
+from featurepipe.errors import FeaturepipeError
+
+REPO_OPTION = click.option(
+    "--repo", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Feature repo folder (default: $FEATUREPIPE_REPO or ./feature_repo).",
+)
+
+
+def _date(_ctx: click.Context, _param: click.Parameter, value: str | None) -> date | None:
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} is not a date; use YYYY-MM-DD") from exc
+
+
+def _datetime(_ctx: click.Context, _param: click.Parameter, value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} is not a time; use YYYY-MM-DD[THH:MM:SS]") from exc
+
+
+class _Group(click.Group):
+    """Turns featurepipe's own errors into one clear line and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except FeaturepipeError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="featurepipe")
+def main() -> None:
+    """featurepipe: batch and streaming features on Feast, served over gRPC.
+
+    \b
+    Typical flow (each step reads what the previous one wrote):
+      featurepipe generate      synthetic card transactions -> feature_repo/data/raw
+      featurepipe apply         feast apply: register the definitions in feature_repo/
+      featurepipe backfill      DuckDB feature tables -> feature_repo/data/offline
+      featurepipe materialize   latest feature values -> Redis (Feast layout)
+      featurepipe train         point-in-time training set -> model in feature_repo/data/models
+      featurepipe serve         gRPC feast.serving.ServingService on 127.0.0.1
+      featurepipe push          new events -> updated features online
+      featurepipe demo          all of the above, end to end
+
+    Redis: REDIS_URL=redis://host:port/db (default 127.0.0.1:6379).
+    """
+
+
+@main.command()
+@click.option("--rows", type=click.IntRange(min=100), default=1_000_000, show_default=True,
+              help="Number of transactions.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder (default: <repo>/data/raw/transactions, where the repo reads).")
+@click.option("--days", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Length of the period, ending at --end.")
+@click.option("--end", callback=_date, default=None, help="Last day (exclusive), YYYY-MM-DD; default today (UTC).")
+@click.option("--seed", type=int, default=7, show_default=True, help="Random seed; same seed, same data.")
+@REPO_OPTION
+def generate(rows: int, out: Path | None, days: int, end: date | None, seed: int, repo: Path | None) -> None:
+    """Write synthetic card transactions as Parquet partitioned by day."""
+    import time
+
+    from featurepipe.config import data_dir, find_repo
+    from featurepipe.generate import generate_transactions
+
+    target = out or data_dir(find_repo(repo)) / "raw" / "transactions"
+    t0 = time.perf_counter()
+    s = generate_transactions(rows, target, days=days, end=end, seed=seed)
+    click.echo(
+        f"wrote {s.rows:,} transactions ({s.fraud_rows:,} fraud, {s.labelled_rows:,} labelled) "
+        f"for {s.users:,} users and {s.merchants:,} merchants, {s.start:%Y-%m-%d} .. {s.end:%Y-%m-%d}, "
+        f"to {s.out} in {time.perf_counter() - t0:.1f}s"
+    )
+
+
+def _feast(args: list[str], repo: Path | None) -> int:
+    from featurepipe.config import export_redis_env, find_repo
+
+    export_redis_env()
+    feast_bin = Path(sys.executable).parent / "feast"
+    cmd = [str(feast_bin) if feast_bin.exists() else "feast", "--chdir", str(find_repo(repo)), *args]
+    return subprocess.call(cmd, env=os.environ.copy())
+
+
+@main.command()
+@REPO_OPTION
+def apply(repo: Path | None) -> None:
+    """Register the definitions in the feature repo (runs `feast apply` with Redis set)."""
+    sys.exit(_feast(["apply"], repo))
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@REPO_OPTION
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def feast(repo: Path | None, args: tuple[str, ...]) -> None:
+    """Run any feast CLI command on the repo, with Redis taken from REDIS_URL."""
+    sys.exit(_feast(list(args), repo))
+
+
+@main.command()
+@click.option("--start", callback=_date, default=None, help="First day to (re)compute, YYYY-MM-DD (default: first day of data).")
+@click.option("--end", callback=_date, default=None, help="Day after the last one, YYYY-MM-DD (default: after the last day of data).")
+@click.option("--view", "views", multiple=True, help="Only this feature view (repeatable).")
+@REPO_OPTION
+def backfill(start: date | None, end: date | None, views: tuple[str, ...], repo: Path | None) -> None:
+    """Compute the offline feature tables with DuckDB over the raw Parquet.
+
+    Only the day partitions in [start, end) are replaced, so reruns are idempotent.
+    """
+    from featurepipe.batch.backfill import backfill as run
+    from featurepipe.config import load_store
+    from featurepipe.report import table
+
+    results = run(load_store(repo), views or None, start, end)
+    click.echo(table(
+        ["view", "rows", "entities", "days", "seconds"],
+        [[r.view, f"{r.rows:,}", f"{r.entities:,}", r.partitions, f"{r.seconds:.1f}"] for r in results],
+    ))
