@@ -58,8 +58,8 @@ def default_end() -> date:
     return datetime.now(timezone.utc).date()
 
 
-def _weights(rng: np.random.Generator, n: int, alpha: float) -> np.ndarray:
-    w = rng.pareto(alpha, n) + 0.05
+def _weights(rng: np.random.Generator, n: int, sigma: float) -> np.ndarray:
+    w = rng.lognormal(0.0, sigma, n)
     return w / w.sum()
 
 
@@ -99,8 +99,8 @@ def generate_transactions(
 
     n_users = max(50, rows // 40)
     n_merchants = max(20, rows // 400)
-    user_w = _weights(rng, n_users, 1.6)
-    merchant_w = _weights(rng, n_merchants, 1.2)
+    user_w = _weights(rng, n_users, 1.0)
+    merchant_w = _weights(rng, n_merchants, 1.3)
     user_country = rng.choice(len(COUNTRIES), n_users, p=COUNTRY_WEIGHTS / COUNTRY_WEIGHTS.sum())
     user_scale = rng.lognormal(3.3, 0.7, n_users)  # typical spend per user, ~27 on median
     user_online = rng.beta(2, 5, n_users)  # each user's share of online purchases

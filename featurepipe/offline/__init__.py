@@ -1,0 +1,1 @@
+"""Offline store: Parquet feature tables queried with DuckDB (point-in-time ASOF joins)."""

@@ -1,0 +1,218 @@
+"""A small synchronous client for the feature server, for model services.
+
+Example::
+
+    from serving import FeatureClient
+
+    with FeatureClient("127.0.0.1:6566") as client:
+        features = client.get_features(
+            {"user_id": [42], "merchant_id": [7]},
+            feature_service="fraud_detection_v1",
+            request_context={"amount": [12.5], "txn_epoch": [1_764_000_000.0]},
+        )
+        features["amount_mean_7d"]        # [31.2]
+        features.statuses["amount_mean_7d"]  # ["PRESENT"]
+
+It does not import the Feast SDK (see :mod:`serving.protos`), so it loads in well under a
+second. Errors come back as featurepipe errors: ``InvalidInput`` (fix the request),
+``NotFound`` (unknown feature service or feature), ``BackendUnavailable`` (retried
+``retries`` times with backoff, then raised).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from functools import cached_property
+from typing import Any
+
+import grpc
+
+from featurepipe.errors import FeaturepipeError, InvalidInput
+from serving import protos
+from serving.errors import error_for
+from serving.values import from_value, to_value
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+class OnlineFeatures:
+    """Feature values by column name (join keys first), with each value's status and time.
+
+    ``features["name"]``, ``"name" in features``, ``len()`` and iteration act on the values
+    (``.values``, a ``dict[str, list]``). ``statuses`` holds Feast's field status names
+    (PRESENT, NULL_VALUE, NOT_FOUND, OUTSIDE_MAX_AGE) and ``event_timestamps`` the event
+    time of each value (None when there is none); both are decoded on first access.
+    """
+
+    def __init__(self, response: Any) -> None:
+        self._names = list(response.metadata.feature_names.val)
+        self._results = response.results
+        self.values: dict[str, list[Any]] = {
+            name: [from_value(v) for v in vector.values]
+            for name, vector in zip(self._names, self._results, strict=True)
+        }
+
+    @cached_property
+    def statuses(self) -> dict[str, list[str]]:
+        names = protos.FIELD_STATUS_NAMES
+        return {
+            name: [names.get(s, str(s)) for s in vector.statuses]
+            for name, vector in zip(self._names, self._results, strict=True)
+        }
+
+    @cached_property
+    def event_timestamps(self) -> dict[str, list[datetime | None]]:
+        return {
+            name: [_timestamp(t) for t in vector.event_timestamps]
+            for name, vector in zip(self._names, self._results, strict=True)
+        }
+
+    def __getitem__(self, name: str) -> list[Any]:
+        return self.values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.values)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.values
+
+    def __repr__(self) -> str:
+        return f"OnlineFeatures({self.values!r})"
+
+    def to_dict(self) -> dict[str, list[Any]]:
+        """The values as a plain dict of lists (a copy)."""
+        return {name: list(column) for name, column in self.values.items()}
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The values row by row: one dict per entity row."""
+        columns = list(self.values.items())
+        count = len(columns[0][1]) if columns else 0
+        return [{name: column[i] for name, column in columns} for i in range(count)]
+
+
+def _timestamp(ts: Any) -> datetime | None:
+    if not ts.seconds and not ts.nanos:
+        return None
+    return _EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
+
+
+def _columns(name: str, data: Mapping[str, Sequence[Any]], target: Any) -> None:
+    for column, values in data.items():
+        if isinstance(values, (str, bytes, Mapping)) or not hasattr(values, "__iter__"):
+            raise InvalidInput(
+                f"{name}[{column!r}] must be a list with one value per row, got "
+                f"{type(values).__name__}; e.g. {name}={{{column!r}: [{values!r}]}}"
+            )
+        target[column].val.extend(to_value(v, protos.Value) for v in values)
+
+
+class FeatureClient:
+    """Fetches online features from a featurepipe (or Feast) gRPC feature server.
+
+    Args:
+        target: ``host:port`` of the server.
+        timeout: seconds allowed for each attempt.
+        retries: further attempts after an UNAVAILABLE answer, with exponential backoff.
+        backoff: seconds before the first retry (doubling after each).
+        channel: an existing gRPC channel to use instead of opening one (not closed by us).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        timeout: float = 1.0,
+        retries: int = 2,
+        backoff: float = 0.05,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self._own_channel = channel is None
+        self._channel = channel or grpc.insecure_channel(target)
+        self._get_online_features = self._channel.unary_unary(
+            protos.GET_ONLINE_FEATURES,
+            request_serializer=protos.GetOnlineFeaturesRequest.SerializeToString,
+            response_deserializer=protos.GetOnlineFeaturesResponse.FromString,
+        )
+        self._get_info = self._channel.unary_unary(
+            protos.GET_FEAST_SERVING_INFO,
+            request_serializer=protos.GetFeastServingInfoRequest.SerializeToString,
+            response_deserializer=protos.GetFeastServingInfoResponse.FromString,
+        )
+
+    def get_features(
+        self,
+        entities: Mapping[str, Sequence[Any]],
+        feature_service: str | None = None,
+        features: Sequence[str] | None = None,
+        request_context: Mapping[str, Sequence[Any]] | None = None,
+        full_feature_names: bool = False,
+    ) -> OnlineFeatures:
+        """Feature values for the entity rows in ``entities`` (join key -> list of values).
+
+        Name either a ``feature_service`` or ``features`` (``"view:feature"`` refs).
+        ``request_context`` carries the request fields on-demand features need.
+        """
+        if (feature_service is None) == (features is None):
+            raise InvalidInput(
+                "pass exactly one of feature_service='name' or features=['view:feature', ...]"
+            )
+        if isinstance(features, str):
+            raise InvalidInput(f"features must be a list of 'view:feature' refs, got {features!r}")
+        request = protos.GetOnlineFeaturesRequest(full_feature_names=full_feature_names)
+        if feature_service is not None:
+            request.feature_service = feature_service
+        else:
+            request.features.val.extend(features or [])
+        _columns("entities", entities, request.entities)
+        _columns("request_context", request_context or {}, request.request_context)
+        return OnlineFeatures(self._call(self._get_online_features, request))
+
+    def server_version(self) -> str:
+        """The Feast version the server reports (GetFeastServingInfo)."""
+        return str(self._call(self._get_info, protos.GetFeastServingInfoRequest()).version)
+
+    def _call(self, method: Any, request: Any) -> Any:
+        attempt = 0
+        while True:
+            try:
+                return method(request, timeout=self.timeout)
+            except grpc.RpcError as exc:
+                code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+                details = exc.details() if hasattr(exc, "details") else str(exc)
+                if code == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
+                    time.sleep(self.backoff * 2**attempt)
+                    attempt += 1
+                    continue
+                raise self._error(code, details, attempt) from None
+
+    def _error(self, code: grpc.StatusCode, details: str, retried: int) -> FeaturepipeError:
+        if code == grpc.StatusCode.UNAVAILABLE:
+            details = (
+                f"feature server {self.target} unavailable after {retried + 1} attempt(s): "
+                f"{details}"
+            )
+        elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            details = (
+                f"feature server {self.target} did not answer within {self.timeout}s; "
+                "raise timeout= or check the server"
+            )
+        return error_for(code, details)
+
+    def close(self) -> None:
+        """Close the channel (if this client opened it)."""
+        if self._own_channel:
+            self._channel.close()
+
+    def __enter__(self) -> FeatureClient:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()

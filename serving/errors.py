@@ -1,0 +1,40 @@
+"""The one table between featurepipe's errors and gRPC status codes, both ways.
+
+The server turns a raised :class:`~featurepipe.errors.FeaturepipeError` into the status
+code of its class (the most specific match wins); the client turns a status code back
+into the matching error class, so callers handle one hierarchy whichever side failed.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from featurepipe.errors import BackendUnavailable, FeaturepipeError, InvalidInput, NotFound
+
+# Most specific first: the first class the error is an instance of decides.
+STATUS_BY_ERROR: tuple[tuple[type[FeaturepipeError], grpc.StatusCode], ...] = (
+    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (BackendUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (FeaturepipeError, grpc.StatusCode.INTERNAL),
+)
+
+ERROR_BY_STATUS: dict[grpc.StatusCode, type[FeaturepipeError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.UNAVAILABLE: BackendUnavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: BackendUnavailable,
+}
+
+
+def status_for(error: FeaturepipeError) -> grpc.StatusCode:
+    """The gRPC status code a featurepipe error is reported with."""
+    for cls, code in STATUS_BY_ERROR:
+        if isinstance(error, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def error_for(code: grpc.StatusCode, message: str) -> FeaturepipeError:
+    """The featurepipe error a gRPC status code stands for (FeaturepipeError if none)."""
+    return ERROR_BY_STATUS.get(code, FeaturepipeError)(message)

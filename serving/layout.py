@@ -1,0 +1,87 @@
+"""Feast's Redis key layout, as the server reads it.
+
+One Redis HASH per (entity key, project). Its key is Feast's entity-key serialization
+(version 3) followed by the project name; it holds one field per feature,
+``mmh3("<view>:<feature>")`` (4 bytes), whose value is a serialized ``feast.types.Value``,
+and one ``_ts:<view>`` field per view with a serialized ``google.protobuf.Timestamp``.
+Views keyed by the same join keys share the hash. See
+``feast/infra/online_stores/redis.py`` and ``feast/infra/key_encoding_utils.py``.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+from feast.infra.online_stores.helpers import _mmh3
+from feast.protos.feast.types.Value_pb2 import Value
+from feast.value_type import ValueType
+
+from featurepipe.errors import InvalidInput
+
+_PACK_HEADER = struct.Struct("<II").pack
+_PACK_I32 = struct.Struct("<i").pack
+_PACK_I64 = struct.Struct("<q").pack
+_INT32_RANGE = (-(2**31), 2**31 - 1)
+
+# The Value field a join key of each type must arrive in, and the ones accepted and
+# converted (an int32 for an INT64 key serialises differently, so it is converted first).
+ACCEPTED_KINDS: dict[ValueType, tuple[str, ...]] = {
+    ValueType.INT64: ("int64_val", "int32_val"),
+    ValueType.INT32: ("int32_val", "int64_val"),
+    ValueType.STRING: ("string_val",),
+    ValueType.BYTES: ("bytes_val",),
+    ValueType.UNIX_TIMESTAMP: ("unix_timestamp_val", "int64_val"),
+}
+
+
+def feature_field(view: str, feature: str) -> bytes:
+    """The hash field holding ``view:feature``."""
+    return bytes(_mmh3(f"{view}:{feature}"))
+
+
+def timestamp_field(view: str) -> bytes:
+    """The hash field holding the event timestamp of ``view``'s row."""
+    return f"_ts:{view}".encode()
+
+
+def entity_key_prefix(join_keys: Sequence[str]) -> bytes:
+    """The constant head of the serialized entity key: key count and sorted key names."""
+    parts = [struct.pack("<I", len(join_keys))]
+    for name in sorted(join_keys):
+        encoded = name.encode("utf8")
+        parts.append(_PACK_HEADER(ValueType.STRING.value, len(encoded)))
+        parts.append(encoded)
+    return b"".join(parts)
+
+
+def encode_entity_value(value: Value, value_type: ValueType, column: str, row: int) -> bytes:
+    """One join-key value as Feast serializes it (type, length, bytes).
+
+    Raises InvalidInput when the value does not fit the join key's declared type.
+    """
+    kind = value.WhichOneof("val")
+    accepted = ACCEPTED_KINDS.get(value_type)
+    if accepted is None:
+        raise InvalidInput(
+            f"join key {column!r} has type {value_type.name}, which Feast cannot use as an "
+            "entity key; declare the entity as INT64, INT32, STRING, BYTES or UNIX_TIMESTAMP"
+        )
+    if kind not in accepted:
+        got = "no value (null)" if kind is None else kind
+        raise InvalidInput(
+            f"entities[{column!r}][{row}] is {got}, but join key {column!r} is "
+            f"{value_type.name}: send it as {accepted[0]}"
+        )
+    raw = getattr(value, kind)
+    if value_type == ValueType.STRING:
+        data = raw.encode("utf8")
+    elif value_type == ValueType.BYTES:
+        data = raw
+    elif value_type == ValueType.INT32:
+        if not _INT32_RANGE[0] <= raw <= _INT32_RANGE[1]:
+            raise InvalidInput(f"entities[{column!r}][{row}] = {raw} does not fit join key type INT32")
+        data = _PACK_I32(raw)
+    else:
+        data = _PACK_I64(raw)
+    return _PACK_HEADER(value_type.value, len(data)) + data

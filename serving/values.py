@@ -1,0 +1,117 @@
+"""Python values to and from ``feast.types.Value`` messages, for the client.
+
+Independent of the Feast SDK (works on any generated ``Value`` class, see
+:mod:`serving.protos`). Ints become ``int64_val``, floats ``double_val``, strs
+``string_val``, bytes ``bytes_val``, bools ``bool_val``, datetimes ``unix_timestamp_val``
+(seconds), None an empty Value; lists become the matching ``*_list_val``.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+from datetime import datetime, timezone
+from typing import Any
+
+from featurepipe.errors import InvalidInput
+
+_SCALAR_KINDS = frozenset((
+    "int64_val", "int32_val", "double_val", "float_val", "string_val", "bool_val", "bytes_val",
+    "uuid_val", "time_uuid_val", "decimal_val",
+))
+_LIST_FIELD = {
+    bool: "bool_list_val",
+    int: "int64_list_val",
+    float: "double_list_val",
+    str: "string_list_val",
+    bytes: "bytes_list_val",
+}
+
+
+def _is_bool(obj: Any) -> bool:
+    # numpy.bool_ is neither bool nor numbers.Integral
+    return isinstance(obj, bool) or getattr(getattr(obj, "dtype", None), "kind", "") == "b"
+
+
+def _scalar_kind(obj: Any) -> type:
+    if _is_bool(obj):
+        return bool
+    if isinstance(obj, numbers.Integral):
+        return int
+    if isinstance(obj, numbers.Real):
+        return float
+    if isinstance(obj, str):
+        return str
+    if isinstance(obj, (bytes, bytearray)):
+        return bytes
+    if isinstance(obj, datetime):
+        return datetime
+    raise InvalidInput(
+        f"cannot send {type(obj).__name__} value {obj!r}; use int, float, str, bytes, bool, "
+        "datetime, None or a list of them"
+    )
+
+
+def _epoch_seconds(value: datetime) -> int:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return int(value.timestamp())
+
+
+def to_value(obj: Any, value_cls: Any) -> Any:
+    """A ``value_cls`` (a generated ``feast.types.Value``) holding ``obj``."""
+    if obj is None:
+        return value_cls()
+    if isinstance(obj, (list, tuple)):
+        if any(x is None for x in obj):
+            raise InvalidInput(f"list {obj!r} holds None; Feast list values cannot hold nulls")
+        kinds = {_scalar_kind(x) for x in obj}
+        if kinds == {int, float}:
+            kinds = {float}
+        if len(kinds) > 1:
+            raise InvalidInput(f"list {obj!r} mixes types {sorted(k.__name__ for k in kinds)}")
+        kind = kinds.pop() if kinds else float
+        if kind is datetime:
+            value = value_cls()
+            value.unix_timestamp_list_val.val.extend(_epoch_seconds(x) for x in obj)
+            return value
+        value = value_cls()
+        getattr(value, _LIST_FIELD[kind]).val.extend(kind(x) for x in obj)
+        return value
+    kind = _scalar_kind(obj)
+    if kind is bool:
+        return value_cls(bool_val=bool(obj))
+    if kind is int:
+        return value_cls(int64_val=int(obj))
+    if kind is float:
+        return value_cls(double_val=float(obj))
+    if kind is str:
+        return value_cls(string_val=obj)
+    if kind is bytes:
+        return value_cls(bytes_val=bytes(obj))
+    return value_cls(unix_timestamp_val=_epoch_seconds(obj))
+
+
+def from_value(value: Any) -> Any:
+    """The Python value of a ``feast.types.Value`` (None when it holds nothing)."""
+    kind = value.WhichOneof("val")
+    if kind in _SCALAR_KINDS:
+        return getattr(value, kind)
+    if kind is None or kind == "null_val":
+        return None
+    raw = getattr(value, kind)
+    if kind == "unix_timestamp_val":
+        return datetime.fromtimestamp(raw, tz=timezone.utc)
+    if kind == "json_val":
+        return json.loads(raw)
+    if kind in ("list_val", "set_val"):
+        return [from_value(v) for v in raw.val]
+    if kind in ("map_val", "struct_val"):
+        return {k: from_value(v) for k, v in raw.val.items()}
+    if kind in ("map_list_val", "struct_list_val"):
+        return [{k: from_value(v) for k, v in m.val.items()} for m in raw.val]
+    if kind in ("unix_timestamp_list_val", "unix_timestamp_set_val"):
+        return [datetime.fromtimestamp(v, tz=timezone.utc) for v in raw.val]
+    if hasattr(raw, "val"):
+        return list(raw.val)
+    return raw

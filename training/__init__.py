@@ -1,0 +1,1 @@
+"""Training workflow: point-in-time training sets, model training and model artifacts."""
