@@ -58,7 +58,7 @@ def _entity_table(entity_df: pd.DataFrame | str, con: duckdb.DuckDBPyConnection)
     """The entity rows as Arrow with a row number and a UTC ``TIMESTAMPTZ`` as-of column."""
     if isinstance(entity_df, str):
         try:
-            table = con.execute(entity_df).arrow()
+            table = con.execute(entity_df).to_arrow_table()
         except duckdb.Error as exc:
             raise InvalidInput(f"entity_df query failed in DuckDB: {exc}") from exc
     elif isinstance(entity_df, pd.DataFrame):
@@ -226,26 +226,34 @@ class FeaturepipeOfflineStore(DuckDBOfflineStore):
                         )
                     alias = f"v{i}"
                     on = " AND ".join(
-                        [f"e.{quote(k)} = {alias}.{quote('__k_' + k)}" for k in keys]
-                        + [f"e.{quote(ts_col)} >= {alias}.__fp_ts"]
+                        [f"e.{quote(k)} = f.{quote('__k_' + k)}" for k in keys]
+                        + [f"e.{quote(ts_col)} >= f.__fp_ts"]
                     )
-                    joins.append(f"ASOF LEFT JOIN ({sql}) {alias} ON {on}")
                     ttl = fv.ttl if isinstance(fv.ttl, timedelta) and fv.ttl > timedelta(0) else None
+                    cols = []
                     for f in feats:
-                        col = f"{alias}.{quote(out_names[f])}"
+                        col = f"f.{quote(out_names[f])}"
                         if ttl is not None:
                             micros = int(ttl / timedelta(microseconds=1))
                             col = (
-                                f"CASE WHEN {alias}.__fp_ts >= e.{quote(ts_col)} - "
+                                f"CASE WHEN f.__fp_ts >= e.{quote(ts_col)} - "
                                 f"INTERVAL ({micros}) MICROSECONDS THEN {col} END"
                             )
-                        selects.append(f"{col} AS {quote(out_names[f])}")
+                        cols.append(f"{col} AS {quote(out_names[f])}")
+                        selects.append(f"{alias}.{quote(out_names[f])}")
+                    # one ASOF join per view, materialised, then joined on the row number:
+                    # DuckDB plans chained ASOF joins poorly (it spilled tens of GB here)
+                    con.execute(
+                        f"CREATE TEMP TABLE {alias} AS SELECT e.{ROW}, {', '.join(cols)} "
+                        f"FROM __fp_entity e ASOF LEFT JOIN ({sql}) f ON {on}"
+                    )
+                    joins.append(f"JOIN {alias} ON {alias}.{ROW} = e.{ROW}")
                 query = (
                     f"SELECT {', '.join(selects)} FROM __fp_entity e {' '.join(joins)} "
                     f"ORDER BY e.{ROW}"
                 )
                 try:
-                    return con.execute(query).arrow()
+                    return con.execute(query).to_arrow_table()
                 except duckdb.Error as exc:
                     raise InvalidInput(f"point-in-time join failed: {exc}") from exc
             finally:
