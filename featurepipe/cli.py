@@ -141,3 +141,96 @@ def backfill(start: date | None, end: date | None, views: tuple[str, ...], repo:
         ["view", "rows", "entities", "days", "seconds"],
         [[r.view, f"{r.rows:,}", f"{r.entities:,}", r.partitions, f"{r.seconds:.1f}"] for r in results],
     ))
+
+
+@main.command()
+@click.option("--start", callback=_datetime, default=None, help="Only values with event time >= START (default: all).")
+@click.option("--end", callback=_datetime, default=None, help="Only values with event time <= END (default: now).")
+@click.option("--view", "views", multiple=True, help="Only this feature view (repeatable).")
+@REPO_OPTION
+def materialize(start: datetime | None, end: datetime | None, views: tuple[str, ...], repo: Path | None) -> None:
+    """Load the latest feature values into Redis, in Feast's layout."""
+    from featurepipe.config import load_store, redis_connection_string
+    from featurepipe.online.materialize import materialize as run
+
+    result = run(load_store(repo), start, end, list(views) or None)
+    click.echo(
+        f"materialized {', '.join(result.views)} into Redis {redis_connection_string().split(',')[0]} "
+        f"in {result.seconds:.1f}s"
+    )
+
+
+def _models_dir(repo: Path | None, feature_service: str) -> Path:
+    from featurepipe.config import data_dir, find_repo
+
+    return data_dir(find_repo(repo)) / "models" / feature_service
+
+
+@main.command()
+@click.option("--feature-service", default="fraud_detection_v1", show_default=True)
+@click.option("--holdout", type=click.FloatRange(0.01, 0.99), default=0.2, show_default=True,
+              help="Newest share of labelled transactions kept for evaluation.")
+@click.option("--limit", type=int, default=None, help="Use only the first N labelled transactions.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Model folder (default: <repo>/data/models/<feature service>).")
+@REPO_OPTION
+def train(feature_service: str, holdout: float, limit: int | None, out: Path | None, repo: Path | None) -> None:
+    """Build a point-in-time training set, train a classifier, print holdout ROC/PR AUC."""
+    from featurepipe.config import load_store
+    from training.dataset import build_training_set, labelled_transactions
+    from training.train import train_model
+
+    store = load_store(repo)
+    entity_df, cutoff = labelled_transactions(store.get_data_source("transactions").path, limit=limit)
+    click.echo(f"training set: {len(entity_df):,} labelled transactions (labels known by {cutoff:%Y-%m-%d %H:%M})")
+    ts = build_training_set(store, entity_df, feature_service, cutoff)
+    result = train_model(ts, out or _models_dir(repo, feature_service), holdout)
+    m = result.metadata
+    click.echo(
+        f"holdout ({m.holdout_rows:,} rows, fraud rate {m.fraud_rate_holdout:.3%}): "
+        f"ROC AUC {m.roc_auc:.3f}  PR AUC {m.pr_auc:.3f}\nmodel saved to {result.path}"
+    )
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
+@click.option("--port", type=int, default=6566, show_default=True, help="Port (0: any free port).")
+@REPO_OPTION
+def serve(host: str, port: int, repo: Path | None) -> None:
+    """Serve feast.serving.ServingService (gRPC) from Redis, with health and reflection."""
+    from featurepipe.config import export_redis_env
+    from serving.server import serve as run
+
+    export_redis_env()
+    run(repo, host=host, port=port, announce=click.echo)
+
+
+@main.command()
+@click.option("--events", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Parquet file of new transactions (default: generate --count random ones now).")
+@click.option("--count", type=int, default=5, show_default=True, help="Events to generate without --events.")
+@REPO_OPTION
+def push(events: Path | None, count: int, repo: Path | None) -> None:
+    """Push new transactions: append them to the raw data and update their features online."""
+    import pyarrow.parquet as pq
+
+    from featurepipe.config import load_store
+    from featurepipe.demo import random_events
+    from featurepipe.stream.push import push_events
+
+    store = load_store(repo)
+    table = pq.read_table(events) if events else random_events(store, count)
+    result = push_events(store, table)
+    click.echo(f"pushed {result.events} events; online rows updated: {result.rows_by_view}")
+
+
+@main.command()
+@click.option("--rows", type=click.IntRange(min=10_000), default=1_000_000, show_default=True)
+@click.option("--score", type=int, default=500, show_default=True, help="Transactions to score over gRPC.")
+@click.option("--keep-running", is_flag=True, help="Leave the gRPC server up at the end (Ctrl-C stops it).")
+@REPO_OPTION
+def demo(rows: int, score: int, keep_running: bool, repo: Path | None) -> None:
+    """Run everything end to end: generate, apply, backfill, materialize, train, serve, score, push."""
+    from featurepipe.demo import run_demo
+
+    run_demo(repo, rows=rows, score=score, keep_running=keep_running)

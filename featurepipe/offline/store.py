@@ -33,7 +33,6 @@ from feast.infra.offline_stores.file_source import FileSource
 from feast.infra.offline_stores.offline_store import RetrievalJob, RetrievalMetadata
 from feast.infra.offline_stores.offline_utils import (
     DEFAULT_ENTITY_DF_EVENT_TIMESTAMP_COL,
-    infer_event_timestamp_from_entity_df,
 )
 from feast.infra.registry.base_registry import BaseRegistry
 from feast.on_demand_feature_view import OnDemandFeatureView
@@ -80,7 +79,7 @@ def _entity_table(entity_df: pd.DataFrame | str, con: duckdb.DuckDBPyConnection)
                 "entity_df has no column 'event_timestamp'; pass the as-of time of each row in a "
                 f"column named 'event_timestamp' (timestamp columns found: {candidates or 'none'})"
             )
-        ts_col = infer_event_timestamp_from_entity_df({n: str(t) for n, t in schema.items()}) if False else candidates[0]
+        ts_col = candidates[0]
     ts_type = schema[ts_col]
     if not pa.types.is_timestamp(ts_type):
         raise InvalidInput(
@@ -137,9 +136,9 @@ class FeaturepipeRetrievalJob(RetrievalJob):
         allow_overwrite: bool = False,
         timeout: int | None = None,
     ) -> None:
-        import pyarrow.parquet as pq
         from pathlib import Path
 
+        import pyarrow.parquet as pq
         from feast.errors import SavedDatasetLocationAlreadyExists
 
         path = Path(storage.file_options.uri)  # type: ignore[attr-defined]

@@ -1,0 +1,179 @@
+"""``featurepipe demo``: the whole mission, end to end, on generated data.
+
+generate -> feast apply -> backfill -> materialize -> train -> serve (gRPC) -> score a
+sample of transactions through the server (p50/p99) -> push new events and show their
+features change online -> summary table.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from featurepipe.errors import FeaturepipeError
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+
+
+def _step(title: str) -> None:
+    print(f"\n== {title}", flush=True)
+
+
+def random_events(store: FeatureStore, count: int, seed: int | None = None) -> pa.Table:
+    """``count`` new transactions happening now, for users and merchants already in the data."""
+    import duckdb
+
+    raw = store.get_data_source("transactions").path
+    con = duckdb.connect()
+    ids = con.execute(
+        f"SELECT user_id, merchant_id, max(transaction_id) OVER () AS top FROM read_parquet('{raw}') "
+        f"USING SAMPLE {max(count, 1)} ROWS (reservoir, {seed if seed is not None else 42})"
+    ).fetchall()
+    rng = np.random.default_rng(seed)
+    now = datetime.now(timezone.utc)
+    top = int(ids[0][2])
+    return pa.table({
+        "transaction_id": pa.array(np.arange(top + 1, top + 1 + len(ids)) + int(now.timestamp()) * 1000, pa.int64()),
+        "user_id": pa.array([r[0] for r in ids], pa.int64()),
+        "merchant_id": pa.array([r[1] for r in ids], pa.int64()),
+        "amount": pa.array(np.round(rng.lognormal(5.0, 0.5, len(ids)), 2)),
+        "category": pa.array(["electronics"] * len(ids)),
+        "country": pa.array(["NL"] * len(ids)),
+        "channel": pa.array(["online"] * len(ids)),
+        "event_timestamp": pa.array([now - timedelta(milliseconds=10 * i) for i in range(len(ids))],
+                                    pa.timestamp("us", tz="UTC")),
+    })
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.array(values), q)) if values else float("nan")
+
+
+def run_demo(repo: Path | None, rows: int, score: int, keep_running: bool) -> dict[str, Any]:
+    """Run the demo; return the summary figures."""
+    from featurepipe.batch.backfill import backfill
+    from featurepipe.config import data_dir, export_redis_env, find_repo, load_store
+    from featurepipe.generate import generate_transactions
+    from featurepipe.online.materialize import materialize
+    from featurepipe.report import table
+    from featurepipe.stream.push import push_events
+    from serving.client import FeatureClient
+    from serving.server import FeatureServer
+    from training.dataset import build_training_set, labelled_transactions
+    from training.train import FraudModel, train_model
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    repo_path = find_repo(repo)
+    data = data_dir(repo_path)
+    redis = export_redis_env()
+
+    _step(f"1/8 generate {rows:,} transactions")
+    t = time.perf_counter()
+    gen = generate_transactions(rows, data / "raw" / "transactions")
+    timings["generate"] = time.perf_counter() - t
+    print(f"{gen.rows:,} transactions, {gen.fraud_rows:,} fraud, {gen.users:,} users, "
+          f"{gen.merchants:,} merchants, {gen.start:%Y-%m-%d} .. {gen.end:%Y-%m-%d}")
+
+    _step("2/8 feast apply")
+    t = time.perf_counter()
+    feast_bin = Path(sys.executable).parent / "feast"
+    rc = subprocess.call([str(feast_bin), "--chdir", str(repo_path), "apply"], env=os.environ.copy())
+    if rc != 0:
+        raise FeaturepipeError(f"feast apply failed with exit code {rc}")
+    timings["apply"] = time.perf_counter() - t
+    store = load_store(repo_path)
+
+    _step("3/8 backfill offline feature tables (DuckDB)")
+    t = time.perf_counter()
+    results = backfill(store)
+    timings["backfill"] = time.perf_counter() - t
+    print(table(["view", "rows", "entities", "seconds"],
+                [[r.view, f"{r.rows:,}", f"{r.entities:,}", f"{r.seconds:.1f}"] for r in results]))
+
+    _step(f"4/8 materialize into Redis ({redis.split(',')[0]})")
+    t = time.perf_counter()
+    materialize(store)
+    timings["materialize"] = time.perf_counter() - t
+
+    _step("5/8 train on a point-in-time training set")
+    t = time.perf_counter()
+    entity_df, cutoff = labelled_transactions(store.get_data_source("transactions").path)
+    ts = build_training_set(store, entity_df, "fraud_detection_v1", cutoff)
+    trained = train_model(ts, data / "models" / "fraud_detection_v1")
+    timings["train"] = time.perf_counter() - t
+    m = trained.metadata
+    print(f"{len(ts.frame):,} rows, {len(ts.feature_columns)} features; holdout {m.holdout_rows:,} rows: "
+          f"ROC AUC {m.roc_auc:.3f}, PR AUC {m.pr_auc:.3f}")
+
+    _step("6/8 serve gRPC feast.serving.ServingService")
+    server = FeatureServer(repo_path, host="127.0.0.1", port=0).start()
+    print(f"listening on {server.address}")
+    model = FraudModel.load(data / "models" / "fraud_detection_v1")
+    summary: dict[str, Any] = {}
+    try:
+        with FeatureClient(server.address, timeout=2.0) as client:
+            _step(f"7/8 score {score} transactions over gRPC")
+            sample = entity_df.sample(n=min(score, len(entity_df)), random_state=1)
+            latencies, scores = [], []
+            for row in sample.itertuples():
+                t = time.perf_counter()
+                feats = client.get_features(
+                    entities={"user_id": [int(row.user_id)], "merchant_id": [int(row.merchant_id)]},
+                    feature_service="fraud_detection_v1",
+                    request_context={"amount": [float(row.amount)], "txn_epoch": [time.time()]},
+                )
+                latencies.append((time.perf_counter() - t) * 1000)
+                scores.append(float(model.score(feats.values)[0]))
+            p50, p99 = _percentile(latencies, 50), _percentile(latencies, 99)
+            print(f"gRPC GetOnlineFeatures, 1 entity, {len(latencies)} calls: p50 {p50:.2f} ms, p99 {p99:.2f} ms; "
+                  f"mean fraud score {np.mean(scores):.4f}")
+
+            _step("8/8 push new events, features change online")
+            events = random_events(store, 3)
+            keys = {"user_id": events.column("user_id").to_pylist(),
+                    "merchant_id": events.column("merchant_id").to_pylist()}
+            ctx = {"amount": events.column("amount").to_pylist(), "txn_epoch": [time.time()] * 3}
+            before = client.get_features(keys, feature_service="fraud_detection_v1", request_context=ctx).values
+            pushed = push_events(store, events)
+            after = client.get_features(keys, feature_service="fraud_detection_v1", request_context=ctx).values
+            shown = ["txn_count_1h", "amount_sum_1h", "amount_max_24h", "merchant_txn_count_24h"]
+            print(table(
+                ["user_id", *(f"{c} before->after" for c in shown)],
+                [[u, *(f"{before[c][i]} -> {after[c][i]}" for c in shown)]
+                 for i, u in enumerate(keys["user_id"])],
+            ))
+            changed = sum(before["txn_count_1h"][i] != after["txn_count_1h"][i] for i in range(3))
+            print(f"pushed {pushed.events} events; rows written online: {pushed.rows_by_view}")
+        summary = {
+            "transactions": gen.rows,
+            "feature rows": sum(r.rows for r in results),
+            "training rows": len(ts.frame),
+            "ROC AUC": round(m.roc_auc, 3),
+            "PR AUC": round(m.pr_auc, 3),
+            "gRPC p50 ms": round(p50, 2),
+            "gRPC p99 ms": round(p99, 2),
+            "entities updated by push": changed,
+            **{f"{k} s": round(v, 1) for k, v in timings.items()},
+            "total s": round(time.perf_counter() - t_start, 1),
+        }
+        _step("summary")
+        print(table(["measure", "value"], [[k, v] for k, v in summary.items()]))
+        if keep_running:
+            print(f"\ngRPC server still running on {server.address}; Ctrl-C stops it")
+            try:
+                server.wait()
+            except KeyboardInterrupt:
+                pass
+    finally:
+        server.stop(grace=1.0)
+    return summary

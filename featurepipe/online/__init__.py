@@ -1,0 +1,1 @@
+"""Online store: Redis in Feast's layout."""

@@ -1,0 +1,1 @@
+"""Streaming path (minimal): new events -> the same aggregate SQL -> online store."""
