@@ -234,3 +234,7 @@ def demo(rows: int, score: int, keep_running: bool, repo: Path | None) -> None:
     from featurepipe.demo import run_demo
 
     run_demo(repo, rows=rows, score=score, keep_running=keep_running)
+
+
+if __name__ == "__main__":
+    main()

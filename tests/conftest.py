@@ -1,0 +1,93 @@
+"""Shared fixtures: a real redis-server on an ephemeral loopback port and a real Feast repo.
+
+``pipeline`` copies ``feature_repo/`` into a temporary folder, generates a small data set,
+runs the real ``feast apply`` CLI there, backfills with featurepipe and materialises into
+Redis: the demo repo is the test repo.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from featurepipe.redis_server import RedisServer
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE_REPO = ROOT / "feature_repo"
+ROWS, DAYS = 30_000, 12
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """REDIS_URL when set, else a private redis-server stopped at the end of the session."""
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    with RedisServer() as server:
+        yield server.url
+
+
+@dataclass
+class Pipeline:
+    repo: Path
+    data: Path
+    store: Any
+    env: dict[str, str]
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run the featurepipe CLI on this repo."""
+        return subprocess.run(
+            [sys.executable, "-m", "featurepipe.cli", *args, "--repo", str(self.repo)]
+            if args and args[0] != "feast" else
+            [sys.executable, "-m", "featurepipe.cli", "feast", "--repo", str(self.repo), *args[1:]],
+            env=self.env, capture_output=True, text=True, timeout=300,
+        )
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Pipeline]:
+    """generate -> feast apply -> backfill -> materialize, on a temporary copy of feature_repo."""
+    from featurepipe.batch.backfill import backfill
+    from featurepipe.generate import generate_transactions
+    from featurepipe.online.materialize import materialize
+
+    base = tmp_path_factory.mktemp("pipeline")
+    repo, data = base / "feature_repo", base / "data"
+    shutil.copytree(SOURCE_REPO, repo, ignore=shutil.ignore_patterns("data", "__pycache__"))
+    saved = {k: os.environ.get(k) for k in ("REDIS_URL", "FEATUREPIPE_DATA_DIR", "FEATUREPIPE_REPO")}
+    os.environ.update(REDIS_URL=redis_url, FEATUREPIPE_DATA_DIR=str(data), FEATUREPIPE_REPO=str(repo))
+    env = os.environ.copy()
+    try:
+        generate_transactions(ROWS, data / "raw" / "transactions", days=DAYS)
+        applied = subprocess.run(
+            [str(Path(sys.executable).parent / "feast"), "--chdir", str(repo), "apply"],
+            env={**env, "FEATUREPIPE_REDIS": redis_url_feast(redis_url)},
+            capture_output=True, text=True, timeout=300,
+        )
+        assert applied.returncode == 0, applied.stderr[-3000:]
+        from featurepipe.config import load_store
+
+        store = load_store(repo)
+        backfill(store, progress=False)
+        materialize(store)
+        yield Pipeline(repo=repo, data=data, store=store, env=env)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def redis_url_feast(url: str) -> str:
+    from featurepipe.config import redis_url_to_feast
+
+    return redis_url_to_feast(url)
