@@ -146,13 +146,13 @@ def run_demo(repo: Path | None, rows: int, score: int, keep_running: bool) -> di
             before = client.get_features(keys, feature_service="fraud_detection_v1", request_context=ctx).values
             pushed = push_events(store, events)
             after = client.get_features(keys, feature_service="fraud_detection_v1", request_context=ctx).values
-            shown = ["txn_count_1h", "amount_sum_1h", "amount_max_24h", "merchant_txn_count_24h"]
+            shown = ["last_txn_epoch", "txn_count_1h", "amount_sum_1h", "merchant_txn_count_24h"]
             print(table(
                 ["user_id", *(f"{c} before->after" for c in shown)],
                 [[u, *(f"{before[c][i]} -> {after[c][i]}" for c in shown)]
                  for i, u in enumerate(keys["user_id"])],
             ))
-            changed = sum(before["txn_count_1h"][i] != after["txn_count_1h"][i] for i in range(3))
+            changed = sum(before["last_txn_epoch"][i] != after["last_txn_epoch"][i] for i in range(3))
             print(f"pushed {pushed.events} events; rows written online: {pushed.rows_by_view}")
         summary = {
             "transactions": gen.rows,
