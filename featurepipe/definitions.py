@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from feast import Entity, FeatureView, Field, FileSource, PushSource
 from feast.aggregation import Aggregation
-from feast.types import Float64, Int64
+from feast.types import Float64, Int64, from_value_type
 
 from featurepipe.errors import InvalidInput
 
@@ -86,8 +86,13 @@ class WindowedFeatures:
         return Path(self.offline_root) / self.name
 
     def schema(self) -> list[Field]:
-        """Feast fields for the aggregate outputs, in declaration order."""
-        return [
+        """Feast fields: the entity's join key, then the aggregate outputs in declaration order.
+
+        The join key is declared explicitly so the view compares equal to its registered
+        copy (otherwise ``feast plan`` reports a change after every ``feast apply``).
+        """
+        key = Field(name=self.entity.join_key, dtype=from_value_type(self.entity.value_type))
+        return [key] + [
             Field(name=a.resolved_name(a.time_window), dtype=Int64 if a.function == "count" else Float64)
             for a in self.aggregations
         ]

@@ -48,6 +48,14 @@ def connect() -> duckdb.DuckDBPyConnection:
     return con
 
 
+def connect_deterministic() -> duckdb.DuckDBPyConnection:
+    """One thread: parallel window aggregation adds floats in a varying order, and a
+    rerun must give the same bytes."""
+    con = connect()
+    con.execute("SET threads = 1")
+    return con
+
+
 def source_columns(con: duckdb.DuckDBPyConnection, path: str) -> SourceColumns:
     """Column names and types of a Parquet input (raises NotFound when there are no files)."""
     try:
@@ -91,7 +99,7 @@ def backfill_view(
 ) -> BackfillResult:
     """Recompute the day partitions of ``view`` in ``[start, end)`` (default: all input)."""
     t0 = time.perf_counter()
-    con = connect()
+    con = connect_deterministic()
     columns = source_columns(con, view.input_path)
     columns.require(view)
     lo, hi = input_time_range(con, view)
