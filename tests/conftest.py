@@ -41,6 +41,7 @@ class Pipeline:
     data: Path
     store: Any
     env: dict[str, str]
+    plan_after_apply: subprocess.CompletedProcess[str]
 
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run the featurepipe CLI on this repo."""
@@ -73,12 +74,18 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterat
             capture_output=True, text=True, timeout=300,
         )
         assert applied.returncode == 0, applied.stderr[-3000:]
+        # before materialisation: Feast counts recorded materialisation intervals as changes
+        plan = subprocess.run(
+            [str(Path(sys.executable).parent / "feast"), "--chdir", str(repo), "plan"],
+            env={**env, "FEATUREPIPE_REDIS": redis_url_feast(redis_url)},
+            capture_output=True, text=True, timeout=300,
+        )
         from featurepipe.config import load_store
 
         store = load_store(repo)
         backfill(store, progress=False)
         materialize(store)
-        yield Pipeline(repo=repo, data=data, store=store, env=env)
+        yield Pipeline(repo=repo, data=data, store=store, env=env, plan_after_apply=plan)
     finally:
         for k, v in saved.items():
             if v is None:
