@@ -47,12 +47,25 @@ class SourceColumns:
             )
 
 
+_INTEGER_TYPES = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT", "HUGEINT"}
+
+
 def _value_expr(agg: AggregateSpec, columns: SourceColumns) -> str:
+    """The expression an aggregate runs over.
+
+    Sums and means of fractional columns run over ``DECIMAL(38, 9)``: exact, so the result
+    does not depend on summation order (DuckDB's window segment trees add in an order that
+    depends on which rows are read, and a partial rerun must give the same bytes as a full
+    one; the streaming engine must agree with both).
+    """
     col = quote(agg.column)
-    if "TIMESTAMP" in columns.types[agg.column].upper():
+    column_type = columns.types[agg.column].upper()
+    if "TIMESTAMP" in column_type:
         return f"(epoch_us({col}) / 1e6)"
-    if agg.function == "count":
+    if agg.function == "count" or column_type in _INTEGER_TYPES:
         return col
+    if agg.function in ("sum", "mean"):
+        return f"CAST({col} AS DECIMAL(38, 9))"
     return f"CAST({col} AS DOUBLE)"
 
 

@@ -57,7 +57,7 @@ def _entity_table(entity_df: pd.DataFrame | str, con: duckdb.DuckDBPyConnection)
     """The entity rows as Arrow with a row number and a UTC ``TIMESTAMPTZ`` as-of column."""
     if isinstance(entity_df, str):
         try:
-            table = con.execute(entity_df).to_arrow_table()
+            table = con.sql(entity_df).to_arrow_table()
         except duckdb.Error as exc:
             raise InvalidInput(f"entity_df query failed in DuckDB: {exc}") from exc
     elif isinstance(entity_df, pd.DataFrame):
@@ -252,7 +252,7 @@ class FeaturepipeOfflineStore(DuckDBOfflineStore):
                     f"ORDER BY e.{ROW}"
                 )
                 try:
-                    return con.execute(query).to_arrow_table()
+                    return con.sql(query).to_arrow_table()
                 except duckdb.Error as exc:
                     raise InvalidInput(f"point-in-time join failed: {exc}") from exc
             finally:

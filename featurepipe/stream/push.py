@@ -66,13 +66,13 @@ def push_events(store: FeatureStore, events: pa.Table, source: str = "transactio
         f"CAST({quote(c)} AS {t}) AS {quote(c)}" if c in events.column_names else f"CAST(NULL AS {t}) AS {quote(c)}"
         for c, t in raw_cols.items() if c != "date"
     )
-    conformed = con.execute(f"SELECT {select} FROM __new_events").to_arrow_table()
+    conformed = con.sql(f"SELECT {select} FROM __new_events").to_arrow_table()
     con.register("__conformed", conformed)
     digest = hashlib.sha1(str(conformed.column("transaction_id").to_pylist()).encode()).hexdigest()[:12]
     days = sorted(set(con.execute("SELECT DISTINCT strftime(event_timestamp, '%Y-%m-%d') FROM __new_events").fetchall()))
     raw_file = raw_root
     for (day,) in days:
-        part = con.execute(
+        part = con.sql(
             f"SELECT * FROM __conformed WHERE strftime(event_timestamp, '%Y-%m-%d') = '{day}'"
         ).to_arrow_table()
         (raw_root / f"date={day}").mkdir(parents=True, exist_ok=True)
