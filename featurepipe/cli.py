@@ -9,12 +9,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from datetime import date, datetime
 from pathlib import Path
 
 import click
 
 from featurepipe.errors import FeaturepipeError
+
+# third-party deprecation chatter (ibis inside Feast) is nothing a user can act on
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ibis\.")
 
 REPO_OPTION = click.option(
     "--repo", type=click.Path(file_okay=False, path_type=Path), default=None,
