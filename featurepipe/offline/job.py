@@ -1,0 +1,115 @@
+"""Feast ``RetrievalJob`` for featurepipe's offline store: a DuckDB query run on demand.
+
+The job holds a plan (a function that prepares a DuckDB connection and returns the final
+SELECT). ``to_arrow``/``to_df`` run it and fetch Arrow; ``persist`` streams the result
+into a Parquet file with DuckDB's ``COPY`` so a result larger than memory never passes
+through Python.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+from feast.infra.offline_stores.offline_store import RetrievalJob, RetrievalMetadata
+
+from featurepipe.batch.sql import literal
+from featurepipe.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from feast.on_demand_feature_view import OnDemandFeatureView
+    from feast.repo_config import RepoConfig
+    from feast.saved_dataset import SavedDatasetStorage
+
+
+@dataclass(frozen=True)
+class QueryPlan:
+    """How to produce a result: ``plan(con)`` prepares ``con`` and returns the SELECT."""
+
+    config: RepoConfig | None
+    plan: Callable[[duckdb.DuckDBPyConnection], str]
+
+    def run(self, consume: Callable[[duckdb.DuckDBPyConnection, str], Any]) -> Any:
+        from featurepipe.offline.store import connect
+
+        con = connect(self.config)
+        spill = con.execute("SELECT current_setting('temp_directory')").fetchall()[0][0]
+        try:
+            query = self.plan(con)
+            try:
+                return consume(con, query)
+            except duckdb.Error as exc:
+                raise InvalidInput(f"offline query failed in DuckDB: {exc}") from exc
+        finally:
+            con.close()
+            shutil.rmtree(spill, ignore_errors=True)
+
+
+class FeaturepipeRetrievalJob(RetrievalJob):
+    """A point-in-time join or a table pull, run when its result is asked for."""
+
+    def __init__(
+        self,
+        query: QueryPlan,
+        full_feature_names: bool = False,
+        on_demand_feature_views: list[OnDemandFeatureView] | None = None,
+        metadata: RetrievalMetadata | None = None,
+    ) -> None:
+        self._query = query
+        self._full_feature_names = full_feature_names
+        self._on_demand_feature_views = on_demand_feature_views or []
+        self._metadata = metadata
+
+    @property
+    def full_feature_names(self) -> bool:
+        return self._full_feature_names
+
+    @property
+    def on_demand_feature_views(self) -> list[OnDemandFeatureView]:
+        return self._on_demand_feature_views
+
+    @property
+    def metadata(self) -> RetrievalMetadata | None:
+        return self._metadata
+
+    def _to_arrow_internal(self, timeout: int | None = None) -> pa.Table:
+        return self._query.run(lambda con, sql: con.sql(sql).to_arrow_table())
+
+    def _to_df_internal(self, timeout: int | None = None) -> pd.DataFrame:
+        return self._to_arrow_internal(timeout).to_pandas()
+
+    def to_parquet(self, path: str | Path) -> int:
+        """Stream the result (before on-demand views) into one Parquet file; returns its rows."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+
+        def copy(con: duckdb.DuckDBPyConnection, sql: str) -> int:
+            con.execute(f"COPY ({sql}) TO {literal(str(target))} (FORMAT parquet)")
+            return int(con.execute(f"SELECT count(*) FROM read_parquet({literal(str(target))})").fetchone()[0])
+
+        return self._query.run(copy)
+
+    def persist(
+        self,
+        storage: SavedDatasetStorage,
+        allow_overwrite: bool = False,
+        timeout: int | None = None,
+    ) -> None:
+        """Write the result to a saved dataset's Parquet file (Feast's ``create_saved_dataset``)."""
+        import pyarrow.parquet as pq
+        from feast.errors import SavedDatasetLocationAlreadyExists
+
+        path = Path(storage.file_options.uri)  # type: ignore[attr-defined]
+        if path.exists() and not allow_overwrite:
+            raise SavedDatasetLocationAlreadyExists(location=str(path))
+        if self._on_demand_feature_views:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(self.to_arrow(), path)  # on-demand views run in Python, on the whole result
+        else:
+            self.to_parquet(path)
