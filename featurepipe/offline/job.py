@@ -59,12 +59,14 @@ class FeaturepipeRetrievalJob(RetrievalJob):
         query: QueryPlan,
         full_feature_names: bool = False,
         on_demand_feature_views: list[OnDemandFeatureView] | None = None,
-        metadata: RetrievalMetadata | None = None,
+        metadata: Callable[[], RetrievalMetadata] | None = None,
     ) -> None:
+        """``metadata`` is computed on first use (it reads the entity rows once more)."""
         self._query = query
         self._full_feature_names = full_feature_names
         self._on_demand_feature_views = on_demand_feature_views or []
-        self._metadata = metadata
+        self._metadata_factory = metadata
+        self._metadata: RetrievalMetadata | None = None
 
     @property
     def full_feature_names(self) -> bool:
@@ -76,6 +78,8 @@ class FeaturepipeRetrievalJob(RetrievalJob):
 
     @property
     def metadata(self) -> RetrievalMetadata | None:
+        if self._metadata is None and self._metadata_factory is not None:
+            self._metadata = self._metadata_factory()
         return self._metadata
 
     def _to_arrow_internal(self, timeout: int | None = None) -> pa.Table:

@@ -102,8 +102,11 @@ def _feature_rows(view: ViewRequest, lo: str, hi: str, dedup: bool) -> str:
     if view.created:
         cols.append(f"CAST({quote(view.created)} AS TIMESTAMPTZ) AS __fp_created")
     cols += [f"{quote(src)} AS {quote(out)}" for src, out in view.features.items()]
-    lower = f" AND CAST({quote(view.timestamp)} AS TIMESTAMPTZ) >= {lo}" + (
-        f" - INTERVAL ({_micros(view.ttl)}) MICROSECONDS" if view.ttl else ""
+    # rows older than the earliest as-of time minus the TTL can match nothing (no TTL: all can)
+    lower = (
+        f" AND CAST({quote(view.timestamp)} AS TIMESTAMPTZ) >= {lo} - INTERVAL ({_micros(view.ttl)}) MICROSECONDS"
+        if view.ttl
+        else ""
     )
     keys = ", ".join(f"__k{i}" for i in range(len(view.join_keys)))
     qualify = (

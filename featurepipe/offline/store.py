@@ -131,7 +131,7 @@ class FeaturepipeOfflineStore(DuckDBOfflineStore):
             QueryPlan(config=config, plan=plan),
             full_feature_names=full_feature_names,
             on_demand_feature_views=odfvs,
-            metadata=RetrievalMetadata(features=feature_refs, keys=[], min_event_timestamp=None, max_event_timestamp=None),
+            metadata=lambda: _metadata(config, entity_df, feature_refs),
         )
 
     @staticmethod
@@ -189,6 +189,13 @@ class FeaturepipeOfflineStore(DuckDBOfflineStore):
         )
         return FeaturepipeRetrievalJob(QueryPlan(config=config, plan=lambda con: sql))
 
+    def get_table_column_names_and_types_from_data_source(
+        self, config: RepoConfig, data_source: DataSource
+    ) -> list[tuple[str, str]]:
+        """Column names and Arrow types of a Parquet source; globs and partition folders work."""
+        schema = _source_schema(source_path(config, data_source))
+        return [(f.name, str(f.type)) for f in schema]
+
     @staticmethod
     def offline_write_batch(
         config: RepoConfig,
@@ -205,7 +212,7 @@ class FeaturepipeOfflineStore(DuckDBOfflineStore):
         source = feature_view.batch_source
         path = source_path(config, source, feature_view.name)
         expected = _source_schema(path)
-        missing = [c for c in expected.names if c != "date" and c not in table.column_names]
+        missing = [c for c in expected.names if c not in table.column_names]
         extra = [c for c in table.column_names if c not in expected.names]
         if missing or extra:
             raise InvalidInput(
@@ -237,10 +244,28 @@ class FeaturepipeOfflineStore(DuckDBOfflineStore):
             progress(table.num_rows)
 
 
+def _metadata(config: RepoConfig, entity_df: pd.DataFrame | str, feature_refs: list[str]) -> RetrievalMetadata:
+    """Keys and as-of range of the entity rows (Feast records them with saved datasets)."""
+    con = connect(config)
+    try:
+        frame = read_entity_frame(entity_df, con)
+        lo, hi = frame.time_range()
+    finally:
+        con.close()
+    return RetrievalMetadata(
+        features=feature_refs,
+        keys=[c for c in frame.columns if c != frame.timestamp_column],
+        min_event_timestamp=lo.as_py() if lo.is_valid else None,
+        max_event_timestamp=hi.as_py() if hi.is_valid else None,
+    )
+
+
 def _source_schema(path: str) -> pa.Schema:
+    """The columns stored in the files (hive partition folders like ``date=`` are not columns)."""
     con = connect()
     try:
-        return con.sql(f"SELECT * FROM read_parquet({literal(path)}, union_by_name = true) LIMIT 0").to_arrow_table().schema
+        scan = f"read_parquet({literal(path)}, union_by_name = true, hive_partitioning = false)"
+        return con.sql(f"SELECT * FROM {scan} LIMIT 0").to_arrow_table().schema
     except duckdb.IOException as exc:
         raise InvalidInput(f"no offline table at {path} to append to ({exc}); run `featurepipe backfill` first") from exc
     finally:

@@ -1,0 +1,320 @@
+"""featurepipe's offline store against a brute-force reference, with Feast's duckdb store as a second opinion.
+
+Everything goes through Feast's public API (``FeatureStore.get_historical_features`` and
+friends) on a repo deployed with the real ``feast apply``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.offline_oracle import (
+    feast_duckdb_store,
+    make_repo,
+    normalise,
+    reference,
+    write_tables,
+)
+
+T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+S = timedelta(seconds=1)
+US = timedelta(microseconds=1)
+ALL = ["user_stats:amount", "user_stats:cnt", "pair_stats:score", "merchant_stats:rating"]
+ALL_REQUESTS = [("user_stats", "", {}), ("pair_stats", "", {}), ("merchant_stats", "", {})]
+FEATURE_COLUMNS = ["amount", "cnt", "score", "rating"]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_repo(tmp_path_factory.mktemp("offline"))
+
+
+@pytest.fixture(scope="module")
+def stores(repo: Path) -> Iterator[tuple[Any, Any]]:
+    from feast import FeatureStore
+
+    yield FeatureStore(repo_path=str(repo)), feast_duckdb_store(repo)
+
+
+def _frame(rows: list[dict[str, Any]], columns: dict[str, str]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=list(columns))
+    return frame.astype(columns) if rows else frame.astype(columns)
+
+
+def tables_from(user: list[dict], pair: list[dict], merchant: list[dict]) -> dict[str, pd.DataFrame]:
+    ts = "datetime64[us, UTC]"
+    return {
+        "user_stats": _frame(user, {"user_id": "int64", "event_ts": ts, "created_ts": ts, "amt": "float64", "cnt": "int64"}),
+        "pair_stats": _frame(pair, {"user_id": "int64", "merchant_id": "int64", "ts": ts, "score": "float64"}),
+        "merchant_stats": _frame(merchant, {"merchant_id": "int64", "event_ts": ts, "created_ts": ts, "rating": "float64"}),
+    }
+
+
+def retrieve(store: Any, entity_df: pd.DataFrame | str, features: Any, full: bool = False) -> pd.DataFrame:
+    return store.get_historical_features(entity_df=entity_df, features=features, full_feature_names=full).to_df()
+
+
+def assert_same(ours: pd.DataFrame, expected: pd.DataFrame, columns: list[str]) -> None:
+    pd.testing.assert_frame_equal(normalise(ours, columns), normalise(expected, columns), check_dtype=False)
+
+
+# --- hand-made edge cases --------------------------------------------------------------------
+
+EDGE_USER = [
+    # user 1: a tie on event time, broken by created time (the later-created row wins)
+    {"user_id": 1, "event_ts": T0, "created_ts": T0 + S, "amt": 10.0, "cnt": 1},
+    {"user_id": 1, "event_ts": T0, "created_ts": T0 + 2 * S, "amt": 11.0, "cnt": 2},
+    {"user_id": 1, "event_ts": T0 + 5 * S, "created_ts": T0 + 5 * S, "amt": 12.0, "cnt": 3},
+    # user 2: one row, to probe the TTL (10 s) boundary to the microsecond
+    {"user_id": 2, "event_ts": T0, "created_ts": T0, "amt": 20.0, "cnt": 1},
+    # user 3: only a row in the future of every entity row
+    {"user_id": 3, "event_ts": T0 + 3600 * S, "created_ts": T0, "amt": 30.0, "cnt": 1},
+]
+EDGE_PAIR = [  # compound key (user, merchant); days 1 and 3 only (day 2's partition is missing)
+    {"user_id": 1, "merchant_id": 7, "ts": T0 - timedelta(days=2), "score": 0.1},
+    {"user_id": 1, "merchant_id": 7, "ts": T0, "score": 0.2},
+    {"user_id": 1, "merchant_id": 8, "ts": T0 - timedelta(days=2), "score": 0.3},
+    {"user_id": 2, "merchant_id": 7, "ts": T0 + 4 * S, "score": 0.4},
+]
+EDGE_ENTITIES = [
+    # (row_id, user, merchant, as-of)
+    (0, 1, 7, T0 - US),  # before user 1's first row: no user features; pair from day 1
+    (1, 1, 7, T0),  # exactly at the tie: the later-created row
+    (2, 1, 7, T0 + 5 * S),  # exact equality with a feature row
+    (3, 2, 7, T0 + 10 * S),  # TTL boundary: as_of - ttl == event time -> still matches
+    (4, 2, 7, T0 + 10 * S + US),  # one microsecond past the TTL -> null
+    (5, 3, 8, T0 + 60 * S),  # user 3's only row is in the future; pair (3, 8) unknown
+    (6, 9, 9, T0 + 60 * S),  # unknown everywhere
+    (1, 1, 7, T0),  # a duplicate of row 1 (same keys, same time) stays a duplicate
+    (7, 1, 8, T0 + 86400 * S),  # pair (1, 8): newest row is two days old, pair view has no TTL
+]
+
+
+def edge_entity_df() -> pd.DataFrame:
+    frame = pd.DataFrame(EDGE_ENTITIES, columns=["row_id", "user_id", "merchant_id", "event_timestamp"])
+    frame["note"] = [f"row {r}" for r in frame["row_id"]]  # an extra column, carried through
+    return frame.sample(frac=1.0, random_state=3).reset_index(drop=True)  # order is the caller's
+
+
+def test_edge_cases_match_the_reference(repo: Path, stores: tuple[Any, Any]) -> None:
+    ours_store, _ = stores
+    tables = tables_from(EDGE_USER, EDGE_PAIR, [])  # the merchant view is empty
+    write_tables(repo, tables)
+    entity_df = edge_entity_df()
+    ours = retrieve(ours_store, entity_df, ALL)
+    expected = reference(entity_df, tables, ALL_REQUESTS)
+    assert list(ours.columns) == [*entity_df.columns, *FEATURE_COLUMNS]
+    assert_same(ours, expected, ["row_id", "user_id", "merchant_id", "event_timestamp", "note", *FEATURE_COLUMNS])
+    # and the cases say what they claim
+    by_row = ours.set_index("row_id")
+    assert pd.isna(by_row.loc[0, "amount"]) and by_row.loc[0, "score"] == 0.1
+    assert (by_row.loc[1, "amount"] == 11.0).all() and len(by_row.loc[1]) == 2
+    assert by_row.loc[2, "amount"] == 12.0
+    assert by_row.loc[3, "amount"] == 20.0 and pd.isna(by_row.loc[4, "amount"])
+    assert by_row.loc[5, ["amount", "score"]].isna().all()
+    assert by_row.loc[7, "score"] == 0.3
+    assert ours["rating"].isna().all()
+
+
+def test_naive_and_aware_timestamps_agree(repo: Path, stores: tuple[Any, Any]) -> None:
+    ours_store, _ = stores
+    write_tables(repo, tables_from(EDGE_USER, EDGE_PAIR, []))
+    aware = edge_entity_df()
+    naive = aware.assign(event_timestamp=aware["event_timestamp"].dt.tz_convert(None))
+    as_text = aware.assign(event_timestamp=aware["event_timestamp"].dt.strftime("%Y-%m-%dT%H:%M:%S.%f+00:00"))
+    expected = retrieve(ours_store, aware, ALL)
+    for variant in (naive, as_text):
+        assert_same(retrieve(ours_store, variant, ALL), expected, FEATURE_COLUMNS)
+
+
+def test_feast_duckdb_store_agrees_on_the_edge_cases(repo: Path, stores: tuple[Any, Any]) -> None:
+    """Second opinion: Feast's own duckdb store gives the same rows (it may reorder them)."""
+    _, feast_store = stores
+    tables = tables_from(EDGE_USER, EDGE_PAIR, [])
+    write_tables(repo, tables)
+    entity_df = edge_entity_df()
+    theirs = retrieve(feast_store, entity_df, ALL)
+    expected = reference(entity_df, tables, ALL_REQUESTS)
+    cols = ["row_id", "user_id", "merchant_id", *FEATURE_COLUMNS]
+    key = ["row_id", "user_id", "merchant_id"]
+    assert_same(theirs.sort_values(key, kind="stable"), expected.sort_values(key, kind="stable"), cols)
+
+
+# --- randomised: hypothesis ------------------------------------------------------------------
+
+def _tables_and_entities(draw: Any) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
+    """Small random tables on a coarse time grid, so ties, TTL edges and equalities are common."""
+    def stamp(seconds: int, micros: int) -> datetime:
+        return T0 + seconds * S + micros * US
+
+    seconds = st.integers(0, 40)
+    micros = st.sampled_from([0, 0, 0, 1, 999_999])
+    user = draw(st.lists(st.fixed_dictionaries({
+        "user_id": st.integers(1, 3), "event_ts": st.builds(stamp, seconds, micros),
+        "created_ts": st.builds(stamp, st.integers(0, 3), st.just(0)),
+        "amt": st.floats(-1e6, 1e6, allow_nan=False), "cnt": st.integers(-5, 5),
+    }), max_size=25))
+    pair = draw(st.lists(st.fixed_dictionaries({
+        "user_id": st.integers(1, 3), "merchant_id": st.integers(1, 2),
+        "ts": st.builds(lambda s, d: stamp(s, 0) + timedelta(days=d), seconds, st.integers(-2, 0)),
+        "score": st.floats(0, 1, allow_nan=False),
+    }), max_size=15))
+    merchant = draw(st.lists(st.fixed_dictionaries({
+        "merchant_id": st.integers(1, 2), "event_ts": st.builds(stamp, seconds, micros),
+        "created_ts": st.builds(stamp, st.integers(0, 3), st.just(0)),
+        "rating": st.floats(0, 5, allow_nan=False),
+    }), max_size=10))
+    tables = tables_from(user, pair, merchant)
+    # exact ties on (keys, event time, created time) have no defined winner in Feast: keep one
+    tables["user_stats"] = tables["user_stats"].drop_duplicates(["user_id", "event_ts", "created_ts"])
+    tables["merchant_stats"] = tables["merchant_stats"].drop_duplicates(["merchant_id", "event_ts", "created_ts"])
+    tables["pair_stats"] = tables["pair_stats"].drop_duplicates(["user_id", "merchant_id", "ts"])
+    rows = draw(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 3), seconds, micros), min_size=1, max_size=20))
+    entity_df = pd.DataFrame(
+        [(i, u, m, stamp(s, us)) for i, (u, m, s, us) in enumerate(rows)],
+        columns=["row_id", "user_id", "merchant_id", "event_timestamp"],
+    )
+    return tables, entity_df
+
+
+random_case = st.composite(lambda draw: _tables_and_entities(draw))()
+RANDOM_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], derandomize=True)
+
+
+@settings(max_examples=60, **RANDOM_SETTINGS)
+@given(case=random_case)
+def test_random_cases_match_the_reference(repo: Path, stores: tuple[Any, Any], case: Any) -> None:
+    ours_store, _ = stores
+    tables, entity_df = case
+    write_tables(repo, tables)
+    ours = retrieve(ours_store, entity_df, ALL)
+    expected = reference(entity_df, tables, ALL_REQUESTS)
+    assert_same(ours, expected, ["row_id", "user_id", "merchant_id", "event_timestamp", *FEATURE_COLUMNS])
+
+
+@settings(max_examples=15, **RANDOM_SETTINGS)
+@given(case=random_case)
+def test_feast_duckdb_store_agrees_on_random_cases(repo: Path, stores: tuple[Any, Any], case: Any) -> None:
+    _, feast_store = stores
+    tables, entity_df = case
+    write_tables(repo, tables)
+    theirs = retrieve(feast_store, entity_df, ALL).sort_values("row_id", kind="stable")
+    expected = reference(entity_df, tables, ALL_REQUESTS)
+    assert_same(theirs, expected, ["row_id", *FEATURE_COLUMNS])
+
+
+# --- the rest of Feast's API -----------------------------------------------------------------
+
+def test_join_key_map_full_names_and_feature_services(repo: Path, stores: tuple[Any, Any]) -> None:
+    ours_store, _ = stores
+    tables = tables_from(EDGE_USER, EDGE_PAIR, [])
+    write_tables(repo, tables)
+    entity_df = edge_entity_df()
+    entity_df["dest_user_id"] = entity_df["user_id"].map({1: 2, 2: 1, 3: 3, 9: 1})
+    service = ours_store.get_feature_service("transfer")
+    ours = retrieve(ours_store, entity_df, service, full=True)
+    assert [c for c in ours.columns if "__" in c] == ["src__amount", "dest__amount"]
+    expected = reference(entity_df, tables, [("user_stats", "src__", {}), ("user_stats", "dest__", {"user_id": "dest_user_id"})])
+    assert_same(ours, expected, ["row_id", "src__amount", "dest__amount"])
+    assert not ours["dest__amount"].equals(ours["src__amount"])
+
+
+def test_on_demand_views_apply_to_the_result(repo: Path, stores: tuple[Any, Any]) -> None:
+    ours_store, _ = stores
+    write_tables(repo, tables_from(EDGE_USER, EDGE_PAIR, []))
+    ours = retrieve(ours_store, edge_entity_df(), ["user_stats:amount", "doubled:amount_x2"])
+    np.testing.assert_array_equal(ours["amount_x2"].to_numpy(), ours["amount"].to_numpy() * 2)
+
+
+def test_sql_entity_input_and_persist(repo: Path, stores: tuple[Any, Any], tmp_path: Path) -> None:
+    from feast.infra.offline_stores.file_source import SavedDatasetFileStorage
+
+    ours_store, _ = stores
+    write_tables(repo, tables_from(EDGE_USER, EDGE_PAIR, []))
+    entity_df = edge_entity_df()
+    entity_df.to_parquet(tmp_path / "entities.parquet")
+    query = f"SELECT * FROM read_parquet('{tmp_path / 'entities.parquet'}')"
+    from_sql = retrieve(ours_store, query, ALL)
+    assert_same(from_sql, retrieve(ours_store, entity_df, ALL), ["row_id", *FEATURE_COLUMNS])
+    job = ours_store.get_historical_features(entity_df=entity_df, features=ALL)
+    target = tmp_path / "saved.parquet"
+    ours_store.create_saved_dataset(from_=job, name="edge_cases", storage=SavedDatasetFileStorage(path=str(target)))
+    assert_same(pd.read_parquet(target), job.to_df(), ["row_id", *FEATURE_COLUMNS])
+
+
+def test_materialize_uses_pull_latest(repo: Path, stores: tuple[Any, Any]) -> None:
+    """Feast's materialisation reads through pull_latest_from_table_or_query: the online values are the latest rows."""
+    ours_store, _ = stores
+    tables = tables_from(EDGE_USER, EDGE_PAIR, [])
+    write_tables(repo, tables)
+    ours_store.materialize(T0 - timedelta(days=5), T0 + timedelta(days=1), feature_views=["pair_stats"])
+    online = ours_store.get_online_features(
+        features=["pair_stats:score"], entity_rows=[{"user_id": 1, "merchant_id": 7}, {"user_id": 1, "merchant_id": 8}]
+    ).to_dict()
+    assert online["score"] == [0.2, 0.3]
+
+
+def test_pull_all_and_latest_match_pandas(repo: Path) -> None:
+    from feast import FeatureStore
+
+    from featurepipe.offline.store import FeaturepipeOfflineStore
+
+    store = FeatureStore(repo_path=str(repo))
+    tables = tables_from(EDGE_USER, EDGE_PAIR, [])
+    write_tables(repo, tables)
+    source = store.get_feature_view("user_stats").batch_source
+    args = dict(config=store.config, data_source=source, join_key_columns=["user_id"], feature_name_columns=["amt", "cnt"],
+                timestamp_field="event_ts", created_timestamp_column="created_ts")
+    lo, hi = T0 - S, T0 + 5 * S
+    every = FeaturepipeOfflineStore.pull_all_from_table_or_query(**args, start_date=lo, end_date=hi).to_df()
+    table = tables["user_stats"]
+    inside = table[(table["event_ts"] >= lo) & (table["event_ts"] <= hi)]
+    assert sorted(every["amt"]) == sorted(inside["amt"])
+    latest = FeaturepipeOfflineStore.pull_latest_from_table_or_query(**args, start_date=lo, end_date=hi).to_df()
+    assert dict(zip(latest["user_id"], latest["amt"])) == {1: 12.0, 2: 20.0}
+
+
+def test_offline_write_batch_appends_rows(repo: Path, stores: tuple[Any, Any]) -> None:
+    ours_store, _ = stores
+    write_tables(repo, tables_from(EDGE_USER, EDGE_PAIR, []))
+    new = pd.DataFrame({"user_id": [5], "merchant_id": [5], "ts": [T0 + timedelta(days=3)], "score": [0.9]})
+    ours_store.write_to_offline_store("pair_stats", new)
+    entity = pd.DataFrame({"user_id": [5], "merchant_id": [5], "event_timestamp": [T0 + timedelta(days=4)]})
+    assert retrieve(ours_store, entity, ["pair_stats:score"])["score"].tolist() == [0.9]
+    with pytest.raises(ValueError, match="extra"):  # Feast checks first; ours would too
+        ours_store.write_to_offline_store("pair_stats", new.assign(extra=1))
+
+
+# --- bad input fails fast, naming what is wrong ---------------------------------------------
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda df: df.drop(columns=["event_timestamp"]), "event_timestamp"),
+        (lambda df: df.drop(columns=["merchant_id"]), "merchant_id"),
+        (lambda df: df.assign(user_id=df["user_id"].astype(str)), "user_id"),
+        (lambda df: df.assign(event_timestamp="yesterday-ish"), "event_timestamp"),
+    ],
+    ids=["no-timestamp", "no-join-key", "string-key", "bad-timestamp"],
+)
+def test_bad_entity_frames_name_the_column(stores: tuple[Any, Any], change: Any, message: str) -> None:
+    ours_store, _ = stores
+    entity_df = change(edge_entity_df()[["user_id", "merchant_id", "event_timestamp"]])
+    with pytest.raises(Exception, match=message) as info:
+        retrieve(ours_store, entity_df, ALL)
+    assert "Traceback" not in str(info.value)
+
+
+def test_unknown_feature_is_named(stores: tuple[Any, Any]) -> None:
+    ours_store, _ = stores
+    with pytest.raises(Exception, match="no_such_feature"):
+        retrieve(ours_store, edge_entity_df(), ["user_stats:no_such_feature"])
