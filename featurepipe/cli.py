@@ -65,7 +65,7 @@ def main() -> None:
       featurepipe generate      synthetic card transactions -> feature_repo/data/raw
       featurepipe apply         feast apply: register the definitions in feature_repo/
       featurepipe backfill      DuckDB feature tables -> feature_repo/data/offline
-      featurepipe materialize   latest feature values -> Redis (Feast layout)
+      featurepipe materialize   latest feature values -> Redis (Feast layout, resumable)
       featurepipe train         point-in-time training set -> model in feature_repo/data/models
       featurepipe serve         gRPC feast.serving.ServingService on 127.0.0.1
       featurepipe push          new events -> updated features online
@@ -150,14 +150,43 @@ def backfill(start: date | None, end: date | None, views: tuple[str, ...], repo:
 @main.command()
 @click.option("--start", callback=_datetime, default=None, help="Only values with event time >= START (default: all).")
 @click.option("--end", callback=_datetime, default=None, help="Only values with event time <= END (default: now).")
+@click.option("--incremental", is_flag=True,
+              help="Each view from where its last materialisation ended (feast materialize-incremental).")
 @click.option("--view", "views", multiple=True, help="Only this feature view (repeatable).")
+@click.option("--max-rows-per-second", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Rate limit, to spare a Redis that also serves traffic.")
+@click.option("--batch-rows", type=click.IntRange(min=1), default=None,
+              help="Rows per Redis command (default: the engine's, 5000).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar per view (default: on).")
 @REPO_OPTION
-def materialize(start: datetime | None, end: datetime | None, views: tuple[str, ...], repo: Path | None) -> None:
-    """Load the latest feature values into Redis, in Feast's layout."""
+def materialize(start: datetime | None, end: datetime | None, incremental: bool, views: tuple[str, ...],
+                max_rows_per_second: float | None, batch_rows: int | None, progress: bool | None,
+                repo: Path | None) -> None:
+    """Load the latest feature values into Redis, in Feast's layout.
+
+    Uses the batch engine of feature_store.yaml (featurepipe's: DuckDB over the offline
+    Parquet, one atomic compare-and-set Lua call per batch). Idempotent and resumable:
+    a value never overwrites a newer one, so rerunning a window (after a crash, say)
+    completes it. Rows with a null join key or a value that does not fit its type are
+    quarantined to Parquet files (listed at the end), never written.
+    """
     from featurepipe.config import load_store, redis_connection_string
     from featurepipe.online.materialize import materialize as run
+    from featurepipe.report import table
 
-    result = run(load_store(repo), start, end, list(views) or None)
+    if incremental and start is not None:
+        raise click.UsageError("--incremental starts where the last run ended; drop --start")
+    result = run(load_store(repo), start, end, list(views) or None, incremental=incremental,
+                 max_rows_per_second=max_rows_per_second, batch_rows=batch_rows, progress=progress)
+    if result.per_view:
+        click.echo(table(
+            ["view", "rows", "entities", "written", "not newer", "quarantined", "seconds", "entities/s"],
+            [[r.view, f"{r.window_rows:,}", f"{r.entities:,}", f"{r.written:,}", f"{r.skipped:,}",
+              f"{r.quarantined:,}", f"{r.seconds:.2f}", f"{r.rows_per_second:,.0f}"] for r in result.per_view],
+        ))
+        for r in result.per_view:
+            for path in r.quarantine_files:
+                click.echo(f"quarantined rows of {r.view}: {path}")
     click.echo(
         f"materialized {', '.join(result.views)} into Redis {redis_connection_string().split(',')[0]} "
         f"in {result.seconds:.1f}s"

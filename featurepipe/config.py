@@ -93,6 +93,55 @@ def export_redis_env() -> str:
     return conn
 
 
+# Feast connection-string options that map one to one onto redis-py arguments.
+_REDIS_OPTIONS: dict[str, type] = {
+    "db": int,
+    "password": str,
+    "username": str,
+    "ssl": bool,
+    "ssl_cert_reqs": str,
+    "ssl_ca_certs": str,
+    "client_name": str,
+}
+
+
+def _parse_bool(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def redis_connection_kwargs(connection_string: str) -> dict[str, object]:
+    """redis-py keyword arguments for a Redis connection in either form.
+
+    Accepts Feast's ``host:port,db=N,password=...,ssl=true`` and ``redis://`` /
+    ``rediss://`` URLs.
+
+    >>> redis_connection_kwargs("10.0.0.5:6380,db=2,password=s3cret")
+    {'host': '10.0.0.5', 'port': 6380, 'db': 2, 'password': 's3cret'}
+    >>> redis_connection_kwargs("redis://:pw@h:1/3")
+    {'host': 'h', 'port': 1, 'db': 3, 'password': 'pw'}
+    """
+    if connection_string.startswith(("redis://", "rediss://")):
+        connection_string = redis_url_to_feast(connection_string)
+    nodes = [part for part in connection_string.split(",") if part and "=" not in part]
+    if len(nodes) != 1 or ":" not in nodes[0]:
+        raise InvalidInput(
+            f"Redis connection string {connection_string!r} must name exactly one host:port "
+            "(Redis Cluster and Sentinel are not supported here); "
+            "set REDIS_URL=redis://host:port/db"
+        )
+    host, _, port = nodes[0].rpartition(":")
+    kwargs: dict[str, object] = {"host": host, "port": int(port)}
+    for part in connection_string.split(","):
+        name, sep, value = part.partition("=")
+        if not sep:
+            continue
+        kind = _REDIS_OPTIONS.get(name.strip())
+        if kind is None:
+            continue  # Feast-only options (e.g. skip_full_coverage_check) do not apply
+        kwargs[name.strip()] = _parse_bool(value) if kind is bool else kind(value)
+    return kwargs
+
+
 def load_store(repo: str | os.PathLike[str] | None = None) -> FeatureStore:
     """Open the Feast ``FeatureStore`` of the repo, with Redis taken from the environment."""
     export_redis_env()

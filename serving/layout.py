@@ -1,23 +1,21 @@
 """Feast's Redis key layout, as the server reads it.
 
-One Redis HASH per (entity key, project). Its key is Feast's entity-key serialization
-(version 3) followed by the project name; it holds one field per feature,
-``mmh3("<view>:<feature>")`` (4 bytes), whose value is a serialized ``feast.types.Value``,
-and one ``_ts:<view>`` field per view with a serialized ``google.protobuf.Timestamp``.
-Views keyed by the same join keys share the hash. See
-``feast/infra/online_stores/redis.py`` and ``feast/infra/key_encoding_utils.py``.
+The names (hash keys, feature fields, ``_ts:<view>``) are shared with the materialisation
+writer in :mod:`featurepipe.online.layout`; this module adds what only requests need:
+turning a request's ``feast.types.Value`` join-key values into key bytes.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
 
-from feast.infra.online_stores.helpers import _mmh3
 from feast.protos.feast.types.Value_pb2 import Value
 from feast.value_type import ValueType
 
 from featurepipe.errors import InvalidInput
+from featurepipe.online.layout import entity_key_prefix, feature_field, timestamp_field
+
+__all__ = ["ACCEPTED_KINDS", "encode_entity_value", "entity_key_prefix", "feature_field", "timestamp_field"]
 
 _PACK_HEADER = struct.Struct("<II").pack
 _PACK_I32 = struct.Struct("<i").pack
@@ -33,26 +31,6 @@ ACCEPTED_KINDS: dict[ValueType, tuple[str, ...]] = {
     ValueType.BYTES: ("bytes_val",),
     ValueType.UNIX_TIMESTAMP: ("unix_timestamp_val", "int64_val"),
 }
-
-
-def feature_field(view: str, feature: str) -> bytes:
-    """The hash field holding ``view:feature``."""
-    return bytes(_mmh3(f"{view}:{feature}"))
-
-
-def timestamp_field(view: str) -> bytes:
-    """The hash field holding the event timestamp of ``view``'s row."""
-    return f"_ts:{view}".encode()
-
-
-def entity_key_prefix(join_keys: Sequence[str]) -> bytes:
-    """The constant head of the serialized entity key: key count and sorted key names."""
-    parts = [struct.pack("<I", len(join_keys))]
-    for name in sorted(join_keys):
-        encoded = name.encode("utf8")
-        parts.append(_PACK_HEADER(ValueType.STRING.value, len(encoded)))
-        parts.append(encoded)
-    return b"".join(parts)
 
 
 def encode_entity_value(value: Value, value_type: ValueType, column: str, row: int) -> bytes:

@@ -1,29 +1,53 @@
 """``featurepipe materialize``: latest feature values from the offline tables into Redis.
 
-For now this drives Feast's own materialisation (its Redis writer keeps Feast's layout
-and never overwrites a newer event time), configured in feature_store.yaml to pull only
-the latest row per entity and to write in batches of 10,000.
+Drives Feast's own ``FeatureStore.materialize`` / ``materialize_incremental`` (so the
+registry records the materialised intervals as Feast does), which hands each view to the
+batch engine configured in ``feature_store.yaml``: featurepipe's
+:class:`~featurepipe.online.engine.FeaturepipeMaterializationEngine`. Its per-view
+outcomes (rows, entities, rows written, rows quarantined, seconds) come back in the result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from feast import FeatureStore
 
+    from featurepipe.online.window import ViewMaterialization
+
 EPOCH = datetime(1970, 1, 2, tzinfo=timezone.utc)
 
 
 @dataclass(frozen=True)
 class MaterializeResult:
+    """What one ``materialize`` call did: the views, the window, and each view's outcome.
+
+    ``per_view`` is empty for views materialised by another engine (e.g. Feast's ``local``).
+    """
+
     views: list[str]
-    start: datetime
+    start: datetime | None  # None: incremental, each view from its last materialisation
     end: datetime
     seconds: float
+    per_view: list[ViewMaterialization] = field(default_factory=list)
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+
+
+@contextlib.contextmanager
+def _engine_hooks(**options: object) -> Iterator[list[ViewMaterialization]]:
+    from featurepipe.online.engine import collect_results, run_options
+
+    with run_options(**options), collect_results() as results:
+        yield results
 
 
 def materialize(
@@ -31,13 +55,29 @@ def materialize(
     start: datetime | None = None,
     end: datetime | None = None,
     views: list[str] | None = None,
+    *,
+    incremental: bool = False,
+    max_rows_per_second: float | None = None,
+    batch_rows: int | None = None,
+    progress: bool | None = None,
 ) -> MaterializeResult:
-    """Load the latest value per entity with event time in ``[start, end]`` into Redis."""
-    start = start or EPOCH
-    end = end or datetime.now(timezone.utc)
-    start = start if start.tzinfo else start.replace(tzinfo=timezone.utc)
-    end = end if end.tzinfo else end.replace(tzinfo=timezone.utc)
+    """Load the latest value per entity with event time in ``[start, end]`` into Redis.
+
+    With ``incremental``, each view starts where its previous materialisation ended (as
+    ``feast materialize-incremental``); ``start`` must then be None.
+    """
+    end = _utc(end or datetime.now(timezone.utc))
     names = views or sorted(fv.name for fv in store.list_feature_views() if fv.online)
     t0 = time.perf_counter()
-    store.materialize(start_date=start, end_date=end, feature_views=names)
-    return MaterializeResult(views=names, start=start, end=end, seconds=time.perf_counter() - t0)
+    options = {"max_rows_per_second": max_rows_per_second, "batch_rows": batch_rows, "progress": progress}
+    with _engine_hooks(**options) as results:
+        if incremental:
+            if start is not None:
+                raise ValueError("incremental materialisation starts where the last one ended; drop start")
+            store.materialize_incremental(end_date=end, feature_views=names)
+        else:
+            start = _utc(start or EPOCH)
+            store.materialize(start_date=start, end_date=end, feature_views=names)
+    return MaterializeResult(
+        views=names, start=start, end=end, seconds=time.perf_counter() - t0, per_view=list(results)
+    )

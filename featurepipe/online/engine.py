@@ -1,0 +1,268 @@
+"""featurepipe's Feast batch materialisation engine: offline Parquet → Redis in Feast's layout.
+
+Configured in ``feature_store.yaml``::
+
+    batch_engine:
+      type: featurepipe.online.engine.FeaturepipeMaterializationEngine
+      batch_rows: 5000          # rows per Redis command (one atomic compare-and-set batch)
+      max_rows_per_second: 0    # optional rate limit, to spare a busy Redis (0: none)
+
+Feast then calls it for ``feast materialize``, ``feast materialize-incremental`` and
+``FeatureStore.materialize(...)``; Feast itself records the materialised intervals in
+the registry (that is what ``materialize-incremental`` starts from). A view whose data or
+online store this engine does not handle (a non-Parquet source, a Redis Cluster, a view
+with a transformation or aggregation) is handed to Feast's own ``local`` engine.
+
+Run options (rate limit, progress bar) can also be set for one call with
+:func:`run_options`, and per-view outcomes gathered with :func:`collect_results`; the
+``featurepipe materialize`` command does both.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal
+
+from feast import BatchFeatureView, Entity, FeatureView, OnDemandFeatureView, StreamFeatureView
+from feast.infra.common.materialization_job import (
+    MaterializationJob,
+    MaterializationJobStatus,
+    MaterializationTask,
+)
+from feast.infra.compute_engines.base import ComputeEngine
+from feast.infra.offline_stores.file_source import FileSource
+from feast.infra.registry.base_registry import BaseRegistry
+from feast.repo_config import FeastConfigBaseModel
+from pydantic import StrictBool, StrictInt
+
+from featurepipe.online.latest import Column, LatestQuery
+from featurepipe.online.layout import ENTITY_KEY_SERIALIZATION_VERSION, KEY_TYPE_IDS
+from featurepipe.online.window import (
+    ViewMaterialization,
+    ViewPlan,
+    WindowOptions,
+    materialize_window,
+)
+
+logger = logging.getLogger(__name__)
+
+ENGINE_TYPE = "featurepipe.online.engine.FeaturepipeMaterializationEngine"
+
+_collectors: list[list[ViewMaterialization]] = []
+_overrides: dict[str, Any] = {}
+
+
+class FeaturepipeMaterializationEngineConfig(FeastConfigBaseModel):
+    """``batch_engine`` options in ``feature_store.yaml``."""
+
+    type: Literal["featurepipe.online.engine.FeaturepipeMaterializationEngine"] = ENGINE_TYPE
+    batch_rows: StrictInt = 5_000
+    """Rows per Redis command; each is one atomic compare-and-set on the server."""
+    max_rows_per_second: float | None = None
+    """Rate limit (rows per second) to spare a Redis that also serves traffic; none by default."""
+    threads: StrictInt | None = None
+    """DuckDB threads (default: all cores)."""
+    quarantine_dir: str | None = None
+    """Where rows that cannot be written go (default: ``<data dir>/quarantine/materialize``)."""
+    progress: StrictBool = True
+    """Show a progress bar (rows/s) per view."""
+
+
+@contextmanager
+def collect_results() -> Iterator[list[ViewMaterialization]]:
+    """Gather the outcome of every view this engine materialises inside the block."""
+    results: list[ViewMaterialization] = []
+    _collectors.append(results)
+    try:
+        yield results
+    finally:
+        _collectors.remove(results)
+
+
+@contextmanager
+def run_options(**options: Any) -> Iterator[None]:
+    """Override engine options (``max_rows_per_second``, ``progress``, ...) inside the block."""
+    unknown = set(options) - set(FeaturepipeMaterializationEngineConfig.model_fields)
+    if unknown:
+        raise TypeError(f"unknown materialisation option(s): {sorted(unknown)}")
+    saved = dict(_overrides)
+    _overrides.update({k: v for k, v in options.items() if v is not None})
+    try:
+        yield
+    finally:
+        _overrides.clear()
+        _overrides.update(saved)
+
+
+class FeaturepipeMaterializationJob(MaterializationJob):
+    """A finished materialisation of one view (this engine runs synchronously)."""
+
+    def __init__(self, job_id: str, error: BaseException | None = None,
+                 result: ViewMaterialization | None = None) -> None:
+        super().__init__()
+        self._job_id, self._error, self.result = job_id, error, result
+
+    def status(self) -> MaterializationJobStatus:
+        return MaterializationJobStatus.ERROR if self._error else MaterializationJobStatus.SUCCEEDED
+
+    def error(self) -> BaseException | None:
+        return self._error
+
+    def should_be_retried(self) -> bool:
+        return False
+
+    def job_id(self) -> str:
+        return self._job_id
+
+    def url(self) -> str | None:
+        return None
+
+
+def _default_quarantine(repo_path: Path | None) -> Path | None:
+    from featurepipe.config import data_dir
+
+    return data_dir(Path(repo_path)) / "quarantine" / "materialize" if repo_path else None
+
+
+def unsupported_reason(view: FeatureView, repo_config: Any) -> str | None:
+    """Why this engine cannot materialise ``view`` (None: it can)."""
+    from feast.infra.online_stores.redis import RedisOnlineStoreConfig, RedisType
+
+    online = repo_config.online_store
+    if not isinstance(online, RedisOnlineStoreConfig):
+        return f"online store is {type(online).__name__}, not Redis"
+    if online.redis_type != RedisType.redis:
+        return f"redis_type {online.redis_type.value} (only a single Redis server is supported)"
+    if repo_config.entity_key_serialization_version != ENTITY_KEY_SERIALIZATION_VERSION:
+        return f"entity_key_serialization_version {repo_config.entity_key_serialization_version}"
+    source = view.batch_source
+    if not isinstance(source, FileSource):
+        return f"batch source {type(source).__name__} is not a FileSource"
+    if type(source.file_format).__name__ != "ParquetFormat" and source.file_format is not None:
+        return f"file format {type(source.file_format).__name__}"
+    if getattr(view, "feature_transformation", None) is not None or getattr(view, "aggregations", None):
+        return "the view has a transformation or aggregations"
+    keys = [c for c in view.entity_columns]
+    if not keys:
+        return "the view has no entity (Feast keys it by a dummy entity)"
+    for key in keys:
+        if key.dtype.to_value_type().name not in KEY_TYPE_IDS:
+            return f"join key {key.name} has type {key.dtype}"
+    return None
+
+
+def view_plan(view: FeatureView, repo_config: Any, project: str) -> ViewPlan:
+    """Resolve a Feast feature view into what :func:`materialize_window` reads and writes."""
+    from feast.infra.online_stores.helpers import compute_versioned_name
+
+    source = view.batch_source
+    assert isinstance(source, FileSource)
+    reverse = {v: k for k, v in (source.field_mapping or {}).items()}
+    path = FileSource.get_uri_for_file_path(repo_config.repo_path, source.path)
+    versioning = bool(getattr(repo_config.registry, "enable_online_feature_view_versioning", False))
+    query = LatestQuery(
+        path=path,
+        timestamp=reverse.get(source.timestamp_field, source.timestamp_field),
+        created=reverse.get(source.created_timestamp_column, source.created_timestamp_column) or None,
+        join_keys=[Column(k.name, reverse.get(k.name, k.name), k.dtype.to_value_type().name)
+                   for k in view.entity_columns],
+        features=[Column(f.name, reverse.get(f.name, f.name), f.dtype.to_value_type().name)
+                  for f in view.features],
+    )
+    return ViewPlan(
+        view=compute_versioned_name(view, versioning),
+        project=project,
+        query=query,
+        key_ttl_seconds=repo_config.online_store.key_ttl_seconds,
+    )
+
+
+class FeaturepipeMaterializationEngine(ComputeEngine):
+    """Materialises feature views from Parquet into Redis (Feast's layout) with DuckDB + Lua.
+
+    See the module documentation for the configuration.
+    """
+
+    def __init__(self, *, repo_config: Any, offline_store: Any, online_store: Any, **config: Any) -> None:
+        super().__init__(repo_config=repo_config, offline_store=offline_store, online_store=online_store)
+        self.config = FeaturepipeMaterializationEngineConfig(**config)
+        self._fallback: ComputeEngine | None = None
+
+    def update(
+        self,
+        project: str,
+        views_to_delete: Sequence[BatchFeatureView | StreamFeatureView | FeatureView],
+        views_to_keep: Sequence[BatchFeatureView | StreamFeatureView | FeatureView | OnDemandFeatureView],
+        entities_to_delete: Sequence[Entity],
+        entities_to_keep: Sequence[Entity],
+    ) -> None:
+        """Nothing to prepare: the engine needs no infrastructure of its own."""
+
+    def teardown_infra(
+        self,
+        project: str,
+        fvs: Sequence[BatchFeatureView | StreamFeatureView | FeatureView],
+        entities: Sequence[Entity],
+    ) -> None:
+        """Nothing to tear down."""
+
+    def options(self) -> WindowOptions:
+        """The run options: feature_store.yaml's, then :func:`run_options` overrides."""
+        merged = self.config.model_copy(update=_overrides)
+        quarantine = Path(merged.quarantine_dir) if merged.quarantine_dir else _default_quarantine(
+            self.repo_config.repo_path
+        )
+        return WindowOptions(
+            batch_rows=merged.batch_rows,
+            max_rows_per_second=merged.max_rows_per_second or None,
+            threads=merged.threads,
+            quarantine_dir=quarantine,
+            progress=merged.progress,
+        )
+
+    def _local_engine(self) -> ComputeEngine:
+        if self._fallback is None:
+            from feast.infra.compute_engines.local.compute import LocalComputeEngine
+
+            self._fallback = LocalComputeEngine(
+                repo_config=self.repo_config, offline_store=self.offline_store, online_store=self.online_store
+            )
+        return self._fallback
+
+    def _materialize_one(self, registry: BaseRegistry, task: MaterializationTask, **kwargs: Any) -> MaterializationJob:
+        view = task.feature_view
+        job_id = f"{view.name}-{task.start_time}-{task.end_time}"
+        reason = unsupported_reason(view, self.repo_config)
+        if reason is not None:
+            logger.warning("featurepipe engine: %s: %s; using Feast's local engine", view.name, reason)
+            return self._local_engine().materialize(registry, task, **kwargs)[0]
+        try:
+            result = self.materialize_view(view, task.project, task.start_time, task.end_time)
+        except Exception as exc:  # Feast raises the job's error in the caller
+            return FeaturepipeMaterializationJob(job_id, error=exc)
+        return FeaturepipeMaterializationJob(job_id, result=result)
+
+    def materialize_view(self, view: FeatureView, project: str, start: Any, end: Any) -> ViewMaterialization:
+        """Materialise one view's window now and return what it did."""
+        import redis
+
+        from featurepipe.config import redis_connection_kwargs
+
+        plan = view_plan(view, self.repo_config, project)
+        options = self.options()
+        client = redis.Redis(
+            **redis_connection_kwargs(self.repo_config.online_store.connection_string),  # type: ignore[arg-type]
+            socket_timeout=300,
+        )
+        try:
+            result = materialize_window(plan, start, end, client, options)
+        finally:
+            client.close()
+        for results in _collectors:
+            results.append(replace(result))
+        return result
+

@@ -1,0 +1,219 @@
+"""The latest row per entity in a time window, read with DuckDB straight from Parquet.
+
+Pure DuckDB and Arrow (no protobuf, no Redis): :func:`open_latest` returns the number of
+entities and a stream of Arrow record batches, one row per entity, each the row with the
+greatest event time in ``[start, end]`` (both ends included, as Feast's offline stores
+read a materialisation window), ties broken by the created timestamp when the source has
+one (an exact tie on both keeps one of the rows, as Feast does).
+
+Memory is bounded by the number of entities, not the size of the table: a first scan
+keeps ``(join keys, max event time)`` per entity in a temporary table, a second streams
+the table again and keeps the rows that match it (a hash join whose build side is that
+small table), so rows come out while the scan runs.
+
+Every value is cast to the type its feature declares; values that do not fit (a string
+in a number column, a fraction or an out-of-range number for an integer) are flagged in
+``__reason`` rather than cast half-way, and rows whose join key is null (or does not fit
+the key's type) are counted and can be copied out with :func:`copy_null_key_rows`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from featurepipe.errors import InvalidInput, NotFound
+
+REASON = "__reason"
+EVENT_US = "__event_us"
+
+# DuckDB type of each Feast ValueType name we check and cast to.
+DUCKDB_TYPES = {
+    "INT64": "BIGINT",
+    "INT32": "INTEGER",
+    "DOUBLE": "DOUBLE",
+    "FLOAT": "FLOAT",
+    "STRING": "VARCHAR",
+    "BYTES": "BLOB",
+    "BOOL": "BOOLEAN",
+    "UNIX_TIMESTAMP": "TIMESTAMPTZ",
+}
+_INTEGER_TARGETS = {"BIGINT", "INTEGER"}
+_FRACTIONAL_SOURCES = ("DOUBLE", "FLOAT", "DECIMAL", "REAL")
+
+
+@dataclass(frozen=True)
+class Column:
+    """An output column: its name, the source column it is read from, its Feast type name."""
+
+    name: str
+    source: str
+    value_type: str
+
+
+@dataclass(frozen=True)
+class LatestQuery:
+    """What to read: a Parquet glob, its time columns, join keys and features."""
+
+    path: str
+    timestamp: str
+    join_keys: Sequence[Column]
+    features: Sequence[Column]
+    created: str | None = None
+
+
+@dataclass
+class LatestScan:
+    """The result of :func:`open_latest`: counts, then the rows as Arrow record batches."""
+
+    entities: int
+    window_rows: int
+    null_key_rows: int
+    reader: pa.RecordBatchReader
+    connection: duckdb.DuckDBPyConnection = field(repr=False)
+    key_columns: tuple[str, ...] = ()
+    has_created: bool = False
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _timestamp_literal(value: datetime) -> str:
+    return f"TIMESTAMPTZ {literal(value.isoformat())}"
+
+
+def connect(threads: int | None = None) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection in UTC, with at most ``threads`` threads (default: all cores)."""
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    con.execute(f"SET threads = {int(threads or os.cpu_count() or 1)}")
+    return con
+
+
+def _source_types(con: duckdb.DuckDBPyConnection, source_sql: str, path: str) -> dict[str, str]:
+    try:
+        described = con.execute(f"DESCRIBE SELECT * FROM {source_sql}").fetchall()
+    except duckdb.IOException as exc:
+        raise NotFound(
+            f"no Parquet files match {path}; backfill the offline table first "
+            "(`featurepipe backfill`)"
+        ) from exc
+    return {row[0]: str(row[1]) for row in described}
+
+
+def _cast(col: Column, source_type: str) -> tuple[str, str | None]:
+    """SQL for the value cast to its declared type, and SQL that is true when it does not fit."""
+    src = quote(col.source)
+    target = DUCKDB_TYPES.get(col.value_type)
+    if target is None or source_type.upper() == target:
+        return src, None
+    cast = f"TRY_CAST({src} AS {target})"
+    bad = f"({src} IS NOT NULL AND {cast} IS NULL)"
+    if target in _INTEGER_TARGETS and source_type.upper().startswith(_FRACTIONAL_SOURCES):
+        bad = f"({bad} OR ({src} IS NOT NULL AND {cast} <> {src}))"
+        cast = f"CASE WHEN {cast} = {src} THEN {cast} END"
+    return cast, bad
+
+
+def _time_sql(expr: str) -> str:
+    return f"CAST({expr} AS TIMESTAMPTZ)"
+
+
+def open_latest(
+    query: LatestQuery,
+    start: datetime,
+    end: datetime,
+    batch_rows: int = 10_000,
+    threads: int | None = None,
+) -> LatestScan:
+    """Start reading the latest row per entity with event time in ``[start, end]``."""
+    con = connect(threads)
+    source_sql = f"read_parquet({literal(query.path)}, hive_partitioning = true, union_by_name = true)"
+    types = _source_types(con, source_sql, query.path)
+    needed = [query.timestamp, *(c.source for c in (*query.join_keys, *query.features))]
+    if query.created:
+        needed.append(query.created)
+    missing = sorted({c for c in needed if c not in types})
+    if missing:
+        raise InvalidInput(
+            f"{query.path} has no column(s) {missing}; it has {sorted(types)}. Check the feature "
+            "view's schema and its source's field_mapping, then run `feast apply`"
+        )
+    ts = _time_sql(quote(query.timestamp))
+    window = f"{ts} >= {_timestamp_literal(start)} AND {ts} <= {_timestamp_literal(end)}"
+    # join keys under private names (__k0, ...): the raw columns stay as they are in *
+    key_names = [f"__k{i}" for i in range(len(query.join_keys))]
+    keys = [f"{_cast(k, types[k.source])[0]} AS {n}" for k, n in zip(query.join_keys, key_names)]
+    created = f", {_time_sql(quote(query.created))} AS __created" if query.created else ""
+    con.execute(
+        f"CREATE TEMP VIEW __window AS SELECT {', '.join(keys)}, {ts} AS __ts{created}, * "
+        f"FROM {source_sql} WHERE {window}"
+    )
+    not_null = " AND ".join(f"{k} IS NOT NULL" for k in key_names)
+    con.execute(
+        f"CREATE TEMP TABLE __latest AS SELECT {', '.join(key_names)}, max(__ts) AS __max_ts, "
+        f"count(*) AS __rows FROM __window WHERE {not_null} GROUP BY ALL"
+    )
+    join_on = " AND ".join(f"w.{k} = l.{k}" for k in key_names) + " AND w.__ts = l.__max_ts"
+    if query.created:
+        con.execute(
+            f"CREATE TEMP TABLE __latest_created AS SELECT {', '.join('w.' + k for k in key_names)}, "
+            f"max(w.__created) AS __max_created FROM __window w JOIN __latest l ON {join_on} GROUP BY ALL"
+        )
+        con.execute(
+            "CREATE OR REPLACE TEMP TABLE __latest AS SELECT l.*, c.__max_created FROM __latest l "
+            "LEFT JOIN __latest_created c ON " + " AND ".join(f"l.{k} = c.{k}" for k in key_names)
+        )
+        join_on += " AND w.__created IS NOT DISTINCT FROM l.__max_created"
+    entities, window_rows = con.execute("SELECT count(*), coalesce(sum(__rows), 0) FROM __latest").fetchall()[0]
+    null_rows = con.execute(f"SELECT count(*) FROM __window WHERE NOT ({not_null})").fetchall()[0][0]
+    selects = [f"w.{n} AS {quote(k.name)}" for k, n in zip(query.join_keys, key_names)]
+    selects.append(f"epoch_us(w.__ts) AS {EVENT_US}")
+    reasons = []
+    for col in query.features:
+        expr, bad = _cast(col, types[col.source])
+        selects.append(f"{expr} AS {quote(col.name)}")
+        if bad is not None:
+            message = literal(f"{col.name}: value does not fit {col.value_type}")
+            reasons.append(f"CASE WHEN {bad} THEN {message} END")
+    selects.append(f"concat_ws('; ', {', '.join(reasons)}) AS {REASON}" if reasons else f"'' AS {REASON}")
+    sql = f"SELECT {', '.join(selects)} FROM __window w JOIN __latest l ON {join_on}"
+    reader = con.sql(sql).to_arrow_reader(batch_rows)
+    return LatestScan(
+        entities=int(entities),
+        window_rows=int(window_rows),
+        null_key_rows=int(null_rows),
+        reader=reader,
+        connection=con,
+        key_columns=tuple(key_names),
+        has_created=bool(query.created),
+    )
+
+
+def copy_null_key_rows(scan: LatestScan, join_keys: Sequence[Column], target: Path) -> int:
+    """Write the window's rows whose join key is null or does not fit to ``target`` (Parquet)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    null = " OR ".join(f"{k} IS NULL" for k in scan.key_columns)
+    message = literal(
+        "join key " + ", ".join(k.name for k in join_keys) + " is null or does not fit its type"
+    )
+    private = [*scan.key_columns, "__ts", *(["__created"] if scan.has_created else [])]
+    scan.connection.execute(
+        f"COPY (SELECT * EXCLUDE ({', '.join(private)}), {message} AS quarantine_reason "
+        f"FROM __window WHERE {null}) TO {literal(str(target))} (FORMAT parquet)"
+    )
+    return scan.null_key_rows
