@@ -17,7 +17,7 @@ and slower, and only used when asked for.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from feast.feature_view import FeatureView
 
 ENTITY = "__fp_entity"
+# a feature row's position: file number in the pinned list, row number in the file
+POSITION = "((CAST(file_index AS BIGINT) << 40) | file_row_number)"
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class ViewRequest:
     created: str | None
     features: dict[str, str]  # feature-table column -> output column name
     ttl: timedelta | None
+    files: tuple[str, ...] = ()  # pinned file list; empty: the path (or glob) itself
 
     @classmethod
     def from_feature_view(
@@ -70,7 +73,23 @@ class ViewRequest:
         )
 
     def scan(self) -> str:
-        return f"read_parquet({literal(self.path)}, union_by_name = true)"
+        """``read_parquet`` of the view's files (the pinned list when there is one)."""
+        files = "[" + ", ".join(literal(f) for f in self.files) + "]" if self.files else literal(self.path)
+        return f"read_parquet({files}, union_by_name = true)"
+
+    def pinned(self, con: duckdb.DuckDBPyConnection) -> ViewRequest:
+        """The same view reading exactly the files that exist now.
+
+        Both passes of a join (match, then fetch by position) must see the same files in the
+        same order, even if a backfill adds a day in between.
+        """
+        files = tuple(row[0] for row in con.execute("SELECT file FROM glob(?) ORDER BY file", [self.path]).fetchall())
+        if not files:
+            raise InvalidInput(
+                f"feature view {self.name!r}: no offline table files at {self.path}; run "
+                "`featurepipe backfill` (or write the source files) first"
+            )
+        return replace(self, files=files)
 
 
 def source_types(con: duckdb.DuckDBPyConnection, view: ViewRequest) -> dict[str, str]:
@@ -95,28 +114,33 @@ def _check_columns(view: ViewRequest, types: dict[str, str]) -> None:
         )
 
 
-def _feature_rows(view: ViewRequest, lo: str, hi: str, dedup: bool) -> str:
-    """The view's rows that can match some entity row, with join keys renamed ``__k<i>``."""
-    cols = [f"{quote(src)} AS __k{i}" for i, src in enumerate(view.join_keys)]
-    cols.append(f"CAST({quote(view.timestamp)} AS TIMESTAMPTZ) AS __fp_ts")
+def _feature_rows(view: ViewRequest, lo: str, hi: str, narrow: bool) -> str:
+    """The view's rows that can match some entity row, join keys renamed ``__k<i>``.
+
+    ``narrow``: only keys, times and the row's position (file, row number); the features
+    are fetched later for the matched rows alone. Sorting the narrow rows for the ASOF
+    join is what costs, so the fewer bytes per row the better. Rows whose keys appear in
+    no entity row, or outside the entity rows' time range, are dropped first.
+    """
+    ts = f"CAST(s.{quote(view.timestamp)} AS TIMESTAMPTZ)"
+    cols = [f"s.{quote(src)} AS __k{i}" for i, src in enumerate(view.join_keys)]
+    cols.append(f"{ts} AS __fp_ts")
     if view.created:
-        cols.append(f"CAST({quote(view.created)} AS TIMESTAMPTZ) AS __fp_created")
-    cols += [f"{quote(src)} AS {quote(out)}" for src, out in view.features.items()]
+        cols.append(f"CAST(s.{quote(view.created)} AS TIMESTAMPTZ) AS __fp_created")
+    if narrow:
+        cols.append(f"{POSITION.replace('file_', 's.file_')} AS __fp_pos")
+    else:
+        cols += [f"s.{quote(src)} AS {quote(out)}" for src, out in view.features.items()]
     # rows older than the earliest as-of time minus the TTL can match nothing (no TTL: all can)
-    lower = (
-        f" AND CAST({quote(view.timestamp)} AS TIMESTAMPTZ) >= {lo} - INTERVAL ({_micros(view.ttl)}) MICROSECONDS"
-        if view.ttl
-        else ""
-    )
-    keys = ", ".join(f"__k{i}" for i in range(len(view.join_keys)))
-    qualify = (
-        f" QUALIFY row_number() OVER (PARTITION BY {keys}, __fp_ts ORDER BY __fp_created DESC NULLS LAST) = 1"
-        if dedup and view.created
-        else ""
-    )
+    where = [f"{ts} <= {hi}"]
+    if view.ttl:
+        where.append(f"{ts} >= {lo} - INTERVAL ({_micros(view.ttl)}) MICROSECONDS")
+    semi = " AND ".join(f"s.{quote(src)} = __fp_keys.{quote(ent)}" for src, ent in view.join_keys.items())
+    scan = view.scan()
     return (
-        f"SELECT {', '.join(cols)} FROM {view.scan()} "
-        f"WHERE CAST({quote(view.timestamp)} AS TIMESTAMPTZ) <= {hi}{lower}{qualify}"
+        f"SELECT {', '.join(cols)} FROM {scan} s "
+        f"SEMI JOIN (SELECT DISTINCT {', '.join(quote(e) for e in view.join_keys.values())} FROM {ENTITY}) __fp_keys "
+        f"ON {semi} WHERE {' AND '.join(where)}"
     )
 
 
@@ -151,6 +175,7 @@ def build_join(
     taken = set(frame.columns)
     joins = []
     for i, view in enumerate(views):
+        view = view.pinned(con)
         types = source_types(con, view)
         _check_columns(view, types)
         check_join_key_types(frame, {ent: types[src] for src, ent in view.join_keys.items()}, view.name)
@@ -173,21 +198,32 @@ def build_join(
                 f"CREATE TEMP TABLE {alias} AS SELECT {ROW}, {', '.join(quote(o) for o in view.features.values())} FROM ("
                 f"SELECT e.{ROW}, {outs}, row_number() OVER (PARTITION BY e.{ROW} "
                 f"ORDER BY f.__fp_ts DESC, f.__fp_created DESC NULLS LAST) AS __rn "
-                f"FROM {ENTITY} e JOIN ({_feature_rows(view, lo, hi, dedup=False)}) f ON {' AND '.join(conds)}"
+                f"FROM {ENTITY} e JOIN ({_feature_rows(view, lo, hi, narrow=False)}) f ON {' AND '.join(conds)}"
                 f") WHERE __rn = 1"
             )
             join_kind = "LEFT JOIN"
         else:
-            cols = []
-            for out in view.features.values():
-                value = f"f.{quote(out)}"
-                cols.append(f"CASE WHEN {ttl} THEN {value} END AS {quote(out)}" if ttl else f"{value} AS {quote(out)}")
+            # 1. ASOF over narrow rows: which feature row (file, position) each entity row gets
+            rows = _feature_rows(view, lo, hi, narrow=True)
+            if view.created:  # ties on event time: the newest created time wins
+                rows = (
+                    f"SELECT * FROM ({rows}) QUALIFY row_number() OVER (PARTITION BY "
+                    f"{', '.join(f'__k{j}' for j in range(len(view.join_keys)))}, __fp_ts "
+                    f"ORDER BY __fp_created DESC NULLS LAST) = 1"
+                )
+            valid = f"({ttl})" if ttl else "f.__fp_ts IS NOT NULL"
             on = " AND ".join([*key_match, f"{as_of} >= f.__fp_ts"])
             con.execute(
-                f"CREATE TEMP TABLE {alias} AS SELECT e.{ROW}, {', '.join(cols) or 'NULL AS __none'} "
-                f"FROM {ENTITY} e ASOF LEFT JOIN ({_feature_rows(view, lo, hi, dedup=True)}) f ON {on}"
+                f"CREATE TEMP TABLE {alias}_m AS SELECT e.{ROW}, f.__fp_pos "
+                f"FROM {ENTITY} e ASOF JOIN ({rows}) f ON {on} WHERE {valid}"
             )
-            join_kind = "JOIN"
+            # 2. fetch the features of the matched rows only
+            outs = ", ".join(f"g.{quote(src)} AS {quote(out)}" for src, out in view.features.items())
+            con.execute(
+                f"CREATE TEMP TABLE {alias} AS SELECT m.{ROW}, {outs or 'NULL AS __none'} FROM {alias}_m m "
+                f"JOIN (SELECT *, {POSITION} AS __fp_pos FROM {view.scan()}) g ON g.__fp_pos = m.__fp_pos"
+            )
+            join_kind = "LEFT JOIN"
         selects += [f"{alias}.{quote(o)}" for o in view.features.values()]
         joins.append(f"{join_kind} {alias} ON {alias}.{ROW} = e.{ROW}")
     return f"SELECT {', '.join(selects)} FROM {ENTITY} e {' '.join(joins)} ORDER BY e.{ROW}"
