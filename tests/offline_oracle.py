@@ -173,8 +173,12 @@ def reference(
     entity_df: pd.DataFrame,
     tables: dict[str, pd.DataFrame],
     requests: list[tuple[str, str, dict[str, str]]],
+    created_cutoff: bool = False,
 ) -> pd.DataFrame:
     """Brute force: ``requests`` is ``(view, output prefix or '', join-key map)`` per view.
+
+    ``created_cutoff``: Feast's ``filter_by_created_timestamp`` (rows created after the
+    as-of time do not count either).
 
     Returns entity_df with one column per requested feature, in entity row order.
     """
@@ -193,6 +197,8 @@ def reference(
             ok = stamps <= t
             if spec.ttl is not None:
                 ok &= stamps >= t - spec.ttl
+            if created_cutoff and spec.created:
+                ok &= pd.to_datetime(match[spec.created], utc=True) <= t
             match = match[ok.to_numpy()]
             if match.empty:
                 for f in values:

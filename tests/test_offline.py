@@ -59,8 +59,12 @@ def tables_from(user: list[dict], pair: list[dict], merchant: list[dict]) -> dic
     }
 
 
-def retrieve(store: Any, entity_df: pd.DataFrame | str, features: Any, full: bool = False) -> pd.DataFrame:
-    return store.get_historical_features(entity_df=entity_df, features=features, full_feature_names=full).to_df()
+def retrieve(
+    store: Any, entity_df: pd.DataFrame | str, features: Any, full: bool = False, created_cutoff: bool = False
+) -> pd.DataFrame:
+    return store.get_historical_features(
+        entity_df=entity_df, features=features, full_feature_names=full, filter_by_created_timestamp=created_cutoff
+    ).to_df()
 
 
 def assert_same(ours: pd.DataFrame, expected: pd.DataFrame, columns: list[str]) -> None:
@@ -190,14 +194,15 @@ random_case = st.composite(lambda draw: _tables_and_entities(draw))()
 RANDOM_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], derandomize=True)
 
 
-@settings(max_examples=60, **RANDOM_SETTINGS)
+@pytest.mark.parametrize("created_cutoff", [False, True], ids=["asof", "filter_by_created_timestamp"])
+@settings(max_examples=40, **RANDOM_SETTINGS)
 @given(case=random_case)
-def test_random_cases_match_the_reference(repo: Path, stores: tuple[Any, Any], case: Any) -> None:
+def test_random_cases_match_the_reference(repo: Path, stores: tuple[Any, Any], created_cutoff: bool, case: Any) -> None:
     ours_store, _ = stores
     tables, entity_df = case
     write_tables(repo, tables)
-    ours = retrieve(ours_store, entity_df, ALL)
-    expected = reference(entity_df, tables, ALL_REQUESTS)
+    ours = retrieve(ours_store, entity_df, ALL, created_cutoff=created_cutoff)
+    expected = reference(entity_df, tables, ALL_REQUESTS, created_cutoff=created_cutoff)
     assert_same(ours, expected, ["row_id", "user_id", "merchant_id", "event_timestamp", *FEATURE_COLUMNS])
 
 
