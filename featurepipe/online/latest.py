@@ -14,7 +14,7 @@ small table), so rows come out while the scan runs.
 Every value is cast to the type its feature declares; values that do not fit (a string
 in a number column, a fraction or an out-of-range number for an integer) are flagged in
 ``__reason`` rather than cast half-way, and rows whose join key is null (or does not fit
-the key's type) are counted and can be copied out with :func:`copy_null_key_rows`.
+the key's type) are counted and can be copied out to a Parquet file.
 """
 
 from __future__ import annotations
@@ -77,8 +77,6 @@ class LatestScan:
     null_key_rows: int
     reader: pa.RecordBatchReader
     connection: duckdb.DuckDBPyConnection = field(repr=False)
-    key_columns: tuple[str, ...] = ()
-    has_created: bool = False
 
     def close(self) -> None:
         self.connection.close()
@@ -139,8 +137,13 @@ def open_latest(
     end: datetime,
     batch_rows: int = 10_000,
     threads: int | None = None,
+    null_key_file: Path | None = None,
 ) -> LatestScan:
-    """Start reading the latest row per entity with event time in ``[start, end]``."""
+    """Start reading the latest row per entity with event time in ``[start, end]``.
+
+    Rows of the window whose join key is null (or does not fit its type) are copied to
+    ``null_key_file`` (Parquet, with a ``quarantine_reason`` column) when there are any.
+    """
     con = connect(threads)
     source_sql = f"read_parquet({literal(query.path)}, hive_partitioning = true, union_by_name = true)"
     types = _source_types(con, source_sql, query.path)
@@ -181,6 +184,8 @@ def open_latest(
         join_on += " AND w.__created IS NOT DISTINCT FROM l.__max_created"
     entities, window_rows = con.execute("SELECT count(*), coalesce(sum(__rows), 0) FROM __latest").fetchall()[0]
     null_rows = con.execute(f"SELECT count(*) FROM __window WHERE NOT ({not_null})").fetchall()[0][0]
+    if null_rows and null_key_file is not None:
+        _copy_null_key_rows(con, query.join_keys, key_names, bool(query.created), null_key_file)
     selects = [f"w.{n} AS {quote(k.name)}" for k, n in zip(query.join_keys, key_names)]
     selects.append(f"epoch_us(w.__ts) AS {EVENT_US}")
     reasons = []
@@ -199,21 +204,18 @@ def open_latest(
         null_key_rows=int(null_rows),
         reader=reader,
         connection=con,
-        key_columns=tuple(key_names),
-        has_created=bool(query.created),
     )
 
 
-def copy_null_key_rows(scan: LatestScan, join_keys: Sequence[Column], target: Path) -> int:
-    """Write the window's rows whose join key is null or does not fit to ``target`` (Parquet)."""
+def _copy_null_key_rows(con: duckdb.DuckDBPyConnection, join_keys: Sequence[Column],
+                        key_columns: Sequence[str], has_created: bool, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    null = " OR ".join(f"{k} IS NULL" for k in scan.key_columns)
+    null = " OR ".join(f"{k} IS NULL" for k in key_columns)
     message = literal(
         "join key " + ", ".join(k.name for k in join_keys) + " is null or does not fit its type"
     )
-    private = [*scan.key_columns, "__ts", *(["__created"] if scan.has_created else [])]
-    scan.connection.execute(
+    private = [*key_columns, "__ts", *(["__created"] if has_created else [])]
+    con.execute(
         f"COPY (SELECT * EXCLUDE ({', '.join(private)}), {message} AS quarantine_reason "
         f"FROM __window WHERE {null}) TO {literal(str(target))} (FORMAT parquet)"
-    )
-    return scan.null_key_rows
+    ).fetchall()

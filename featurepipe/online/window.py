@@ -28,7 +28,6 @@ from featurepipe.online.latest import (
     REASON,
     Column,
     LatestQuery,
-    copy_null_key_rows,
     open_latest,
 )
 from featurepipe.online.layout import feature_field, timestamp_field
@@ -144,16 +143,17 @@ def materialize_window(
     t0 = time.perf_counter()
     start, end = _utc(start), _utc(end)
     result = ViewMaterialization(view=plan.view, start=start, end=end)
-    scan = open_latest(plan.query, start, end, batch_rows=options.batch_rows, threads=options.threads)
     stamp = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     quarantine = _Quarantine(options.quarantine_dir, plan.view, stamp)
+    null_key_file = quarantine.folder / f"{stamp}-null-keys.parquet" if quarantine.folder else None
+    scan = open_latest(plan.query, start, end, batch_rows=options.batch_rows, threads=options.threads,
+                       null_key_file=null_key_file)
     try:
         result.window_rows, result.entities = scan.window_rows, scan.entities
         if scan.null_key_rows:
-            target = quarantine.path("null-keys")
-            if target is not None:
-                copy_null_key_rows(scan, plan.query.join_keys, target)
             quarantine.rows += scan.null_key_rows
+            if null_key_file is not None:
+                quarantine.files.append(str(null_key_file))
         writer = HashWriter(
             client,  # type: ignore[arg-type]
             timestamp_field(plan.view),

@@ -1,0 +1,514 @@
+"""Materialisation into Redis: featurepipe's engine against Feast's own, byte for byte.
+
+Oracle: Feast's ``local`` engine (its best settings: ``pull_latest_features``, batches of
+10,000) over Feast's own ``duckdb`` offline store, writing into another Redis database
+of the same server. Both contents are compared key by key: same keys, same ``HGETALL``,
+same ``DUMP`` (same fields in the same order and encoding), same TTLs. Each store has its
+own copy of the registry, so the shared ``pipeline`` state is left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import redis
+
+from featurepipe.config import redis_connection_kwargs
+from featurepipe.online import codec, dump, rows
+from tests.conftest import Pipeline
+
+ENGINE = "featurepipe.online.engine.FeaturepipeMaterializationEngine"
+EPOCH = datetime(1970, 1, 2, tzinfo=timezone.utc)
+KEY_TTL = 86_400
+# Redis databases of the test server used here (the pipeline uses its URL's own, 0)
+DB_FEAST, DB_OURS, DB_PUSHED, DB_INCREMENTAL, DB_KILLED = 8, 9, 10, 11, 12
+DB_TYPES_FEAST, DB_TYPES_OURS = 13, 14
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@dataclass(frozen=True)
+class Server:
+    host: str
+    port: int
+
+    def client(self, db: int, flush: bool = False) -> redis.Redis:
+        c = redis.Redis(host=self.host, port=self.port, db=db)
+        if flush:
+            c.flushdb()
+        return c
+
+    def feast_form(self, db: int) -> str:
+        return f"{self.host}:{self.port},db={db}"
+
+
+@pytest.fixture(scope="module")
+def server(redis_url: str) -> Server:
+    kw = redis_connection_kwargs(redis_url)
+    return Server(str(kw["host"]), int(kw["port"]))  # type: ignore[arg-type]
+
+
+def content(client: redis.Redis) -> dict[bytes, tuple[dict[bytes, bytes], bytes]]:
+    """Every key's fields and its DUMP (which also fixes field order and encoding)."""
+    return {k: (client.hgetall(k), client.dump(k)) for k in client.scan_iter(count=1000)}
+
+
+def ttls(client: redis.Redis) -> dict[bytes, int]:
+    return {k: client.ttl(k) for k in client.scan_iter(count=1000)}
+
+
+def repo_copy(base: Path, name: str, registry: Path, server: Server, db: int, *, engine: str,
+              extra: str = "") -> Path:
+    """A repo folder with its own registry copy and a feature_store.yaml for one engine."""
+    folder = base / name
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "data").mkdir(parents=True)
+    shutil.copy(registry, folder / "data" / "registry.db")
+    engine_yaml = (
+        f"batch_engine:\n  type: {ENGINE}\n  progress: false\n  quarantine_dir: {folder / 'quarantine'}\n"
+        if engine == "featurepipe" else "batch_engine: local\n"
+    )
+    (folder / "feature_store.yaml").write_text(
+        "project: featurepipe_demo\nprovider: local\nregistry: data/registry.db\n"
+        f"online_store:\n  type: redis\n  connection_string: \"{server.feast_form(db)}\"\n"
+        f"  key_ttl_seconds: {KEY_TTL}\n"
+        "offline_store:\n  type: duckdb\nentity_key_serialization_version: 3\n"
+        "materialization_config:\n  pull_latest_features: true\n  online_write_batch_size: 10000\n"
+        + engine_yaml + extra
+    )
+    return folder
+
+
+def forget_materializations(registry: Path) -> None:
+    """Drop the materialised intervals a registry copy inherited from the pipeline."""
+    from feast.protos.feast.core.Registry_pb2 import Registry
+
+    proto = Registry()
+    proto.ParseFromString(registry.read_bytes())
+    for view in proto.feature_views:
+        del view.meta.materialization_intervals[:]
+    registry.write_bytes(proto.SerializeToString())
+
+
+def store_at(folder: Path) -> Any:
+    from feast import FeatureStore
+
+    return FeatureStore(repo_path=str(folder))
+
+
+@dataclass
+class Demo:
+    """The demo repo materialised by Feast's engine and by featurepipe's, in two databases."""
+
+    pipeline: Pipeline
+    base: Path
+    registry: Path
+    end: datetime
+    feast: dict[bytes, tuple[dict[bytes, bytes], bytes]]
+    feast_ttls: dict[bytes, int]
+    ours_store: Any
+    ours_result: Any
+
+
+@pytest.fixture(scope="module")
+def demo(pipeline: Pipeline, server: Server, tmp_path_factory: pytest.TempPathFactory) -> Demo:
+    from featurepipe.online.materialize import materialize
+
+    base = tmp_path_factory.mktemp("materialize")
+    registry = pipeline.repo / "data" / "registry.db"
+    end = datetime.now(timezone.utc)
+    feast_store = store_at(repo_copy(base, "feast", registry, server, DB_FEAST, engine="local"))
+    server.client(DB_FEAST, flush=True)
+    feast_store.materialize(EPOCH, end)
+    ours_store = store_at(repo_copy(base, "ours", registry, server, DB_OURS, engine="featurepipe"))
+    server.client(DB_OURS, flush=True)
+    result = materialize(ours_store, EPOCH, end)
+    feast_client = server.client(DB_FEAST)
+    return Demo(pipeline, base, registry, end, content(feast_client), ttls(feast_client), ours_store, result)
+
+
+def offline_latest_ts(p: Pipeline, view: str, end: datetime) -> dict[int, datetime]:
+    path = p.data / "offline" / view / "**" / "*.parquet"
+    return dict(duckdb.sql(
+        f"SELECT user_id, max(event_timestamp) FROM read_parquet('{path}') "
+        f"WHERE event_timestamp <= TIMESTAMPTZ '{end.isoformat()}' GROUP BY ALL"
+    ).fetchall())
+
+
+# ---------------------------------------------------------------- the demo repo
+
+
+def test_redis_content_equals_feasts_engine(demo: Demo, server: Server) -> None:
+    ours = server.client(DB_OURS)
+    assert demo.feast, "Feast's engine wrote nothing: the comparison would be empty"
+    assert content(ours) == demo.feast
+    ours_ttls = ttls(ours)
+    assert ours_ttls.keys() == demo.feast_ttls.keys()
+    assert all(KEY_TTL - 120 < t <= KEY_TTL for t in ours_ttls.values())
+    assert all(abs(ours_ttls[k] - demo.feast_ttls[k]) <= 60 for k in ours_ttls)
+
+
+def test_engine_reports_what_it_did(demo: Demo) -> None:
+    by_view = {r.view: r for r in demo.ours_result.per_view}
+    assert set(by_view) == {"user_transaction_stats", "merchant_activity", "merchant_fraud"}
+    users = by_view["user_transaction_stats"]
+    latest = offline_latest_ts(demo.pipeline, "user_transaction_stats", demo.end)
+    assert users.entities == users.written == len(latest)
+    assert users.window_rows >= users.entities and users.quarantined == 0
+
+
+def test_feast_reads_identical_values_and_timestamps(demo: Demo, server: Server) -> None:
+    from feast.infra.online_stores.redis import RedisOnlineStore
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    feast_store = store_at(demo.base / "feast")
+    view = demo.ours_store.get_feature_view("user_transaction_stats")
+    latest = offline_latest_ts(demo.pipeline, "user_transaction_stats", demo.end)
+    keys = [EntityKey(join_keys=["user_id"], entity_values=[Value(int64_val=int(u))]) for u in sorted(latest)]
+    ours = RedisOnlineStore().online_read(demo.ours_store.config, view, keys)
+    theirs = RedisOnlineStore().online_read(feast_store.config, view, keys)
+    assert ours == theirs
+    assert [ts for ts, _ in ours] == [latest[u] for u in sorted(latest)]
+    refs = [f"user_transaction_stats:{f.name}" for f in view.features]
+    rows_ = [{"user_id": int(u)} for u in sorted(latest)[:50]]
+    assert (demo.ours_store.get_online_features(refs, rows_).to_dict()
+            == feast_store.get_online_features(refs, rows_).to_dict())
+
+
+def test_second_run_changes_nothing(demo: Demo, server: Server) -> None:
+    from featurepipe.online.materialize import materialize
+
+    client = server.client(DB_OURS)
+    before = content(client)
+    again = materialize(demo.ours_store, EPOCH, demo.end)
+    assert sum(r.written for r in again.per_view) == 0
+    assert sum(r.skipped for r in again.per_view) == sum(r.entities for r in again.per_view) > 0
+    assert content(client) == before
+
+
+def test_newer_streamed_value_is_not_overwritten(demo: Demo, server: Server) -> None:
+    """A value pushed online with a newer event time survives a materialisation."""
+    import pandas as pd
+
+    from featurepipe.online.materialize import materialize
+
+    store = store_at(repo_copy(demo.base, "pushed", demo.registry, server, DB_PUSHED, engine="featurepipe"))
+    client = server.client(DB_PUSHED, flush=True)
+    view = store.get_feature_view("user_transaction_stats")
+    user = sorted(offline_latest_ts(demo.pipeline, "user_transaction_stats", demo.end))[0]
+    newer = {f.name: [7] if f.name.startswith("txn_count") else [7.5] for f in view.features}
+    store.write_to_online_store("user_transaction_stats", pd.DataFrame(
+        {"user_id": [user], **newer, "event_timestamp": [pd.Timestamp(demo.end + timedelta(days=1))]}
+    ))
+    pushed = content(client)
+    assert len(pushed) == 1
+    result = materialize(store, EPOCH, demo.end, ["user_transaction_stats"])
+    assert result.per_view[0].skipped == 1
+    after = content(client)
+    (key,) = pushed
+    assert after[key] == pushed[key]
+    # every other hash is what Feast's engine writes for that view
+    others = {k: v for k, v in after.items() if k != key}
+    feast_users = {k for k, (fields, _) in demo.feast.items() if b"_ts:user_transaction_stats" in fields}
+    assert set(others) == feast_users - {key}
+
+
+def test_incremental_moves_only_new_rows(demo: Demo, server: Server) -> None:
+    from featurepipe.online.materialize import materialize
+
+    folder = repo_copy(demo.base, "incremental", demo.registry, server, DB_INCREMENTAL, engine="featurepipe")
+    forget_materializations(folder / "data" / "registry.db")
+    store = store_at(folder)
+    client = server.client(DB_INCREMENTAL, flush=True)
+    path = demo.pipeline.data / "offline" / "user_transaction_stats" / "**" / "*.parquet"
+    lo, hi = duckdb.sql(f"SELECT min(event_timestamp), max(event_timestamp) FROM read_parquet('{path}')").fetchall()[0]
+    middle = lo + (hi - lo) / 2
+    first = materialize(store, EPOCH, middle)
+    assert sum(r.written for r in first.per_view) > 0
+    second = materialize(store, end=demo.end, incremental=True)
+    users = next(r for r in second.per_view if r.view == "user_transaction_stats")
+    assert users.start == middle  # from where the registry says the last run ended
+    new_rows = duckdb.sql(
+        f"SELECT count(*) FROM read_parquet('{path}') WHERE event_timestamp >= TIMESTAMPTZ "
+        f"'{middle.isoformat()}' AND event_timestamp <= TIMESTAMPTZ '{demo.end.isoformat()}'"
+    ).fetchall()[0][0]
+    assert users.window_rows == new_rows < first.per_view[0].window_rows + new_rows
+    assert content(client) == demo.feast
+
+
+def test_killed_run_resumes_to_the_same_content(demo: Demo, server: Server) -> None:
+    """SIGKILL `featurepipe materialize` mid-way; rerunning the command completes the window
+    and gives exactly the content of an uninterrupted run."""
+    from click.testing import CliRunner
+
+    from featurepipe.cli import main
+
+    folder = repo_copy(demo.base, "killed", demo.registry, server, DB_KILLED, engine="featurepipe")
+    client = server.client(DB_KILLED, flush=True)
+    total = len(demo.feast)
+    env = {"REDIS_URL": f"redis://{server.host}:{server.port}/{DB_KILLED}"}
+    args = ["materialize", "--repo", str(folder), "--no-progress", "--end", demo.end.replace(tzinfo=None).isoformat()]
+    slow = subprocess.Popen(
+        [sys.executable, "-m", "featurepipe.cli", *args, "--batch-rows", "20", "--max-rows-per-second", "300"],
+        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while client.dbsize() < total // 3 and time.monotonic() < deadline and slow.poll() is None:
+            time.sleep(0.02)
+        slow.send_signal(signal.SIGKILL)
+        slow.wait(10)
+        written_when_killed = client.dbsize()
+    finally:
+        if slow.poll() is None:
+            slow.kill()
+    assert slow.returncode == -signal.SIGKILL
+    assert 0 < written_when_killed < total, slow.stderr.read()[-2000:] if slow.stderr else ""
+    assert content(client) != demo.feast
+    rerun = CliRunner().invoke(main, args, env=env)
+    assert rerun.exit_code == 0, rerun.output[-3000:]
+    assert "user_transaction_stats" in rerun.output and "entities" in rerun.output
+    assert content(client) == demo.feast
+
+
+# ---------------------------------------------------------------- every type, ties, bad data
+
+
+def _types_table(rng: np.random.Generator, entities: int) -> pa.Table:
+    """Three rows per entity (compound key), one pair tied on event time (created breaks it)."""
+    base = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    n = entities * 3
+    ids = np.repeat(np.arange(entities, dtype=np.int64), 3)
+    offsets = np.tile([0, 3600, 3600], entities) + np.repeat(rng.integers(0, 86_400, entities), 3)
+    event = [base + timedelta(seconds=int(s), microseconds=int(rng.integers(0, 10**6)) * (i % 7 != 0))
+             for i, s in enumerate(offsets)]
+    for i in range(0, n, 3):  # rows i+1 and i+2 tie on event time
+        event[i + 2] = event[i + 1]
+    created = [e + timedelta(seconds=int(k % 3)) for k, e in enumerate(event)]
+    doubles = rng.normal(0, 1e3, n)
+    doubles[::11] = np.nan
+    text = [None if i % 13 == 0 else ("é" * (i % 70)) + str(i) for i in range(n)]
+    return pa.table({
+        "customer_id": pa.array(ids),
+        "region": pa.array([["eu", "us", ""][i % 3] for i in ids]),
+        "event_timestamp": pa.array(event, pa.timestamp("us", tz="UTC")),
+        "created": pa.array(created, pa.timestamp("us", tz="UTC")),
+        "f_double": pa.array(doubles, mask=np.arange(n) % 17 == 0),
+        "f_float": pa.array(rng.normal(0, 10, n).astype(np.float32)),
+        "f_int64": pa.array(rng.integers(-(2**40), 2**40, n), mask=np.arange(n) % 5 == 0),
+        "f_int32": pa.array(rng.integers(-(2**31), 2**31 - 1, n, dtype=np.int64).astype(np.int32)),
+        "f_bool": pa.array(rng.random(n) < 0.5, mask=np.arange(n) % 7 == 0),
+        "f_string": pa.array(text),
+        "f_bytes": pa.array([bytes(rng.integers(0, 256, i % 9, dtype=np.uint8)) for i in range(n)]),
+        "f_ts": pa.array(event, pa.timestamp("us", tz="UTC"), mask=np.arange(n) % 4 == 0),
+        "f_list": pa.array([list(range(i % 4)) for i in range(n)], pa.list_(pa.int64())),
+    })
+
+
+def _types_objects(path: Path, schema_overrides: dict[str, Any] | None = None) -> list[Any]:
+    from feast import Entity, FeatureView, Field, FileSource, ValueType
+    from feast.types import (
+        Array,
+        Bool,
+        Bytes,
+        Float32,
+        Float64,
+        Int32,
+        Int64,
+        String,
+        UnixTimestamp,
+    )
+
+    customer = Entity(name="customer", join_keys=["customer_id"], value_type=ValueType.INT64)
+    region = Entity(name="region", join_keys=["region"], value_type=ValueType.STRING)
+    source = FileSource(name="typed", path=str(path), timestamp_field="event_timestamp",
+                        created_timestamp_column="created")
+    schema = {"f_double": Float64, "f_float": Float32, "f_int64": Int64, "f_int32": Int32, "f_bool": Bool,
+              "f_string": String, "f_bytes": Bytes, "f_ts": UnixTimestamp, "f_list": Array(Int64),
+              **(schema_overrides or {})}
+    view = FeatureView(name="typed_view", entities=[customer, region], ttl=timedelta(days=30),
+                       schema=[Field(name="customer_id", dtype=Int64), Field(name="region", dtype=String),
+                               *(Field(name=k, dtype=v) for k, v in schema.items())],
+                       source=source, online=True)
+    return [customer, region, source, view]
+
+
+def _typed_store(folder: Path, server: Server, db: int, engine: str, registry: Path) -> Any:
+    from feast import FeatureStore, RepoConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    batch: Any = ({"type": ENGINE, "progress": False, "quarantine_dir": str(folder / "quarantine")}
+                  if engine == "featurepipe" else "local")
+    config = RepoConfig(
+        project="typed", provider="local", registry=str(registry), repo_path=str(folder),
+        online_store={"type": "redis", "connection_string": server.feast_form(db)},
+        offline_store={"type": "duckdb"}, batch_engine=batch, entity_key_serialization_version=3,
+        materialization={"pull_latest_features": True, "online_write_batch_size": 10_000},
+    )
+    return FeatureStore(config=config)
+
+
+@pytest.fixture(scope="module")
+def typed_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    base = tmp_path_factory.mktemp("typed")
+    yield base
+
+
+def test_every_type_and_created_ties_match_feast(typed_env: Path, server: Server) -> None:
+    table = _types_table(np.random.default_rng(5), 150)
+    pq.write_table(table, typed_env / "typed.parquet")
+    registry = typed_env / "registry.db"
+    feast_store = _typed_store(typed_env / "feast", server, DB_TYPES_FEAST, "local", registry)
+    feast_store.apply(_types_objects(typed_env / "typed.parquet"))
+    ours_store = _typed_store(typed_env / "ours", server, DB_TYPES_OURS, "featurepipe", registry)
+    end = datetime(2027, 1, 1, tzinfo=timezone.utc)
+    server.client(DB_TYPES_FEAST, flush=True)
+    server.client(DB_TYPES_OURS, flush=True)
+    feast_store.materialize(EPOCH, end)
+    from featurepipe.online.materialize import materialize
+
+    result = materialize(ours_store, EPOCH, end)
+    theirs = content(server.client(DB_TYPES_FEAST))
+    assert len(theirs) == 150
+    assert content(server.client(DB_TYPES_OURS)) == theirs
+    # (each entity's two latest rows tie on event time: equal bytes mean the created
+    # timestamp broke the tie as in Feast)
+    assert result.per_view[0].entities == result.per_view[0].written == 150
+
+
+def test_bad_rows_are_quarantined_never_written(typed_env: Path, server: Server) -> None:
+    """Null join keys and values that do not fit their type: counted, quarantined, not written."""
+    from feast.types import Int32, Int64
+
+    from featurepipe.online.materialize import materialize
+
+    folder = typed_env / "bad"
+    folder.mkdir()
+    table = _types_table(np.random.default_rng(6), 60)
+    n = table.num_rows
+    ids = table.column("customer_id").to_numpy()
+    big = table.column("f_int32").to_numpy().astype(np.int64)
+    big[ids == 3] = 2**40  # entity 3: its latest row's Int32 value does not fit
+    fraction = np.where(ids == 5, 1.5, np.round(np.arange(n) / 7.0))  # entity 5: not an integer
+    keys = pa.array(ids, mask=(np.arange(n) % 29 == 1))  # some rows without a join key
+    table = (table.set_column(0, "customer_id", keys)
+                  .set_column(table.schema.get_field_index("f_int32"), "f_int32", pa.array(big))
+                  .set_column(table.schema.get_field_index("f_int64"), "f_int64", pa.array(fraction)))
+    pq.write_table(table, folder / "bad.parquet")
+    registry = folder / "registry.db"
+    ours = _typed_store(folder / "ours", server, DB_TYPES_OURS, "featurepipe", registry)
+    ours.apply(_types_objects(folder / "bad.parquet", {"f_int32": Int32, "f_int64": Int64}))
+    client = server.client(DB_TYPES_OURS, flush=True)
+    result = materialize(ours, EPOCH, datetime(2027, 1, 1, tzinfo=timezone.utc)).per_view[0]
+    null_keys = int((np.arange(n) % 29 == 1).sum())
+    assert result.quarantined == null_keys + 2
+    assert sorted(Path(f).name.split("-", 2)[2] for f in result.quarantine_files) == [
+        "bad-values.parquet", "null-keys.parquet"]
+    quarantined = [reason for f in result.quarantine_files
+                   for reason in pq.read_table(f).column("quarantine_reason").to_pylist()]
+    assert len(quarantined) == result.quarantined
+    assert sum("f_int32: value does not fit INT32" in r for r in quarantined) == 1
+    assert sum("f_int64: value does not fit INT64" in r for r in quarantined) == 1
+    assert sum("join key" in r for r in quarantined) == null_keys
+    # oracle: Feast's engine on the same data less the bad entities and key-less rows
+    clean = table.filter(pa.compute.and_(pa.compute.is_valid(table.column("customer_id")),
+                                         pa.compute.invert(pa.compute.is_in(table.column("customer_id"),
+                                                                            pa.array([3, 5])))))
+    pq.write_table(clean, folder / "clean.parquet")
+    feast = _typed_store(folder / "feast", server, DB_TYPES_FEAST, "local", folder / "registry-clean.db")
+    feast.apply(_types_objects(folder / "clean.parquet", {"f_int32": Int32, "f_int64": Int64}))
+    server.client(DB_TYPES_FEAST, flush=True)
+    feast.materialize(EPOCH, datetime(2027, 1, 1, tzinfo=timezone.utc))
+    assert content(client) == content(server.client(DB_TYPES_FEAST))
+    assert result.written == len(content(client)) == 58
+
+
+# ---------------------------------------------------------------- encoders (no services)
+
+
+def _split(piece: rows.Piece) -> list[bytes]:
+    flat, offsets = rows.join([piece])
+    return [bytes(flat[offsets[i]:offsets[i + 1]]) for i in range(len(offsets) - 1)]
+
+
+@pytest.mark.parametrize("value_type, array", [
+    ("DOUBLE", pa.array([0.0, -1.5, float("nan"), None, 1e300, float("inf")])),
+    ("FLOAT", pa.array([0.0, -1.5, None, 3.25, 1e30], pa.float32())),
+    ("INT64", pa.array([0, 1, -1, 127, 128, 2**62, -(2**63), None, 300])),
+    ("INT32", pa.array([0, 1, -1, 2**31 - 1, -(2**31), None], pa.int32())),
+    ("BOOL", pa.array([True, False, None])),
+    ("STRING", pa.array(["", "a", None, "héllo" * 30])),
+    ("BYTES", pa.array([b"", b"\x00\x01", None, b"z" * 130])),
+    ("UNIX_TIMESTAMP", pa.array([datetime(2020, 1, 1, tzinfo=timezone.utc), None,
+                                 datetime(1969, 12, 31, 23, 59, 59, 500000, tzinfo=timezone.utc)],
+                                pa.timestamp("us", tz="UTC"))),
+])
+def test_value_bytes_equal_feasts(value_type: str, array: pa.Array) -> None:
+    from feast.type_map import python_values_to_proto_values
+    from feast.value_type import ValueType
+
+    expected = [v.SerializeToString() for v in python_values_to_proto_values(
+        array.to_numpy(zero_copy_only=False), ValueType[value_type])]
+    assert _split(codec.encode_values(array, value_type)) == expected
+
+
+def test_timestamp_and_key_bytes_equal_feasts() -> None:
+    from feast.infra.key_encoding_utils import serialize_entity_key
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    micros = np.array([0, 1, 999_999, 1_000_000, -1, -1_500_000, 1_767_225_600_123_456])
+    expected = []
+    for m in micros:
+        t = Timestamp()
+        t.FromDatetime(datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=int(m)))
+        expected.append(t.SerializeToString())
+    assert _split(codec.encode_timestamps(micros)) == expected
+    users, names = [1, -5, 2**40], ["x", "", "ééé"]
+    keys = [codec.JoinKeySpec("user_id", "INT64"), codec.JoinKeySpec("a_name", "STRING")]
+    got = _split(codec.encode_entity_keys({"user_id": pa.array(users), "a_name": pa.array(names)}, keys, "p"))
+    assert got == [serialize_entity_key(EntityKey(join_keys=["user_id", "a_name"], entity_values=[
+        Value(int64_val=u), Value(string_val=s)]), 3) + b"p" for u, s in zip(users, names)]
+
+
+def test_crc64_is_redis_checksum() -> None:
+    flat = np.frombuffer(b"123456789" + b"x" * 100, dtype=np.uint8)
+    crc = dump.crc64(flat, np.array([0, 9, 109]))
+    assert int(crc[0]) == 0xE9C6D914C4B8D9CA  # CRC-64/Redis check value
+    ref = 0
+    table = [0] * 256
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ (0x95AC9329AC4BC9B5 if c & 1 else 0)
+        table[i] = c
+    for b in b"x" * 100:
+        ref = table[(ref ^ b) & 0xFF] ^ (ref >> 8)
+    assert int(crc[1]) == ref
+
+
+def test_decimal_and_varint_pieces() -> None:
+    values = np.array([0, 9, 10, 99, 100, 12345678901234567890], dtype=np.uint64)
+    assert _split(rows.decimal(values, b"$", b"\r\n")) == [b"$%d\r\n" % int(v) for v in values]
+    from google.protobuf.internal.encoder import _VarintBytes
+
+    ints = np.array([0, 1, 127, 128, 300, 2**63 - 1], dtype=np.uint64)
+    assert _split(rows.varint(ints)) == [_VarintBytes(int(v)) for v in ints]
