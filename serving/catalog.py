@@ -17,16 +17,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-from feast.value_type import ValueType
+from typing import Any
 
 from featurepipe.errors import InvalidInput, NotFound
 from serving import wire
 from serving.layout import ACCEPTED_KINDS, entity_key_prefix, feature_field, timestamp_field
-
-if TYPE_CHECKING:
-    from feast import FeatureService, FeatureStore, FeatureView, OnDemandFeatureView
+from serving.registry import Definitions, OnDemandDef, ServiceDef, ValueType, ViewDef
 
 MAX_CACHED_PLANS = 1024
 
@@ -83,7 +79,7 @@ class OnDemandStep:
     """A python-mode on-demand feature view to run on the fetched features."""
 
     name: str
-    transformation: Any  # feast PythonTransformation: its transform() calls the UDF as Feast does
+    udf: Any  # the UDF: dict of lists in, dict of lists out (one row each when singleton)
     singleton: bool
     inputs: tuple[int, ...]  # indexes into Plan.features
     request_fields: tuple[str, ...]
@@ -121,7 +117,7 @@ class _PlanBuilder:
     hash_views: list[dict[str, tuple[float, list[int]]]] = field(default_factory=list)
     features: list[FeatureColumn] = field(default_factory=list)
     feature_index: dict[tuple[str, str, int], int] = field(default_factory=dict)
-    steps: dict[str, tuple[Any, list[int], list[str], list[OdfvOutput]]] = field(default_factory=dict)
+    steps: dict[str, tuple[OnDemandDef, list[int], list[str], list[OdfvOutput]]] = field(default_factory=dict)
     request_fields: dict[str, ValueType] = field(default_factory=dict)
     output: list[tuple[int, ...]] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
@@ -129,14 +125,14 @@ class _PlanBuilder:
     def _output_name(self, prefix: str, feature: str) -> str:
         return f"{prefix}__{feature}" if self.full_feature_names else feature
 
-    def _hash_for(self, view: FeatureView, join_key_map: dict[str, str]) -> int:
+    def _hash_for(self, view: ViewDef, join_key_map: dict[str, str]) -> int:
         join_keys = tuple(
             sorted(
                 (
                     JoinKey(
                         column=join_key_map.get(col.name, col.name),
                         key=col.name,
-                        value_type=col.dtype.to_value_type(),
+                        value_type=col.value_type,
                     )
                     for col in view.entity_columns
                 ),
@@ -180,7 +176,7 @@ class _PlanBuilder:
         return fields[slot]
 
     def stored_feature(
-        self, view: FeatureView, prefix: str, feature: str, join_key_map: dict[str, str]
+        self, view: ViewDef, prefix: str, feature: str, join_key_map: dict[str, str]
     ) -> int:
         """Index in ``features`` of a stored feature, reading it if not read yet."""
         if feature not in {f.name for f in view.features}:
@@ -194,7 +190,7 @@ class _PlanBuilder:
             return self.feature_index[key]
         ts = self._field(h, view.name, None)
         f = self._field(h, view.name, feature)
-        ttl = view.ttl.total_seconds() if view.ttl else 0.0
+        ttl = view.ttl_seconds
         self.hash_views[h].setdefault(view.name, (ttl, [ts]))[1].append(f)
         self.features.append(
             FeatureColumn(
@@ -224,7 +220,7 @@ class _PlanBuilder:
             )
         step_index = self._on_demand_step(odfv, prefix)
         _, _, _, outputs = self.steps[prefix]
-        schema = {f.name: f.dtype.to_value_type() for f in odfv.features}
+        schema = {f.name: f.value_type for f in odfv.features}
         if feature not in schema:
             raise NotFound(
                 f"on-demand feature view {odfv.name!r} has no feature {feature!r}; "
@@ -234,10 +230,10 @@ class _PlanBuilder:
         self.output.append((OUT_ODFV, step_index, len(outputs) - 1))
         self.output_names.append(self._output_name(prefix, feature))
 
-    def _on_demand_step(self, odfv: OnDemandFeatureView, prefix: str) -> int:
+    def _on_demand_step(self, odfv: OnDemandDef, prefix: str) -> int:
         if prefix in self.steps:
             return list(self.steps).index(prefix)
-        if odfv.mode != "python" or odfv.write_to_online_store or odfv.aggregations:
+        if odfv.mode != "python" or odfv.write_to_online_store or odfv.has_aggregations:
             raise InvalidInput(
                 f"on-demand feature view {odfv.name!r} (mode={odfv.mode!r}, "
                 f"write_to_online_store={odfv.write_to_online_store}) cannot be served: "
@@ -245,20 +241,20 @@ class _PlanBuilder:
                 "declare it with mode='python'"
             )
         inputs: list[int] = []
-        for projection in odfv.source_feature_view_projections.values():
+        for projection in odfv.sources:
             view = self.catalog.views.get(projection.name)
             if view is None:
                 raise NotFound(
                     f"on-demand feature view {odfv.name!r} reads feature view "
                     f"{projection.name!r}, which is not in the registry; run `featurepipe apply`"
                 )
-            for feat in projection.features:
+            for feature in projection.features:
                 inputs.append(
                     self.stored_feature(
-                        view, projection.name_to_use(), feat.name, dict(projection.join_key_map)
+                        view, projection.name_to_use(), feature, dict(projection.join_key_map)
                     )
                 )
-        request = odfv.get_request_data_schema()
+        request = {f.name: f.value_type for f in odfv.request_schema}
         for name, value_type in request.items():
             self.request_fields.setdefault(name, value_type)
         self.steps[prefix] = (odfv, inputs, list(request), [])
@@ -302,8 +298,8 @@ class _PlanBuilder:
             on_demand=tuple(
                 OnDemandStep(
                     name=odfv.name,
-                    transformation=odfv.feature_transformation,
-                    singleton=bool(getattr(odfv, "singleton", False)),
+                    udf=self.catalog.udf(odfv),
+                    singleton=odfv.singleton,
                     inputs=tuple(inputs),
                     request_fields=tuple(request),
                     outputs=tuple(outputs),
@@ -320,32 +316,32 @@ class _PlanBuilder:
 class Catalog:
     """An immutable snapshot of the registry, and the plans resolved from it."""
 
-    def __init__(
-        self,
-        project: str,
-        views: Sequence[FeatureView],
-        on_demand_views: Sequence[OnDemandFeatureView],
-        services: Sequence[FeatureService],
-    ) -> None:
-        self.project = project
-        self.views = {v.name: v for v in views}
-        self.on_demand_views = {v.name: v for v in on_demand_views}
-        self.services = {s.name: s for s in services}
+    def __init__(self, definitions: Definitions) -> None:
+        self.project = definitions.project
+        self.views: dict[str, ViewDef] = {v.name: v for v in definitions.views}
+        self.on_demand_views: dict[str, OnDemandDef] = {
+            v.name: v for v in definitions.on_demand_views
+        }
+        self.services: dict[str, ServiceDef] = {s.name: s for s in definitions.services}
         self._plans: dict[tuple[Any, ...], Plan] = {}
+        self._udfs: dict[str, Any] = {}
         self._lock = threading.Lock()
 
-    @classmethod
-    def load(cls, store: FeatureStore) -> Catalog:
-        """Read the snapshot from the store's (already refreshed) registry."""
-        views = {v.name: v for v in store.list_feature_views(allow_cache=True)}
-        for sfv in store.list_stream_feature_views(allow_cache=True):
-            views.setdefault(sfv.name, sfv)
-        return cls(
-            project=store.project,
-            views=list(views.values()),
-            on_demand_views=store.list_on_demand_feature_views(allow_cache=True),
-            services=store.list_feature_services(),
-        )
+    def udf(self, odfv: OnDemandDef) -> Any:
+        """The on-demand view's transformation, restored once per snapshot."""
+        udf = self._udfs.get(odfv.name)
+        if udf is None:
+            try:
+                udf = self._udfs[odfv.name] = odfv.load_udf()
+            except InvalidInput:
+                raise
+            except Exception as exc:
+                raise InvalidInput(
+                    f"on-demand feature view {odfv.name!r}: its transformation cannot be "
+                    f"restored ({type(exc).__name__}: {exc}); re-run `featurepipe apply` with "
+                    "the server's Python version"
+                ) from exc
+        return udf
 
     def describe_views(self) -> str:
         names = sorted([*self.views, *self.on_demand_views])
@@ -365,15 +361,15 @@ class Catalog:
                 f"{known}. Run `featurepipe apply` after adding it to feature_repo/"
             )
         builder = _PlanBuilder(self, full_feature_names)
-        for projection in service.feature_view_projections:
+        for projection in service.projections:
             if projection.version_tag is not None:
                 raise InvalidInput(
                     f"feature service {name!r} pins {projection.name}@v{projection.version_tag}; "
                     "featurepipe serve does not read versioned feature views"
                 )
-            for feat in projection.features:
+            for feature in projection.features:
                 builder.add(
-                    projection.name, projection.name_to_use(), feat.name,
+                    projection.name, projection.name_to_use(), feature,
                     dict(projection.join_key_map),
                 )
         return self._remember(key, builder.build())

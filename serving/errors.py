@@ -10,9 +10,12 @@ from __future__ import annotations
 import grpc
 
 from featurepipe.errors import BackendUnavailable, FeaturepipeError, InvalidInput, NotFound
+from serving.auth import PermissionDenied, Unauthenticated
 
 # Most specific first: the first class the error is an instance of decides.
 STATUS_BY_ERROR: tuple[tuple[type[FeaturepipeError], grpc.StatusCode], ...] = (
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (BackendUnavailable, grpc.StatusCode.UNAVAILABLE),
@@ -24,6 +27,9 @@ ERROR_BY_STATUS: dict[grpc.StatusCode, type[FeaturepipeError]] = {
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.UNAVAILABLE: BackendUnavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: BackendUnavailable,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: InvalidInput,
 }
 
 

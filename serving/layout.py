@@ -8,12 +8,11 @@ turning a request's ``feast.types.Value`` join-key values into key bytes.
 from __future__ import annotations
 
 import struct
-
-from feast.protos.feast.types.Value_pb2 import Value
-from feast.value_type import ValueType
+from typing import Any
 
 from featurepipe.errors import InvalidInput
 from featurepipe.online.layout import entity_key_prefix, feature_field, timestamp_field
+from serving.registry import ValueType
 
 __all__ = ["ACCEPTED_KINDS", "encode_entity_value", "entity_key_prefix", "feature_field", "timestamp_field"]
 
@@ -24,7 +23,7 @@ _INT32_RANGE = (-(2**31), 2**31 - 1)
 
 # The Value field a join key of each type must arrive in, and the ones accepted and
 # converted (an int32 for an INT64 key serialises differently, so it is converted first).
-ACCEPTED_KINDS: dict[ValueType, tuple[str, ...]] = {
+ACCEPTED_KINDS: dict[Any, tuple[str, ...]] = {
     ValueType.INT64: ("int64_val", "int32_val"),
     ValueType.INT32: ("int32_val", "int64_val"),
     ValueType.STRING: ("string_val",),
@@ -33,7 +32,7 @@ ACCEPTED_KINDS: dict[ValueType, tuple[str, ...]] = {
 }
 
 
-def encode_entity_value(value: Value, value_type: ValueType, column: str, row: int) -> bytes:
+def encode_entity_value(value: Any, value_type: Any, column: str, row: int) -> bytes:
     """One join-key value as Feast serializes it (type, length, bytes).
 
     Raises InvalidInput when the value does not fit the join key's declared type.

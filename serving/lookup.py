@@ -15,30 +15,30 @@ Feast, they carry an empty event timestamp.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import redis
-from feast.protos.feast.serving.ServingService_pb2 import FieldStatus
-from feast.protos.feast.types.Value_pb2 import Null, RepeatedValue, Value
-from feast.type_map import feast_value_type_to_python_type, python_values_to_proto_values
-from feast.value_type import ValueType
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from featurepipe.errors import BackendUnavailable, FeaturepipeError, InvalidInput
 from serving import wire
 from serving.catalog import OUT_FEATURE, OnDemandStep, Plan
 from serving.layout import encode_entity_value
+from serving.protos import FIELD_STATUS, Value
+from serving.registry import ValueType
+from serving.values import from_value, proto_values
 
-PRESENT = FieldStatus.PRESENT
-NULL_VALUE = FieldStatus.NULL_VALUE
-NOT_FOUND = FieldStatus.NOT_FOUND
-OUTSIDE_MAX_AGE = FieldStatus.OUTSIDE_MAX_AGE
-_NULL_VAL = Value(null_val=Null.NULL).SerializeToString()  # an explicit null, as Feast may store it
+RepeatedValue = Any  # serving.protos.RepeatedValue messages
+PRESENT = FIELD_STATUS["PRESENT"]
+NULL_VALUE = FIELD_STATUS["NULL_VALUE"]
+NOT_FOUND = FIELD_STATUS["NOT_FOUND"]
+OUTSIDE_MAX_AGE = FIELD_STATUS["OUTSIDE_MAX_AGE"]
+_NULL_VAL = Value(null_val=0).SerializeToString()  # an explicit null, as Feast may store it
 
 _NUMERIC = ("int64_val", "int32_val", "double_val", "float_val")
 # Value fields accepted for a request-context field of each type (unlisted types: any).
-REQUEST_KINDS: dict[ValueType, tuple[str, ...]] = {
+REQUEST_KINDS: dict[Any, tuple[str, ...]] = {
     ValueType.DOUBLE: _NUMERIC,
     ValueType.FLOAT: _NUMERIC,
     ValueType.INT64: ("int64_val", "int32_val"),
@@ -57,38 +57,26 @@ _PLAIN_KINDS = frozenset(
 )
 
 
-# Value types whose python values convert without Feast's general (slower) path.
-_FAST_OUTPUT: dict[ValueType, tuple[str, type]] = {
-    ValueType.DOUBLE: ("double_val", float),
-    ValueType.FLOAT: ("float_val", float),
-    ValueType.INT64: ("int64_val", int),
-    ValueType.STRING: ("string_val", str),
-}
-
-
-def to_proto_values(values: list[Any], value_type: ValueType) -> list[Value]:
-    """Values as Feast's ``python_values_to_proto_values`` gives them (None, NaN: empty)."""
-    fast = _FAST_OUTPUT.get(value_type)
-    if fast is not None and all(v is None or type(v) is fast[1] for v in values):
-        field = fast[0]
-        return [Value() if v is None or v != v else Value(**{field: v}) for v in values]
-    return python_values_to_proto_values(values, value_type)
-
-
-def to_python(value: Value) -> Any:
+def to_python(value: Any) -> Any:
     """The Python value of a Value, as Feast's ``feast_value_type_to_python_type`` gives it."""
     kind = value.WhichOneof("val")
     if kind in _PLAIN_KINDS:
         return getattr(value, kind)
-    return None if kind is None else feast_value_type_to_python_type(value)
+    return from_value(value)
 
 
 class OnlineReader:
     """Reads the features of a :class:`~serving.catalog.Plan` for a batch of entity rows."""
 
-    def __init__(self, client: redis.Redis, max_rows: int = 1000) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        max_rows: int = 1000,
+        on_fetch: Callable[[float], None] | None = None,
+    ) -> None:
         self.client = client
         self.max_rows = max_rows
+        self.on_fetch = on_fetch  # receives the seconds of each Redis round trip
 
     def ping(self) -> bool:
         """True when Redis answers a PING."""
@@ -102,8 +90,9 @@ class OnlineReader:
         plan: Plan,
         entities: Mapping[str, RepeatedValue],
         request_context: Mapping[str, RepeatedValue],
-    ) -> bytes:
-        """The serialized GetOnlineFeaturesResponse for ``entities`` under ``plan``."""
+    ) -> tuple[bytes, int]:
+        """The serialized GetOnlineFeaturesResponse for ``entities`` under ``plan``, and
+        its number of entity rows."""
         n = self._row_count(plan, entities, request_context)
         request = self._request_values(plan, entities, request_context, n)
         encoded = {
@@ -144,7 +133,7 @@ class OnlineReader:
             parts.append(
                 wire.feature_vector([c[0] for c in col], [c[1] for c in col], [c[2] for c in col])
             )
-        return b"".join(parts)
+        return b"".join(parts), n
 
     def _row_count(
         self,
@@ -215,12 +204,16 @@ class OnlineReader:
         return values
 
     def _fetch(self, plan: Plan, keys: list[list[bytes]]) -> list[list[bytes | None]]:
+        started = time.perf_counter()
         try:
             with self.client.pipeline(transaction=False) as pipe:
                 for h, hash_keys in zip(plan.hashes, keys, strict=True):
                     for key in hash_keys:
                         pipe.hmget(key, h.fields)  # type: ignore[arg-type]  # bytes are fine
-                return pipe.execute()  # type: ignore[no-any-return]
+                replies = pipe.execute()
+            if self.on_fetch is not None:
+                self.on_fetch(time.perf_counter() - started)
+            return replies  # type: ignore[no-any-return]
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             kwargs = self.client.connection_pool.connection_kwargs
             where = f"{kwargs.get('host')}:{kwargs.get('port')}"
@@ -291,13 +284,10 @@ class OnlineReader:
         name = step.name
         try:
             if step.singleton:
-                rows = [
-                    step.transformation.transform_singleton({k: [v[i]] for k, v in inputs.items()})
-                    for i in range(n)
-                ]
+                rows = [step.udf({k: v[i] for k, v in inputs.items()}) for i in range(n)]
                 result = {o.feature: [row.get(o.feature) for row in rows] for o in step.outputs}
             else:
-                result = step.transformation.transform(inputs)
+                result = step.udf(dict(inputs))
         except Exception as exc:
             raise FeaturepipeError(
                 f"on-demand feature view {name!r} raised {type(exc).__name__}: {exc}; fix its "
@@ -319,7 +309,7 @@ class OnlineReader:
                     f"{output.feature!r} for {n} rows; it must return one per row"
                 )
             try:
-                protos = to_proto_values(values, output.value_type)
+                protos = proto_values(values, output.value_type)
             except (TypeError, ValueError, AssertionError) as exc:
                 raise FeaturepipeError(
                     f"on-demand feature view {name!r} returned {output.feature!r} values that "

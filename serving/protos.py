@@ -1,69 +1,100 @@
-"""Feast's serving protos for the client, without importing the ``feast`` package.
+"""Feast's protos without importing the ``feast`` package.
 
 Importing anything under ``feast.protos`` first runs ``feast/__init__.py``, which loads
 pandas, SQLAlchemy, FastAPI and the whole SDK: seconds of start-up and hundreds of MB
-that a model service calling the server does not need. This module reads the serialized
-file descriptors out of Feast's generated ``*_pb2.py`` files (parsing, not executing
-them) and builds the message classes in a private descriptor pool, so the client always
-speaks exactly the installed Feast's wire format, at the cost of a few milliseconds.
+that neither a model service calling the server nor the server itself needs. This module
+reads the serialized file descriptors out of Feast's generated ``*_pb2.py`` files (a regex
+and ``ast.literal_eval`` on one literal, never executing them), adds them with their
+dependencies to a private descriptor pool, and builds the message classes from it, so
+both sides always speak exactly the installed Feast's wire format, for a few milliseconds.
 
-The server uses Feast's own generated modules (it needs the SDK for the registry anyway).
+:func:`message` gives any Feast message class by full name (``feast.core.Registry``),
+loading its ``.proto`` file and dependencies on first use.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib
 import importlib.util
+import re
+import threading
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import descriptor_pool, message_factory, timestamp_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 SERVING_SERVICE = "feast.serving.ServingService"
 GET_ONLINE_FEATURES = f"/{SERVING_SERVICE}/GetOnlineFeatures"
 GET_FEAST_SERVING_INFO = f"/{SERVING_SERVICE}/GetFeastServingInfo"
 
+_SERIALIZED = re.compile(rb"AddSerializedFile\((b'(?:[^'\\]|\\.)*')\)")
 
-def _feast_protos_dir() -> Path:
+
+def _feast_root() -> Path:
     spec = importlib.util.find_spec("feast")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("feast is not installed; install it with pip install 'feast==0.67.*'")
-    return Path(next(iter(spec.submodule_search_locations))) / "protos" / "feast"
+    return Path(next(iter(spec.submodule_search_locations))) / "protos"
 
 
-def _serialized_file(relative: str) -> bytes:
-    """The ``AddSerializedFile(b'...')`` argument of one of Feast's generated modules."""
-    path = _feast_protos_dir() / relative
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    for node in ast.walk(tree):
-        if (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute)
-            and node.func.attr == "AddSerializedFile"
-        ):
-            data = ast.literal_eval(node.args[0])
-            if isinstance(data, bytes):
-                return data
-    raise ImportError(f"{path} holds no serialized file descriptor; is the feast install complete?")
+def _serialized_file(proto_name: str) -> bytes:
+    """The serialized FileDescriptorProto of ``proto_name`` (``feast/core/Registry.proto``)."""
+    if proto_name.startswith("google/protobuf/"):
+        module = "google.protobuf." + proto_name[len("google/protobuf/") : -len(".proto")] + "_pb2"
+        return bytes(importlib.import_module(module).DESCRIPTOR.serialized_pb)
+    path = _feast_root() / (proto_name[: -len(".proto")] + "_pb2.py")
+    found = _SERIALIZED.search(path.read_bytes())
+    if found is None:
+        raise ImportError(f"{path} holds no serialized file descriptor; is the feast install complete?")
+    data = ast.literal_eval(found.group(1).decode("latin-1"))
+    assert isinstance(data, bytes)
+    return data
 
 
-_pool = descriptor_pool.DescriptorPool()
-_pool.AddSerializedFile(timestamp_pb2.DESCRIPTOR.serialized_pb)
-_pool.AddSerializedFile(_serialized_file("types/Value_pb2.py"))
-_pool.AddSerializedFile(_serialized_file("serving/ServingService_pb2.py"))
+pool = descriptor_pool.DescriptorPool()
+_loaded: set[str] = set()
+_lock = threading.Lock()
 
 
-def _message(full_name: str) -> Any:
-    return message_factory.GetMessageClass(_pool.FindMessageTypeByName(full_name))
+def load_file(proto_name: str, serialized: bytes | None = None) -> None:
+    """Add ``proto_name`` and (first) its dependencies to :data:`pool`, once."""
+    with _lock:
+        _load(proto_name, serialized)
 
 
-Value: Any = _message("feast.types.Value")
-RepeatedValue: Any = _message("feast.types.RepeatedValue")
-GetOnlineFeaturesRequest: Any = _message("feast.serving.GetOnlineFeaturesRequest")
-GetOnlineFeaturesResponse: Any = _message("feast.serving.GetOnlineFeaturesResponse")
-GetFeastServingInfoRequest: Any = _message("feast.serving.GetFeastServingInfoRequest")
-GetFeastServingInfoResponse: Any = _message("feast.serving.GetFeastServingInfoResponse")
+def _load(proto_name: str, serialized: bytes | None = None) -> None:
+    if proto_name in _loaded:
+        return
+    data = serialized if serialized is not None else _serialized_file(proto_name)
+    file_proto = descriptor_pb2.FileDescriptorProto.FromString(data)
+    for dependency in file_proto.dependency:
+        _load(dependency)
+    pool.AddSerializedFile(data)
+    _loaded.add(proto_name)
 
-FIELD_STATUS_NAMES: dict[int, str] = {
-    v.number: v.name for v in _pool.FindEnumTypeByName("feast.serving.FieldStatus").values
-}
+
+def message(full_name: str, proto_name: str) -> Any:
+    """The message class ``full_name``, defined in ``proto_name``."""
+    load_file(proto_name)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(full_name))
+
+
+def enum_values(full_name: str) -> dict[str, int]:
+    """Name -> number of a loaded enum (``feast.serving.FieldStatus``)."""
+    return {v.name: v.number for v in pool.FindEnumTypeByName(full_name).values}
+
+
+_SERVING = "feast/serving/ServingService.proto"
+_VALUE = "feast/types/Value.proto"
+Value: Any = message("feast.types.Value", _VALUE)
+RepeatedValue: Any = message("feast.types.RepeatedValue", _VALUE)
+GetOnlineFeaturesRequest: Any = message("feast.serving.GetOnlineFeaturesRequest", _SERVING)
+GetOnlineFeaturesResponse: Any = message("feast.serving.GetOnlineFeaturesResponse", _SERVING)
+GetFeastServingInfoRequest: Any = message("feast.serving.GetFeastServingInfoRequest", _SERVING)
+GetFeastServingInfoResponse: Any = message("feast.serving.GetFeastServingInfoResponse", _SERVING)
+
+FIELD_STATUS: dict[str, int] = enum_values("feast.serving.FieldStatus")
+FIELD_STATUS_NAMES: dict[int, str] = {number: name for name, number in FIELD_STATUS.items()}
+VALUE_TYPES: dict[str, int] = enum_values("feast.types.ValueType.Enum")
+VALUE_TYPE_NAMES: dict[int, str] = {number: name for name, number in VALUE_TYPES.items()}

@@ -2,7 +2,8 @@
 
 Besides ServingService (``GetOnlineFeatures``, ``GetFeastServingInfo``) it serves the
 standard ``grpc.health.v1.Health`` (SERVING while Redis answers a PING) and server
-reflection, so ``grpcurl`` and load balancers work out of the box.
+reflection, so ``grpcurl`` and load balancers work out of the box; optionally TLS,
+bearer tokens (:mod:`serving.auth`) and Prometheus metrics (:mod:`serving.metrics`).
 
 Run it in-process::
 
@@ -12,9 +13,10 @@ Run it in-process::
 
 or blocking, as ``featurepipe serve`` does: ``serve(repo, port=6566, announce=click.echo)``.
 
-Feature metadata is resolved from the registry into a cache once; a background thread
-re-reads the registry when its file changes (checked every ``registry_refresh_seconds``),
-so ``feast apply`` takes effect without a restart.
+The process never imports the Feast SDK, pandas or DuckDB: the registry is parsed with
+Feast's generated protos (:mod:`serving.registry`). Feature metadata is resolved into a
+cache once; a background thread re-reads the registry when its file changes (checked
+every ``registry_refresh_seconds``), so ``feast apply`` takes effect without a restart.
 """
 
 from __future__ import annotations
@@ -23,34 +25,54 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent import futures
+from dataclasses import dataclass
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
-from feast.protos.feast.serving import ServingService_pb2, ServingService_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from featurepipe.errors import BackendUnavailable, FeaturepipeError, InvalidInput
-from serving import backend
-from serving.catalog import Catalog
+from serving import backend, protos
+from serving.auth import TokenPolicy
+from serving.catalog import Catalog, Plan
 from serving.errors import status_for
 from serving.lookup import OnlineReader
-
-if TYPE_CHECKING:
-    from feast import FeatureStore
+from serving.metrics import ServerMetrics
+from serving.registry import RepoConfig, parse_registry, read_repo_config, registry_bytes
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = ServingService_pb2.DESCRIPTOR.services_by_name["ServingService"].full_name
+SERVICE_NAME = protos.SERVING_SERVICE
 DEFAULT_PORT = 6566
 DEFAULT_MAX_ROWS = 1000
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+for _module in (health_pb2, reflection_pb2):  # so reflection can describe them too
+    protos.load_file(_module.DESCRIPTOR.name, bytes(_module.DESCRIPTOR.serialized_pb))
 
 
-class _ServingServicer(ServingService_pb2_grpc.ServingServiceServicer):
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of the server's certificate (chain) and private key."""
+
+    cert: Path
+    key: Path
+
+    def credentials(self) -> grpc.ServerCredentials:
+        try:
+            pair = (self.key.read_bytes(), self.cert.read_bytes())
+        except OSError as exc:
+            raise InvalidInput(f"cannot read TLS files: {exc}; pass --tls-cert and --tls-key") from exc
+        return grpc.ssl_server_credentials([pair])
+
+
+class _ServingServicer:
     """Translates gRPC calls into catalog + reader calls, and errors into status codes.
 
     GetOnlineFeatures returns the response already serialized (see :mod:`serving.wire`);
@@ -61,41 +83,71 @@ class _ServingServicer(ServingService_pb2_grpc.ServingServiceServicer):
         self._server = server
         self._version = package_version("feast")
 
-    def GetFeastServingInfo(  # noqa: N802 (gRPC method name)
-        self, request: ServingService_pb2.GetFeastServingInfoRequest, context: grpc.ServicerContext
-    ) -> ServingService_pb2.GetFeastServingInfoResponse:
-        return ServingService_pb2.GetFeastServingInfoResponse(version=self._version)
+    def _authorize(self, context: grpc.ServicerContext, feature_service: str | None) -> None:
+        policy = self._server.tokens
+        if policy is not None:
+            header = next(
+                (v for k, v in context.invocation_metadata() if k == "authorization"), None
+            )
+            policy.check(header if isinstance(header, str) else None, feature_service)
 
-    def GetOnlineFeatures(  # noqa: N802 (gRPC method name)
-        self, request: ServingService_pb2.GetOnlineFeaturesRequest, context: grpc.ServicerContext
-    ) -> bytes:
+    def GetFeastServingInfo(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         try:
-            return self._server.get_online_features_serialized(request)
+            self._authorize(context, "")
+        except FeaturepipeError as exc:
+            if status_for(exc) == grpc.StatusCode.UNAUTHENTICATED:
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        return protos.GetFeastServingInfoResponse(version=self._version)
+
+    def GetOnlineFeatures(self, request: Any, context: grpc.ServicerContext) -> bytes:  # noqa: N802
+        started = time.perf_counter()
+        server = self._server
+        label, rows, code = "features", 0, grpc.StatusCode.OK
+        try:
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+                context.abort(code, "the call's deadline passed before the server could start it")
+            service = request.feature_service if request.WhichOneof("kind") == "feature_service" \
+                else None
+            if service is not None:
+                label = service if service in server.catalog.services else "unknown"
+            self._authorize(context, service)
+            body, rows = server.get_online_features_serialized(request)
+            return body
         except FeaturepipeError as exc:
             code = status_for(exc)
             if code == grpc.StatusCode.INTERNAL:
-                logger.error("GetOnlineFeatures failed: %s", exc)
+                logger.error("GetOnlineFeatures failed: %s", exc, extra={"feature_service": label})
+            else:
+                logger.info("GetOnlineFeatures: %s: %s", code.name, exc,
+                            extra={"feature_service": label, "code": code.name})
             context.abort(code, str(exc))
         except Exception as exc:
+            if isinstance(exc, grpc.RpcError) or type(exc).__name__ == "_AbortError" \
+                    or code != grpc.StatusCode.OK:
+                raise  # context.abort() above
+            code = grpc.StatusCode.INTERNAL
             logger.exception("GetOnlineFeatures failed unexpectedly")
             context.abort(
-                grpc.StatusCode.INTERNAL,
-                f"internal error ({type(exc).__name__}: {exc}); see the feature server's log",
+                code, f"internal error ({type(exc).__name__}: {exc}); see the feature server's log"
             )
+        finally:
+            if server.metrics is not None:
+                server.metrics.observe(label, code.name, time.perf_counter() - started, rows)
         raise AssertionError("unreachable: context.abort raises")
 
     def add_to(self, server: grpc.Server) -> None:
         """Register both methods, as the generated ``add_ServingServiceServicer_to_server``."""
-        pb = ServingService_pb2
         handlers = {
             "GetFeastServingInfo": grpc.unary_unary_rpc_method_handler(
                 self.GetFeastServingInfo,
-                request_deserializer=pb.GetFeastServingInfoRequest.FromString,
-                response_serializer=pb.GetFeastServingInfoResponse.SerializeToString,
+                request_deserializer=protos.GetFeastServingInfoRequest.FromString,
+                response_serializer=protos.GetFeastServingInfoResponse.SerializeToString,
             ),
             "GetOnlineFeatures": grpc.unary_unary_rpc_method_handler(
                 self.GetOnlineFeatures,
-                request_deserializer=pb.GetOnlineFeaturesRequest.FromString,
+                request_deserializer=protos.GetOnlineFeaturesRequest.FromString,
                 response_serializer=bytes,
             ),
         }
@@ -103,20 +155,6 @@ class _ServingServicer(ServingService_pb2_grpc.ServingServiceServicer):
             (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
         )
         server.add_registered_method_handlers(SERVICE_NAME, handlers)
-
-
-def _registry_file(store: FeatureStore) -> Path | None:
-    """The registry's local file, or None when it lives elsewhere (SQL, S3, remote)."""
-    config = store.config.registry
-    path = getattr(config, "path", config)
-    if getattr(config, "registry_type", "file") != "file" or not isinstance(path, str):
-        return None
-    if "://" in path:
-        if not path.startswith("file://"):
-            return None
-        path = path[len("file://") :]
-    file = Path(path)
-    return file if file.is_absolute() else Path(store.repo_path) / file
 
 
 class FeatureServer:
@@ -127,10 +165,15 @@ class FeatureServer:
         host, port: where to listen; port 0 picks a free port (see ``.port``).
         max_workers: request threads.
         max_rows: the most entity rows one request may ask for.
+        max_message_bytes: the largest request and response message.
         registry_refresh_seconds: how often to check the registry for changes.
         redis_timeout: seconds to connect to Redis and to wait for a reply.
         health_interval: seconds between the Redis PINGs behind the health status.
-        store: an already opened FeatureStore (instead of ``repo``).
+        tls: certificate and key files; None serves plaintext.
+        tokens: a :class:`~serving.auth.TokenPolicy` (or its file); None: no authentication.
+        metrics_port: port of the Prometheus ``/metrics`` endpoint (0: any free port, None: off).
+        reuse_port: share the port with other server processes (SO_REUSEPORT).
+        store: an already opened Feast ``FeatureStore`` (its repo is used instead of ``repo``).
     """
 
     def __init__(
@@ -141,23 +184,39 @@ class FeatureServer:
         port: int = DEFAULT_PORT,
         max_workers: int = 8,
         max_rows: int = DEFAULT_MAX_ROWS,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         registry_refresh_seconds: float = 5.0,
         redis_timeout: float = 1.0,
         health_interval: float = 1.0,
-        store: FeatureStore | None = None,
+        tls: TlsFiles | None = None,
+        tokens: TokenPolicy | str | os.PathLike[str] | None = None,
+        metrics_port: int | None = None,
+        reuse_port: bool = False,
+        store: Any = None,
     ) -> None:
         if max_rows < 1:
             raise InvalidInput(f"max_rows must be at least 1, got {max_rows}")
+        if max_message_bytes < 1024:
+            raise InvalidInput(f"max_message_bytes must be at least 1024, got {max_message_bytes}")
+        if store is not None:
+            repo = store.repo_path
         self.repo = repo
         self.host = host
         self.requested_port = port
         self.max_workers = max_workers
         self.max_rows = max_rows
+        self.max_message_bytes = max_message_bytes
         self.registry_refresh_seconds = registry_refresh_seconds
         self.redis_timeout = redis_timeout
         self.health_interval = health_interval
-        self.store = store
+        self.tls = tls
+        self.tokens = tokens if tokens is None or isinstance(tokens, TokenPolicy) \
+            else TokenPolicy.from_file(tokens)
+        self.metrics_port = metrics_port
+        self.reuse_port = reuse_port
+        self.metrics: ServerMetrics | None = ServerMetrics() if metrics_port is not None else None
         self.port = 0
+        self.config: RepoConfig | None = None
         self._catalog: Catalog | None = None
         self._reader: OnlineReader | None = None
         self._grpc: grpc.Server | None = None
@@ -186,6 +245,8 @@ class FeatureServer:
         self._open_backends()
         try:
             self._bind()
+            if self.metrics is not None and self.metrics_port is not None:
+                self.metrics_port = self.metrics.serve_http(self.host, self.metrics_port)
         except BaseException:
             assert self._reader is not None
             self._reader.client.close()
@@ -195,24 +256,23 @@ class FeatureServer:
         self._grpc.start()
         self._monitor = threading.Thread(target=self._watch, name="serve-monitor", daemon=True)
         self._monitor.start()
-        logger.info("serving %s on %s", SERVICE_NAME, self.address)
+        logger.info("serving %s on %s", SERVICE_NAME, self.address,
+                    extra={"port": self.port, "pid": os.getpid()})
         return self
 
     def _open_backends(self) -> None:
-        if self.store is None:
-            from featurepipe.config import load_store
+        from featurepipe.config import export_redis_env, find_repo
 
-            self.store = load_store(self.repo)
-        online = self.store.config.online_store
-        if getattr(online, "type", None) != "redis":
+        export_redis_env()
+        self.config = config = read_repo_config(find_repo(self.repo))
+        if config.online_type != "redis":
             raise InvalidInput(
-                f"online_store type {getattr(online, 'type', online)!r} in feature_store.yaml is "
-                "not supported; featurepipe serve reads the redis online store"
+                f"online_store type {config.online_type!r} in feature_store.yaml is not "
+                "supported; featurepipe serve reads the redis online store"
             )
-        redis_type = getattr(online, "redis_type", "redis")
-        if getattr(redis_type, "value", redis_type) != "redis":
+        if config.redis_type != "redis":
             raise InvalidInput(
-                f"online_store redis_type {online.redis_type!r} is not supported by featurepipe "
+                f"online_store redis_type {config.redis_type!r} is not supported by featurepipe "
                 "serve yet; use a single Redis server (redis_type: redis)"
             )
         try:
@@ -221,56 +281,69 @@ class FeatureServer:
             raise
         except Exception as exc:
             raise BackendUnavailable(
-                f"cannot read the registry of {self.store.repo_path} ({type(exc).__name__}: "
+                f"cannot read the registry of {config.repo} ({type(exc).__name__}: "
                 f"{exc}); check `registry:` in feature_store.yaml and run `featurepipe apply`"
             ) from exc
         client = backend.connect(
-            online.connection_string, timeout=self.redis_timeout, max_connections=self.max_workers + 4
+            config.connection_string, timeout=self.redis_timeout,
+            max_connections=self.max_workers + 4,
         )
-        self._reader = OnlineReader(client, max_rows=self.max_rows)
+        observe = self.metrics.redis_latency.observe if self.metrics is not None else None
+        self._reader = OnlineReader(client, max_rows=self.max_rows, on_fetch=observe)
 
     def _bind(self) -> None:
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="serve"),
-            options=[("grpc.so_reuseport", 0)],
+            options=[
+                ("grpc.so_reuseport", 1 if self.reuse_port else 0),
+                ("grpc.max_receive_message_length", self.max_message_bytes),
+                ("grpc.max_send_message_length", self.max_message_bytes),
+            ],
+            maximum_concurrent_rpcs=self.max_workers * 16,
         )
         _ServingServicer(self).add_to(self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc,
+            pool=protos.pool,
         )
+        where = f"{self.host}:{self.requested_port}"
         try:
-            self.port = self._grpc.add_insecure_port(f"{self.host}:{self.requested_port}")
+            if self.tls is not None:
+                self.port = self._grpc.add_secure_port(where, self.tls.credentials())
+            else:
+                self.port = self._grpc.add_insecure_port(where)
         except RuntimeError as exc:
             raise InvalidInput(
-                f"cannot listen on {self.host}:{self.requested_port} ({exc}); is another server "
-                "using the port? Pick another with --port (0 = any free port)"
+                f"cannot listen on {where} ({exc}); is another server using the port? Pick "
+                "another with --port (0 = any free port)"
             ) from exc
 
-    def get_online_features(
-        self, request: ServingService_pb2.GetOnlineFeaturesRequest
-    ) -> ServingService_pb2.GetOnlineFeaturesResponse:
-        """Answer one request in-process (raises featurepipe errors)."""
-        return ServingService_pb2.GetOnlineFeaturesResponse.FromString(
-            self.get_online_features_serialized(request)
-        )
+    def get_online_features(self, request: Any) -> Any:
+        """Answer one request in-process: a ``GetOnlineFeaturesResponse`` (raises featurepipe
+        errors). ``request`` may be Feast's generated message or :mod:`serving.protos`'."""
+        if not isinstance(request, protos.GetOnlineFeaturesRequest):
+            request = protos.GetOnlineFeaturesRequest.FromString(request.SerializeToString())
+        body, _ = self.get_online_features_serialized(request)
+        return protos.GetOnlineFeaturesResponse.FromString(body)
 
-    def get_online_features_serialized(
-        self, request: ServingService_pb2.GetOnlineFeaturesRequest
-    ) -> bytes:
-        """The serialized response to one request (raises featurepipe errors)."""
-        assert self._reader is not None, "start() the server first"
+    def plan_for(self, request: Any) -> Plan:
+        """The cached plan of a request's feature service or feature list."""
         catalog = self.catalog
         kind = request.WhichOneof("kind")
         if kind == "feature_service" and request.feature_service:
-            plan = catalog.plan_for_service(request.feature_service, request.full_feature_names)
-        elif kind == "features":
-            plan = catalog.plan_for_refs(list(request.features.val), request.full_feature_names)
-        else:
-            raise InvalidInput(
-                "the request names no features; set feature_service to a feature service name "
-                "or features to a list of 'view:feature' references"
-            )
+            return catalog.plan_for_service(request.feature_service, request.full_feature_names)
+        if kind == "features":
+            return catalog.plan_for_refs(list(request.features.val), request.full_feature_names)
+        raise InvalidInput(
+            "the request names no features; set feature_service to a feature service name "
+            "or features to a list of 'view:feature' references"
+        )
+
+    def get_online_features_serialized(self, request: Any) -> tuple[bytes, int]:
+        """The serialized response to one request and its row count (raises featurepipe errors)."""
+        assert self._reader is not None, "start() the server first"
+        plan = self.plan_for(request)
         try:
             return self._reader.read(plan, request.entities, request.request_context)
         except FeaturepipeError as exc:
@@ -280,8 +353,8 @@ class FeatureServer:
 
     def refresh(self, force: bool = False) -> bool:
         """Reload the registry into a new catalog if it changed; True when reloaded."""
-        assert self.store is not None
-        file = _registry_file(self.store)
+        assert self.config is not None
+        file = self.config.registry_file
         signature = None
         if file is not None:
             try:
@@ -291,13 +364,14 @@ class FeatureServer:
                 signature = (0, 0)
             if not force and signature == self._registry_signature:
                 return False
-        if signature != (0, 0):
-            self.store.refresh_registry()
-        catalog = Catalog.load(self.store)
+        data = registry_bytes(self.config) if signature != (0, 0) else b""
+        catalog = Catalog(parse_registry(data, self.config.project))
         if not catalog.services and not catalog.views:
             logger.warning("the registry holds no feature views; run `featurepipe apply`")
         self._catalog = catalog
         self._registry_signature = signature
+        if self.metrics is not None and not force:
+            self.metrics.registry_reloads.inc()
         return True
 
     def _check_health(self) -> None:
@@ -308,6 +382,8 @@ class FeatureServer:
         if serving == self._serving:
             return
         self._serving = serving
+        if self.metrics is not None:
+            self.metrics.redis_up.set(1 if serving else 0)
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
@@ -335,7 +411,8 @@ class FeatureServer:
                     logger.warning("could not reload the registry; keeping the last one", exc_info=True)
 
     def stop(self, grace: float | None = 1.0) -> None:
-        """Stop serving; in-flight requests get ``grace`` seconds to finish."""
+        """Stop serving: health goes NOT_SERVING, new calls are refused, and calls in
+        flight get ``grace`` seconds to finish."""
         self._stopping.set()
         self._health.enter_graceful_shutdown()
         if self._grpc is not None:
@@ -346,6 +423,8 @@ class FeatureServer:
             self._monitor = None
         if self._reader is not None:
             self._reader.client.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self._health_pool.shutdown(wait=False)
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -367,9 +446,11 @@ def serve(
     ready: threading.Event | None = None,
     stop: threading.Event | None = None,
     announce: Callable[[str], None] | None = None,
+    grace: float = 5.0,
     **options: Any,
 ) -> None:
-    """Run the feature server until ``stop`` is set, or SIGINT / SIGTERM arrives.
+    """Run the feature server until ``stop`` is set, or SIGINT / SIGTERM arrives; then
+    drain calls in flight for up to ``grace`` seconds.
 
     ``announce`` receives one line once the port is bound (the CLI passes ``click.echo``);
     ``ready`` is set at the same moment. ``options`` go to :class:`FeatureServer`.
@@ -382,16 +463,20 @@ def serve(
             previous[signum] = signal.signal(signum, lambda *_: stop.set())
     try:
         if announce is not None:
+            metrics = (f", metrics on http://{host}:{server.metrics_port}/metrics"
+                       if server.metrics is not None else "")
             announce(
                 f"serving {SERVICE_NAME} on {server.address} (project "
-                f"{server.catalog.project!r}, {len(server.catalog.services)} feature services); "
+                f"{server.catalog.project!r}, {len(server.catalog.services)} feature services"
+                f"{', TLS' if server.tls else ''}{', tokens' if server.tokens else ''}{metrics}); "
                 "Ctrl-C to stop"
             )
         if ready is not None:
             ready.set()
         while not stop.wait(0.5):
             pass
+        logger.info("stopping: draining calls in flight (up to %.1fs)", grace)
     finally:
-        server.stop()
+        server.stop(grace)
         for signum, handler in previous.items():
             signal.signal(signum, handler)

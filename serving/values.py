@@ -115,3 +115,52 @@ def from_value(value: Any) -> Any:
     if hasattr(raw, "val"):
         return list(raw.val)
     return raw
+
+
+# ValueType number -> (Value field, accepted Python types, converter), for on-demand outputs.
+_OUTPUT_KINDS: dict[int, tuple[str, tuple[type, ...], Any]] = {
+    1: ("bytes_val", (bytes,), bytes),
+    2: ("string_val", (str,), str),
+    3: ("int32_val", (int,), int),
+    4: ("int64_val", (int,), int),
+    5: ("double_val", (float, int), float),
+    6: ("float_val", (float, int), float),
+    7: ("bool_val", (bool,), bool),
+    8: ("unix_timestamp_val", (int, datetime), None),
+}
+
+
+def proto_values(values: list[Any], value_type: int) -> list[Any]:
+    """Python values as ``feast.types.Value`` messages of ``value_type``, the way Feast's
+    ``python_values_to_proto_values`` converts them (None and NaN: an empty Value).
+
+    Scalars of the common types convert here; anything else goes through Feast's own
+    converter (imported on first use) and is re-read into :mod:`serving.protos` messages.
+    """
+    from serving.protos import Value
+
+    kind = _OUTPUT_KINDS.get(int(value_type))
+    if kind is not None:
+        field, accepted, convert = kind
+        out = []
+        for v in values:
+            if v is None or (isinstance(v, float) and v != v):
+                out.append(Value())
+                continue
+            if _is_bool(v) and field != "bool_val":
+                break  # Feast rejects bools for numbers: let it say so
+            numeric = field not in ("bytes_val", "string_val", "bool_val")
+            if not isinstance(v, accepted) and not (numeric and isinstance(v, numbers.Real)):
+                break
+            if field == "unix_timestamp_val":
+                out.append(Value(unix_timestamp_val=_epoch_seconds(v) if isinstance(v, datetime)
+                                 else int(v)))
+            else:
+                out.append(Value(**{field: convert(v)}))
+        else:
+            return out
+    from feast.type_map import python_values_to_proto_values  # rare types: Feast's converter
+    from feast.value_type import ValueType
+
+    return [Value.FromString(p.SerializeToString())
+            for p in python_values_to_proto_values(values, ValueType(int(value_type)))]

@@ -510,9 +510,9 @@ def test_entity_keys_match_feast_serialisation() -> None:
     from feast.infra.key_encoding_utils import serialize_entity_key
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey
     from feast.protos.feast.types.Value_pb2 import Value
-    from feast.value_type import ValueType
 
     from serving.layout import encode_entity_value, entity_key_prefix
+    from serving.registry import ValueType
 
     cases = [
         ({"user_id": Value(int64_val=42)}, {"user_id": ValueType.INT64}),

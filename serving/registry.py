@@ -1,0 +1,263 @@
+"""The feature repo as the server needs it, read without the Feast SDK.
+
+``feature_store.yaml`` is read with PyYAML (environment variables expanded, as Feast
+does) and a file registry is parsed straight into Feast's ``Registry`` message with the
+protos of :mod:`serving.protos`. The result is a :class:`Definitions`: small immutable
+descriptions of the project's feature views, on-demand feature views and feature
+services. Only registries that are not a local file (SQL, S3, remote) go through Feast's
+SDK, which then is imported on first use.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from featurepipe.errors import BackendUnavailable, InvalidInput
+from serving import protos
+
+ValueType = enum.IntEnum("ValueType", protos.VALUE_TYPES)  # type: ignore[misc]
+"""Feast's ``feast.types.ValueType.Enum`` (INT64, STRING, DOUBLE, ...), same numbers."""
+
+_REGISTRY = "feast/core/Registry.proto"
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    value_type: Any  # ValueType
+
+
+@dataclass(frozen=True)
+class ViewDef:
+    """A (batch or stream) feature view: what the server reads of it."""
+
+    name: str
+    entity_columns: tuple[Field, ...]
+    features: tuple[Field, ...]
+    ttl_seconds: float  # 0: no TTL
+
+
+@dataclass(frozen=True)
+class ProjectionDef:
+    """A view as a feature service or on-demand view uses it (a subset, maybe renamed)."""
+
+    name: str
+    alias: str
+    features: tuple[str, ...]
+    join_key_map: tuple[tuple[str, str], ...]
+    version_tag: int | None = None
+
+    def name_to_use(self) -> str:
+        base = self.alias or self.name
+        return base if self.version_tag is None else f"{base}@v{self.version_tag}"
+
+
+@dataclass(frozen=True)
+class OnDemandDef:
+    """A python-mode on-demand feature view: sources, request schema and its UDF."""
+
+    name: str
+    features: tuple[Field, ...]
+    sources: tuple[ProjectionDef, ...]
+    request_schema: tuple[Field, ...]
+    mode: str
+    write_to_online_store: bool
+    has_aggregations: bool
+    singleton: bool
+    udf_body: bytes = field(repr=False)
+    udf_text: str = field(repr=False)
+
+    def load_udf(self) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        """The transformation, as Feast restores it (dill, else its source text)."""
+        import dill
+
+        if self.udf_body:
+            try:
+                udf = dill.loads(self.udf_body)
+                if callable(udf):
+                    return udf  # type: ignore[no-any-return]
+            except Exception:  # a UDF pickled under another Python: try the source text
+                pass
+        return _udf_from_source(self.name, self.udf_text)
+
+
+@dataclass(frozen=True)
+class ServiceDef:
+    name: str
+    projections: tuple[ProjectionDef, ...]
+
+
+@dataclass(frozen=True)
+class Definitions:
+    project: str
+    views: tuple[ViewDef, ...]
+    on_demand_views: tuple[OnDemandDef, ...]
+    services: tuple[ServiceDef, ...]
+
+
+@dataclass(frozen=True)
+class RepoConfig:
+    """The parts of ``feature_store.yaml`` the server uses."""
+
+    repo: Path
+    project: str
+    registry_file: Path | None  # None: not a local file (read through Feast's SDK)
+    online_type: str
+    redis_type: str
+    connection_string: str
+
+
+def read_repo_config(repo: Path) -> RepoConfig:
+    """Parse ``<repo>/feature_store.yaml`` as Feast does (``${VAR}`` expanded)."""
+    import yaml
+
+    path = repo / "feature_store.yaml"
+    try:
+        raw = yaml.safe_load(os.path.expandvars(path.read_text(encoding="utf-8"))) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise InvalidInput(f"cannot read {path}: {exc}; fix feature_store.yaml") from exc
+    if not isinstance(raw, dict) or not raw.get("project"):
+        raise InvalidInput(f"{path} names no project; add `project: <name>`")
+    registry = raw.get("registry", "data/registry.db")
+    if isinstance(registry, dict):
+        registry_type = str(registry.get("registry_type", "file"))
+        location = registry.get("path", "")
+    else:
+        registry_type, location = "file", registry
+    registry_file = None
+    if registry_type == "file" and isinstance(location, str):
+        if location.startswith("file://"):
+            location = location[len("file://") :]
+        if "://" not in location:
+            registry_file = Path(location) if Path(location).is_absolute() else repo / location
+    online = raw.get("online_store", {})
+    if isinstance(online, str):
+        online = {"type": online}
+    return RepoConfig(
+        repo=repo,
+        project=str(raw["project"]),
+        registry_file=registry_file,
+        online_type=str(online.get("type", "sqlite")),
+        redis_type=str(online.get("redis_type", "redis")),
+        connection_string=str(online.get("connection_string", "localhost:6379")),
+    )
+
+
+def registry_bytes(config: RepoConfig) -> bytes:
+    """The serialized ``Registry`` message (empty when the registry file is missing)."""
+    if config.registry_file is not None:
+        try:
+            return config.registry_file.read_bytes()
+        except FileNotFoundError:
+            return b""
+    from feast import FeatureStore  # SQL / S3 / remote registries: Feast knows how
+
+    store = FeatureStore(repo_path=str(config.repo))
+    return bytes(store.registry.proto().SerializeToString())
+
+
+def parse_registry(data: bytes, project: str) -> Definitions:
+    """The definitions of ``project`` in a serialized Feast ``Registry``."""
+    registry_cls = protos.message("feast.core.Registry", _REGISTRY)
+    try:
+        registry = registry_cls.FromString(data)
+    except Exception as exc:
+        raise BackendUnavailable(
+            f"the registry is not a Feast registry ({type(exc).__name__}: {exc}); run "
+            "`featurepipe apply` to rewrite it"
+        ) from exc
+    views = {}
+    for proto in [*registry.feature_views, *registry.stream_feature_views]:
+        if proto.spec.project == project:
+            views.setdefault(proto.spec.name, _view(proto.spec))
+    return Definitions(
+        project=project,
+        views=tuple(views.values()),
+        on_demand_views=tuple(
+            _on_demand(p.spec) for p in registry.on_demand_feature_views
+            if p.spec.project == project
+        ),
+        services=tuple(
+            ServiceDef(p.spec.name, tuple(_projection(f) for f in p.spec.features))
+            for p in registry.feature_services
+            if p.spec.project == project
+        ),
+    )
+
+
+def _fields(specs: Any) -> tuple[Field, ...]:
+    return tuple(Field(s.name, _value_type(s.value_type)) for s in specs)
+
+
+def _value_type(number: int) -> Any:
+    try:
+        return ValueType(number)
+    except ValueError:
+        return ValueType.INVALID
+
+
+def _view(spec: Any) -> ViewDef:
+    ttl = spec.ttl.seconds + spec.ttl.nanos * 1e-9 if spec.HasField("ttl") else 0.0
+    return ViewDef(spec.name, _fields(spec.entity_columns), _fields(spec.features), ttl)
+
+
+def _projection(proto: Any) -> ProjectionDef:
+    return ProjectionDef(
+        name=proto.feature_view_name,
+        alias=proto.feature_view_name_alias,
+        features=tuple(f.name for f in proto.feature_columns),
+        join_key_map=tuple(sorted(proto.join_key_map.items())),
+        version_tag=proto.version_tag if proto.HasField("version_tag") else None,
+    )
+
+
+def _on_demand(spec: Any) -> OnDemandDef:
+    sources: list[ProjectionDef] = []
+    request: list[Field] = []
+    for source in spec.sources.values():
+        kind = source.WhichOneof("source")
+        if kind == "feature_view":
+            view = source.feature_view.spec
+            sources.append(ProjectionDef(view.name, "", tuple(f.name for f in view.features), ()))
+        elif kind == "feature_view_projection":
+            sources.append(_projection(source.feature_view_projection))
+        elif kind == "request_data_source":
+            options = source.request_data_source.request_data_options
+            request += _fields(options.schema)
+            request += [Field(n, _value_type(t)) for n, t in options.deprecated_schema.items()]
+    udf = spec.feature_transformation.user_defined_function
+    if spec.feature_transformation.WhichOneof("transformation") != "user_defined_function":
+        udf = spec.user_defined_function
+    return OnDemandDef(
+        name=spec.name,
+        features=_fields(spec.features),
+        sources=tuple(sources),
+        request_schema=tuple(request),
+        mode=spec.mode or "pandas",
+        write_to_online_store=spec.write_to_online_store,
+        has_aggregations=len(spec.aggregations) > 0,
+        singleton=spec.singleton,
+        udf_body=bytes(udf.body),
+        udf_text=udf.body_text,
+    )
+
+
+def _udf_from_source(name: str, text: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """Define the UDF from its source text (decorators dropped), as Feast's fallback does."""
+    lines = text.strip().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.lstrip().startswith("def ")), None)
+    if start is None:
+        raise InvalidInput(
+            f"on-demand feature view {name!r} has no usable transformation in the registry; "
+            "re-run `featurepipe apply`"
+        )
+    namespace: dict[str, Any] = {}
+    exec(compile("from typing import Any\n" + "\n".join(lines[start:]), f"<{name}>", "exec"),
+         namespace)
+    udf = next(v for k, v in namespace.items() if callable(v) and k not in ("Any",))
+    return udf  # type: ignore[no-any-return]
