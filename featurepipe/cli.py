@@ -225,17 +225,20 @@ def train(feature_service: str, holdout: float, limit: int | None, out: Path | N
     )
 
 
-@main.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
-@click.option("--port", type=int, default=6566, show_default=True, help="Port (0: any free port).")
-@REPO_OPTION
-def serve(host: str, port: int, repo: Path | None) -> None:
-    """Serve feast.serving.ServingService (gRPC) from Redis, with health and reflection."""
-    from featurepipe.config import export_redis_env
-    from serving.server import serve as run
+@main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.option("--help", "show_help", is_flag=True, help="Show the server's options.")
+@click.argument("options", nargs=-1, type=click.UNPROCESSED)
+def serve(show_help: bool, options: tuple[str, ...]) -> None:
+    """Serve feast.serving.ServingService (gRPC) from Redis, with health and reflection.
 
-    export_redis_env()
-    run(repo, host=host, port=port, announce=click.echo)
+    \b
+    Options (see --help): --repo, --host, --port, --workers N (processes sharing the port),
+    --threads, --max-rows, --max-message-bytes, --redis-timeout, --tls-cert/--tls-key,
+    --tokens FILE, --metrics-port, --log-format json, --grace.
+    """
+    from serving.__main__ import main as run
+
+    sys.exit(run(["--help"] if show_help else list(options)))
 
 
 @main.command()

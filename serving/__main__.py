@@ -1,33 +1,137 @@
-"""``python -m serving [--repo PATH] [--host H] [--port P]``: run the feature server."""
+"""``python -m serving [options]``: run the feature server (``featurepipe serve`` calls this).
+
+With ``--workers N`` (N > 1) this process supervises N server processes that share the
+port (SO_REUSEPORT; the kernel spreads connections among them): each is a full server
+with its own Redis connections; worker i serves metrics on ``--metrics-port`` + i.
+SIGTERM / SIGINT drain every worker (``--grace`` seconds) and exit.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
+import socket
+import subprocess
 import sys
+import time
 
 from featurepipe.errors import FeaturepipeError
 
+logger = logging.getLogger("serving")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m serving", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repo", default=None, help="feature repo folder (default: ./feature_repo)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=6566, help="port (0: any free port)")
+    p.add_argument("--workers", type=int, default=1, help="server processes sharing the port")
+    p.add_argument("--threads", type=int, default=8, help="request threads per process")
+    p.add_argument("--max-rows", type=int, default=1000, help="most entity rows per request")
+    p.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024,
+                   help="largest request or response message")
+    p.add_argument("--redis-timeout", type=float, default=1.0,
+                   help="seconds to wait for Redis before answering UNAVAILABLE")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate (chain): serve TLS")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--tokens", default=None,
+                   help="YAML/JSON file: bearer token -> allowed feature services or \"*\"")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics on this port (0: any free port)")
+    p.add_argument("--log-format", choices=("text", "json"), default="text")
+    p.add_argument("--grace", type=float, default=5.0,
+                   help="seconds calls in flight may take to finish on SIGTERM")
+    p.add_argument("--reuse-port", action="store_true",
+                   help="share the port with other processes (set for each --workers process)")
+    return p
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving", description=__doc__)
-    parser.add_argument("--repo", default=None, help="feature repo folder (default: ./feature_repo)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=6566, help="port (0: any free port)")
-    parser.add_argument("--max-workers", type=int, default=8, help="request threads")
-    parser.add_argument("--max-rows", type=int, default=1000, help="most entity rows per request")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from serving.server import serve
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(argv)
+    from serving.logs import configure
 
+    configure(args.log_format)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("error: pass both --tls-cert and --tls-key, or neither", file=sys.stderr)
+        return 2
     try:
-        serve(args.repo, host=args.host, port=args.port, max_workers=args.max_workers,
-              max_rows=args.max_rows, announce=lambda line: print(line, file=sys.stderr, flush=True))
+        if args.workers > 1:
+            return supervise(args, argv)
+        run_one(args)
     except FeaturepipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
+def run_one(args: argparse.Namespace) -> None:
+    """One server process, until SIGTERM / SIGINT."""
+    from pathlib import Path
+
+    from serving.server import TlsFiles, serve
+
+    tls = TlsFiles(Path(args.tls_cert), Path(args.tls_key)) if args.tls_cert else None
+    serve(
+        args.repo, host=args.host, port=args.port, max_workers=args.threads,
+        max_rows=args.max_rows, max_message_bytes=args.max_message_bytes,
+        redis_timeout=args.redis_timeout, tls=tls, tokens=args.tokens,
+        metrics_port=args.metrics_port, reuse_port=args.reuse_port, grace=args.grace,
+        announce=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def supervise(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run ``args.workers`` server processes on one port; restart one that dies."""
+    port = args.port or _free_port(args.host)
+    stopping = False
+
+    def spawn(i: int) -> subprocess.Popen[bytes]:
+        extra = ["--workers", "1", "--reuse-port", "--port", str(port)]
+        if args.metrics_port is not None:
+            extra += ["--metrics-port", str(args.metrics_port + i if args.metrics_port else 0)]
+        return subprocess.Popen([sys.executable, "-m", "serving", *argv, *extra])
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    children = [spawn(i) for i in range(args.workers)]
+    print(f"supervising {args.workers} server processes on {args.host}:{port} (pids "
+          f"{', '.join(str(c.pid) for c in children)}); Ctrl-C to stop",
+          file=sys.stderr, flush=True)
+    while not stopping:
+        time.sleep(0.2)
+        for i, child in enumerate(children):
+            if child.poll() is not None and not stopping:
+                logger.warning("worker %d (pid %d) exited with %s; restarting it", i, child.pid,
+                               child.returncode)
+                time.sleep(0.5)
+                children[i] = spawn(i)
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + args.grace + 5
+    for child in children:
+        try:
+            child.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    return 0
+
+
 if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     sys.exit(main())
