@@ -1,21 +1,20 @@
 """featurepipe's gRPC feature serving: Feast's ServingService read straight from Redis.
 
-* :class:`FeatureClient` / :class:`OnlineFeatures`: the client a model service imports
-  (light: it does not load the Feast SDK).
-* :class:`FeatureServer` / :func:`serve`: the server (imported on first use, since it
-  loads the Feast SDK for the registry).
+* :class:`FeatureClient`, :class:`AsyncFeatureClient` / :class:`OnlineFeatures`: the
+  clients a model service imports (light: they do not load the Feast SDK).
+* :class:`FeatureServer` / :func:`serve`: the server (imported on first use).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from serving.client import FeatureClient, OnlineFeatures
+from serving.client import AsyncFeatureClient, FeatureClient, OnlineFeatures
 
 if TYPE_CHECKING:
     from serving.server import FeatureServer, serve
 
-__all__ = ["FeatureClient", "FeatureServer", "OnlineFeatures", "serve"]
+__all__ = ["AsyncFeatureClient", "FeatureClient", "FeatureServer", "OnlineFeatures", "serve"]
 
 
 def __getattr__(name: str) -> Any:

@@ -90,6 +90,16 @@ def _free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
+def _die_with_parent() -> None:
+    """In a worker (Linux): get SIGTERM when the supervisor dies, however it dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def supervise(args: argparse.Namespace, argv: list[str]) -> int:
     """Run ``args.workers`` server processes on one port; restart one that dies."""
     port = args.port or _free_port(args.host)
@@ -99,7 +109,8 @@ def supervise(args: argparse.Namespace, argv: list[str]) -> int:
         extra = ["--workers", "1", "--reuse-port", "--port", str(port)]
         if args.metrics_port is not None:
             extra += ["--metrics-port", str(args.metrics_port + i if args.metrics_port else 0)]
-        return subprocess.Popen([sys.executable, "-m", "serving", *argv, *extra])
+        return subprocess.Popen([sys.executable, "-m", "serving", *argv, *extra],
+                                preexec_fn=_die_with_parent)
 
     def stop(*_: object) -> None:
         nonlocal stopping

@@ -88,6 +88,12 @@ class OnlineFeatures:
         """The values as a plain dict of lists (a copy)."""
         return {name: list(column) for name, column in self.values.items()}
 
+    def to_pandas(self) -> Any:
+        """The values as a pandas DataFrame, one row per entity row (imports pandas)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.values)
+
     def rows(self) -> list[dict[str, Any]]:
         """The values row by row: one dict per entity row."""
         columns = list(self.values.items())
@@ -111,6 +117,40 @@ def _columns(name: str, data: Mapping[str, Sequence[Any]], target: Any) -> None:
         target[column].val.extend(to_value(v, protos.Value) for v in values)
 
 
+def build_request(
+    entities: Mapping[str, Sequence[Any]],
+    feature_service: str | None = None,
+    features: Sequence[str] | None = None,
+    request_context: Mapping[str, Sequence[Any]] | None = None,
+    full_feature_names: bool = False,
+) -> Any:
+    """A ``GetOnlineFeaturesRequest`` from Python values (see :meth:`FeatureClient.get_features`)."""
+    if (feature_service is None) == (features is None):
+        raise InvalidInput(
+            "pass exactly one of feature_service='name' or features=['view:feature', ...]"
+        )
+    if isinstance(features, str):
+        raise InvalidInput(f"features must be a list of 'view:feature' refs, got {features!r}")
+    request = protos.GetOnlineFeaturesRequest(full_feature_names=full_feature_names)
+    if feature_service is not None:
+        request.feature_service = feature_service
+    else:
+        request.features.val.extend(features or [])
+    _columns("entities", entities, request.entities)
+    _columns("request_context", request_context or {}, request.request_context)
+    return request
+
+
+def _channel_args(
+    target: str, root_certificates: bytes | None, token: str | None
+) -> tuple[grpc.ChannelCredentials | None, tuple[tuple[str, str], ...]]:
+    credentials = (
+        grpc.ssl_channel_credentials(root_certificates) if root_certificates is not None else None
+    )
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    return credentials, metadata
+
+
 class FeatureClient:
     """Fetches online features from a featurepipe (or Feast) gRPC feature server.
 
@@ -120,6 +160,8 @@ class FeatureClient:
         retries: further attempts after an UNAVAILABLE answer, with exponential backoff.
         backoff: seconds before the first retry (doubling after each).
         channel: an existing gRPC channel to use instead of opening one (not closed by us).
+        root_certificates: PEM CA certificate(s): connect with TLS.
+        token: bearer token sent as ``authorization`` metadata.
     """
 
     def __init__(
@@ -129,13 +171,19 @@ class FeatureClient:
         retries: int = 2,
         backoff: float = 0.05,
         channel: grpc.Channel | None = None,
+        root_certificates: bytes | None = None,
+        token: str | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
         self._own_channel = channel is None
-        self._channel = channel or grpc.insecure_channel(target)
+        credentials, self._metadata = _channel_args(target, root_certificates, token)
+        if channel is None:
+            channel = (grpc.secure_channel(target, credentials) if credentials is not None
+                       else grpc.insecure_channel(target))
+        self._channel = channel
         self._get_online_features = self._channel.unary_unary(
             protos.GET_ONLINE_FEATURES,
             request_serializer=protos.GetOnlineFeaturesRequest.SerializeToString,
@@ -160,19 +208,9 @@ class FeatureClient:
         Name either a ``feature_service`` or ``features`` (``"view:feature"`` refs).
         ``request_context`` carries the request fields on-demand features need.
         """
-        if (feature_service is None) == (features is None):
-            raise InvalidInput(
-                "pass exactly one of feature_service='name' or features=['view:feature', ...]"
-            )
-        if isinstance(features, str):
-            raise InvalidInput(f"features must be a list of 'view:feature' refs, got {features!r}")
-        request = protos.GetOnlineFeaturesRequest(full_feature_names=full_feature_names)
-        if feature_service is not None:
-            request.feature_service = feature_service
-        else:
-            request.features.val.extend(features or [])
-        _columns("entities", entities, request.entities)
-        _columns("request_context", request_context or {}, request.request_context)
+        request = build_request(
+            entities, feature_service, features, request_context, full_feature_names
+        )
         return OnlineFeatures(self._call(self._get_online_features, request))
 
     def server_version(self) -> str:
@@ -183,7 +221,7 @@ class FeatureClient:
         attempt = 0
         while True:
             try:
-                return method(request, timeout=self.timeout)
+                return method(request, timeout=self.timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
                 details = exc.details() if hasattr(exc, "details") else str(exc)
@@ -191,20 +229,7 @@ class FeatureClient:
                     time.sleep(self.backoff * 2**attempt)
                     attempt += 1
                     continue
-                raise self._error(code, details, attempt) from None
-
-    def _error(self, code: grpc.StatusCode, details: str, retried: int) -> FeaturepipeError:
-        if code == grpc.StatusCode.UNAVAILABLE:
-            details = (
-                f"feature server {self.target} unavailable after {retried + 1} attempt(s): "
-                f"{details}"
-            )
-        elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            details = (
-                f"feature server {self.target} did not answer within {self.timeout}s; "
-                "raise timeout= or check the server"
-            )
-        return error_for(code, details)
+                raise _error(self.target, self.timeout, code, details, attempt) from None
 
     def close(self) -> None:
         """Close the channel (if this client opened it)."""
@@ -216,3 +241,87 @@ class FeatureClient:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+def _error(
+    target: str, timeout: float, code: grpc.StatusCode, details: str, retried: int
+) -> FeaturepipeError:
+    if code == grpc.StatusCode.UNAVAILABLE:
+        details = f"feature server {target} unavailable after {retried + 1} attempt(s): {details}"
+    elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        details = (
+            f"feature server {target} did not answer within {timeout}s; raise timeout= or "
+            "check the server"
+        )
+    return error_for(code, details)
+
+
+class AsyncFeatureClient:
+    """The asyncio twin of :class:`FeatureClient` (``grpc.aio``), same arguments::
+
+        async with AsyncFeatureClient("127.0.0.1:6566") as client:
+            features = await client.get_features({"user_id": [42]}, feature_service="...")
+    """
+
+    def __init__(
+        self,
+        target: str,
+        timeout: float = 1.0,
+        retries: int = 2,
+        backoff: float = 0.05,
+        root_certificates: bytes | None = None,
+        token: str | None = None,
+    ) -> None:
+        from grpc import aio
+
+        self.target = target
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        credentials, self._metadata = _channel_args(target, root_certificates, token)
+        self._channel = (aio.secure_channel(target, credentials) if credentials is not None
+                         else aio.insecure_channel(target))
+        self._get_online_features = self._channel.unary_unary(
+            protos.GET_ONLINE_FEATURES,
+            request_serializer=protos.GetOnlineFeaturesRequest.SerializeToString,
+            response_deserializer=protos.GetOnlineFeaturesResponse.FromString,
+        )
+
+    async def get_features(
+        self,
+        entities: Mapping[str, Sequence[Any]],
+        feature_service: str | None = None,
+        features: Sequence[str] | None = None,
+        request_context: Mapping[str, Sequence[Any]] | None = None,
+        full_feature_names: bool = False,
+    ) -> OnlineFeatures:
+        """See :meth:`FeatureClient.get_features`."""
+        import asyncio
+
+        request = build_request(
+            entities, feature_service, features, request_context, full_feature_names
+        )
+        attempt = 0
+        while True:
+            try:
+                response = await self._get_online_features(
+                    request, timeout=self.timeout, metadata=self._metadata
+                )
+                return OnlineFeatures(response)
+            except grpc.RpcError as exc:
+                code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+                details = exc.details() if hasattr(exc, "details") else str(exc)
+                if code == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
+                    await asyncio.sleep(self.backoff * 2**attempt)
+                    attempt += 1
+                    continue
+                raise _error(self.target, self.timeout, code, details, attempt) from None
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncFeatureClient:
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()

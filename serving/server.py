@@ -72,6 +72,18 @@ class TlsFiles:
         return grpc.ssl_server_credentials([pair])
 
 
+def _parse_request(raw: bytes) -> Any:
+    """The request message; undecodable bytes are INVALID_ARGUMENT (gRPC's own
+    deserializer would answer INTERNAL)."""
+    try:
+        return protos.GetOnlineFeaturesRequest.FromString(raw)
+    except Exception as exc:
+        raise InvalidInput(
+            f"the request is not a feast.serving.GetOnlineFeaturesRequest ({exc}); build it "
+            "with Feast's generated protos or serving.FeatureClient"
+        ) from exc
+
+
 class _ServingServicer:
     """Translates gRPC calls into catalog + reader calls, and errors into status codes.
 
@@ -99,11 +111,12 @@ class _ServingServicer:
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
         return protos.GetFeastServingInfoResponse(version=self._version)
 
-    def GetOnlineFeatures(self, request: Any, context: grpc.ServicerContext) -> bytes:  # noqa: N802
+    def GetOnlineFeatures(self, raw: bytes, context: grpc.ServicerContext) -> bytes:  # noqa: N802
         started = time.perf_counter()
         server = self._server
         label, rows, code = "features", 0, grpc.StatusCode.OK
         try:
+            request = _parse_request(raw)
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 code = grpc.StatusCode.DEADLINE_EXCEEDED
@@ -146,9 +159,9 @@ class _ServingServicer:
                 response_serializer=protos.GetFeastServingInfoResponse.SerializeToString,
             ),
             "GetOnlineFeatures": grpc.unary_unary_rpc_method_handler(
-                self.GetOnlineFeatures,
-                request_deserializer=protos.GetOnlineFeaturesRequest.FromString,
-                response_serializer=bytes,
+                self.GetOnlineFeatures,  # parses the request itself: see _parse_request
+                request_deserializer=None,
+                response_serializer=None,
             ),
         }
         server.add_generic_rpc_handlers(

@@ -1,0 +1,445 @@
+"""The feature server under stress: fuzzed requests, Redis outages under load, TLS and
+tokens, the server process (imports, start-up, workers, metrics, logs, SIGTERM).
+
+Reuses the session ``pipeline`` (real feast apply, backfill, materialise into a real
+redis-server); tests that stop Redis use a private RedisServer with a copy of a few keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from featurepipe.redis_server import RedisServer
+from serving.auth import TokenPolicy
+from serving.client import FeatureClient
+from serving.server import SERVICE_NAME, FeatureServer, TlsFiles
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICE = "fraud_detection_v1"
+USER_VIEW = "user_transaction_stats"
+CTX = {"amount": [12.5], "txn_epoch": [1.7e9]}
+
+
+@pytest.fixture(scope="module")
+def hd_ids(pipeline: Any) -> dict[str, list[int]]:
+    """A few (user, merchant) pairs that exist in the online store."""
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(pipeline.data / "raw" / "transactions", format="parquet",
+                       partitioning="hive").head(200, columns=["user_id", "merchant_id"])
+    users = table.column("user_id").to_pylist()[:50:10]
+    merchants = table.column("merchant_id").to_pylist()[:50:10]
+    return {"user_id": users, "merchant_id": merchants}
+
+
+@pytest.fixture(scope="module")
+def hd_server(pipeline: Any) -> Iterator[FeatureServer]:
+    with FeatureServer(pipeline.repo, port=0, metrics_port=0) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def hd_stub(hd_server: FeatureServer) -> Iterator[Any]:
+    from feast.protos.feast.serving.ServingService_pb2_grpc import ServingServiceStub
+
+    with grpc.insecure_channel(hd_server.address) as channel:
+        yield ServingServiceStub(channel)
+
+
+# --- fuzz: malformed requests never yield INTERNAL nor hurt the server -----------------
+
+_NAMES = st.sampled_from(["user_id", "merchant_id", "amount", "txn_epoch", "", "x", "user_id "])
+_REFS = st.sampled_from([
+    f"{USER_VIEW}:amount_sum_24h", "merchant_activity:merchant_txn_count_7d",
+    "transaction_context:amount_to_mean_7d", f"{USER_VIEW}:", ":x", "a:b:c", "nope",
+    f"{USER_VIEW}@v1:txn_count_1h", "merchant_fraud:merchant_labels_30d", "",
+])
+
+
+@st.composite
+def _values(draw: Any) -> Any:
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    kind = draw(st.sampled_from(["int64", "int32", "string", "double", "bool", "bytes", "none",
+                                 "null", "list", "ts"]))
+    if kind == "int64":
+        return Value(int64_val=draw(st.integers(-(2**63), 2**63 - 1)))
+    if kind == "int32":
+        return Value(int32_val=draw(st.integers(-(2**31), 2**31 - 1)))
+    if kind == "string":
+        return Value(string_val=draw(st.text(max_size=8)))
+    if kind == "double":
+        return Value(double_val=draw(st.floats(allow_nan=True)))
+    if kind == "bool":
+        return Value(bool_val=draw(st.booleans()))
+    if kind == "bytes":
+        return Value(bytes_val=draw(st.binary(max_size=8)))
+    if kind == "null":
+        return Value(null_val=0)
+    if kind == "list":
+        value = Value()
+        value.int64_list_val.val.extend(draw(st.lists(st.integers(0, 9), max_size=3)))
+        return value
+    if kind == "ts":
+        return Value(unix_timestamp_val=draw(st.integers(0, 2**40)))
+    return Value()
+
+
+@st.composite
+def _requests(draw: Any) -> Any:
+    from feast.protos.feast.serving.ServingService_pb2 import GetOnlineFeaturesRequest
+
+    request = GetOnlineFeaturesRequest(full_feature_names=draw(st.booleans()))
+    kind = draw(st.sampled_from(["service", "features", "none"]))
+    if kind == "service":
+        request.feature_service = draw(st.sampled_from([SERVICE, "", "nope", SERVICE.upper()]))
+    elif kind == "features":
+        request.features.val.extend(draw(st.lists(_REFS, max_size=4)))
+    for target in (request.entities, request.request_context):
+        for name in draw(st.lists(_NAMES, max_size=4, unique=True)):
+            target[name].val.extend(draw(st.lists(_values(), max_size=4)))
+    return request
+
+
+_BAD_CODES = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+
+
+@settings(max_examples=500, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.data_too_large])
+@given(requests=st.lists(_requests(), min_size=4, max_size=4))
+def test_fuzzed_requests_never_internal(hd_stub: Any, requests: list[Any]) -> None:
+    """2,000 malformed requests, four at a time in flight."""
+    calls = [hd_stub.GetOnlineFeatures.future(r, timeout=10) for r in requests]
+    for request, call in zip(requests, calls, strict=True):
+        try:
+            call.result()
+        except grpc.RpcError as exc:
+            assert exc.code() not in _BAD_CODES, (exc.code(), exc.details(), request)
+            assert exc.details(), "an error status must say what to fix"
+
+
+@settings(max_examples=500, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.binary(max_size=64))
+def test_garbage_bytes_are_invalid_argument(hd_server: FeatureServer, body: bytes) -> None:
+    with grpc.insecure_channel(hd_server.address) as channel:
+        call = channel.unary_unary("/feast.serving.ServingService/GetOnlineFeatures")
+        try:
+            call(body, timeout=10)
+        except grpc.RpcError as exc:
+            assert exc.code() not in _BAD_CODES, (exc.code(), exc.details(), body)
+
+
+def test_server_survives_the_fuzz(hd_stub: Any, hd_server: FeatureServer,
+                                  hd_ids: dict[str, list[int]]) -> None:
+    with FeatureClient(hd_server.address) as client:
+        got = client.get_features(hd_ids, feature_service=SERVICE,
+                                  request_context={k: v * 5 for k, v in CTX.items()})
+    assert got.statuses["amount_sum_24h"].count("PRESENT") >= 1
+
+
+def test_limits_and_deadlines(pipeline: Any, redis_url: str,
+                              hd_ids: dict[str, list[int]]) -> None:
+    with FeatureServer(pipeline.repo, port=0, max_rows=10, max_message_bytes=4096) as server, \
+            FeatureClient(server.address, retries=0) as client:
+        from featurepipe.errors import InvalidInput
+
+        with pytest.raises(InvalidInput, match="limit of 10"):
+            client.get_features({"user_id": list(range(11))},
+                                features=[f"{USER_VIEW}:txn_count_1h"])
+        with pytest.raises(InvalidInput):  # RESOURCE_EXHAUSTED: the message is too large
+            client.get_features({"user_id": ["x" * 5000]}, features=[f"{USER_VIEW}:txn_count_1h"])
+        from feast.protos.feast.serving.ServingService_pb2_grpc import ServingServiceStub
+
+        from serving.client import build_request
+
+        with grpc.insecure_channel(server.address) as channel:
+            stub = ServingServiceStub(channel)
+            request = build_request(hd_ids, features=[f"{USER_VIEW}:txn_count_1h"])
+            import redis
+
+            with redis.Redis.from_url(redis_url) as admin:
+                admin.execute_command("CLIENT", "PAUSE", "600")  # Redis hangs for 0.6 s
+                started = time.monotonic()
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.GetOnlineFeatures(request, timeout=0.2)
+                assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert time.monotonic() - started < 0.5
+                admin.execute_command("CLIENT", "UNPAUSE")
+            assert stub.GetOnlineFeatures(request, timeout=5).results
+
+
+def test_metrics_count_calls_by_service_and_code(hd_server: FeatureServer,
+                                                 hd_ids: dict[str, list[int]]) -> None:
+    with FeatureClient(hd_server.address) as client:
+        client.get_features(hd_ids, feature_service=SERVICE,
+                            request_context={k: v * 5 for k, v in CTX.items()})
+        with pytest.raises(Exception):  # noqa: B017
+            client.get_features({"user_id": [1]}, feature_service="no_such_service")
+    text = urllib.request.urlopen(
+        f"http://127.0.0.1:{hd_server.metrics_port}/metrics", timeout=5).read().decode()
+    ok = re.search(r'featurepipe_serving_requests_total\{code="OK",feature_service="'
+                   rf'{SERVICE}"\}} (\d+)', text)
+    assert ok and float(ok.group(1)) >= 1, text[:2000]
+    assert 'code="NOT_FOUND",feature_service="unknown"' in text
+    assert "featurepipe_serving_redis_seconds_bucket" in text
+    assert "featurepipe_serving_redis_up 1.0" in text
+
+
+# --- Redis outage under load ----------------------------------------------------------
+
+def _copy_keys(source_url: str, target_url: str, count: int = 200) -> None:
+    import redis
+
+    src, dst = redis.Redis.from_url(source_url), redis.Redis.from_url(target_url)
+    for key in list(src.scan_iter(count=1000))[:count]:
+        dst.restore(key, 0, src.dump(key), replace=True)
+    src.close()
+    dst.close()
+
+
+def test_redis_stopped_under_load(pipeline: Any, redis_url: str, tmp_path: Path,
+                                  hd_ids: dict[str, list[int]],
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four callers in a loop; Redis stops for 1.5 s: every call ends within its deadline
+    as OK or UNAVAILABLE, the server stays up, and serves again within 2 s of Redis."""
+    import redis
+
+    private = RedisServer(workdir=tmp_path / "redis").start()
+    try:
+        src = redis.Redis.from_url(redis_url)
+        keys = [k for k in src.scan_iter(count=1000)][:5000]
+        src.close()
+        _copy_keys(redis_url, private.url, count=len(keys))
+        monkeypatch.setenv("REDIS_URL", private.url)
+        deadline_s = 1.0
+        calls: list[tuple[float, float, grpc.StatusCode]] = []
+        stop = threading.Event()
+        with FeatureServer(pipeline.repo, port=0, redis_timeout=0.25,
+                           health_interval=0.1) as server:
+            request_features = [f"{USER_VIEW}:txn_count_24h", "merchant_activity:merchant_txn_count_7d"]
+
+            def caller() -> None:
+                from serving.client import build_request
+
+                with grpc.insecure_channel(server.address) as channel:
+                    call = channel.unary_unary("/feast.serving.ServingService/GetOnlineFeatures",
+                                               request_serializer=lambda m: m.SerializeToString())
+                    request = build_request(hd_ids, features=request_features)
+                    while not stop.is_set():
+                        t0 = time.monotonic()
+                        try:
+                            call(request, timeout=deadline_s)
+                            code = grpc.StatusCode.OK
+                        except grpc.RpcError as exc:
+                            code = exc.code()
+                        calls.append((t0, time.monotonic() - t0, code))
+
+            threads = [threading.Thread(target=caller) for _ in range(4)]
+            for t in threads:
+                t.start()
+            time.sleep(0.7)
+            port = private.port
+            private.stop()
+            down_at = time.monotonic()
+            time.sleep(1.5)
+            private = RedisServer(workdir=tmp_path / "redis", port=port).start()
+            up_at = time.monotonic()
+            _copy_keys(redis_url, private.url, count=len(keys))
+            time.sleep(2.5)
+            stop.set()
+            for t in threads:
+                t.join(10)
+            assert not any(t.is_alive() for t in threads)
+            codes = {c for _, _, c in calls}
+            assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
+            assert max(d for _, d, _ in calls) < deadline_s + 0.5
+            outage = [c for t0, _, c in calls if down_at + 0.05 < t0 < up_at - 0.05]
+            assert outage and all(c == grpc.StatusCode.UNAVAILABLE for c in outage)
+            back = [t0 for t0, _, c in calls if t0 > up_at and c == grpc.StatusCode.OK]
+            assert back and back[0] - up_at < 2.0, "did not serve again within 2 s of Redis"
+            with FeatureClient(server.address) as client:  # the server is still fine
+                got = client.get_features(hd_ids, features=request_features)
+                assert "PRESENT" in got.statuses["txn_count_24h"]
+    finally:
+        private.stop()
+
+
+# --- TLS and tokens ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hd_tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """A self-signed certificate for 127.0.0.1 / localhost (openssl CLI)."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )
+    return TlsFiles(cert, key)
+
+
+def test_tls_and_tokens(pipeline: Any, hd_tls: TlsFiles, tmp_path: Path,
+                        hd_ids: dict[str, list[int]]) -> None:
+    from featurepipe.errors import BackendUnavailable, FeaturepipeError
+    from serving.auth import PermissionDenied, Unauthenticated
+
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text("tokens:\n  model-token: [fraud_detection_v1]\n  ops-token: '*'\n")
+    root = hd_tls.cert.read_bytes()
+    ctx = {k: v * len(hd_ids["user_id"]) for k, v in CTX.items()}
+    refs = [f"{USER_VIEW}:txn_count_1h"]
+    with FeatureServer(pipeline.repo, port=0, tls=hd_tls,
+                       tokens=TokenPolicy.from_file(tokens)) as server:
+        target = f"localhost:{server.port}"
+        with FeatureClient(target, root_certificates=root, token="model-token") as client:
+            got = client.get_features(hd_ids, feature_service=SERVICE, request_context=ctx)
+            assert "PRESENT" in got.statuses["amount_sum_24h"]
+            with pytest.raises(PermissionDenied, match="lists of feature references"):
+                client.get_features(hd_ids, features=refs)
+        with FeatureClient(target, root_certificates=root, token="ops-token") as client:
+            assert client.get_features(hd_ids, features=refs)["txn_count_1h"]
+        for token, error in (("wrong", Unauthenticated), (None, Unauthenticated)):
+            with FeatureClient(target, root_certificates=root, token=token) as client, \
+                    pytest.raises(error):
+                client.get_features(hd_ids, feature_service=SERVICE, request_context=ctx)
+        with FeatureClient(target, token="model-token", retries=0) as plaintext, \
+                pytest.raises(BackendUnavailable):
+            plaintext.get_features(hd_ids, feature_service=SERVICE, request_context=ctx)
+        other = subprocess.run(  # a certificate the client does not trust
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+             str(tmp_path / "k2"), "-out", str(tmp_path / "c2"), "-days", "1", "-subj",
+             "/CN=localhost"], capture_output=True, timeout=60)
+        assert other.returncode == 0
+        with FeatureClient(target, root_certificates=(tmp_path / "c2").read_bytes(),
+                           token="model-token", retries=0, timeout=2) as client, \
+                pytest.raises(FeaturepipeError):
+            client.get_features(hd_ids, feature_service=SERVICE, request_context=ctx)
+
+
+def test_async_client_and_dataframe(hd_server: FeatureServer,
+                                    hd_ids: dict[str, list[int]]) -> None:
+    import asyncio
+
+    from serving.client import AsyncFeatureClient
+
+    async def fetch() -> Any:
+        async with AsyncFeatureClient(hd_server.address) as client:
+            return await asyncio.gather(*[
+                client.get_features(hd_ids, features=[f"{USER_VIEW}:txn_count_1h"])
+                for _ in range(5)
+            ])
+
+    results = asyncio.run(fetch())
+    assert all(r.to_dict() == results[0].to_dict() for r in results)
+    frame = results[0].to_pandas()
+    assert list(frame.columns) == ["user_id", "txn_count_1h"]
+    assert len(frame) == len(hd_ids["user_id"])
+
+
+# --- the server process ----------------------------------------------------------------
+
+_LIGHT_PROCESS = """
+import sys, time
+t0 = time.perf_counter()
+from serving.server import FeatureServer
+from serving.client import FeatureClient
+with FeatureServer(sys.argv[1], port=0) as server, FeatureClient(server.address) as client:
+    got = client.get_features({"user_id": [1]}, features=["user_transaction_stats:txn_count_1h"])
+    first = time.perf_counter() - t0
+    heavy = [m for m in ("feast", "pandas", "duckdb", "sklearn", "pyarrow") if m in sys.modules]
+    print(f"{first:.3f} {heavy}")
+    assert not heavy, heavy
+"""
+
+
+def test_server_process_stays_light(pipeline: Any) -> None:
+    done = subprocess.run([sys.executable, "-c", _LIGHT_PROCESS, str(pipeline.repo)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env=pipeline.env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seconds = float(done.stdout.split()[0])
+    assert seconds < 5.0, f"start to first served request took {seconds}s"
+
+
+def _wait_line(process: subprocess.Popen[str], pattern: str, timeout: float) -> re.Match[str]:
+    assert process.stderr is not None
+    deadline = time.monotonic() + timeout
+    lines = []
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line:
+            if process.poll() is not None:
+                break
+            continue
+        lines.append(line)
+        found = re.search(pattern, line)
+        if found:
+            return found
+    raise AssertionError(f"no line matching {pattern!r}; got:\n{''.join(lines)[-3000:]}")
+
+
+def test_workers_share_the_port_and_drain_on_sigterm(pipeline: Any,
+                                                     hd_ids: dict[str, list[int]]) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from featurepipe.redis_server import free_port
+
+    port, metrics = free_port(), free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serving", "--repo", str(pipeline.repo), "--port", str(port),
+         "--workers", "2", "--metrics-port", str(metrics), "--log-format", "json",
+         "--grace", "3"],
+        cwd=ROOT, env=pipeline.env, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        _wait_line(process, "supervising 2 server processes", 30)
+        deadline = time.monotonic() + 60
+        ready = 0
+        while ready < 2 and time.monotonic() < deadline:  # each worker logs once it serves
+            line = process.stderr.readline()  # type: ignore[union-attr]
+            if '"msg": "serving feast.serving.ServingService' in line:
+                record = json.loads(line)
+                assert record["level"] == "INFO" and record["port"] == port
+                ready += 1
+        assert ready == 2, "both workers should serve"
+        for _ in range(16):  # separate connections: the kernel spreads them over the workers
+            with FeatureClient(f"127.0.0.1:{port}") as client:
+                assert client.get_features(hd_ids, features=[f"{USER_VIEW}:txn_count_1h"])
+        per_worker = []
+        for i in range(2):
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics + i}/metrics",
+                                          timeout=5).read().decode()
+            found = re.search(r'featurepipe_serving_requests_total\{code="OK",'
+                              r'feature_service="features"\} (\d+)', text)
+            per_worker.append(int(float(found.group(1))) if found else 0)
+        assert sum(per_worker) == 16 and min(per_worker) > 0, per_worker
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
