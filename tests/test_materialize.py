@@ -37,7 +37,7 @@ EPOCH = datetime(1970, 1, 2, tzinfo=timezone.utc)
 KEY_TTL = 86_400
 # Redis databases of the test server used here (the pipeline uses its URL's own, 0)
 DB_FEAST, DB_OURS, DB_PUSHED, DB_INCREMENTAL, DB_KILLED = 8, 9, 10, 11, 12
-DB_TYPES_FEAST, DB_TYPES_OURS = 13, 14
+DB_TYPES_FEAST, DB_TYPES_OURS, DB_TYPES_SCRIPT = 13, 14, 15
 
 
 # ---------------------------------------------------------------- helpers
@@ -171,6 +171,11 @@ def test_engine_reports_what_it_did(demo: Demo) -> None:
     latest = offline_latest_ts(demo.pipeline, "user_transaction_stats", demo.end)
     assert users.entities == users.written == len(latest)
     assert users.window_rows >= users.entities and users.quarantined == 0
+    # an empty Redis: every key created whole by RESTORE (then merged by the script for
+    # the merchant views, which share their hashes)
+    assert users.restored == users.written
+    merchants = [by_view["merchant_activity"], by_view["merchant_fraud"]]
+    assert merchants[0].restored == merchants[0].written and merchants[1].restored == 0
 
 
 def test_feast_reads_identical_values_and_timestamps(demo: Demo, server: Server) -> None:
@@ -198,7 +203,7 @@ def test_second_run_changes_nothing(demo: Demo, server: Server) -> None:
     client = server.client(DB_OURS)
     before = content(client)
     again = materialize(demo.ours_store, EPOCH, demo.end)
-    assert sum(r.written for r in again.per_view) == 0
+    assert sum(r.written for r in again.per_view) == sum(r.restored for r in again.per_view) == 0
     assert sum(r.skipped for r in again.per_view) == sum(r.entities for r in again.per_view) > 0
     assert content(client) == before
 
@@ -350,12 +355,13 @@ def _types_objects(path: Path, schema_overrides: dict[str, Any] | None = None) -
     return [customer, region, source, view]
 
 
-def _typed_store(folder: Path, server: Server, db: int, engine: str, registry: Path) -> Any:
+def _typed_store(folder: Path, server: Server, db: int, engine: str, registry: Path,
+                 restore: bool = True) -> Any:
     from feast import FeatureStore, RepoConfig
 
     folder.mkdir(parents=True, exist_ok=True)
-    batch: Any = ({"type": ENGINE, "progress": False, "quarantine_dir": str(folder / "quarantine")}
-                  if engine == "featurepipe" else "local")
+    batch: Any = ({"type": ENGINE, "progress": False, "quarantine_dir": str(folder / "quarantine"),
+                   "restore": restore} if engine == "featurepipe" else "local")
     config = RepoConfig(
         project="typed", provider="local", registry=str(registry), repo_path=str(folder),
         online_store={"type": "redis", "connection_string": server.feast_form(db)},
@@ -388,6 +394,12 @@ def test_every_type_and_created_ties_match_feast(typed_env: Path, server: Server
     theirs = content(server.client(DB_TYPES_FEAST))
     assert len(theirs) == 150
     assert content(server.client(DB_TYPES_OURS)) == theirs
+    # the same through the compare-and-set script alone (no RESTORE of new keys)
+    script_store = _typed_store(typed_env / "script", server, DB_TYPES_SCRIPT, "featurepipe", registry,
+                                restore=False)
+    server.client(DB_TYPES_SCRIPT, flush=True)
+    materialize(script_store, EPOCH, end)
+    assert content(server.client(DB_TYPES_SCRIPT)) == theirs
     # (each entity's two latest rows tie on event time: equal bytes mean the created
     # timestamp broke the tie as in Feast)
     assert result.per_view[0].entities == result.per_view[0].written == 150

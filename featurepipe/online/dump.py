@@ -52,33 +52,36 @@ _CRC_TABLES = _crc_tables()
 
 
 def crc64(flat: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """CRC-64/Redis of every row of a flat buffer (the checksum ``DUMP`` appends).
-
-    Rows are right-aligned in a zero-padded matrix (leading zeros leave a CRC with
-    initial value 0 unchanged) and processed 8 bytes at a time for all rows together.
-    """
+    """CRC-64/Redis of every row of a flat buffer (the checksum ``DUMP`` appends)."""
     lengths = np.diff(offsets)
     n = len(lengths)
     width = int(lengths.max(initial=0))
-    width += (-width) % 8
-    matrix = np.zeros((n, width), dtype=np.uint8)
-    total = int(offsets[-1] - offsets[0])
-    if total:
-        starts = offsets[:-1] - offsets[0]
-        dest = np.arange(total, dtype=np.int64) + np.repeat(
-            np.arange(n, dtype=np.int64) * width + (width - lengths) - starts, lengths
-        )
-        matrix.reshape(-1)[dest] = flat[offsets[0]:offsets[-1]]
+    mask = np.arange(width) < lengths[:, None]
+    buf = np.zeros((n, width), dtype=np.uint8)
+    buf[mask] = flat[offsets[0]:offsets[-1]]
+    return crc64_matrix(rows.right_aligned(buf, mask, lengths, multiple=8))
+
+
+def crc64_matrix(matrix: np.ndarray) -> np.ndarray:
+    """CRC-64/Redis of every row of a right-aligned, zero-padded matrix (width a multiple of 8).
+
+    Leading zeros leave a CRC with initial value 0 unchanged; all rows are processed
+    together, 8 bytes at a time (slicing-by-8 tables).
+    """
+    n = matrix.shape[0]
     words = np.ascontiguousarray(matrix.view("<u8").T)  # (width / 8, n)
     t = _CRC_TABLES
     crc = np.zeros(n, dtype=np.uint64)
     x = np.empty(n, dtype=np.uint64)
-    xb = x.view(np.uint8).reshape(n, 8)  # little endian: xb[:, k] is byte k of x
+    byte = np.uint64(0xFF)
+    idx = np.empty(n, dtype=np.intp)
     for word in words:
         np.bitwise_xor(crc, word, out=x)
-        crc = t[7][xb[:, 0]]
+        np.bitwise_and(x, byte, out=idx, casting="unsafe")
+        crc = t[7].take(idx)
         for k in range(1, 8):
-            crc ^= t[7 - k][xb[:, k]]
+            np.bitwise_and(x >> np.uint64(8 * k), byte, out=idx, casting="unsafe")
+            crc ^= t[7 - k].take(idx)
     return crc
 
 
@@ -119,6 +122,22 @@ def entry(piece: Piece) -> Piece:
     return rows.pack([header, piece, _backlen(header.row_lengths() + lengths)])
 
 
+def field_and_value(field: bytes, value: Piece) -> Piece:
+    """A hash field (a constant) and its value, as the two listpack entries Redis stores."""
+    head = constant_entry(field)
+    lengths = value.row_lengths()
+    n, w = value.rows, value.width
+    if int(lengths.max(initial=0)) >= 64:
+        return rows.pack([rows.constant(head, n), entry(value)])
+    h = len(head)
+    out = np.empty((n, h + w + 2), dtype=np.uint8)  # field entry, header, value, backlen
+    out[:, :h] = np.frombuffer(head, dtype=np.uint8)
+    out[:, h] = 0x80 | lengths
+    out[:, h + 1:h + 1 + w] = value.data
+    out[np.arange(n), h + 1 + lengths] = lengths + 1
+    return Piece(out, lengths + (h + 2))
+
+
 def constant_entry(value: bytes) -> bytes:
     """One listpack string entry, for a constant (field names)."""
     one = entry(rows.constant(value, 1))
@@ -138,16 +157,18 @@ def _rdb_length(lengths: np.ndarray) -> Piece:
     return Piece(out, np.where(small, 1, np.where(medium, 2, 5)).astype(np.int64))
 
 
-def unsigned_payload(entries: Sequence[Piece]) -> list[Piece]:
+def unsigned_payload(entries: Sequence[Piece], count: int | None = None) -> list[Piece]:
     """A ``RESTORE`` payload, less its CRC, of hashes whose listpack holds ``entries``.
 
-    ``entries`` alternate field and value (see :func:`entry`, :func:`constant_entry`).
+    ``entries`` are listpack entries (see :func:`entry`, :func:`field_and_value`);
+    ``count`` is how many entries they hold (default: one per piece).
     """
     n = entries[0].rows
+    count = len(entries) if count is None else count
     lp_len = sum(e.row_lengths() for e in entries) + 7
     head = np.empty((n, 6), dtype=np.uint8)
     head[:, :4] = lp_len.astype("<u4").view(np.uint8).reshape(n, 4)
-    head[:, 4:] = np.frombuffer(len(entries).to_bytes(2, "little"), dtype=np.uint8)
+    head[:, 4:] = np.frombuffer(min(count, 65535).to_bytes(2, "little"), dtype=np.uint8)
     trailer = bytes([0xFF]) + RDB_VERSION.to_bytes(2, "little")
     return [
         rows.constant(bytes([RDB_TYPE_HASH_LISTPACK]), n),
@@ -158,9 +179,36 @@ def unsigned_payload(entries: Sequence[Piece]) -> list[Piece]:
     ]
 
 
-def hash_payloads(entries: Sequence[Piece]) -> tuple[np.ndarray, np.ndarray]:
+def restore_commands(keys: Piece, entries: Sequence[Piece], count: int, ttl_ms: int) -> np.ndarray:
+    """``RESTORE key ttl payload`` (RESP) for every row, as one buffer.
+
+    Laid out once; each payload's CRC is computed from that layout and written into it.
+    """
+    n = keys.rows
+    payload = unsigned_payload(entries, count)
+    plen = sum(p.row_lengths() for p in payload) + 8
+    ttl = str(int(ttl_ms)).encode()
+    head = [
+        rows.constant(b"*4\r\n$7\r\nRESTORE\r\n", n),
+        rows.decimal(keys.row_lengths(), b"$", b"\r\n"),
+        keys,
+        rows.constant(b"\r\n$%d\r\n%s\r\n" % (len(ttl), ttl), n),
+        rows.decimal(plen, b"$", b"\r\n"),
+    ]
+    buf, mask, lengths = rows.layout([*head, *payload, rows.constant(bytes(8) + b"\r\n", n)])
+    first = sum(p.width for p in head)
+    last = buf.shape[1] - 10  # where the CRC goes
+    part = buf[:, first:last]
+    part_mask = None if mask is None else mask[:, first:last]
+    crc = crc64_matrix(rows.right_aligned(part, part_mask, plen - 8, multiple=8))
+    buf[:, last:last + 8] = crc.astype("<u8").view(np.uint8).reshape(n, 8)
+    flat, _ = rows.compact(buf, mask, lengths)
+    return flat
+
+
+def hash_payloads(entries: Sequence[Piece], count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Complete ``RESTORE`` payloads (with CRC) as a flat buffer and offsets."""
-    pieces = unsigned_payload(entries)
+    pieces = unsigned_payload(entries, count)
     flat, offsets = rows.join(pieces)
     crc = crc64(flat, offsets).astype("<u8").view(np.uint8).reshape(-1, 8)
     return rows.join([*pieces, rows.fixed(crc)])
@@ -177,6 +225,9 @@ def integer_like(piece: Piece) -> np.ndarray:
     n, width = data.shape
     if width == 0:
         return np.zeros(n, dtype=bool)
+    first = data[:, 0]
+    if not bool((((first >= 0x30) & (first <= 0x39)) | (first == 0x2D)).any()):
+        return np.zeros(n, dtype=bool)  # no row starts like a number (the usual case)
     inside = np.arange(width) < lengths[:, None]
     digit = (data >= 0x30) & (data <= 0x39)
     minus = data[:, 0] == 0x2D

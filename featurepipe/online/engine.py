@@ -70,6 +70,9 @@ class FeaturepipeMaterializationEngineConfig(FeastConfigBaseModel):
     """Where rows that cannot be written go (default: ``<data dir>/quarantine/materialize``)."""
     progress: StrictBool = True
     """Show a progress bar (rows/s) per view."""
+    restore: StrictBool = True
+    """Create new keys with RESTORE of a ready-made hash (checked against HSET on the server
+    first); false: every row through the compare-and-set script."""
 
 
 @contextmanager
@@ -222,6 +225,7 @@ class FeaturepipeMaterializationEngine(ComputeEngine):
             threads=merged.threads,
             quarantine_dir=quarantine,
             progress=merged.progress,
+            restore=merged.restore,
         )
 
     def _local_engine(self) -> ComputeEngine:

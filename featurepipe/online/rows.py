@@ -61,8 +61,8 @@ def fixed(data: np.ndarray, present: np.ndarray | None = None) -> Piece:
     return Piece(data, np.where(present, data.shape[1], 0).astype(np.int64))
 
 
-def join(pieces: Sequence[Piece]) -> tuple[np.ndarray, np.ndarray]:
-    """Every row's pieces concatenated: a flat uint8 buffer and int64 offsets (rows + 1)."""
+def layout(pieces: Sequence[Piece]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Pieces side by side in one padded matrix: ``(buffer, valid-byte mask or None, row lengths)``."""
     rows = pieces[0].rows
     width = sum(p.width for p in pieces)
     buf = np.empty((rows, width), dtype=np.uint8)
@@ -75,15 +75,34 @@ def join(pieces: Sequence[Piece]) -> tuple[np.ndarray, np.ndarray]:
         if p.lengths is not None:
             if mask is None:
                 mask = np.ones((rows, width), dtype=bool)
-            mask[:, pos:pos + w] = np.arange(w) < p.lengths[:, None]
+            np.less(np.arange(w), p.lengths[:, None], out=mask[:, pos:pos + w])
             total += p.lengths
         else:
             total += w
         pos += w
-    offsets = np.zeros(rows + 1, dtype=np.int64)
-    np.cumsum(total, out=offsets[1:])
-    flat = buf.reshape(-1) if mask is None else buf[mask]
-    return flat, offsets
+    return buf, mask, total
+
+
+def compact(buf: np.ndarray, mask: np.ndarray | None, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The valid bytes of a :func:`layout`, row after row, and the row offsets."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return (buf.reshape(-1) if mask is None else buf[mask]), offsets
+
+
+def right_aligned(buf: np.ndarray, mask: np.ndarray | None, lengths: np.ndarray, multiple: int = 1) -> np.ndarray:
+    """The valid bytes of each row at the right end of a zero-padded matrix."""
+    width = int(lengths.max(initial=0))
+    width += (-width) % multiple
+    out = np.zeros((len(lengths), width), dtype=np.uint8)
+    target = np.arange(width) >= (width - lengths)[:, None]
+    out[target] = buf.reshape(-1) if mask is None else buf[mask]
+    return out
+
+
+def join(pieces: Sequence[Piece]) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's pieces concatenated: a flat uint8 buffer and int64 offsets (rows + 1)."""
+    return compact(*layout(pieces))
 
 
 def prepend(head: np.ndarray, piece: Piece, present: np.ndarray | None = None) -> Piece:
@@ -159,15 +178,21 @@ def from_arrow_binary(array: pa.Array) -> Piece:
 def varint(values: np.ndarray) -> Piece:
     """Protobuf base-128 varints of uint64 values (negative int64: pass ``.view(np.uint64)``)."""
     v = np.asarray(values, dtype=np.uint64)
-    rows = len(v)
-    groups = np.empty((rows, 10), dtype=np.uint64)
-    for i in range(10):
-        groups[:, i] = (v >> np.uint64(7 * i)) & np.uint64(0x7F)
-    # length: index of the highest non-zero 7-bit group, + 1 (a zero still takes one byte)
-    nonzero = groups != 0
-    lengths = np.where(nonzero.any(axis=1), 10 - np.argmax(nonzero[:, ::-1], axis=1), 1).astype(np.int64)
-    cont = np.arange(10) < (lengths - 1)[:, None]
-    out = (groups | (cont.astype(np.uint64) << np.uint64(7))).astype(np.uint8)
+    n = len(v)
+    top = int(v.max(initial=0))
+    width = max(1, (top.bit_length() + 6) // 7)
+    lengths = np.ones(n, dtype=np.int64)
+    for k in range(1, width):
+        lengths += v >= np.uint64(1 << (7 * k))
+    out = np.empty((n, width), dtype=np.uint8)
+    seven, low = np.uint64(7), np.uint64(0x7F)
+    rest = v.copy()
+    for i in range(width):
+        group = (rest & low).astype(np.uint8)
+        if i + 1 < width:
+            group |= (lengths > i + 1).astype(np.uint8) << 7
+        out[:, i] = group
+        rest >>= seven
     return Piece(out, lengths)
 
 

@@ -61,6 +61,7 @@ class WindowOptions:
     threads: int | None = None
     quarantine_dir: Path | None = None
     progress: bool = True
+    restore: bool = True  # new keys via RESTORE (see featurepipe.online.writer)
 
 
 @dataclass
@@ -74,6 +75,7 @@ class ViewMaterialization:
     entities: int = 0  # latest rows, one per entity
     written: int = 0  # hashes updated
     skipped: int = 0  # Redis already held a value at least as new
+    restored: int = 0  # of written: new keys created whole with RESTORE
     quarantined: int = 0  # rows not written: null join key or a value that does not fit
     seconds: float = 0.0
     quarantine_files: list[str] = field(default_factory=list)
@@ -160,6 +162,7 @@ def materialize_window(
             [feature_field(plan.view, f.name) for f in plan.features],
             ttl_seconds=plan.key_ttl_seconds,
             max_rows_per_second=options.max_rows_per_second,
+            restore=options.restore,
         )
         with tqdm(total=scan.entities, desc=plan.view, unit="rows", unit_scale=True,
                   disable=not options.progress, leave=False) as bar, writer:
@@ -173,6 +176,7 @@ def materialize_window(
                     writer.write(encode(batch, plan))
                 bar.update(read)
         result.written, result.skipped = writer.counts.written, writer.counts.skipped
+        result.restored = writer.counts.restored
     finally:
         quarantine.close()
         scan.close()
