@@ -153,8 +153,9 @@ def backfill(start: date | None, end: date | None, views: tuple[str, ...], repo:
 @click.option("--incremental", is_flag=True,
               help="Each view from where its last materialisation ended (feast materialize-incremental).")
 @click.option("--view", "views", multiple=True, help="Only this feature view (repeatable).")
-@click.option("--max-rows-per-second", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Rate limit, to spare a Redis that also serves traffic.")
+@click.option("--max-rows-per-second", type=click.FloatRange(min=0), default=None,
+              help="Rate limit, to spare a Redis that also serves traffic (0: none, overriding "
+                   "feature_store.yaml).")
 @click.option("--batch-rows", type=click.IntRange(min=1), default=None,
               help="Rows per Redis command (default: the engine's, 5000).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar per view (default: on).")
@@ -206,9 +207,18 @@ def _models_dir(repo: Path | None, feature_service: str) -> Path:
 @click.option("--limit", type=int, default=None, help="Use only the first N labelled transactions.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Model folder (default: <repo>/data/models/<feature service>).")
+@click.option("--save-dataset", default=None, metavar="NAME",
+              help="Also save the training set as a Feast saved dataset NAME (with its fingerprint).")
 @REPO_OPTION
-def train(feature_service: str, holdout: float, limit: int | None, out: Path | None, repo: Path | None) -> None:
-    """Build a point-in-time training set, train a classifier, print holdout ROC/PR AUC."""
+def train(
+    feature_service: str, holdout: float, limit: int | None, out: Path | None, save_dataset: str | None, repo: Path | None
+) -> None:
+    """Build a point-in-time training set, train a classifier, print validation and holdout ROC/PR AUC.
+
+    Splits by time (train, validation, newest holdout), saves the model with its feature
+    service, feature list and types and the definitions' fingerprint, and writes an
+    evaluation report (plots + report.md) beside it.
+    """
     from featurepipe.config import load_store
     from training.dataset import build_training_set, labelled_transactions
     from training.train import train_model
@@ -220,9 +230,17 @@ def train(feature_service: str, holdout: float, limit: int | None, out: Path | N
     result = train_model(ts, out or _models_dir(repo, feature_service), holdout)
     m = result.metadata
     click.echo(
+        f"validation ({m.validation_rows:,} rows): ROC AUC {m.validation_roc_auc:.3f}  PR AUC {m.validation_pr_auc:.3f}\n"
         f"holdout ({m.holdout_rows:,} rows, fraud rate {m.fraud_rate_holdout:.3%}): "
-        f"ROC AUC {m.roc_auc:.3f}  PR AUC {m.pr_auc:.3f}\nmodel saved to {result.path}"
+        f"ROC AUC {m.roc_auc:.3f}  PR AUC {m.pr_auc:.3f}\nmodel saved to {result.path}\n"
+        f"evaluation report: {result.path / 'report' / 'report.md'}"
     )
+    if save_dataset:
+        from training.dataset import save_training_set
+
+        target = result.path / f"{save_dataset}.parquet"
+        save_training_set(store, entity_df, ts, save_dataset, str(target))
+        click.echo(f"training set saved as Feast saved dataset {save_dataset!r} ({target})")
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
@@ -271,6 +289,15 @@ def demo(rows: int, score: int, keep_running: bool, repo: Path | None) -> None:
 
     run_demo(repo, rows=rows, score=score, keep_running=keep_running)
 
+
+def _register_training_commands() -> None:
+    from featurepipe.cli_training import evaluate, leakage, skew
+
+    for command in (evaluate, leakage, skew):
+        main.add_command(command)
+
+
+_register_training_commands()
 
 if __name__ == "__main__":
     main()

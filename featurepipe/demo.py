@@ -69,6 +69,9 @@ def run_demo(repo: Path | None, rows: int, score: int, keep_running: bool) -> di
     from serving.client import FeatureClient
     from serving.server import FeatureServer
     from training.dataset import build_training_set, labelled_transactions
+    from training.inference import FraudScorer
+    from training.leakage import compare as compare_leakage
+    from training.skew import check_skew, sample_entities
     from training.train import FraudModel, train_model
 
     t_start = time.perf_counter()
@@ -77,14 +80,14 @@ def run_demo(repo: Path | None, rows: int, score: int, keep_running: bool) -> di
     data = data_dir(repo_path)
     redis = export_redis_env()
 
-    _step(f"1/8 generate {rows:,} transactions")
+    _step(f"1/10 generate {rows:,} transactions")
     t = time.perf_counter()
     gen = generate_transactions(rows, data / "raw" / "transactions")
     timings["generate"] = time.perf_counter() - t
     print(f"{gen.rows:,} transactions, {gen.fraud_rows:,} fraud, {gen.users:,} users, "
           f"{gen.merchants:,} merchants, {gen.start:%Y-%m-%d} .. {gen.end:%Y-%m-%d}")
 
-    _step("2/8 feast apply")
+    _step("2/10 feast apply")
     t = time.perf_counter()
     feast_bin = Path(sys.executable).parent / "feast"
     rc = subprocess.call([str(feast_bin), "--chdir", str(repo_path), "apply"], env=os.environ.copy())
@@ -93,19 +96,19 @@ def run_demo(repo: Path | None, rows: int, score: int, keep_running: bool) -> di
     timings["apply"] = time.perf_counter() - t
     store = load_store(repo_path)
 
-    _step("3/8 backfill offline feature tables (DuckDB)")
+    _step("3/10 backfill offline feature tables (DuckDB)")
     t = time.perf_counter()
     results = backfill(store)
     timings["backfill"] = time.perf_counter() - t
     print(table(["view", "rows", "entities", "seconds"],
                 [[r.view, f"{r.rows:,}", f"{r.entities:,}", f"{r.seconds:.1f}"] for r in results]))
 
-    _step(f"4/8 materialize into Redis ({redis.split(',')[0]})")
+    _step(f"4/10 materialize into Redis ({redis.split(',')[0]})")
     t = time.perf_counter()
     materialize(store)
     timings["materialize"] = time.perf_counter() - t
 
-    _step("5/8 train on a point-in-time training set")
+    _step("5/10 train on a point-in-time training set (report: ROC, PR, calibration, importance)")
     t = time.perf_counter()
     entity_df, cutoff = labelled_transactions(store.get_data_source("transactions").path)
     ts = build_training_set(store, entity_df, "fraud_detection_v1", cutoff)
@@ -114,31 +117,43 @@ def run_demo(repo: Path | None, rows: int, score: int, keep_running: bool) -> di
     m = trained.metadata
     print(f"{len(ts.frame):,} rows, {len(ts.feature_columns)} features; holdout {m.holdout_rows:,} rows: "
           f"ROC AUC {m.roc_auc:.3f}, PR AUC {m.pr_auc:.3f}")
+    print(f"evaluation report: {trained.path / 'report' / 'report.md'}")
 
-    _step("6/8 serve gRPC feast.serving.ServingService")
+    _step("6/10 leakage: the same model on a naive latest-value join")
+    t = time.perf_counter()
+    leak = compare_leakage(store, entity_df, ts, data / "reports")
+    timings["leakage"] = time.perf_counter() - t
+    print(table(["training features", "PR AUC", "ROC AUC"], leak.table()))
+    print(f"plot: {leak.plot}")
+
+    _step("7/10 serve gRPC feast.serving.ServingService")
     server = FeatureServer(repo_path, host="127.0.0.1", port=0).start()
     print(f"listening on {server.address}")
     model = FraudModel.load(data / "models" / "fraud_detection_v1")
     summary: dict[str, Any] = {}
     try:
         with FeatureClient(server.address, timeout=2.0) as client:
-            _step(f"7/8 score {score} transactions over gRPC")
+            _step(f"8/10 score {score} transactions over gRPC")
+            scorer = FraudScorer(client, model)
             sample = entity_df.sample(n=min(score, len(entity_df)), random_state=1)
             latencies, scores = [], []
             for row in sample.itertuples():
+                txn = {"user_id": int(row.user_id), "merchant_id": int(row.merchant_id), "amount": float(row.amount)}
                 t = time.perf_counter()
-                feats = client.get_features(
-                    entities={"user_id": [int(row.user_id)], "merchant_id": [int(row.merchant_id)]},
-                    feature_service="fraud_detection_v1",
-                    request_context={"amount": [float(row.amount)], "txn_epoch": [time.time()]},
-                )
+                feats = scorer.features([txn])
                 latencies.append((time.perf_counter() - t) * 1000)
-                scores.append(float(model.score(feats.values)[0]))
+                scores.append(float(model.score(feats)[0]))
             p50, p99 = _percentile(latencies, 50), _percentile(latencies, 99)
             print(f"gRPC GetOnlineFeatures, 1 entity, {len(latencies)} calls: p50 {p50:.2f} ms, p99 {p99:.2f} ms; "
                   f"mean fraud score {np.mean(scores):.4f}")
 
-            _step("8/8 push new events, features change online")
+            _step("9/10 online/offline skew check (gRPC vs point-in-time offline, same instant)")
+            skew = check_skew(store, client, sample_entities(store.get_data_source("transactions").path, 300))
+            inconsistent = [f.feature for f in skew.features if f.mismatches or f.missing_online or f.extra_online]
+            print(f"{skew.rows} entity pairs, {len(skew.features)} features: "
+                  + ("online and offline agree" if skew.clean else f"inconsistent: {inconsistent}"))
+
+            _step("10/10 push new events, features change online")
             events = random_events(store, 3)
             keys = {"user_id": events.column("user_id").to_pylist(),
                     "merchant_id": events.column("merchant_id").to_pylist()}
@@ -162,6 +177,9 @@ def run_demo(repo: Path | None, rows: int, score: int, keep_running: bool) -> di
             "PR AUC": round(m.pr_auc, 3),
             "gRPC p50 ms": round(p50, 2),
             "gRPC p99 ms": round(p99, 2),
+            "leakage: naive PR AUC believed": round(leak.naive_believed_pr_auc, 3),
+            "leakage: naive PR AUC real": round(leak.naive_test_pr_auc, 3),
+            "skew: inconsistent features": len(inconsistent),
             "entities updated by push": changed,
             **{f"{k} s": round(v, 1) for k, v in timings.items()},
             "total s": round(time.perf_counter() - t_start, 1),

@@ -38,6 +38,10 @@ class TrainingSet:
     feature_refs: list[str]
     feature_columns: list[str]
     cutoff: datetime
+    feature_types: dict[str, str] | None = None
+    """Feast type of each feature column, as declared."""
+    fingerprint: str = ""
+    """Hash of the feature service's and its views' definitions (see :func:`definitions_fingerprint`)."""
 
     @property
     def time_range(self) -> tuple[datetime, datetime]:
@@ -120,4 +124,62 @@ def build_training_set(
         feature_refs=refs,
         feature_columns=columns,
         cutoff=cutoff or datetime.now(timezone.utc),
+        feature_types={f.name: str(f.dtype) for proj in service.feature_view_projections for f in proj.features},
+        fingerprint=definitions_fingerprint(store, feature_service),
+    )
+
+
+def definitions_fingerprint(store: FeatureStore, feature_service: str) -> str:
+    """SHA-256 over the definitions a training set depends on.
+
+    The feature service and every feature view (and on-demand view) it projects, as their
+    protobuf *specs* (what a user declares; not the registry's timestamps or
+    materialisation intervals), serialised deterministically. Equal fingerprints mean the
+    same features computed the same way: a saved training set or a model can be checked
+    against the live registry.
+    """
+    import hashlib
+
+    service = store.get_feature_service(feature_service)
+    digest = hashlib.sha256(service.to_proto().spec.SerializeToString(deterministic=True))
+    seen: set[str] = set()
+    names = sorted(p.name for p in service.feature_view_projections)
+    while names:
+        name = names.pop(0)
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            spec = store.get_feature_view(name).to_proto().spec
+        except Exception:  # noqa: BLE001 - an on-demand view lives in its own registry list
+            odfv = store.get_on_demand_feature_view(name)
+            spec = odfv.to_proto().spec
+            # its sources embed whole views, registry metadata included: hash them by name instead
+            names += sorted(p.name for p in odfv.source_feature_view_projections.values())
+            spec.ClearField("sources")
+            digest.update(repr(sorted(odfv.source_request_sources)).encode())
+        digest.update(name.encode())
+        digest.update(spec.SerializeToString(deterministic=True))
+    return digest.hexdigest()
+
+
+def save_training_set(store: FeatureStore, entity_df: pd.DataFrame, training_set: TrainingSet, name: str, path: str) -> None:
+    """Persist a training set as a Feast saved dataset, tagged with its fingerprint and cutoff.
+
+    Rebuild it exactly with ``store.get_saved_dataset(name).to_df()`` (Feast reads the
+    Parquet file back) or recompute it: same entity rows, same fingerprint, same result.
+    """
+    from feast.infra.offline_stores.file_source import SavedDatasetFileStorage
+
+    job = store.get_historical_features(entity_df=entity_df, features=store.get_feature_service(training_set.feature_service))
+    store.create_saved_dataset(
+        from_=job,
+        name=name,
+        storage=SavedDatasetFileStorage(path=path),
+        tags={
+            "featurepipe.fingerprint": training_set.fingerprint,
+            "featurepipe.label_cutoff": training_set.cutoff.isoformat(),
+            "featurepipe.feature_service": training_set.feature_service,
+        },
+        allow_overwrite=True,
     )

@@ -31,13 +31,18 @@ class ModelMetadata:
     feature_service: str
     feature_refs: list[str]
     feature_columns: list[str]
+    feature_types: dict[str, str]
+    training_set_fingerprint: str
     train_rows: int
+    validation_rows: int
     holdout_rows: int
     train_range: tuple[str, str]
     holdout_range: tuple[str, str]
     label_cutoff: str
     roc_auc: float
     pr_auc: float
+    validation_roc_auc: float
+    validation_pr_auc: float
     fraud_rate_holdout: float
     trained_at: str
 
@@ -58,6 +63,15 @@ def time_split(frame: pd.DataFrame, holdout_fraction: float) -> tuple[pd.DataFra
     return ordered[ordered["transaction_time"] < cut], ordered[ordered["transaction_time"] >= cut]
 
 
+def time_splits(
+    frame: pd.DataFrame, validation_fraction: float = 0.1, test_fraction: float = 0.2
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Train / validation / test by transaction time, oldest to newest (no shuffling: no peeking)."""
+    rest, test = time_split(frame, test_fraction)
+    train, validation = time_split(rest, validation_fraction / (1 - test_fraction))
+    return train, validation, test
+
+
 def features_matrix(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
     """The model input: the feature columns in the artifact's order, as float64 (NaN = missing)."""
     missing = [c for c in columns if c not in frame.columns]
@@ -66,46 +80,78 @@ def features_matrix(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
     return frame[columns].astype("float64").to_numpy()
 
 
-def train_model(training_set: TrainingSet, out_dir: Path, holdout_fraction: float = 0.2) -> TrainResult:
-    """Fit the classifier on the older part, evaluate on the newer part, save both files."""
+def train_model(
+    training_set: TrainingSet,
+    out_dir: Path,
+    holdout_fraction: float = 0.2,
+    validation_fraction: float = 0.1,
+    report: bool = True,
+) -> TrainResult:
+    """Fit on the oldest part, check on validation, evaluate on the newest part; save the artifact.
+
+    Writes ``model.joblib``, ``model.json`` (:class:`ModelMetadata`) and, with ``report``,
+    the evaluation report of the test split (``report/``, see :mod:`training.evaluate`).
+    """
     import joblib
-    from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     t0 = time.perf_counter()
-    train, holdout = time_split(training_set.frame, holdout_fraction)
+    train, validation, holdout = time_splits(training_set.frame, validation_fraction, holdout_fraction)
     for name, part in (("training", train), ("holdout", holdout)):
         if part[LABEL].nunique() < 2:
             raise InvalidInput(
                 f"the {name} split has only one class; generate more rows (featurepipe generate --rows)"
             )
     cols = training_set.feature_columns
-    model = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.1, random_state=0)
-    model.fit(features_matrix(train, cols), train[LABEL].to_numpy())
-    scores = model.predict_proba(features_matrix(holdout, cols))[:, 1]
-    y = holdout[LABEL].to_numpy()
+    model = fit_classifier(train, cols)
+
+    def metrics(part: pd.DataFrame) -> tuple[float, float]:
+        y = part[LABEL].to_numpy()
+        if len(set(y.tolist())) < 2:  # a short validation window may hold no fraud: no AUC to report
+            return float("nan"), float("nan")
+        scores = model.predict_proba(features_matrix(part, cols))[:, 1]
+        return float(roc_auc_score(y, scores)), float(average_precision_score(y, scores))
 
     def span(part: pd.DataFrame) -> tuple[str, str]:
         return (part["transaction_time"].min().isoformat(), part["transaction_time"].max().isoformat())
 
+    roc, pr = metrics(holdout)
+    val_roc, val_pr = metrics(validation)
     meta = ModelMetadata(
         feature_service=training_set.feature_service,
         feature_refs=training_set.feature_refs,
         feature_columns=cols,
+        feature_types=training_set.feature_types or {},
+        training_set_fingerprint=training_set.fingerprint,
         train_rows=len(train),
+        validation_rows=len(validation),
         holdout_rows=len(holdout),
         train_range=span(train),
         holdout_range=span(holdout),
         label_cutoff=training_set.cutoff.isoformat(),
-        roc_auc=float(roc_auc_score(y, scores)),
-        pr_auc=float(average_precision_score(y, scores)),
-        fraud_rate_holdout=float(y.mean()),
+        roc_auc=roc,
+        pr_auc=pr,
+        validation_roc_auc=val_roc,
+        validation_pr_auc=val_pr,
+        fraud_rate_holdout=float(holdout[LABEL].mean()),
         trained_at=datetime.now(timezone.utc).isoformat(),
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     joblib.dump(model, out_dir / "model.joblib")
     (out_dir / "model.json").write_text(json.dumps(asdict(meta), indent=2))
+    if report:
+        from training.evaluate import write_report
+
+        write_report(FraudModel(model, asdict(meta)), holdout, out_dir / "report")
     return TrainResult(metadata=meta, path=out_dir, seconds=time.perf_counter() - t0)
+
+
+def fit_classifier(train: pd.DataFrame, columns: list[str]) -> Any:
+    """The classifier: gradient-boosted trees that take missing values (features outside their TTL)."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    model = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.1, random_state=0)
+    return model.fit(features_matrix(train, columns), train[LABEL].to_numpy())
 
 
 @dataclass
@@ -130,6 +176,18 @@ class FraudModel:
             raise InvalidInput(
                 f"served features differ from training features: missing "
                 f"{sorted(set(expected) - set(names))}, unexpected {sorted(set(names) - set(expected))}"
+            )
+
+    def check_definitions(self, store: Any) -> None:
+        """Refuse when the registry's definitions of the model's features changed since training."""
+        from training.dataset import definitions_fingerprint
+
+        trained = self.metadata.get("training_set_fingerprint")
+        live = definitions_fingerprint(store, self.metadata["feature_service"])
+        if trained and trained != live:
+            raise InvalidInput(
+                f"feature service {self.metadata['feature_service']!r} changed since this model was trained "
+                f"(fingerprint {trained[:12]} at training, {live[:12]} now); retrain with `featurepipe train`"
             )
 
     def score(self, features: dict[str, list[Any]]) -> np.ndarray:
