@@ -55,6 +55,8 @@ class HashRead:
     key_suffix: bytes  # the project name
     fields: tuple[bytes, ...]
     views: tuple[ViewFields, ...]
+    hmget_head: bytes = b""  # RESP of "HMGET" with its argument count: the key follows
+    hmget_fields: bytes = b""  # RESP of the fields, after the key
 
 
 @dataclass(frozen=True)
@@ -285,6 +287,8 @@ class _PlanBuilder:
                     key_prefix=entity_key_prefix([jk.key for jk in join_keys]),
                     key_suffix=self.catalog.project.encode("utf8"),
                     fields=tuple(names),
+                    hmget_head=b"*%d\r\n$5\r\nHMGET\r\n" % (2 + len(names)),
+                    hmget_fields=b"".join(b"$%d\r\n%s\r\n" % (len(f), f) for f in names),
                     views=tuple(
                         ViewFields(view, ttl, idx[0], tuple(idx[1:]))
                         for view, (ttl, idx) in views.items()

@@ -14,6 +14,7 @@ Feast, they carry an empty event timestamp.
 
 from __future__ import annotations
 
+import struct
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -49,12 +50,31 @@ REQUEST_KINDS: dict[Any, tuple[str, ...]] = {
     ValueType.UNIX_TIMESTAMP: ("unix_timestamp_val", "int64_val"),
 }
 
-Cell = tuple[bytes, int, bytes]  # serialized Value, FieldStatus, serialized Timestamp
-_MISSING: Cell = (b"", NOT_FOUND, b"")
+# One stored feature over the distinct entity keys of a request: framed values (field 1 of
+# a FeatureVector), FieldStatus numbers, framed event times (field 3), raw Value bytes.
+Column = tuple[list[bytes], list[int], list[bytes], list["bytes | None"]]
 
 _PLAIN_KINDS = frozenset(
     ("int64_val", "int32_val", "double_val", "float_val", "string_val", "bool_val", "bytes_val")
 )
+
+
+_unpack_double = struct.Struct("<d").unpack
+
+
+def _python_value(raw: bytes | None) -> Any:
+    """The Python value of a serialized Value (a double is decoded without protobuf)."""
+    if raw is None:
+        return None
+    if len(raw) == 9 and raw[0] == 0x29:  # field 5 (double_val), fixed64
+        return _unpack_double(raw[1:])[0]
+    if 1 < len(raw) < 10 and raw[0] == 0x20 and raw[-1] < 0x80:  # int64_val >= 0, varint
+        value, shift = 0, 0
+        for byte in raw[1:]:
+            value |= (byte & 0x7F) << shift
+            shift += 7
+        return value
+    return to_python(Value.FromString(raw))
 
 
 def to_python(value: Any) -> Any:
@@ -102,37 +122,53 @@ class OnlineReader:
             ]
             for jk in plan.entity_columns
         }
-        row_slots, keys = [], []
+        row_slots: list[list[int] | None] = []  # None: row i reads slot i
+        keys = []
         for h in plan.hashes:
-            slots: dict[bytes, int] = {}
-            rows = []
             columns = [encoded[jk.column] for jk in h.join_keys]
-            for i in range(n):
-                key = b"".join([h.key_prefix, *(col[i] for col in columns), h.key_suffix])
-                rows.append(slots.setdefault(key, len(slots)))
-            row_slots.append(rows)
-            keys.append(list(slots))
+            prefix, suffix = h.key_prefix, h.key_suffix
+            if len(columns) == 1:
+                all_keys = [prefix + v + suffix for v in columns[0]]
+            else:
+                all_keys = [b"".join([prefix, *parts, suffix]) for parts in zip(*columns)]
+            slots = dict.fromkeys(all_keys)
+            if len(slots) == n:
+                row_slots.append(None)
+                keys.append(all_keys)
+            else:
+                index = {key: i for i, key in enumerate(slots)}
+                row_slots.append([index[key] for key in all_keys])
+                keys.append(list(slots))
         replies = self._fetch(plan, keys)
         cells = self._decode(plan, keys, replies)
 
-        def column(index: int) -> list[Cell]:
+        def pick(values: list[Any], hash_index: int) -> list[Any]:
+            rows = row_slots[hash_index]
+            return values if rows is None else [values[s] for s in rows]
+
+        def raw_column(index: int) -> list[bytes | None]:
             fc = plan.features[index]
-            slot_cells = cells[fc.hash_index]
-            return [slot_cells[s][fc.field_index] for s in row_slots[fc.hash_index]]
+            return pick(cells[fc.hash_index][fc.field_index][3], fc.hash_index)
 
         computed = [
-            self._run_on_demand(plan, step, column, entities, request, n) for step in plan.on_demand
+            self._run_on_demand(plan, step, raw_column, entities, request, n)
+            for step in plan.on_demand
         ]
         parts = [plan.response_metadata]
-        present, no_times = [PRESENT] * n, [b""] * n
+        present, no_times = [PRESENT] * n, [wire.EMPTY_TIMESTAMP] * n
+        framed_value = wire.framed_value
         for jk in plan.entity_columns:
-            values = [v.SerializeToString() for v in entities[jk.column].val]
-            parts.append(wire.feature_vector(values, present, no_times))
+            values = [framed_value(v.SerializeToString()) for v in entities[jk.column].val]
+            parts.append(wire.column(values, present, no_times))
         for out in plan.output:
-            col = column(out[1]) if out[0] == OUT_FEATURE else computed[out[1]][out[2]]
-            parts.append(
-                wire.feature_vector([c[0] for c in col], [c[1] for c in col], [c[2] for c in col])
-            )
+            if out[0] == OUT_FEATURE:
+                fc = plan.features[out[1]]
+                vals, stats, times, _ = cells[fc.hash_index][fc.field_index]
+                h = fc.hash_index
+                parts.append(wire.column(pick(vals, h), pick(stats, h), pick(times, h)))
+            else:
+                vals, stats = computed[out[1]][out[2]]
+                parts.append(wire.column(vals, stats, no_times))
         return b"".join(parts), n
 
     def _row_count(
@@ -204,55 +240,108 @@ class OnlineReader:
         return values
 
     def _fetch(self, plan: Plan, keys: list[list[bytes]]) -> list[list[bytes | None]]:
+        """Every HMGET of the request in one write and one read (prepacked RESP commands
+        on a pooled connection: half the time of a redis-py pipeline at 200 keys)."""
+        packed = b"".join([
+            b"".join([h.hmget_head, b"$%d\r\n" % len(key), key, b"\r\n", h.hmget_fields])
+            for h, hash_keys in zip(plan.hashes, keys, strict=True)
+            for key in hash_keys
+        ])
+        count = sum(len(k) for k in keys)
         started = time.perf_counter()
-        try:
-            with self.client.pipeline(transaction=False) as pipe:
-                for h, hash_keys in zip(plan.hashes, keys, strict=True):
-                    for key in hash_keys:
-                        pipe.hmget(key, h.fields)  # type: ignore[arg-type]  # bytes are fine
-                replies = pipe.execute()
+        pool = self.client.connection_pool
+        for attempt in (0, 1):  # one retry on a broken (e.g. pre-restart) connection
+            try:
+                connection = pool.get_connection()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                raise self._unavailable(exc) from exc
+            try:
+                connection.send_packed_command([packed])
+                replies = [connection.read_response() for _ in range(count)]
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                connection.disconnect()
+                if attempt == 0 and isinstance(exc, redis.ConnectionError) \
+                        and not isinstance(exc, redis.TimeoutError):
+                    continue
+                raise self._unavailable(exc) from exc
+            except redis.RedisError as exc:
+                connection.disconnect()  # replies may be left unread on it
+                raise FeaturepipeError(f"Redis refused the read: {exc}") from exc
+            except BaseException:
+                connection.disconnect()
+                raise
+            finally:
+                pool.release(connection)
             if self.on_fetch is not None:
                 self.on_fetch(time.perf_counter() - started)
-            return replies  # type: ignore[no-any-return]
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            kwargs = self.client.connection_pool.connection_kwargs
-            where = f"{kwargs.get('host')}:{kwargs.get('port')}"
-            raise BackendUnavailable(
-                f"Redis at {where} did not answer ({type(exc).__name__}: {exc}); retry shortly, "
-                "and check that redis-server is up and REDIS_URL points at it"
-            ) from exc
-        except redis.RedisError as exc:
-            raise FeaturepipeError(f"Redis refused the read: {exc}") from exc
+            return replies
+        raise AssertionError("unreachable")
+
+    def _unavailable(self, exc: Exception) -> BackendUnavailable:
+        kwargs = self.client.connection_pool.connection_kwargs
+        where = f"{kwargs.get('host')}:{kwargs.get('port')}"
+        return BackendUnavailable(
+            f"Redis at {where} did not answer ({type(exc).__name__}: {exc}); retry shortly, "
+            "and check that redis-server is up and REDIS_URL points at it"
+        )
 
     @staticmethod
     def _decode(
         plan: Plan, keys: list[list[bytes]], replies: list[list[bytes | None]]
-    ) -> list[list[list[Cell]]]:
-        """Per hash, per distinct entity key, per field: (value, status, event time) bytes."""
+    ) -> list[list[Column]]:
+        """Per hash, per field: the column over distinct entity keys, as framed values,
+        statuses, framed event times and raw values (see :data:`Column`)."""
         now = time.time()
-        out: list[list[list[Cell]]] = []
+        framed_value, framed_ts, small = wire.framed_value, wire.framed_timestamp, wire.SMALL
+        empty_value, empty_ts = wire.EMPTY_VALUE, wire.EMPTY_TIMESTAMP
+        out: list[list[Column]] = []
         offset = 0
         for h, hash_keys in zip(plan.hashes, keys, strict=True):
-            per_key: list[list[Cell]] = []
-            for reply in replies[offset : offset + len(hash_keys)]:
-                cell: list[Cell] = [_MISSING] * len(h.fields)
-                for vf in h.views:
-                    raw_ts = reply[vf.ts_field] or b""
-                    stale = False
-                    if vf.ttl_seconds and raw_ts:
-                        ts = Timestamp.FromString(raw_ts)
-                        stale = ts.seconds + ts.nanos * 1e-9 < now - vf.ttl_seconds
-                    for fi in vf.feature_fields:
-                        raw = reply[fi]
-                        if raw is None:
-                            cell[fi] = (b"", NOT_FOUND, raw_ts)
-                        elif raw == b"" or raw == _NULL_VAL:
-                            cell[fi] = (raw, NULL_VALUE, raw_ts)
+            count = len(hash_keys)
+            columns: list[Column] = [([], [], [], []) for _ in h.fields]
+            block = replies[offset : offset + count]
+            offset += count
+            for vf in h.views:
+                stale_before = now - vf.ttl_seconds if vf.ttl_seconds else None
+                times, stale = [], []
+                for reply in block:
+                    raw_ts = reply[vf.ts_field]
+                    if raw_ts:
+                        times.append(framed_ts(raw_ts))
+                        if stale_before is not None:
+                            ts = Timestamp.FromString(raw_ts)
+                            stale.append(ts.seconds + ts.nanos * 1e-9 < stale_before)
                         else:
-                            cell[fi] = (raw, OUTSIDE_MAX_AGE if stale else PRESENT, raw_ts)
-                per_key.append(cell)
-            offset += len(hash_keys)
-            out.append(per_key)
+                            stale.append(False)
+                    else:
+                        times.append(empty_ts)
+                        stale.append(False)
+                any_stale = any(stale)
+                for fi in vf.feature_fields:
+                    raws = [reply[fi] for reply in block]
+                    if None not in raws and all(len(raw) < 16384 for raw in raws):  # the usual
+                        vals = [b"\n" + small[len(raw)] + raw for raw in raws]  # field 1
+                        if any_stale:
+                            stats = [OUTSIDE_MAX_AGE if old else PRESENT for old in stale]
+                        else:
+                            stats = [PRESENT] * count
+                        if b"" in raws or _NULL_VAL in raws:
+                            stats = [NULL_VALUE if raw in (b"", _NULL_VAL) else st
+                                     for raw, st in zip(raws, stats, strict=True)]
+                    else:
+                        vals, stats = [], []
+                        for raw, old in zip(raws, stale, strict=True):
+                            if raw is None:
+                                vals.append(empty_value)
+                                stats.append(NOT_FOUND)
+                            else:
+                                vals.append(framed_value(raw))
+                                if raw == b"" or raw == _NULL_VAL:
+                                    stats.append(NULL_VALUE)
+                                else:
+                                    stats.append(OUTSIDE_MAX_AGE if old else PRESENT)
+                    columns[fi] = (vals, stats, times, raws)
+            out.append(columns)
         return out
 
     @staticmethod
@@ -263,8 +352,9 @@ class OnlineReader:
         entities: Mapping[str, RepeatedValue],
         request: dict[str, list[Any]],
         n: int,
-    ) -> list[list[Cell]]:
-        """Run one python-mode on-demand view as Feast does (dict of lists in and out).
+    ) -> list[tuple[list[bytes], list[int]]]:
+        """Run one python-mode on-demand view as Feast does (dict of lists in and out);
+        per output, its framed values and statuses.
 
         Like ``OnDemandFeatureView.transform_dict``: the UDF sees the join keys, the request
         fields and each source feature under both ``feature`` and ``view__feature``.
@@ -277,7 +367,7 @@ class OnlineReader:
             inputs[name] = request[name]
         for index in step.inputs:
             fc = plan.features[index]
-            inputs[fc.input_name] = [to_python(Value.FromString(c[0])) for c in column(index)]
+            inputs[fc.input_name] = [_python_value(raw) for raw in column(index)]
         for index in step.inputs:
             fc = plan.features[index]
             inputs[fc.feature] = inputs[fc.input_name]
@@ -293,7 +383,7 @@ class OnlineReader:
                 f"on-demand feature view {name!r} raised {type(exc).__name__}: {exc}; fix its "
                 "transformation (feature_repo/) or the request_context values"
             ) from exc
-        columns: list[list[Cell]] = []
+        columns: list[tuple[list[bytes], list[int]]] = []
         for output in step.outputs:
             values = result.get(output.feature)
             if values is None:
@@ -315,10 +405,8 @@ class OnlineReader:
                     f"on-demand feature view {name!r} returned {output.feature!r} values that "
                     f"are not {output.value_type.name}: {exc}"
                 ) from exc
-            columns.append(
-                [
-                    (p.SerializeToString(), PRESENT if p.WhichOneof("val") else NULL_VALUE, b"")
-                    for p in protos
-                ]
-            )
+            columns.append((
+                [wire.framed_value(p.SerializeToString()) for p in protos],
+                [PRESENT if p.WhichOneof("val") else NULL_VALUE for p in protos],
+            ))
         return columns

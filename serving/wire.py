@@ -37,6 +37,7 @@ def varint(value: int) -> bytes:
 
 
 _SMALL = [varint(i) for i in range(1 << 14)]
+SMALL = _SMALL  # varint of every n < 16384
 
 
 def _len(data: bytes) -> bytes:
@@ -64,3 +65,25 @@ def feature_vector(
         parts += (_FIELD_3, _len(t), t)
     body = b"".join(parts)
     return _FIELD_2 + _len(body) + body
+
+
+def column(values: Sequence[bytes], statuses: Sequence[int], timestamps: Sequence[bytes]) -> bytes:
+    """One result column from values and timestamps already framed as fields 1 and 3
+    (tag and length included, see :func:`framed_value`); statuses are FieldStatus numbers."""
+    packed = bytes(statuses)  # FieldStatus numbers are < 128: one varint byte each
+    body = b"".join(values) + _FIELD_2 + _len(packed) + packed + b"".join(timestamps)
+    return _FIELD_2 + _len(body) + body
+
+
+def framed_value(data: bytes) -> bytes:
+    """A serialized Value as field 1 of a FeatureVector."""
+    return _FIELD_1 + _len(data) + data
+
+
+def framed_timestamp(data: bytes) -> bytes:
+    """A serialized Timestamp as field 3 of a FeatureVector."""
+    return _FIELD_3 + _len(data) + data
+
+
+EMPTY_VALUE = framed_value(b"")
+EMPTY_TIMESTAMP = framed_timestamp(b"")
