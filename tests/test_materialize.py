@@ -9,7 +9,6 @@ own copy of the registry, so the shared ``pipeline`` state is left alone.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -74,7 +73,7 @@ def ttls(client: redis.Redis) -> dict[bytes, int]:
 
 
 def repo_copy(base: Path, name: str, registry: Path, server: Server, db: int, *, engine: str,
-              extra: str = "") -> Path:
+              extra_engine: str = "") -> Path:
     """A repo folder with its own registry copy and a feature_store.yaml for one engine."""
     folder = base / name
     shutil.rmtree(folder, ignore_errors=True)
@@ -82,7 +81,7 @@ def repo_copy(base: Path, name: str, registry: Path, server: Server, db: int, *,
     shutil.copy(registry, folder / "data" / "registry.db")
     engine_yaml = (
         f"batch_engine:\n  type: {ENGINE}\n  progress: false\n  quarantine_dir: {folder / 'quarantine'}\n"
-        if engine == "featurepipe" else "batch_engine: local\n"
+        + extra_engine if engine == "featurepipe" else "batch_engine: local\n"
     )
     (folder / "feature_store.yaml").write_text(
         "project: featurepipe_demo\nprovider: local\nregistry: data/registry.db\n"
@@ -90,7 +89,7 @@ def repo_copy(base: Path, name: str, registry: Path, server: Server, db: int, *,
         f"  key_ttl_seconds: {KEY_TTL}\n"
         "offline_store:\n  type: duckdb\nentity_key_serialization_version: 3\n"
         "materialization_config:\n  pull_latest_features: true\n  online_write_batch_size: 10000\n"
-        + engine_yaml + extra
+        + engine_yaml
     )
     return folder
 
@@ -259,20 +258,21 @@ def test_incremental_moves_only_new_rows(demo: Demo, server: Server) -> None:
 
 
 def test_killed_run_resumes_to_the_same_content(demo: Demo, server: Server) -> None:
-    """SIGKILL `featurepipe materialize` mid-way; rerunning the command completes the window
-    and gives exactly the content of an uninterrupted run."""
+    """SIGKILL Feast's own `feast materialize` (our engine, throttled in feature_store.yaml)
+    mid-way; `featurepipe materialize` over the same window then gives exactly the content
+    of an uninterrupted run."""
     from click.testing import CliRunner
 
     from featurepipe.cli import main
 
-    folder = repo_copy(demo.base, "killed", demo.registry, server, DB_KILLED, engine="featurepipe")
+    folder = repo_copy(demo.base, "killed", demo.registry, server, DB_KILLED, engine="featurepipe",
+                       extra_engine="  batch_rows: 20\n  max_rows_per_second: 300\n")
     client = server.client(DB_KILLED, flush=True)
     total = len(demo.feast)
-    env = {"REDIS_URL": f"redis://{server.host}:{server.port}/{DB_KILLED}"}
-    args = ["materialize", "--repo", str(folder), "--no-progress", "--end", demo.end.replace(tzinfo=None).isoformat()]
+    start, end = EPOCH.replace(tzinfo=None).isoformat(), demo.end.replace(tzinfo=None).isoformat()
     slow = subprocess.Popen(
-        [sys.executable, "-m", "featurepipe.cli", *args, "--batch-rows", "20", "--max-rows-per-second", "300"],
-        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [str(Path(sys.executable).parent / "feast"), "--chdir", str(folder), "materialize", start, end],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     try:
         deadline = time.monotonic() + 120
@@ -287,7 +287,8 @@ def test_killed_run_resumes_to_the_same_content(demo: Demo, server: Server) -> N
     assert slow.returncode == -signal.SIGKILL
     assert 0 < written_when_killed < total, slow.stderr.read()[-2000:] if slow.stderr else ""
     assert content(client) != demo.feast
-    rerun = CliRunner().invoke(main, args, env=env)
+    rerun = CliRunner().invoke(main, ["materialize", "--repo", str(folder), "--no-progress",
+                                      "--max-rows-per-second", "0", "--start", start, "--end", end])
     assert rerun.exit_code == 0, rerun.output[-3000:]
     assert "user_transaction_stats" in rerun.output and "entities" in rerun.output
     assert content(client) == demo.feast

@@ -99,17 +99,24 @@ def connect(threads: int | None = None) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
     con.execute(f"SET threads = {int(threads or os.cpu_count() or 1)}")
+    con.execute("SET preserve_insertion_order = false")  # rows may stream out in any order
     return con
 
 
-def _source_types(con: duckdb.DuckDBPyConnection, source_sql: str, path: str) -> dict[str, str]:
-    try:
-        described = con.execute(f"DESCRIBE SELECT * FROM {source_sql}").fetchall()
-    except duckdb.IOException as exc:
+def _pinned_source(con: duckdb.DuckDBPyConnection, path: str) -> str:
+    """``read_parquet`` of the files matching ``path`` now: both scans read the same files,
+    even if a backfill replaces a day meanwhile."""
+    files = [row[0] for row in con.execute(f"SELECT file FROM glob({literal(path)})").fetchall()]
+    if not files:
         raise NotFound(
-            f"no Parquet files match {path}; backfill the offline table first "
-            "(`featurepipe backfill`)"
-        ) from exc
+            f"no Parquet files match {path}; backfill the offline table first (`featurepipe backfill`)"
+        )
+    listed = ", ".join(literal(f) for f in sorted(files))
+    return f"read_parquet([{listed}], hive_partitioning = true, union_by_name = true)"
+
+
+def _source_types(con: duckdb.DuckDBPyConnection, source_sql: str) -> dict[str, str]:
+    described = con.execute(f"DESCRIBE SELECT * FROM {source_sql}").fetchall()
     return {row[0]: str(row[1]) for row in described}
 
 
@@ -145,8 +152,8 @@ def open_latest(
     ``null_key_file`` (Parquet, with a ``quarantine_reason`` column) when there are any.
     """
     con = connect(threads)
-    source_sql = f"read_parquet({literal(query.path)}, hive_partitioning = true, union_by_name = true)"
-    types = _source_types(con, source_sql, query.path)
+    source_sql = _pinned_source(con, query.path)
+    types = _source_types(con, source_sql)
     needed = [query.timestamp, *(c.source for c in (*query.join_keys, *query.features))]
     if query.created:
         needed.append(query.created)

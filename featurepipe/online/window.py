@@ -165,7 +165,7 @@ def materialize_window(
             restore=options.restore,
         )
         with tqdm(total=scan.entities, desc=plan.view, unit="rows", unit_scale=True,
-                  disable=not options.progress, leave=False) as bar, writer:
+                  disable=not options.progress, leave=True) as bar, writer:
             for batch in scan.reader:
                 read = batch.num_rows
                 bad = pc.not_equal(batch.column(REASON), "")

@@ -1,0 +1,291 @@
+"""Materialisation benchmark: Feast's own engine (defaults, best settings) vs featurepipe's.
+
+Generates a synthetic offline feature table (Parquet, partitioned by day) with DuckDB in a
+temporary folder, registers one feature view over it in a temporary Feast repo, starts a
+private ``redis-server`` on a free loopback port, and materialises the same window with:
+
+* ``feast-default``: Feast's ``local`` engine as shipped (pulls every row of the window,
+  de-duplicates in pandas, one online write batch);
+* ``feast-best``: ``materialization_config: {pull_latest_features: true,
+  online_write_batch_size: 10000}`` and ``online_store.skip_dedup: true``;
+* ``featurepipe``: ``batch_engine: featurepipe.online.engine.FeaturepipeMaterializationEngine``.
+
+Both Feast configurations read through Feast's ``duckdb`` offline store. Each run is a
+separate process (peak RSS is its own ``VmHWM``; the data is generated in another one),
+Redis is flushed before it,
+and the timed part is the ``FeatureStore.materialize`` call (process start-up and
+``import feast``, ≈ 5-15 s, are reported apart). featurepipe's run is repeated on a table
+twice as long (same entities) to show that its memory does not grow with the table.
+After each run the Redis content is digested (every key's ``DUMP``), so the table shows
+whether the engines wrote identical bytes. ``redis-benchmark -t hset -P 64`` gives the
+server's pipelined single-field HSET rate as a ceiling.
+
+    .venv/bin/python benchmarks/materialize.py                  # 100k entities x 20 features, 3M rows
+    .venv/bin/python benchmarks/materialize.py --entities 20000 --skip feast-default   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ENGINES = ("feast-default", "feast-best", "featurepipe")
+PROJECT = "bench"
+VIEW = "entity_stats"
+START = datetime(2026, 1, 1, tzinfo=timezone.utc)
+DAYS = 30
+
+
+# ---------------------------------------------------------------- data and repo
+
+
+def generate(folder: Path, entities: int, rows_per_entity: int, features: int) -> int:
+    """Write the offline table: rows_per_entity rows per entity spread over DAYS days."""
+    import duckdb
+
+    cols = ",\n".join(
+        f"(hash(e * {i + 7} + r) % 1000)::BIGINT AS f{i}" if i % 2 == 0
+        else f"round((hash(e * {i + 3} + r) % 100000) / 100.0, 2)::DOUBLE AS f{i}"
+        for i in range(features)
+    )
+    step_us = DAYS * 86_400 * 1_000_000 // rows_per_entity
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    con.execute(f"""
+        COPY (
+          SELECT e AS entity_id,
+                 TIMESTAMPTZ '{START.isoformat()}' + to_microseconds(r * {step_us} + (hash(e, r) % {step_us})::BIGINT)
+                   AS event_timestamp,
+                 {cols},
+                 strftime(TIMESTAMPTZ '{START.isoformat()}' + to_microseconds(r * {step_us}), '%Y-%m-%d') AS date
+          FROM range({entities}) t(e), range({rows_per_entity}) s(r)
+        ) TO '{folder}' (FORMAT parquet, PARTITION_BY (date), COMPRESSION zstd)
+    """)
+    con.close()
+    return entities * rows_per_entity
+
+
+def write_repo(repo: Path, data: Path, redis_port: int, engine: str, features: int) -> None:
+    repo.mkdir(parents=True, exist_ok=True)
+    yaml = [
+        f"project: {PROJECT}", "provider: local", "registry: registry.db",
+        "online_store:", "  type: redis", f'  connection_string: "127.0.0.1:{redis_port},db=0"',
+    ]
+    if engine == "feast-best":
+        yaml.append("  skip_dedup: true")
+    yaml += ["offline_store:", "  type: duckdb", "entity_key_serialization_version: 3"]
+    if engine == "feast-best":
+        yaml += ["materialization_config:", "  pull_latest_features: true", "  online_write_batch_size: 10000"]
+    if engine == "featurepipe":
+        yaml += ["batch_engine:", "  type: featurepipe.online.engine.FeaturepipeMaterializationEngine",
+                 "  progress: false", f"  quarantine_dir: {repo / 'quarantine'}"]
+    (repo / "feature_store.yaml").write_text("\n".join(yaml) + "\n")
+    (repo / "bench.json").write_text(json.dumps({"data": str(data), "features": features}))
+
+
+def definitions(data: str, features: int) -> list[object]:
+    from feast import Entity, FeatureView, Field, FileSource, ValueType
+    from feast.types import Float64, Int64
+
+    entity = Entity(name="entity", join_keys=["entity_id"], value_type=ValueType.INT64)
+    source = FileSource(name="entity_stats_source", path=f"{data}/**/*.parquet",
+                        timestamp_field="event_timestamp")
+    schema = [Field(name="entity_id", dtype=Int64)] + [
+        Field(name=f"f{i}", dtype=Int64 if i % 2 == 0 else Float64) for i in range(features)
+    ]
+    view = FeatureView(name=VIEW, entities=[entity], ttl=timedelta(days=DAYS + 1), schema=schema,
+                       source=source, online=True)
+    return [entity, source, view]
+
+
+# ---------------------------------------------------------------- one run per process
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from a
+    large parent at fork)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(repo: Path, action: str) -> None:
+    """Runs in a child process: ``generate`` the table, ``apply`` the definitions, or
+    ``materialize`` and report."""
+    if action == "generate":
+        spec = json.loads((repo / "bench.json").read_text())
+        rows = generate(Path(spec["data"]), spec["entities"], spec["rows_per_entity"], spec["features"])
+        print("RESULT " + json.dumps({"rows": rows}))
+        return
+    t_import = time.perf_counter()
+    from feast import FeatureStore
+
+    store = FeatureStore(repo_path=str(repo))
+    spec = json.loads((repo / "bench.json").read_text())
+    if action == "apply":
+        store.apply(definitions(spec["data"], spec["features"]))
+        return
+    ready = time.perf_counter() - t_import
+    t0 = time.perf_counter()
+    store.materialize(START - timedelta(days=1), START + timedelta(days=DAYS + 1), [VIEW])
+    seconds = time.perf_counter() - t0
+    print("RESULT " + json.dumps({"seconds": seconds, "startup": ready, "rss_mb": peak_rss_mb()}))
+
+
+def run_worker(repo: Path, action: str) -> dict[str, float]:
+    proc = subprocess.run([sys.executable, __file__, "--worker", action, "--repo", str(repo)],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if proc.returncode != 0:
+        raise SystemExit(f"{action} in {repo} failed:\n{proc.stderr[-4000:]}")
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    return json.loads(line[7:]) if line else {}
+
+
+def digest(port: int) -> tuple[int, str]:
+    """Number of keys and a digest of every key with its DUMP (fields, order, encoding)."""
+    import redis
+
+    client = redis.Redis(port=port)
+    keys = sorted(client.scan_iter(count=5000))
+    h = hashlib.sha256()
+    for i in range(0, len(keys), 5000):
+        pipe = client.pipeline(transaction=False)
+        chunk = keys[i:i + 5000]
+        for k in chunk:
+            pipe.dump(k)
+        for k, d in zip(chunk, pipe.execute()):
+            h.update(k)
+            h.update(d)
+    return len(keys), h.hexdigest()[:16]
+
+
+def redis_benchmark(port: int) -> float | None:
+    exe = shutil.which("redis-benchmark")
+    if exe is None:
+        return None
+    out = subprocess.run([exe, "-p", str(port), "-t", "hset", "-P", "64", "-n", "200000", "-q"],
+                         capture_output=True, text=True).stdout
+    found = re.findall(r"HSET: ([\d.]+) requests per second", out)
+    return float(found[-1]) if found else None
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--entities", type=int, default=100_000, help="distinct entities (default 100,000)")
+    parser.add_argument("--rows-per-entity", type=int, default=30,
+                        help="offline rows per entity in the window (default 30: 3M rows)")
+    parser.add_argument("--features", type=int, default=20, help="features in the view, half Int64, half Float64")
+    parser.add_argument("--runs", type=int, default=1, help="runs per engine; the median is shown (default 1)")
+    parser.add_argument("--skip", action="append", default=[], choices=ENGINES, help="leave an engine out")
+    parser.add_argument("--no-double", action="store_true",
+                        help="skip featurepipe's second run on a table twice as long")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("--worker", choices=["generate", "apply", "materialize"], help=argparse.SUPPRESS)
+    parser.add_argument("--repo", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.repo, args.worker)
+        return
+
+    from featurepipe.redis_server import RedisServer
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-materialize-"))
+    results: list[dict[str, object]] = []
+    try:
+        with RedisServer(workdir=tmp / "redis") as server:
+            import redis
+
+            client = redis.Redis(port=server.port)
+            sizes = [args.rows_per_entity] + ([] if args.no_double else [2 * args.rows_per_entity])
+            ceiling = redis_benchmark(server.port)
+            client.flushall()
+            for size in sizes:
+                data = tmp / f"offline-{size}"
+                t = time.perf_counter()
+                spec_dir = tmp / f"spec-{size}"
+                spec_dir.mkdir()
+                (spec_dir / "bench.json").write_text(json.dumps({
+                    "data": str(data), "entities": args.entities, "rows_per_entity": size,
+                    "features": args.features,
+                }))
+                rows = int(run_worker(spec_dir, "generate")["rows"])
+                print(f"generated {rows:,} offline rows ({args.entities:,} entities x {args.features} "
+                      f"features) in {time.perf_counter() - t:.1f}s", flush=True)
+                engines = [e for e in ENGINES if e not in args.skip]
+                if size != sizes[0]:
+                    engines = [e for e in engines if e == "featurepipe"]
+                for engine in engines:
+                    repo = tmp / f"repo-{engine}-{size}"
+                    write_repo(repo, data, server.port, engine, args.features)
+                    run_worker(repo, "apply")
+                    runs = []
+                    for _ in range(args.runs):
+                        client.flushall()
+                        runs.append(run_worker(repo, "materialize"))
+                    keys, dig = digest(server.port)
+                    seconds = statistics.median(r["seconds"] for r in runs)
+                    results.append({
+                        "engine": engine, "offline_rows": rows, "entities": args.entities, "keys": keys,
+                        "seconds": seconds, "all_seconds": [round(r["seconds"], 2) for r in runs],
+                        "rss_mb": max(r["rss_mb"] for r in runs), "startup": runs[0]["startup"], "digest": dig,
+                    })
+                    print(f"  {engine:14s} {seconds:7.2f}s  {args.entities / seconds:>10,.0f} entity rows/s  "
+                          f"{rows / seconds:>12,.0f} offline rows/s  peak RSS {results[-1]['rss_mb']:,.0f} MB  "
+                          f"keys {keys:,}  digest {dig}", flush=True)
+    finally:
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    report(results, ceiling, args)
+
+
+def report(results: list[dict[str, object]], ceiling: float | None, args: argparse.Namespace) -> None:
+    by = {(r["engine"], r["offline_rows"]): r for r in results}
+    base_rows = args.entities * args.rows_per_entity
+    ours = by.get(("featurepipe", base_rows))
+    print()
+    print(f"{'engine':14s} {'offline rows':>13s} {'seconds':>8s} {'entity rows/s':>14s} {'peak RSS MB':>12s} "
+          f"{'vs this':>8s}  same bytes as feast-best")
+    ref = by.get(("feast-best", base_rows))
+    for r in results:
+        ratio = f"{r['seconds'] / ours['seconds']:.1f}x" if ours and r["offline_rows"] == base_rows else ""
+        same = ("" if ref is None or r["offline_rows"] != base_rows
+                else "yes" if r["digest"] == ref["digest"] else "NO")
+        print(f"{r['engine']:14s} {r['offline_rows']:>13,} {r['seconds']:>8.2f} "
+              f"{r['entities'] / r['seconds']:>14,.0f} {r['rss_mb']:>12,.0f} {ratio:>8s}  {same}")
+    if ours:
+        for name in ("feast-default", "feast-best"):
+            other = by.get((name, base_rows))
+            if other:
+                print(f"featurepipe vs {name}: {other['seconds'] / ours['seconds']:.1f}x faster, "
+                      f"{other['rss_mb'] / ours['rss_mb']:.1f}x less peak memory")
+    if ceiling:
+        print(f"redis-benchmark -t hset -P 64 -n 200000: {ceiling:,.0f} single-field HSETs/s "
+              f"(a row here is one hash of {args.features + 1} fields)")
+    print(f"process start-up (import feast, open the store) is not timed: "
+          f"{statistics.median(float(r['startup']) for r in results):.1f}s median")
+
+
+if __name__ == "__main__":
+    main()
