@@ -10,9 +10,11 @@ Parquet files under the quarantine folder; they are never written in part.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -94,6 +96,42 @@ def encode(batch: pa.RecordBatch, plan: ViewPlan) -> EncodedRows:
     return EncodedRows(keys=keys, timestamps=codec.encode_timestamps(micros), values=values)
 
 
+def prefetch(batches: Iterator[pa.RecordBatch], depth: int = 2) -> Iterator[pa.RecordBatch]:
+    """Read ``batches`` in a background thread, ``depth`` ahead: DuckDB scans (it releases
+    the GIL) while this thread encodes and writes the previous batch."""
+    done = object()
+    slots: queue.Queue[object] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def pump() -> None:
+        try:
+            for batch in batches:
+                if stop.is_set():
+                    return
+                slots.put(batch)
+            slots.put(done)
+        except BaseException as exc:  # handed to the consumer
+            slots.put(exc)
+
+    thread = threading.Thread(target=pump, name="duckdb-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                slots.get_nowait()
+            except queue.Empty:
+                thread.join(0.05)
+
+
 def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
@@ -166,7 +204,7 @@ def materialize_window(
         )
         with tqdm(total=scan.entities, desc=plan.view, unit="rows", unit_scale=True,
                   disable=not options.progress, leave=True) as bar, writer:
-            for batch in scan.reader:
+            for batch in prefetch(iter(scan.reader)):
                 read = batch.num_rows
                 bad = pc.not_equal(batch.column(REASON), "")
                 if pc.any(bad).as_py():

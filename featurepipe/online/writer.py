@@ -354,7 +354,10 @@ class HashWriter:
         except redis.ResponseError:  # unknown payload version, RESTORE not allowed, ...
             return False
         finally:
-            self.client.delete(restored, built)
+            try:
+                self.client.delete(restored, built)
+            except redis.ResponseError:
+                pass  # not allowed to delete: they expire in a minute
 
 
 def split_rows(batch: EncodedRows, keep: np.ndarray) -> EncodedRows:
