@@ -150,8 +150,12 @@ def fit_classifier(train: pd.DataFrame, columns: list[str]) -> Any:
     """The classifier: gradient-boosted trees that take missing values (features outside their TTL)."""
     from sklearn.ensemble import HistGradientBoostingClassifier
 
+    from threadpoolctl import threadpool_limits
+
     model = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.1, random_state=0)
-    return model.fit(features_matrix(train, columns), train[LABEL].to_numpy())
+    # small sets gain nothing from OpenMP threads, and spinning threads crawl on a busy machine
+    with threadpool_limits(limits=1 if len(train) < 200_000 else None):
+        return model.fit(features_matrix(train, columns), train[LABEL].to_numpy())
 
 
 @dataclass
