@@ -14,7 +14,7 @@ from featurepipe.errors import InvalidInput
 from featurepipe.online.layout import entity_key_prefix, feature_field, timestamp_field
 from serving.registry import ValueType
 
-__all__ = ["ACCEPTED_KINDS", "encode_entity_value", "entity_key_prefix", "feature_field", "timestamp_field"]
+__all__ = ["ACCEPTED_KINDS", "encode_entity_column", "encode_entity_value", "entity_key_prefix", "feature_field", "timestamp_field"]
 
 _PACK_HEADER = struct.Struct("<II").pack
 _PACK_I32 = struct.Struct("<i").pack
@@ -62,3 +62,14 @@ def encode_entity_value(value: Any, value_type: Any, column: str, row: int) -> b
     else:
         data = _PACK_I64(raw)
     return _PACK_HEADER(value_type.value, len(data)) + data
+
+
+_INT64_HEADER = _PACK_HEADER(ValueType.INT64.value, 8)
+
+
+def encode_entity_column(values: Any, value_type: Any, column: str) -> list[bytes]:
+    """:func:`encode_entity_value` of every value of a request column (fast for INT64)."""
+    if value_type == ValueType.INT64 and all(v.WhichOneof("val") == "int64_val" for v in values):
+        header = _INT64_HEADER
+        return [header + _PACK_I64(v.int64_val) for v in values]
+    return [encode_entity_value(v, value_type, column, i) for i, v in enumerate(values)]

@@ -25,7 +25,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from featurepipe.errors import BackendUnavailable, FeaturepipeError, InvalidInput
 from serving import wire
 from serving.catalog import OUT_FEATURE, OnDemandStep, Plan
-from serving.layout import encode_entity_value
+from serving.layout import encode_entity_column
 from serving.protos import FIELD_STATUS, Value
 from serving.registry import ValueType
 from serving.values import from_value, proto_values
@@ -85,6 +85,94 @@ def to_python(value: Any) -> Any:
     return from_value(value)
 
 
+def _decoder(column: Callable[[int], list[bytes | None]], index: int) -> Callable[[], list[Any]]:
+    """Decodes one on-demand input column once, on first use."""
+    decoded: list[list[Any]] = []
+
+    def decode() -> list[Any]:
+        if not decoded:
+            decoded.append([_python_value(raw) for raw in column(index)])
+        return decoded[0]
+
+    return decode
+
+
+class _LazyInputs(dict):  # type: ignore[type-arg]
+    """The dict an on-demand UDF receives, whose feature columns are decoded on first
+    access: a UDF that reads 2 of a view's 13 features pays for 2. Any whole-dict use
+    (iteration, keys, items, len, copy, ``**``) decodes the rest first, so the UDF sees a
+    plain dict of lists, as Feast gives it."""
+
+    def __init__(self, eager: dict[str, list[Any]], lazy: dict[str, Callable[[], list[Any]]]):
+        super().__init__(eager)
+        self._lazy = {k: v for k, v in lazy.items() if k not in eager}
+
+    def __missing__(self, key: str) -> list[Any]:
+        make = self._lazy.pop(key, None)
+        if make is None:
+            raise KeyError(key)
+        value = make()
+        dict.__setitem__(self, key, value)
+        return value
+
+    def _everything(self) -> None:
+        for key in list(self._lazy):
+            self[key]  # noqa: B018  (decodes and stores it)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+    def __contains__(self, key: object) -> bool:
+        return dict.__contains__(self, key) or key in self._lazy
+
+    def __iter__(self) -> Any:
+        self._everything()
+        return dict.__iter__(self)
+
+    def __len__(self) -> int:
+        return dict.__len__(self) + len(self._lazy)
+
+    def keys(self) -> Any:
+        self._everything()
+        return dict.keys(self)
+
+    def items(self) -> Any:
+        self._everything()
+        return dict.items(self)
+
+    def values(self) -> Any:
+        self._everything()
+        return dict.values(self)
+
+    def copy(self) -> dict[str, list[Any]]:
+        self._everything()
+        return dict(dict.items(self))
+
+    def __eq__(self, other: object) -> bool:
+        self._everything()
+        return dict.__eq__(self, other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        self._everything()
+        return dict.__repr__(self)
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        if key in self._lazy:
+            self[key]  # noqa: B018
+        return dict.pop(self, key, *default)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        if key in self:
+            return self[key]
+        return dict.setdefault(self, key, default)
+
+    def __reduce__(self) -> Any:
+        self._everything()
+        return (dict, (dict(dict.items(self)),))
+
+
 class OnlineReader:
     """Reads the features of a :class:`~serving.catalog.Plan` for a batch of entity rows."""
 
@@ -116,10 +204,7 @@ class OnlineReader:
         n = self._row_count(plan, entities, request_context)
         request = self._request_values(plan, entities, request_context, n)
         encoded = {
-            jk.column: [
-                encode_entity_value(v, jk.value_type, jk.column, i)
-                for i, v in enumerate(entities[jk.column].val)
-            ]
+            jk.column: encode_entity_column(entities[jk.column].val, jk.value_type, jk.column)
             for jk in plan.entity_columns
         }
         row_slots: list[list[int] | None] = []  # None: row i reads slot i
@@ -365,19 +450,21 @@ class OnlineReader:
         }
         for name in step.request_fields:
             inputs[name] = request[name]
+        lazy: dict[str, Callable[[], list[Any]]] = {}
         for index in step.inputs:
             fc = plan.features[index]
-            inputs[fc.input_name] = [_python_value(raw) for raw in column(index)]
-        for index in step.inputs:
-            fc = plan.features[index]
-            inputs[fc.feature] = inputs[fc.input_name]
+            decode = _decoder(column, index)
+            lazy[fc.input_name] = decode
+            lazy.setdefault(fc.feature, decode)
+        inputs = _LazyInputs(inputs, lazy)
         name = step.name
         try:
             if step.singleton:
-                rows = [step.udf({k: v[i] for k, v in inputs.items()}) for i in range(n)]
+                whole = dict(inputs)
+                rows = [step.udf({k: v[i] for k, v in whole.items()}) for i in range(n)]
                 result = {o.feature: [row.get(o.feature) for row in rows] for o in step.outputs}
             else:
-                result = step.udf(dict(inputs))
+                result = step.udf(inputs)
         except Exception as exc:
             raise FeaturepipeError(
                 f"on-demand feature view {name!r} raised {type(exc).__name__}: {exc}; fix its "
