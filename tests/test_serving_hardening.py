@@ -398,13 +398,28 @@ def _wait_line(process: subprocess.Popen[str], pattern: str, timeout: float) -> 
     raise AssertionError(f"no line matching {pattern!r}; got:\n{''.join(lines)[-3000:]}")
 
 
+def _can_bind(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def test_workers_share_the_port_and_drain_on_sigterm(pipeline: Any,
                                                      hd_ids: dict[str, list[int]]) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from featurepipe.redis_server import free_port
 
-    port, metrics = free_port(), free_port()
+    port = free_port()
+    while True:  # two free metrics ports in a row (worker i serves metrics on base + i)
+        metrics = free_port()
+        if port not in (metrics, metrics + 1) and _can_bind(metrics + 1):
+            break
     process = subprocess.Popen(
         [sys.executable, "-m", "serving", "--repo", str(pipeline.repo), "--port", str(port),
          "--workers", "2", "--metrics-port", str(metrics), "--log-format", "json",
