@@ -21,6 +21,7 @@ from feast.infra.offline_stores.offline_store import RetrievalJob, RetrievalMeta
 
 from featurepipe.batch.sql import literal
 from featurepipe.errors import InvalidInput
+from featurepipe.offline.pit import SqlPlan
 
 if TYPE_CHECKING:
     from feast.on_demand_feature_view import OnDemandFeatureView
@@ -30,12 +31,12 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class QueryPlan:
-    """How to produce a result: ``plan(con)`` prepares ``con`` and returns the SELECT."""
+    """How to produce a result: ``plan(con)`` prepares ``con`` and returns a :class:`SqlPlan`."""
 
     config: RepoConfig | None
-    plan: Callable[[duckdb.DuckDBPyConnection], str]
+    plan: Callable[[duckdb.DuckDBPyConnection], SqlPlan]
 
-    def run(self, consume: Callable[[duckdb.DuckDBPyConnection, str], Any]) -> Any:
+    def run(self, consume: Callable[[duckdb.DuckDBPyConnection, SqlPlan], Any]) -> Any:
         from featurepipe.offline.store import connect
 
         con = connect(self.config)
@@ -83,7 +84,7 @@ class FeaturepipeRetrievalJob(RetrievalJob):
         return self._metadata
 
     def _to_arrow_internal(self, timeout: int | None = None) -> pa.Table:
-        return self._query.run(lambda con, sql: con.sql(sql).to_arrow_table())
+        return self._query.run(lambda con, plan: plan.to_arrow(con))
 
     def _to_df_internal(self, timeout: int | None = None) -> pd.DataFrame:
         return self._to_arrow_internal(timeout).to_pandas()
@@ -93,8 +94,8 @@ class FeaturepipeRetrievalJob(RetrievalJob):
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
 
-        def copy(con: duckdb.DuckDBPyConnection, sql: str) -> int:
-            con.execute(f"COPY ({sql}) TO {literal(str(target))} (FORMAT parquet)")
+        def copy(con: duckdb.DuckDBPyConnection, plan: SqlPlan) -> int:
+            con.execute(f"COPY ({plan.sql()}) TO {literal(str(target))} (FORMAT parquet)")
             return int(con.execute(f"SELECT count(*) FROM read_parquet({literal(str(target))})").fetchone()[0])
 
         return self._query.run(copy)

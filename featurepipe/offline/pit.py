@@ -17,11 +17,13 @@ and slower, and only used when asked for.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import duckdb
+import numpy as np
+import pyarrow as pa
 
 from featurepipe.batch.sql import literal, quote
 from featurepipe.errors import InvalidInput
@@ -159,8 +161,8 @@ def build_join(
     frame: EntityFrame,
     views: list[ViewRequest],
     filter_by_created_timestamp: bool = False,
-) -> str:
-    """Create one temp table per view in ``con`` and return the final SELECT.
+) -> JoinPlan:
+    """Create one temp table per view in ``con`` and return the plan that assembles them.
 
     ``frame.table`` must be registered in ``con`` as ``__fp_entity``.
     """
@@ -172,6 +174,7 @@ def build_join(
         lo = f"TIMESTAMPTZ {literal(lo_scalar.as_py().isoformat())}"
         hi = f"TIMESTAMPTZ {literal(hi_scalar.as_py().isoformat())}"
     selects = [f"e.{quote(c)}" for c in frame.columns]
+    matched: list[tuple[str, list[str]]] = []
     taken = set(frame.columns)
     joins = []
     for i, view in enumerate(views):
@@ -226,4 +229,49 @@ def build_join(
             join_kind = "LEFT JOIN"
         selects += [f"{alias}.{quote(o)}" for o in view.features.values()]
         joins.append(f"{join_kind} {alias} ON {alias}.{ROW} = e.{ROW}")
-    return f"SELECT {', '.join(selects)} FROM {ENTITY} e {' '.join(joins)} ORDER BY e.{ROW}"
+        matched.append((alias, list(view.features.values())))
+    return JoinPlan(
+        frame=frame,
+        views=matched,
+        final_sql=f"SELECT {', '.join(selects)} FROM {ENTITY} e {' '.join(joins)} ORDER BY e.{ROW}",
+    )
+
+
+@dataclass(frozen=True)
+class SqlPlan:
+    """A result that is one SELECT."""
+
+    final_sql: str
+
+    def sql(self) -> str:
+        return self.final_sql
+
+    def to_arrow(self, con: duckdb.DuckDBPyConnection) -> pa.Table:
+        return con.sql(self.final_sql).to_arrow_table()
+
+
+@dataclass(frozen=True)
+class JoinPlan(SqlPlan):
+    """A prepared point-in-time join: one temp table of matches per view.
+
+    ``sql()`` assembles the result in DuckDB (``COPY`` streams it to Parquet without
+    holding it in memory); ``to_arrow`` assembles it in Arrow instead: the entity columns
+    as given, each view's matched rows scattered to their entity row with one ``take``,
+    no join and no sort.
+    """
+
+    frame: EntityFrame | None = None
+    views: list[tuple[str, list[str]]] = field(default_factory=list)
+
+    def to_arrow(self, con: duckdb.DuckDBPyConnection) -> pa.Table:
+        assert self.frame is not None
+        n = self.frame.table.num_rows
+        result = self.frame.table.drop_columns([ROW])
+        for alias, outputs in self.views:
+            part = con.sql(f"SELECT {ROW}, {', '.join(quote(o) for o in outputs)} FROM {alias}").to_arrow_table()
+            index = np.full(n, -1, dtype=np.int64)
+            index[part.column(ROW).to_numpy()] = np.arange(part.num_rows, dtype=np.int64)
+            aligned = part.drop_columns([ROW]).take(pa.array(index, mask=index < 0))
+            for name in outputs:
+                result = result.append_column(name, aligned.column(name))
+        return result

@@ -42,7 +42,7 @@ from featurepipe.batch.sql import literal, quote
 from featurepipe.errors import InvalidInput
 from featurepipe.offline.entity import read_entity_frame
 from featurepipe.offline.job import FeaturepipeRetrievalJob, QueryPlan
-from featurepipe.offline.pit import ENTITY, ViewRequest, build_join
+from featurepipe.offline.pit import ENTITY, SqlPlan, ViewRequest, build_join
 
 
 class FeaturepipeOfflineStoreConfig(DuckDBOfflineStoreConfig):
@@ -122,7 +122,7 @@ class FeaturepipeOfflineStore(DuckDBOfflineStore):
             if feats
         ]
 
-        def plan(con: duckdb.DuckDBPyConnection) -> str:
+        def plan(con: duckdb.DuckDBPyConnection) -> SqlPlan:
             frame = read_entity_frame(entity_df, con)
             con.register(ENTITY, frame.table)
             return build_join(con, frame, views, filter_by_created_timestamp)
@@ -159,7 +159,7 @@ class FeaturepipeOfflineStore(DuckDBOfflineStore):
             f"WHERE CAST({quote(timestamp_field)} AS TIMESTAMPTZ) BETWEEN {_utc(start_date)} AND {_utc(end_date)} "
             f"QUALIFY row_number() OVER (PARTITION BY {partition} ORDER BY {', '.join(order)}) = 1"
         )
-        return FeaturepipeRetrievalJob(QueryPlan(config=config, plan=lambda con: sql))
+        return FeaturepipeRetrievalJob(QueryPlan(config=config, plan=lambda con: SqlPlan(sql)))
 
     @staticmethod
     def pull_all_from_table_or_query(
@@ -187,7 +187,7 @@ class FeaturepipeOfflineStore(DuckDBOfflineStore):
             f"FROM read_parquet({literal(path)}, union_by_name = true)"
             + (f" WHERE {' AND '.join(where)}" if where else "")
         )
-        return FeaturepipeRetrievalJob(QueryPlan(config=config, plan=lambda con: sql))
+        return FeaturepipeRetrievalJob(QueryPlan(config=config, plan=lambda con: SqlPlan(sql)))
 
     def get_table_column_names_and_types_from_data_source(
         self, config: RepoConfig, data_source: DataSource
