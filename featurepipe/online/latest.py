@@ -174,10 +174,14 @@ def open_latest(
         f"FROM {source_sql} WHERE {window}"
     )
     not_null = " AND ".join(f"{k} IS NOT NULL" for k in key_names)
+    # one scan: the null-key rows form their own group(s), counted, then dropped
     con.execute(
-        f"CREATE TEMP TABLE __latest AS SELECT {', '.join(key_names)}, max(__ts) AS __max_ts, "
-        f"count(*) AS __rows FROM __window WHERE {not_null} GROUP BY ALL"
+        f"CREATE TEMP TABLE __groups AS SELECT {', '.join(key_names)}, max(__ts) AS __max_ts, "
+        "count(*) AS __rows FROM __window GROUP BY ALL"
     )
+    null_rows = con.execute(f"SELECT coalesce(sum(__rows), 0) FROM __groups WHERE NOT ({not_null})").fetchall()[0][0]
+    con.execute(f"CREATE TEMP TABLE __latest AS SELECT * FROM __groups WHERE {not_null}")
+    con.execute("DROP TABLE __groups")
     join_on = " AND ".join(f"w.{k} = l.{k}" for k in key_names) + " AND w.__ts = l.__max_ts"
     if query.created:
         con.execute(
@@ -190,7 +194,6 @@ def open_latest(
         )
         join_on += " AND w.__created IS NOT DISTINCT FROM l.__max_created"
     entities, window_rows = con.execute("SELECT count(*), coalesce(sum(__rows), 0) FROM __latest").fetchall()[0]
-    null_rows = con.execute(f"SELECT count(*) FROM __window WHERE NOT ({not_null})").fetchall()[0][0]
     if null_rows and null_key_file is not None:
         _copy_null_key_rows(con, query.join_keys, key_names, bool(query.created), null_key_file)
     selects = [f"w.{n} AS {quote(k.name)}" for k, n in zip(query.join_keys, key_names)]

@@ -239,9 +239,10 @@ class HashWriter:
 
     def restore_command(self, batch: EncodedRows) -> bytes:
         """One ``RESTORE key ttl payload`` per row (no ``REPLACE``: existing keys are refused)."""
-        entries = [dump.field_and_value(self.ts_field, batch.timestamps)]
-        entries += [dump.field_and_value(f, v) for f, v in zip(self.feature_fields, batch.values)]
-        return dump.restore_commands(batch.keys, entries, 2 * len(entries), self.ttl_seconds * 1000).tobytes()
+        return dump.restore_commands_compiled(
+            batch.keys, self.ts_field, batch.timestamps, self.feature_fields, batch.values,
+            self.ttl_seconds * 1000,
+        ).tobytes()
 
     def _restorable(self, batch: EncodedRows) -> np.ndarray:
         """Rows whose hash RESTORE can carry exactly as HSET would build it."""
@@ -334,26 +335,28 @@ class HashWriter:
             return False
         sample = [b"\x08\x01", *(b"\x29" + bytes(8) for _ in self.feature_fields)]
         sample[-1] = b""  # a null value
-        batch = EncodedRows(
-            keys=rows.fixed(np.zeros((1, 1), np.uint8)),
-            timestamps=rows.fixed(np.frombuffer(sample[0], np.uint8).reshape(1, -1)),
-            values=[rows.from_flat(np.frombuffer(v, np.uint8), np.array([0, len(v)])) for v in sample[1:]],
-        )
-        flat, offsets = dump.hash_payloads(
-            [dump.field_and_value(f, v) for f, v in zip([self.ts_field, *self.feature_fields],
-                                                        [batch.timestamps, *batch.values])],
-            count=2 * (1 + len(self.feature_fields)),
-        )
         tag = uuid.uuid4().hex
         restored, built = f"featurepipe:probe:{tag}:r".encode(), f"featurepipe:probe:{tag}:h".encode()
+
+        def one(value: bytes) -> Piece:
+            return rows.from_flat(np.frombuffer(value, np.uint8), np.array([0, len(value)]))
+
+        probe = EncodedRows(keys=one(restored), timestamps=one(sample[0]), values=[one(v) for v in sample[1:]])
+        assert self._sock is not None and self._replies is not None
+        saved_ttl, self.ttl_seconds = self.ttl_seconds, 60  # the probe keys expire on their own
         try:
-            self.client.restore(restored, 60_000, flat.tobytes())
+            # exactly the bytes the writer sends, on its own connection
+            self._sock.sendall(self.restore_command(probe))
+            reply = self._replies.lines(1)
+            if reply is not None:  # not +OK: unknown payload version, RESTORE not allowed, ...
+                return False
             self.client.hset(built, mapping=dict(zip([self.ts_field, *self.feature_fields], sample)))
             self.client.pexpire(built, 60_000)
             return self.client.dump(restored) == self.client.dump(built)
-        except redis.ResponseError:  # unknown payload version, RESTORE not allowed, ...
+        except redis.ResponseError:
             return False
         finally:
+            self.ttl_seconds = saved_ttl
             try:
                 self.client.delete(restored, built)
             except redis.ResponseError:
