@@ -109,7 +109,13 @@ def edge_entity_df() -> pd.DataFrame:
     return frame.sample(frac=1.0, random_state=3).reset_index(drop=True)  # order is the caller's
 
 
-def test_edge_cases_match_the_reference(repo: Path, stores: tuple[Any, Any]) -> None:
+@pytest.mark.parametrize("prune_keys", [True, False], ids=["semi-join", "no-semi-join"])
+def test_edge_cases_match_the_reference(
+    repo: Path, stores: tuple[Any, Any], prune_keys: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from featurepipe.offline import pit
+
+    monkeypatch.setattr(pit, "SEMI_JOIN_MAX_ENTITY_ROWS", 10**9 if prune_keys else 0)
     ours_store, _ = stores
     tables = tables_from(EDGE_USER, EDGE_PAIR, [])  # the merchant view is empty
     write_tables(repo, tables)

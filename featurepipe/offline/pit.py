@@ -116,7 +116,12 @@ def _check_columns(view: ViewRequest, types: dict[str, str]) -> None:
         )
 
 
-def _feature_rows(view: ViewRequest, lo: str, hi: str, narrow: bool) -> str:
+# below this many entity rows, pruning feature rows to the requested keys (a semi join) pays
+# for itself; above it most keys are requested anyway and the join only costs time
+SEMI_JOIN_MAX_ENTITY_ROWS = 250_000
+
+
+def _feature_rows(view: ViewRequest, lo: str, hi: str, narrow: bool, prune_keys: bool = True) -> str:
     """The view's rows that can match some entity row, join keys renamed ``__k<i>``.
 
     ``narrow``: only keys, times and the row's position (file, row number); the features
@@ -138,12 +143,9 @@ def _feature_rows(view: ViewRequest, lo: str, hi: str, narrow: bool) -> str:
     if view.ttl:
         where.append(f"{ts} >= {lo} - INTERVAL ({_micros(view.ttl)}) MICROSECONDS")
     semi = " AND ".join(f"s.{quote(src)} = __fp_keys.{quote(ent)}" for src, ent in view.join_keys.items())
-    scan = view.scan()
-    return (
-        f"SELECT {', '.join(cols)} FROM {scan} s "
-        f"SEMI JOIN (SELECT DISTINCT {', '.join(quote(e) for e in view.join_keys.values())} FROM {ENTITY}) __fp_keys "
-        f"ON {semi} WHERE {' AND '.join(where)}"
-    )
+    keys = ", ".join(quote(e) for e in view.join_keys.values())
+    prune = f"SEMI JOIN (SELECT DISTINCT {keys} FROM {ENTITY}) __fp_keys ON {semi} " if prune_keys else ""
+    return f"SELECT {', '.join(cols)} FROM {view.scan()} s {prune}WHERE {' AND '.join(where)}"
 
 
 def _micros(delta: timedelta | None) -> int:
@@ -175,6 +177,7 @@ def build_join(
         hi = f"TIMESTAMPTZ {literal(hi_scalar.as_py().isoformat())}"
     selects = [f"e.{quote(c)}" for c in frame.columns]
     matched: list[tuple[str, list[str]]] = []
+    prune = frame.table.num_rows <= SEMI_JOIN_MAX_ENTITY_ROWS
     taken = set(frame.columns)
     joins = []
     for i, view in enumerate(views):
@@ -201,13 +204,13 @@ def build_join(
                 f"CREATE TEMP TABLE {alias} AS SELECT {ROW}, {', '.join(quote(o) for o in view.features.values())} FROM ("
                 f"SELECT e.{ROW}, {outs}, row_number() OVER (PARTITION BY e.{ROW} "
                 f"ORDER BY f.__fp_ts DESC, f.__fp_created DESC NULLS LAST) AS __rn "
-                f"FROM {ENTITY} e JOIN ({_feature_rows(view, lo, hi, narrow=False)}) f ON {' AND '.join(conds)}"
+                f"FROM {ENTITY} e JOIN ({_feature_rows(view, lo, hi, narrow=False, prune_keys=prune)}) f ON {' AND '.join(conds)}"
                 f") WHERE __rn = 1"
             )
             join_kind = "LEFT JOIN"
         else:
             # 1. ASOF over narrow rows: which feature row (file, position) each entity row gets
-            rows = _feature_rows(view, lo, hi, narrow=True)
+            rows = _feature_rows(view, lo, hi, narrow=True, prune_keys=prune)
             if view.created:  # ties on event time: the newest created time wins
                 rows = (
                     f"SELECT * FROM ({rows}) QUALIFY row_number() OVER (PARTITION BY "
