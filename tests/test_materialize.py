@@ -547,3 +547,14 @@ def test_compiled_restore_commands_equal_the_numpy_reference() -> None:
         for i, k in enumerate(key_rows)
     )
     assert got == expected
+
+
+def test_redis_connection_forms() -> None:
+    assert redis_connection_kwargs("10.0.0.5:6380,db=2,password=s3cret,ssl=true") == {
+        "host": "10.0.0.5", "port": 6380, "db": 2, "password": "s3cret", "ssl": True}
+    assert redis_connection_kwargs("redis://:pw@h:1/3") == {"host": "h", "port": 1, "db": 3, "password": "pw"}
+    assert redis_connection_kwargs("rediss://u:pw@h:7/0")["ssl"] is True
+    from featurepipe.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="exactly one host"):
+        redis_connection_kwargs("a:1,b:2")
