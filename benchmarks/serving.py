@@ -140,6 +140,7 @@ class Server:
     command: list[str]
     port: int
     check: Callable[[Server, dict[str, list[Any]]], int]  # one real call: response bytes
+    expected_bytes: dict[str, int] = field(default_factory=dict)  # per case, from check()
     process: subprocess.Popen[bytes] | None = None
     startup_seconds: float = float("nan")
     results: dict[str, Any] = field(default_factory=dict)
@@ -423,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr)
             try:
                 for case, rows in cases.items():
-                    server.check(server, rows)
+                    server.expected_bytes[case] = server.check(server, rows)
                     body = bodies[(case, server.kind)]
                     runs = [h2load(server, body, args.seconds, rps=r, log=work / "h2.log",
                                    h2load_bin=h2load_bin) for r in rates[case]]
@@ -431,11 +432,16 @@ def main(argv: list[str] | None = None) -> int:
                                        h2load_bin=h2load_bin))
                     server.results[case] = runs
                     for run in runs:
+                        # h2load counts HTTP 200s: a gRPC error is a 200 too, but a short one
+                        run["short_responses"] = bool(
+                            run["bytes_per_response"] < 0.8 * server.expected_bytes[case])
                         what = f"{run['rps_target']:.0f} req/s" if run["rps_target"] else "saturation"
                         print(f"  {case:>12} {what:>14}: {run['req_s']:8.0f} req/s  p50 "
                               f"{run['p50']:7.3f}  p99 {run['p99']:7.3f}  p99.9 {run['p999']:7.3f} ms"
                               f"  ok {run['ok']} failed {run['failed']}  "
-                              f"{run['bytes_per_response']:.0f} B/resp", file=sys.stderr)
+                              f"{run['bytes_per_response']:.0f} B/resp"
+                              f"{'  ERRORS? (short responses)' if run['short_responses'] else ''}",
+                              file=sys.stderr)
             finally:
                 server.stop()
         report(chosen, floors, rates)

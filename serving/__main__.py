@@ -31,6 +31,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="server processes sharing the port")
     p.add_argument("--threads", type=int, default=8, help="request threads per process")
     p.add_argument("--max-rows", type=int, default=1000, help="most entity rows per request")
+    p.add_argument("--max-concurrent-calls", type=int, default=1000,
+                   help="calls accepted at once per process; more get RESOURCE_EXHAUSTED")
     p.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024,
                    help="largest request or response message")
     p.add_argument("--redis-timeout", type=float, default=1.0,
@@ -78,6 +80,7 @@ def run_one(args: argparse.Namespace) -> None:
     serve(
         args.repo, host=args.host, port=args.port, max_workers=args.threads,
         max_rows=args.max_rows, max_message_bytes=args.max_message_bytes,
+        max_concurrent_calls=args.max_concurrent_calls,
         redis_timeout=args.redis_timeout, tls=tls, tokens=args.tokens,
         metrics_port=args.metrics_port, reuse_port=args.reuse_port, grace=args.grace,
         announce=lambda line: print(line, file=sys.stderr, flush=True),

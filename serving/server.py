@@ -186,6 +186,7 @@ class FeatureServer:
         tokens: a :class:`~serving.auth.TokenPolicy` (or its file); None: no authentication.
         metrics_port: port of the Prometheus ``/metrics`` endpoint (0: any free port, None: off).
         reuse_port: share the port with other server processes (SO_REUSEPORT).
+        max_concurrent_calls: calls accepted at once; more are refused RESOURCE_EXHAUSTED.
         store: an already opened Feast ``FeatureStore`` (its repo is used instead of ``repo``).
     """
 
@@ -205,6 +206,7 @@ class FeatureServer:
         tokens: TokenPolicy | str | os.PathLike[str] | None = None,
         metrics_port: int | None = None,
         reuse_port: bool = False,
+        max_concurrent_calls: int = 1000,
         store: Any = None,
     ) -> None:
         if max_rows < 1:
@@ -227,6 +229,7 @@ class FeatureServer:
             else TokenPolicy.from_file(tokens)
         self.metrics_port = metrics_port
         self.reuse_port = reuse_port
+        self.max_concurrent_calls = max_concurrent_calls
         self.metrics: ServerMetrics | None = ServerMetrics() if metrics_port is not None else None
         self.port = 0
         self.config: RepoConfig | None = None
@@ -312,7 +315,7 @@ class FeatureServer:
                 ("grpc.max_receive_message_length", self.max_message_bytes),
                 ("grpc.max_send_message_length", self.max_message_bytes),
             ],
-            maximum_concurrent_rpcs=self.max_workers * 16,
+            maximum_concurrent_rpcs=self.max_concurrent_calls,
         )
         _ServingServicer(self).add_to(self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
