@@ -60,6 +60,8 @@ _PLAIN_KINDS = frozenset(
 
 
 _unpack_double = struct.Struct("<d").unpack
+_pack_double = struct.Struct("<d").pack
+_FRAMED_DOUBLE = b"\x0a\x09\x29"  # FeatureVector field 1, length 9, Value field 5 (double)
 
 
 def _python_value(raw: bytes | None) -> Any:
@@ -485,6 +487,15 @@ class OnlineReader:
                     f"on-demand feature view {name!r} returned {len(values)} values of "
                     f"{output.feature!r} for {n} rows; it must return one per row"
                 )
+            if output.value_type == ValueType.DOUBLE and all(type(v) is float for v in values):
+                # the common case, serialized without protobuf: field 5 (double), fixed64;
+                # NaN is an empty Value, as Feast converts it
+                columns.append((
+                    [_FRAMED_DOUBLE + _pack_double(v) if v == v else wire.EMPTY_VALUE
+                     for v in values],
+                    [PRESENT if v == v else NULL_VALUE for v in values],
+                ))
+                continue
             try:
                 protos = proto_values(values, output.value_type)
             except (TypeError, ValueError, AssertionError) as exc:
