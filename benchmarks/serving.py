@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="measured seconds per run (after 1 s of warm-up)")
     parser.add_argument("--rates", default="200,1000",
                         help="open-loop request rates (requests/s), 1-entity case")
-    parser.add_argument("--rates-100", default="100,300",
+    parser.add_argument("--rates-100", default="50,150",
                         help="open-loop request rates (requests/s), 100-entity case")
     parser.add_argument("--rows", type=int, default=100_000, help="transactions to generate")
     parser.add_argument("--repo", type=Path, default=None,
@@ -444,7 +444,19 @@ def main(argv: list[str] | None = None) -> int:
                               file=sys.stderr)
             finally:
                 server.stop()
-        report(chosen, floors, rates)
+        cli_port = free_port()
+        cli = Server("featurepipe serve (CLI)", "grpc",
+                     "/feast.serving.ServingService/GetOnlineFeatures",
+                     [str(BIN / "featurepipe"), "serve", "--repo", str(repo), "--port",
+                      str(cli_port)], cli_port, grpc_check)
+        try:  # start-up only: the CLI runs the same server as python -m serving
+            cli.start(cases["1 entity"], work / "cli.log")
+            print(f"{cli.name}: serving after {cli.startup_seconds:.2f}s", file=sys.stderr)
+        except Exception as exc:
+            print(f"{cli.name}: {exc}", file=sys.stderr)
+        finally:
+            cli.stop()
+        report([*chosen, cli], floors, rates)
         if args.json:
             args.json.write_text(json.dumps({
                 "floors": floors,
