@@ -129,15 +129,6 @@ def peak_rss_mb() -> float:
 def worker(repo: Path, action: str) -> None:
     """Runs in a child process: ``generate`` the table, ``apply`` the definitions, or
     ``materialize`` and report."""
-    if action == "warmup":  # compile featurepipe's Numba loops once (cached beside the code)
-        import numpy as np
-
-        from featurepipe.online import dump, rows
-
-        piece = rows.Piece(np.zeros((2, 9), np.uint8))
-        dump.restore_commands_compiled(piece, b"_ts:v", piece, [b"abcd"], [piece], 0)
-        rows.join([piece, piece])
-        return
     if action == "generate":
         spec = json.loads((repo / "bench.json").read_text())
         rows = generate(Path(spec["data"]), spec["entities"], spec["rows_per_entity"], spec["features"])
@@ -209,7 +200,7 @@ def main() -> None:
     parser.add_argument("--no-double", action="store_true",
                         help="skip featurepipe's second run on a table twice as long")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    parser.add_argument("--worker", choices=["warmup", "generate", "apply", "materialize"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["generate", "apply", "materialize"], help=argparse.SUPPRESS)
     parser.add_argument("--repo", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -227,7 +218,6 @@ def main() -> None:
             client = redis.Redis(port=server.port)
             sizes = [args.rows_per_entity] + ([] if args.no_double else [2 * args.rows_per_entity])
             ceiling = redis_benchmark(server.port)
-            run_worker(tmp, "warmup")
             client.flushall()
             for size in sizes:
                 data = tmp / f"offline-{size}"

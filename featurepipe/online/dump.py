@@ -25,18 +25,65 @@ import functools
 from collections.abc import Sequence
 
 import numpy as np
-from numba import njit
 
-from featurepipe.online import kernels, rows
+from featurepipe.online import rows
 from featurepipe.online.rows import Piece
 
 RDB_TYPE_HASH_LISTPACK = 16
 RDB_VERSION = 10  # Redis 7.0, the first to store hashes as listpacks; later ones load it
+_CRC64_REFLECTED_POLY = 0x95AC9329AC4BC9B5
+
+
+def _crc_tables() -> np.ndarray:
+    base = np.zeros(256, dtype=np.uint64)
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ (_CRC64_REFLECTED_POLY if c & 1 else 0)
+        base[i] = c
+    tables = np.zeros((8, 256), dtype=np.uint64)
+    tables[0] = base
+    for k in range(1, 8):
+        prev = tables[k - 1]
+        tables[k] = base[(prev & np.uint64(0xFF)).astype(np.intp)] ^ (prev >> np.uint64(8))
+    return tables
+
+
+_CRC_TABLES = _crc_tables()
 
 
 def crc64(flat: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """CRC-64/Redis of every row of a flat buffer (the checksum ``DUMP`` appends)."""
-    return kernels.crc64(flat, offsets[:-1], np.diff(offsets))
+    lengths = np.diff(offsets)
+    n = len(lengths)
+    width = int(lengths.max(initial=0))
+    mask = np.arange(width) < lengths[:, None]
+    buf = np.zeros((n, width), dtype=np.uint8)
+    buf[mask] = flat[offsets[0]:offsets[-1]]
+    return crc64_matrix(rows.right_aligned(buf, mask, lengths, multiple=8))
+
+
+def crc64_matrix(matrix: np.ndarray) -> np.ndarray:
+    """CRC-64/Redis of every row of a right-aligned, zero-padded matrix (width a multiple of 8).
+
+    Leading zeros leave a CRC with initial value 0 unchanged; all rows are processed
+    together, 8 bytes at a time (slicing-by-8 tables).
+    """
+    n = matrix.shape[0]
+    words = np.ascontiguousarray(matrix.view("<u8").T)  # (width / 8, n)
+    t = _CRC_TABLES
+    crc = np.zeros(n, dtype=np.uint64)
+    x = np.empty(n, dtype=np.uint64)
+    byte = np.uint64(0xFF)
+    idx = np.empty(n, dtype=np.intp)
+    for word in words:
+        np.bitwise_xor(crc, word, out=x)
+        np.bitwise_and(x, byte, out=idx, casting="unsafe")
+        crc = t[7].take(idx)
+        for k in range(1, 8):
+            np.bitwise_and(x >> np.uint64(8 * k), byte, out=idx, casting="unsafe")
+            crc ^= t[7 - k].take(idx)
+    return crc
 
 
 def _string_header(lengths: np.ndarray) -> Piece:
@@ -134,6 +181,33 @@ def unsigned_payload(entries: Sequence[Piece], count: int | None = None) -> list
     ]
 
 
+def restore_commands(keys: Piece, entries: Sequence[Piece], count: int, ttl_ms: int) -> np.ndarray:
+    """``RESTORE key ttl payload`` (RESP) for every row, as one buffer.
+
+    Laid out once; each payload's CRC is computed from that layout and written into it.
+    """
+    n = keys.rows
+    payload = unsigned_payload(entries, count)
+    plen = sum(p.row_lengths() for p in payload) + 8
+    ttl = str(int(ttl_ms)).encode()
+    head = [
+        rows.constant(b"*4\r\n$7\r\nRESTORE\r\n", n),
+        rows.decimal(keys.row_lengths(), b"$", b"\r\n"),
+        keys,
+        rows.constant(b"\r\n$%d\r\n%s\r\n" % (len(ttl), ttl), n),
+        rows.decimal(plen, b"$", b"\r\n"),
+    ]
+    buf, mask, lengths = rows.layout([*head, *payload, rows.constant(bytes(8) + b"\r\n", n)])
+    first = sum(p.width for p in head)
+    last = buf.shape[1] - 10  # where the CRC goes
+    part = buf[:, first:last]
+    part_mask = None if mask is None else mask[:, first:last]
+    crc = crc64_matrix(rows.right_aligned(part, part_mask, plen - 8, multiple=8))
+    buf[:, last:last + 8] = crc.astype("<u8").view(np.uint8).reshape(n, 8)
+    flat, _ = rows.compact(buf, mask, lengths)
+    return flat
+
+
 def hash_payloads(entries: Sequence[Piece], count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Complete ``RESTORE`` payloads (with CRC) as a flat buffer and offsets."""
     pieces = unsigned_payload(entries, count)
@@ -166,210 +240,3 @@ def integer_like(piece: Piece) -> np.ndarray:
     positive = first_digit & rest_digits & ((data[:, 0] != 0x30) | (lengths == 1))
     negative = minus & (lengths >= 2) & rest_digits & (second >= 0x31) & (second <= 0x39)
     return (lengths >= 1) & (lengths <= 20) & (positive | negative)
-
-
-# ---------------------------------------------------------------- compiled: whole RESTORE commands
-
-_RESTORE_HEAD = np.frombuffer(b"*4\r\n$7\r\nRESTORE\r\n", dtype=np.uint8)
-
-
-@njit(cache=True, nogil=True)
-def _digits(value: int) -> int:
-    d = 1
-    while value >= 10:
-        value //= 10
-        d += 1
-    return d
-
-
-@njit(cache=True, nogil=True)
-def _put_bulk_header(out: np.ndarray, pos: int, value: int) -> int:
-    """Write ``$<value>\\r\\n``; return the next position."""
-    out[pos] = 36  # $
-    d = _digits(value)
-    for i in range(d):
-        out[pos + d - i] = 48 + value % 10
-        value //= 10
-    out[pos + d + 1] = 13
-    out[pos + d + 2] = 10
-    return pos + d + 3
-
-
-@njit(cache=True, nogil=True)
-def _entry_size(length: int) -> int:
-    header = 1 if length < 64 else (2 if length < 4096 else 5)
-    body = header + length
-    back = 1 if body <= 127 else (2 if body < 16383 else (3 if body < 2097151 else (4 if body < 268435455 else 5)))
-    return body + back
-
-
-@njit(cache=True, nogil=True)
-def _put_entry(out: np.ndarray, pos: int, src: np.ndarray, row: int, length: int) -> int:
-    """Write one listpack string entry holding ``src[row, :length]``."""
-    start = pos
-    if length < 64:
-        out[pos] = 0x80 | length
-        pos += 1
-    elif length < 4096:
-        out[pos] = 0xE0 | (length >> 8)
-        out[pos + 1] = length & 0xFF
-        pos += 2
-    else:
-        out[pos] = 0xF0
-        for k in range(4):
-            out[pos + 1 + k] = (length >> (8 * k)) & 0xFF
-        pos += 5
-    for b in range(length):
-        out[pos + b] = src[row, b]
-    pos += length
-    body = pos - start
-    size = 1 if body <= 127 else (2 if body < 16383 else (3 if body < 2097151 else (4 if body < 268435455 else 5)))
-    for j in range(size):  # big-endian 7-bit groups, high bit on all but the first
-        group = (body >> (7 * (size - 1 - j))) & 0x7F
-        out[pos + j] = group | (0x80 if j > 0 else 0)
-    return pos + size
-
-
-@njit(cache=True, nogil=True)
-def _listpack_size(ts_field_len: int, ts_len: int, field_lens: np.ndarray, value_lens: np.ndarray, row: int) -> int:
-    lp = 6 + _entry_size(ts_field_len) + _entry_size(ts_len) + 1
-    for j in range(len(field_lens)):
-        lp += _entry_size(field_lens[j]) + _entry_size(value_lens[j, row])
-    return lp
-
-
-@njit(cache=True, nogil=True)
-def _restore_sizes(keys_len, ts_field_len, ts_len, field_lens, value_lens, ttl_len, out_sizes, out_plen, out_lp):
-    for r in range(len(keys_len)):
-        lp = _listpack_size(ts_field_len, ts_len[r], field_lens, value_lens, r)
-        plen = 1 + (1 if lp < 64 else (2 if lp < 16384 else 5)) + lp + 2 + 8
-        out_lp[r] = lp
-        out_plen[r] = plen
-        k = keys_len[r]
-        out_sizes[r] = 17 + (3 + _digits(k)) + k + 2 + ttl_len + (3 + _digits(plen)) + plen + 2
-
-
-@njit(cache=True, nogil=True)
-def _restore_heads(out, offsets, plens, lps, keys, keys_len, ts_field, ts, ts_len, ttl_elem, head,
-                   n_entries, cursor, payload_start):
-    """Per row: RESP head, key, ttl, payload length, RDB type and length, listpack header, ts entry."""
-    for r in range(len(keys_len)):
-        pos = offsets[r]
-        for b in range(len(head)):
-            out[pos + b] = head[b]
-        pos += len(head)
-        pos = _put_bulk_header(out, pos, keys_len[r])
-        for b in range(keys_len[r]):
-            out[pos + b] = keys[r, b]
-        pos += keys_len[r]
-        out[pos] = 13
-        out[pos + 1] = 10
-        pos += 2
-        for b in range(len(ttl_elem)):
-            out[pos + b] = ttl_elem[b]
-        pos += len(ttl_elem)
-        pos = _put_bulk_header(out, pos, plens[r])
-        payload_start[r] = pos
-        lp = lps[r]
-        out[pos] = 16  # RDB type: hash as listpack
-        pos += 1
-        if lp < 64:
-            out[pos] = lp
-            pos += 1
-        elif lp < 16384:
-            out[pos] = 0x40 | (lp >> 8)
-            out[pos + 1] = lp & 0xFF
-            pos += 2
-        else:
-            out[pos] = 0x80
-            for k in range(4):
-                out[pos + 1 + k] = (lp >> (8 * (3 - k))) & 0xFF
-            pos += 5
-        for k in range(4):  # listpack header: total bytes, entry count
-            out[pos + k] = (lp >> (8 * k)) & 0xFF
-        out[pos + 4] = n_entries & 0xFF
-        out[pos + 5] = n_entries >> 8
-        pos += 6
-        for b in range(len(ts_field)):
-            out[pos + b] = ts_field[b]
-        pos += len(ts_field)
-        cursor[r] = _put_entry(out, pos, ts, r, ts_len[r])
-
-
-@njit(cache=True, nogil=True)
-def _restore_field(out, cursor, field_entry, values, lengths):
-    """One field and its value, for every row, at each row's cursor."""
-    w = len(field_entry)
-    for r in range(len(cursor)):
-        pos = cursor[r]
-        for b in range(w):
-            out[pos + b] = field_entry[b]
-        cursor[r] = _put_entry(out, pos + w, values, r, lengths[r])
-
-
-@njit(cache=True, nogil=True)
-def _restore_tails(out, cursor, payload_start, tables):
-    """Per row: listpack end, RDB version, CRC-64 of the payload, CRLF."""
-    byte = np.uint64(0xFF)
-    for r in range(len(cursor)):
-        pos = cursor[r]
-        out[pos] = 0xFF
-        out[pos + 1] = RDB_VERSION & 0xFF
-        out[pos + 2] = RDB_VERSION >> 8
-        pos += 3
-        crc = np.uint64(0)
-        i = payload_start[r]
-        while i + 8 <= pos:  # slicing-by-8
-            word = np.uint64(0)
-            for b in range(8):
-                word |= np.uint64(out[i + b]) << np.uint64(8 * b)
-            x = crc ^ word
-            crc = (tables[7, x & byte] ^ tables[6, (x >> np.uint64(8)) & byte] ^ tables[5, (x >> np.uint64(16)) & byte]
-                   ^ tables[4, (x >> np.uint64(24)) & byte] ^ tables[3, (x >> np.uint64(32)) & byte]
-                   ^ tables[2, (x >> np.uint64(40)) & byte] ^ tables[1, (x >> np.uint64(48)) & byte]
-                   ^ tables[0, x >> np.uint64(56)])
-            i += 8
-        while i < pos:
-            crc = tables[0, (crc ^ np.uint64(out[i])) & byte] ^ (crc >> np.uint64(8))
-            i += 1
-        for k in range(8):
-            out[pos + k] = (crc >> np.uint64(8 * k)) & byte
-        out[pos + 8] = 13
-        out[pos + 9] = 10
-
-
-def restore_commands_compiled(
-    keys: Piece, ts_field: bytes, timestamps: Piece, fields: Sequence[bytes], values: Sequence[Piece], ttl_ms: int
-) -> np.ndarray:
-    """``RESTORE key ttl payload`` (RESP) for every row, written and checksummed by compiled loops.
-
-    Same bytes as :func:`restore_commands` over :func:`field_and_value` entries.
-    """
-    n = keys.rows
-    keys_len = keys.row_lengths()
-    ts_len = timestamps.row_lengths()
-    value_lens = np.empty((len(values), n), dtype=np.int64)
-    for j, v in enumerate(values):
-        value_lens[j] = v.row_lengths()
-    field_lens = np.array([len(f) for f in fields], dtype=np.int64)
-    ttl = str(int(ttl_ms)).encode()
-    ttl_elem = np.frombuffer(b"$%d\r\n%s\r\n" % (len(ttl), ttl), dtype=np.uint8)
-    sizes = np.empty(n, dtype=np.int64)
-    plens = np.empty(n, dtype=np.int64)
-    lps = np.empty(n, dtype=np.int64)
-    _restore_sizes(keys_len, len(ts_field), ts_len, field_lens, value_lens, len(ttl_elem), sizes, plens, lps)
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(sizes, out=offsets[1:])
-    out = np.empty(int(offsets[-1]), dtype=np.uint8)
-    cursor = np.empty(n, dtype=np.int64)
-    payload_start = np.empty(n, dtype=np.int64)
-    _restore_heads(
-        out, offsets, plens, lps, np.ascontiguousarray(keys.data), keys_len,
-        np.frombuffer(constant_entry(ts_field), dtype=np.uint8), np.ascontiguousarray(timestamps.data), ts_len,
-        ttl_elem, _RESTORE_HEAD, min(2 * (len(fields) + 1), 65535), cursor, payload_start,
-    )
-    for j, (field, value) in enumerate(zip(fields, values)):
-        _restore_field(out, cursor, np.frombuffer(constant_entry(field), dtype=np.uint8),
-                       np.ascontiguousarray(value.data), value_lens[j])
-    _restore_tails(out, cursor, payload_start, kernels.CRC_TABLES)
-    return out

@@ -2,9 +2,9 @@
 
 A :class:`Piece` holds one byte string per row as a padded matrix: row ``i`` is
 ``data[i, :lengths[i]]``. Encoders produce pieces (a varint, a length header, a value)
-and :func:`join` lays them side by side and squeezes out the padding (one compiled pass,
-:mod:`featurepipe.online.kernels`), giving every row's concatenation as one flat buffer
-plus offsets, the layout of an Arrow binary array. No Python runs per row.
+and :func:`join` lays them side by side and squeezes out the padding in one pass, giving
+every row's concatenation as one flat buffer plus offsets, the layout of an Arrow
+binary array. No Python runs per row.
 
 Example: the RESP bulk string ``$<len>\\r\\n<bytes>\\r\\n`` of every value is
 ``join([decimal(lengths, b"$", b"\\r\\n"), value, constant(b"\\r\\n", n)])``.
@@ -61,23 +61,47 @@ def fixed(data: np.ndarray, present: np.ndarray | None = None) -> Piece:
     return Piece(data, np.where(present, data.shape[1], 0).astype(np.int64))
 
 
-def layout(pieces: Sequence[Piece]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pieces side by side in one padded matrix: ``(buffer, piece starts, lengths (rows, pieces))``."""
+def layout(pieces: Sequence[Piece]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Pieces side by side in one padded matrix: ``(buffer, valid-byte mask or None, row lengths)``."""
     rows = pieces[0].rows
-    widths = np.array([p.width for p in pieces], dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(widths)[:-1]]).astype(np.int64)
-    buf = np.empty((rows, int(widths.sum())), dtype=np.uint8)
-    lengths = np.empty((rows, len(pieces)), dtype=np.int64)
-    for j, p in enumerate(pieces):
-        buf[:, starts[j]:starts[j] + p.width] = p.data
-        lengths[:, j] = p.width if p.lengths is None else p.lengths
-    return buf, starts, lengths
+    width = sum(p.width for p in pieces)
+    buf = np.empty((rows, width), dtype=np.uint8)
+    mask: np.ndarray | None = None
+    total = np.zeros(rows, dtype=np.int64)
+    pos = 0
+    for p in pieces:
+        w = p.width
+        buf[:, pos:pos + w] = p.data
+        if p.lengths is not None:
+            if mask is None:
+                mask = np.ones((rows, width), dtype=bool)
+            np.less(np.arange(w), p.lengths[:, None], out=mask[:, pos:pos + w])
+            total += p.lengths
+        else:
+            total += w
+        pos += w
+    return buf, mask, total
+
+
+def compact(buf: np.ndarray, mask: np.ndarray | None, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The valid bytes of a :func:`layout`, row after row, and the row offsets."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return (buf.reshape(-1) if mask is None else buf[mask]), offsets
+
+
+def right_aligned(buf: np.ndarray, mask: np.ndarray | None, lengths: np.ndarray, multiple: int = 1) -> np.ndarray:
+    """The valid bytes of each row at the right end of a zero-padded matrix."""
+    width = int(lengths.max(initial=0))
+    width += (-width) % multiple
+    out = np.zeros((len(lengths), width), dtype=np.uint8)
+    target = np.arange(width) >= (width - lengths)[:, None]
+    out[target] = buf.reshape(-1) if mask is None else buf[mask]
+    return out
 
 
 def join(pieces: Sequence[Piece]) -> tuple[np.ndarray, np.ndarray]:
     """Every row's pieces concatenated: a flat uint8 buffer and int64 offsets (rows + 1)."""
-    from featurepipe.online.kernels import compact
-
     return compact(*layout(pieces))
 
 
