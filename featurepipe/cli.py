@@ -299,5 +299,15 @@ def _register_training_commands() -> None:
 
 _register_training_commands()
 
+
+def _register_quality_commands() -> None:
+    from featurepipe.cli_quality import lineage, status
+
+    for command in (status, lineage):
+        main.add_command(command)
+
+
+_register_quality_commands()
+
 if __name__ == "__main__":
     main()

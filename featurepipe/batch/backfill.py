@@ -26,6 +26,8 @@ from featurepipe.errors import InvalidInput, NotFound
 if TYPE_CHECKING:
     from feast import FeatureStore
 
+    from featurepipe.quality.gate import BatchGate
+
 
 @dataclass(frozen=True)
 class BackfillResult:
@@ -96,10 +98,16 @@ def backfill_view(
     view: AggregateView,
     start: datetime | date | None = None,
     end: datetime | date | None = None,
+    gate: BatchGate | None = None,
 ) -> BackfillResult:
-    """Recompute the day partitions of ``view`` in ``[start, end)`` (default: all input)."""
+    """Recompute the day partitions of ``view`` in ``[start, end)`` (default: all input).
+
+    With a quality ``gate``, only raw rows that pass it are read, and the staged feature
+    rows are checked before they are published (see ``featurepipe.quality``).
+    """
     t0 = time.perf_counter()
     con = connect_deterministic()
+    checked_input = gate.check_input(con, view) if gate is not None else None
     columns = source_columns(con, view.input_path)
     columns.require(view)
     lo, hi = input_time_range(con, view)
@@ -107,7 +115,7 @@ def backfill_view(
     end_dt = _day(_as_utc(end)) if end is not None else _day(hi) + timedelta(days=1)
     if end_dt <= start_dt:
         raise InvalidInput(f"backfill range is empty: start {start_dt:%Y-%m-%d} >= end {end_dt:%Y-%m-%d}")
-    sql = aggregate_sql(view, columns, start_dt, end_dt)
+    sql = aggregate_sql(view, columns, start_dt, end_dt, source=checked_input)
     out = view.offline_path
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".staging-{view.name}-{uuid.uuid4().hex[:8]}"
@@ -117,6 +125,8 @@ def backfill_view(
             f"TO {literal(str(staging))} (FORMAT parquet, PARTITION_BY (date), "
             "FILENAME_PATTERN 'part-{i}', COMPRESSION zstd)"
         )
+        if gate is not None:
+            staging = gate.check_output(con, view, staging)
         rows, entities = con.execute(
             f"SELECT count(*), count(DISTINCT ({', '.join(quote(k) for k in view.join_keys)})) "
             f"FROM read_parquet({literal(str(staging / '**' / '*.parquet'))})"
@@ -151,16 +161,28 @@ def backfill(
     start: datetime | date | None = None,
     end: datetime | date | None = None,
     progress: bool = True,
+    quality: bool = True,
 ) -> list[BackfillResult]:
-    """Backfill every windowed-aggregate view of the registry (or the named ones)."""
+    """Backfill every windowed-aggregate view of the registry (or the named ones).
+
+    With ``quality`` (default), the repo's ``contracts.yaml`` gates the raw input and the
+    feature rows, and the run is recorded under ``<data>/runs/`` (``featurepipe.quality``).
+    """
+    from contextlib import nullcontext
+
     from tqdm import tqdm
 
+    from featurepipe.quality.gate import open_gate
+
     targets = aggregate_views(store, views)
+    gate = open_gate(store, [v.name for v in targets]) if quality else None
     results = []
-    with tqdm(targets, desc="backfill", unit="view", disable=not progress) as bar:
+    with gate or nullcontext(), tqdm(targets, desc="backfill", unit="view", disable=not progress) as bar:
         for view in bar:
             bar.set_postfix_str(view.name)
-            results.append(backfill_view(view, start, end))
+            results.append(backfill_view(view, start, end, gate))
+            if gate is not None:
+                gate.view_done(results[-1])
     return results
 
 

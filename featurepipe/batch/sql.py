@@ -86,12 +86,14 @@ def aggregate_sql(
     start: datetime | None = None,
     end: datetime | None = None,
     extra_input: str | None = None,
+    source: str | None = None,
 ) -> str:
     """SELECT producing the view's feature rows with event time in ``[start, end)``.
 
     Reads ``[start - max_window, end)`` of the input so windows at ``start`` are complete.
     ``extra_input``, when given, is a relation (table name) unioned with the Parquet input
-    (the push path uses it for events not yet on disk).
+    (the push path uses it for events not yet on disk). ``source``, when given, is the
+    relation read instead of the Parquet input (the quality gate's rows that passed).
     """
     columns.require(view)
     keys = [quote(k) for k in view.join_keys]
@@ -106,7 +108,7 @@ def aggregate_sql(
         where.append(f"__ts >= {ts_literal(start - view.max_window)}")
     if end is not None:
         where.append(f"__ts < {ts_literal(end)}")
-    source = f"read_parquet({literal(view.input_path)}, hive_partitioning = true, union_by_name = true)"
+    source = source or f"read_parquet({literal(view.input_path)}, hive_partitioning = true, union_by_name = true)"
     inputs = f"SELECT {select_cols} FROM {source}"
     if extra_input:
         inputs += f" UNION ALL BY NAME SELECT {select_cols} FROM {extra_input}"

@@ -1,0 +1,270 @@
+"""Contract checks as DuckDB SQL: one grouped scan for the counts, one more only on failure.
+
+A relation here is a DuckDB ``FROM`` item whose rows carry ``__source_file`` and
+``file_row_number`` (``read_parquet(..., filename='__source_file', file_row_number=true)``),
+so a failing row is identified by where it is stored and can be excluded downstream.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from featurepipe.batch.sql import literal, quote
+from featurepipe.quality.contracts import TableContract
+
+ROW_ID = ("__source_file", "file_row_number")
+_NUMERIC = ("INT", "DOUBLE", "FLOAT", "DECIMAL", "REAL", "NUMERIC")
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The outcome of one check on one table at one stage."""
+
+    stage: str
+    table: str
+    check: str
+    column: str | None
+    severity: str
+    passed: bool
+    failed_rows: int = 0
+    rows: int = 0
+    detail: str = ""
+    sample: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def blocking(self) -> bool:
+        return not self.passed and self.severity == "block"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage, "table": self.table, "check": self.check, "column": self.column,
+            "severity": self.severity, "passed": self.passed, "failed_rows": self.failed_rows,
+            "rows": self.rows, "detail": self.detail, "sample": self.sample,
+        }
+
+
+@dataclass(frozen=True)
+class RowCheck:
+    """A row-level check: SQL that is true for a failing row, and SQL giving the reason."""
+
+    name: str
+    column: str | None
+    severity: str
+    fails: str
+    reason: str
+
+
+def parquet_relation(glob: str) -> str:
+    """A DuckDB relation over Parquet files with the row identity columns."""
+    return (
+        f"read_parquet({literal(glob)}, hive_partitioning = true, union_by_name = true, "
+        "filename = '__source_file', file_row_number = true)"
+    )
+
+
+def describe(con: duckdb.DuckDBPyConnection, relation: str) -> dict[str, str]:
+    """Column names and DuckDB types of a relation, without the row identity columns."""
+    rows = con.execute(f"DESCRIBE SELECT * FROM {relation}").fetchall()
+    return {r[0]: str(r[1]).upper() for r in rows if r[0] not in ROW_ID}
+
+
+def schema_checks(stage: str, contract: TableContract, types: dict[str, str]) -> list[CheckResult]:
+    """Declared columns exist with their declared types (a rename shows as missing + new)."""
+    results = []
+    declared = {c.name for c in contract.columns}
+    extra = sorted(set(types) - declared - {"date"})
+    for col in contract.columns:
+        if col.name not in types:
+            hint = f"; new column(s) {extra}: renamed?" if extra else ""
+            results.append(CheckResult(
+                stage, contract.name, "schema.missing", col.name, contract.schema_severity, False,
+                detail=f"column {col.name!r} is missing (columns: {sorted(types)}){hint}",
+            ))
+        elif col.type and types[col.name] != col.type:
+            results.append(CheckResult(
+                stage, contract.name, "schema.type", col.name, contract.schema_severity, False,
+                detail=f"column {col.name!r} is {types[col.name]}, the contract says {col.type}",
+            ))
+    if not results:
+        results.append(CheckResult(stage, contract.name, "schema", None, contract.schema_severity, True))
+    return results
+
+
+def _value(v: Any) -> str:
+    return literal(v) if isinstance(v, str) else repr(v)
+
+
+def row_checks(contract: TableContract, types: dict[str, str]) -> list[RowCheck]:
+    """The row-level checks of a contract that apply to the columns present."""
+    checks = []
+    for col in contract.columns:
+        if col.name not in types:
+            continue
+        q = quote(col.name)
+        text = f"CAST({q} AS VARCHAR)"
+        if not col.nullable:
+            checks.append(RowCheck(f"{col.name}.not_null", col.name, col.severity,
+                                   f"{q} IS NULL", literal(f"{col.name} is null")))
+        numeric = any(t in types[col.name] for t in _NUMERIC)
+        if numeric and (col.min is not None or col.max is not None):
+            conds = []
+            if col.min is not None:
+                conds.append(f"{q} < {col.min!r}")
+            if col.max is not None:
+                conds.append(f"{q} > {col.max!r}")
+            if "DOUBLE" in types[col.name] or "FLOAT" in types[col.name]:
+                conds.append(f"isnan({q})")
+            bounds = f"[{'-inf' if col.min is None else col.min}, {'inf' if col.max is None else col.max}]"
+            checks.append(RowCheck(f"{col.name}.range", col.name, col.severity, f"({' OR '.join(conds)})",
+                                   f"{literal(col.name + ' = ')} || {text} || {literal(' outside ' + bounds)}"))
+        if col.allowed is not None:
+            values = ", ".join(_value(v) for v in col.allowed)
+            checks.append(RowCheck(f"{col.name}.allowed", col.name, col.severity,
+                                   f"{q} NOT IN ({values})",
+                                   f"{literal(col.name + ' = ')} || {text} || ' not in the allowed values'"))
+    if contract.unique and all(k in types for k in contract.unique):
+        not_null = " AND ".join(f"{quote(k)} IS NOT NULL" for k in contract.unique)
+        checks.append(RowCheck(
+            f"unique({', '.join(contract.unique)})", None, contract.unique_severity,
+            f"(__dup_rank > 1 AND {not_null})",
+            f"'duplicate of an earlier row with the same ({', '.join(contract.unique)})'",
+        ))
+    return checks
+
+
+@dataclass(frozen=True)
+class Scan:
+    """Counts from one grouped scan of a relation."""
+
+    rows: int
+    failed: dict[str, int]
+    rows_per_day: dict[date, int]
+    newest: datetime | None
+
+
+def scan(con: duckdb.DuckDBPyConnection, relation: str, checks: list[RowCheck],
+         contract: TableContract, timestamp: str | None) -> Scan:
+    """Row count, failures per check, rows per day and newest event time, in one scan
+    (plus one distinct count for a uniqueness check)."""
+    plain = [c for c in checks if "__dup_rank" not in c.fails]
+    counts = [f"count(*) FILTER (WHERE {c.fails})" for c in plain]
+    ts = quote(timestamp) if timestamp else "NULL::TIMESTAMPTZ"
+    rows = con.execute(
+        f"SELECT CAST(date_trunc('day', {ts}) AS DATE), count(*), max({ts}){''.join(', ' + c for c in counts)} "
+        f"FROM {relation} GROUP BY 1"
+    ).fetchall()
+    failed = {c.name: sum(int(r[3 + i]) for r in rows) for i, c in enumerate(plain)}
+    for c in checks:
+        if c in plain:
+            continue
+        keys = [quote(k) for k in contract.unique]
+        not_null = " AND ".join(f"{k} IS NOT NULL" for k in keys)
+        distinct = keys[0] if len(keys) == 1 else f"({', '.join(keys)})"
+        failed[c.name] = int(con.execute(
+            f"SELECT count(*) - count(DISTINCT {distinct}) FROM {relation} WHERE {not_null}"
+        ).fetchone()[0])
+    newest = max((r[2] for r in rows if r[2] is not None), default=None)
+    if isinstance(newest, datetime) and newest.tzinfo is None:
+        newest = newest.replace(tzinfo=timezone.utc)
+    return Scan(
+        rows=sum(int(r[1]) for r in rows),
+        failed=failed,
+        rows_per_day={r[0]: int(r[1]) for r in rows if r[0] is not None},
+        newest=newest,
+    )
+
+
+def write_quarantine(con: duckdb.DuckDBPyConnection, relation: str, checks: list[RowCheck],
+                     target: Path) -> int:
+    """Write every failing row once, with its first failing check (``quality_check``) and all
+    its reasons (``quality_reason``), and return how many rows were written."""
+    failing = [c for c in checks]
+    first = "CASE " + " ".join(f"WHEN {c.fails} THEN {literal(c.name)}" for c in failing) + " END"
+    reasons = "concat_ws('; ', " + ", ".join(f"CASE WHEN {c.fails} THEN {c.reason} END" for c in failing) + ")"
+    dup = next((c for c in checks if "__dup_rank" in c.fails), None)
+    ranked = relation
+    if dup is not None:
+        keys = ", ".join(quote(k) for k in dup.name[len("unique("):-1].split(", "))
+        ranked = (f"(SELECT *, row_number() OVER (PARTITION BY {keys} ORDER BY __source_file, "
+                  f"file_row_number) AS __dup_rank FROM {relation})")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    exclude = "EXCLUDE (__dup_rank)" if dup is not None else ""
+    con.execute(
+        f"COPY (SELECT * {exclude} FROM (SELECT *, {first} AS quality_check, {reasons} AS quality_reason "
+        f"FROM {ranked}) WHERE quality_check IS NOT NULL ORDER BY __source_file, file_row_number) "
+        f"TO {literal(str(target))} (FORMAT parquet, COMPRESSION zstd)"
+    )
+    return int(con.execute(f"SELECT count(*) FROM read_parquet({literal(str(target))})").fetchone()[0])
+
+
+def sample_rows(con: duckdb.DuckDBPyConnection, quarantine: Path, check: str, limit: int = 3) -> list[dict[str, Any]]:
+    """A few quarantined rows of one check, JSON-friendly."""
+    cur = con.execute(
+        f"SELECT * EXCLUDE (__source_file, file_row_number) FROM read_parquet({literal(str(quarantine))}) "
+        f"WHERE quality_check = {literal(check)} LIMIT {limit}"
+    )
+    names = [d[0] for d in cur.description]
+    return [{n: _jsonable(v) for n, v in zip(names, row)} for row in cur.fetchall()]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, int | float | str | bool):
+        return value
+    return str(value)
+
+
+def volume_check(stage: str, contract: TableContract, s: Scan, now: datetime) -> CheckResult | None:
+    """Too few rows overall, or a complete day (before ``now``'s day) far below the median
+    day (a collapse)."""
+    vol = contract.volume
+    if vol is None:
+        return None
+    if s.rows < vol.min_rows:
+        return CheckResult(stage, contract.name, "volume", None, vol.severity, False, rows=s.rows,
+                           detail=f"{s.rows:,} rows, the contract expects at least {vol.min_rows:,}")
+    if vol.min_day_ratio is not None and len(s.rows_per_day) >= 3:  # a median needs a few days
+        complete = {d: n for d, n in s.rows_per_day.items() if d < now.date()}
+        counts = sorted(complete.values()) or [0]
+        median = counts[len(counts) // 2]
+        low = sorted((d, n) for d, n in complete.items() if n < vol.min_day_ratio * median)
+        if low:
+            days = ", ".join(f"{d:%Y-%m-%d}: {n:,}" for d, n in low[:5])
+            return CheckResult(
+                stage, contract.name, "volume", None, vol.severity, False, failed_rows=0, rows=s.rows,
+                detail=f"{len(low)} day(s) below {vol.min_day_ratio:.0%} of the median day ({median:,} rows): {days}",
+            )
+    return CheckResult(stage, contract.name, "volume", None, vol.severity, True, rows=s.rows)
+
+
+def freshness_check(stage: str, contract: TableContract, s: Scan, now: datetime) -> CheckResult | None:
+    """The newest event time is within the contract's ``max_age`` of ``now``."""
+    fresh = contract.freshness
+    if fresh is None:
+        return None
+    if s.newest is None:
+        return CheckResult(stage, contract.name, "freshness", None, fresh.severity, False,
+                           detail="no rows with an event time")
+    age = now - s.newest
+    ok = age <= fresh.max_age
+    return CheckResult(stage, contract.name, "freshness", None, fresh.severity, ok, rows=s.rows,
+                       detail=f"newest event {s.newest:%Y-%m-%d %H:%M:%S} UTC, {_age(age)} old "
+                              f"(SLA {_age(fresh.max_age)})")
+
+
+def _age(delta: timedelta) -> str:
+    seconds = delta.total_seconds()
+    if seconds >= 86_400:
+        return f"{seconds / 86_400:.1f}d"
+    if seconds >= 3_600:
+        return f"{seconds / 3_600:.1f}h"
+    return f"{seconds / 60:.0f}m"

@@ -1,0 +1,281 @@
+"""Quality gates of a batch run: raw ingest and the feature tables just computed.
+
+``backfill`` opens one :class:`BatchGate` per run. Per view it calls
+:meth:`BatchGate.check_input` before computing (the view's raw source, checked once per
+run even when several views read it) and :meth:`BatchGate.check_output` on the staged
+feature files before they are published. Failing rows are written to
+``<data>/quarantine/<stage>/<table>/<run id>.parquet`` with ``quality_check`` and
+``quality_reason``; the batch goes on without them (rows in = rows passed on + rows
+quarantined), or stops with :class:`~featurepipe.errors.InvalidInput` when a failing check
+is ``block``. On exit the gate appends the run record to ``<data>/runs/runs.jsonl``.
+"""
+
+from __future__ import annotations
+
+import glob
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+
+from featurepipe.batch.sql import literal
+from featurepipe.errors import InvalidInput
+from featurepipe.quality import checks
+from featurepipe.quality.checks import CheckResult, parquet_relation
+from featurepipe.quality.contracts import Contracts, TableContract, load_contracts
+from featurepipe.quality.runlog import (
+    append_run,
+    code_version,
+    definitions_hash,
+    view_definition_hashes,
+)
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+
+    from featurepipe.batch.backfill import BackfillResult
+    from featurepipe.definitions import AggregateView
+
+STAGE_RAW, STAGE_FEATURES = "raw", "features"
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """A raw source as the gate sees it: name, Parquet glob, event-time column."""
+
+    name: str
+    path: str
+    timestamp_field: str
+
+
+@dataclass(frozen=True)
+class GateOutcome:
+    """What a gate let through: counts and, when rows were quarantined, where to."""
+
+    stage: str
+    table: str
+    rows_in: int
+    rows_quarantined: int
+    quarantine_file: Path | None
+    seconds: float
+
+    @property
+    def rows_passed(self) -> int:
+        return self.rows_in - self.rows_quarantined
+
+
+def passed_rows(glob_path: str, quarantine_file: Path) -> str:
+    """A DuckDB relation over the Parquet files without the quarantined rows."""
+    return (
+        f"(SELECT __passed.* EXCLUDE (__source_file, file_row_number) FROM {parquet_relation(glob_path)} "
+        f"AS __passed ANTI JOIN read_parquet({literal(str(quarantine_file))}) AS __quarantined "
+        "USING (__source_file, file_row_number))"
+    )
+
+
+class BatchGate:
+    """The quality gates and run record of one batch run (see the module doc)."""
+
+    def __init__(
+        self,
+        contracts: Contracts,
+        data: Path,
+        sources: list[SourceRef],
+        view_hashes: dict[str, str] | None = None,
+        kind: str = "backfill",
+        now: datetime | None = None,
+    ) -> None:
+        self.contracts = contracts
+        self.data = Path(data)
+        self.sources = sources
+        self.view_hashes = view_hashes or {}
+        self.kind = kind
+        self.now = now or datetime.now(timezone.utc)
+        self.run_id = f"{self.now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+        self.results: list[CheckResult] = []
+        self.inputs: dict[str, dict[str, Any]] = {}
+        self.outputs: dict[str, dict[str, Any]] = {}
+        self._sources_checked: dict[str, str | None] = {}
+        self._t0 = time.perf_counter()
+
+    # -- raw ingest -------------------------------------------------------------------
+    def _source_for(self, view: AggregateView) -> tuple[SourceRef, TableContract] | None:
+        for ref in sorted(self.sources, key=lambda r: r.name):
+            if ref.path == view.input_path and ref.name in self.contracts.sources:
+                return ref, self.contracts.sources[ref.name]
+        return None
+
+    def check_input(self, con: duckdb.DuckDBPyConnection, view: AggregateView) -> str | None:
+        """Check the view's raw source (once per run). Returns the relation the batch must read
+        instead of the raw files when rows were quarantined, else None (read the files as
+        they are). Raises InvalidInput when a blocking check fails."""
+        if view.input_path in self._sources_checked:
+            return self._sources_checked[view.input_path]
+        found = self._source_for(view)
+        if found is None:
+            self._sources_checked[view.input_path] = None
+            return None
+        ref, contract = found
+        files = sorted(glob.glob(ref.path, recursive=True))
+        outcome = self._check(con, STAGE_RAW, contract, ref.path, ref.timestamp_field)
+        self.inputs[ref.name] = {
+            "source": ref.name, "path": ref.path, "files": files, "rows": outcome.rows_in,
+            "passed": outcome.rows_passed, "quarantined": outcome.rows_quarantined,
+            "quarantine_file": str(outcome.quarantine_file) if outcome.quarantine_file else None,
+            "check_seconds": round(outcome.seconds, 4), "views": [],
+        }
+        relation = passed_rows(ref.path, outcome.quarantine_file) if outcome.quarantine_file else None
+        self._sources_checked[view.input_path] = relation
+        return relation
+
+    # -- after the transformation ---------------------------------------------------------
+    def check_output(self, con: duckdb.DuckDBPyConnection, view: AggregateView, staging: Path) -> Path:
+        """Check the staged feature files of ``view`` before they are published. Returns the
+        folder to publish: ``staging`` itself, or a rewrite of it without quarantined rows."""
+        for ref in self.sources:
+            if ref.path == view.input_path and ref.name in self.inputs:
+                self.inputs[ref.name]["views"].append(view.name)
+        contract = self.contracts.feature_views.get(view.name)
+        record: dict[str, Any] = {"view": view.name, "input_path": view.input_path,
+                                  "path": str(view.offline_path), "quarantined": 0,
+                                  "quarantine_file": None, "check_seconds": 0.0,
+                                  "definition_hash": self.view_hashes.get(view.name)}
+        self.outputs[view.name] = record
+        if contract is None or not staging.exists():
+            if contract is not None and contract.volume is not None:
+                self._record([CheckResult(STAGE_FEATURES, view.name, "volume", None, contract.volume.severity,
+                                          contract.volume.min_rows <= 0, detail="no rows written")])
+            return staging
+        files = str(staging / "**" / "*.parquet")
+        outcome = self._check(con, STAGE_FEATURES, contract, files, "event_timestamp")
+        record.update(quarantined=outcome.rows_quarantined, check_seconds=round(outcome.seconds, 4),
+                      quarantine_file=str(outcome.quarantine_file) if outcome.quarantine_file else None)
+        if outcome.quarantine_file is None:
+            return staging
+        cleaned = staging.with_name(staging.name + "-checked")
+        con.execute(
+            f"COPY (SELECT * FROM {passed_rows(files, outcome.quarantine_file)} "
+            f"ORDER BY event_timestamp) TO {literal(str(cleaned))} "
+            "(FORMAT parquet, PARTITION_BY (date), FILENAME_PATTERN 'part-{i}', COMPRESSION zstd)"
+        )
+        shutil.rmtree(staging, ignore_errors=True)
+        return cleaned
+
+    def view_done(self, result: BackfillResult) -> None:
+        """Record what the backfill of one view published."""
+        record = self.outputs.setdefault(result.view, {"view": result.view})
+        day, partitions = result.start, []
+        out = Path(record.get("path", ""))
+        while day < result.end:
+            if (out / f"date={day:%Y-%m-%d}").exists():
+                partitions.append(f"date={day:%Y-%m-%d}")
+            day += timedelta(days=1)
+        record.update(rows=result.rows, entities=result.entities, partitions=partitions,
+                      seconds=round(result.seconds, 4), start=result.start.isoformat(),
+                      end=result.end.isoformat())
+
+    # -- shared ------------------------------------------------------------------------------
+    def _check(self, con: duckdb.DuckDBPyConnection, stage: str, contract: TableContract,
+               files: str, timestamp: str) -> GateOutcome:
+        t0 = time.perf_counter()
+        relation = parquet_relation(files)
+        types = checks.describe(con, relation)
+        results = checks.schema_checks(stage, contract, types)
+        if any(r.blocking for r in results):
+            self._record(results)
+            self._raise(stage, contract.name, results, rows=None)
+        row_checks = checks.row_checks(contract, types)
+        scan = checks.scan(con, relation, row_checks, contract,
+                           timestamp if timestamp in types else None)
+        quarantine = None
+        quarantined = 0
+        if any(scan.failed.values()):
+            quarantine = self.data / "quarantine" / stage / contract.name / f"{self.run_id}.parquet"
+            quarantined = checks.write_quarantine(con, relation, row_checks, quarantine)
+        for rc in row_checks:
+            n = scan.failed[rc.name]
+            results.append(CheckResult(
+                stage, contract.name, rc.name, rc.column, rc.severity, n == 0, failed_rows=n, rows=scan.rows,
+                detail=f"{n:,} of {scan.rows:,} rows quarantined" if n else "",
+                sample=checks.sample_rows(con, quarantine, rc.name) if n and quarantine else [],
+            ))
+        for extra in (checks.volume_check(stage, contract, scan, self.now),
+                      checks.freshness_check(stage, contract, scan, self.now)):
+            if extra is not None:
+                results.append(extra)
+        self._record(results)
+        if any(r.blocking for r in results):
+            self._raise(stage, contract.name, results, rows=scan.rows, quarantine=quarantine)
+        return GateOutcome(stage, contract.name, scan.rows, quarantined, quarantine, time.perf_counter() - t0)
+
+    def _record(self, results: list[CheckResult]) -> None:
+        self.results.extend(results)
+
+    def _raise(self, stage: str, table: str, results: list[CheckResult], rows: int | None,
+               quarantine: Path | None = None) -> None:
+        lines = []
+        for r in (r for r in results if r.blocking):
+            where = f" on column {r.column!r}" if r.column else ""
+            count = f": {r.failed_rows:,} of {r.rows:,} rows" if r.failed_rows else ""
+            sample = f"; sample: {r.sample}" if r.sample else ""
+            lines.append(f"check {r.check!r}{where} failed{count} ({r.detail}){sample}")
+        where = f"; failing rows kept in {quarantine}" if quarantine else ""
+        raise InvalidInput(
+            f"quality gate {stage}/{table} blocked the batch (run {self.run_id}): "
+            + "; ".join(lines) + where
+            + f". Fix the data, or the contract in {self.contracts.path or 'contracts.yaml'}, and rerun"
+        )
+
+    # -- run record -------------------------------------------------------------------------
+    def record(self, error: BaseException | None = None) -> dict[str, Any]:
+        """The run record as written to the run log."""
+        status = "ok" if error is None else ("blocked" if isinstance(error, InvalidInput)
+                                             and "quality gate" in str(error) else "failed")
+        finished = datetime.now(timezone.utc)
+        return {
+            "run_id": self.run_id,
+            "kind": self.kind,
+            "status": status,
+            "error": str(error) if error is not None else None,
+            "started": self.now.isoformat(),
+            "finished": finished.isoformat(),
+            "seconds": round(time.perf_counter() - self._t0, 4),
+            "code_version": code_version(),
+            "definitions_hash": definitions_hash(self.view_hashes, self.contracts.digest),
+            "contracts_hash": self.contracts.digest or None,
+            "inputs": list(self.inputs.values()),
+            "outputs": list(self.outputs.values()),
+            "checks": [r.as_dict() for r in self.results],
+        }
+
+    def __enter__(self) -> BatchGate:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        append_run(self.data, self.record(exc))
+
+
+def open_gate(store: FeatureStore, views: list[str] | None = None, kind: str = "backfill") -> BatchGate:
+    """The gate of a run on ``store``'s repo: its ``contracts.yaml``, its data folder, its
+    FileSources, and the definition hashes of ``views`` (default: every aggregate view)."""
+    from feast import FileSource
+
+    from featurepipe.config import data_dir
+    from featurepipe.definitions import aggregate_views
+
+    repo = Path(store.repo_path)
+    sources = [
+        SourceRef(s.name, s.path, s.timestamp_field)
+        for s in store.list_data_sources() if isinstance(s, FileSource)
+    ]
+    names = views or [v.name for v in aggregate_views(store)]
+    return BatchGate(load_contracts(repo), data_dir(repo), sources, view_definition_hashes(store, names), kind)
+
+

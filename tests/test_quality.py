@@ -1,0 +1,325 @@
+"""Data quality gates on real Parquet, real DuckDB and the registry of a real ``feast apply``.
+
+Each kind of bad data is fed to a backfill of the demo repo's views (read back from the
+``pipeline`` fixture's registry, pointed at small data in a temporary folder): schema
+drift, null join keys, out-of-range values, bad categories, duplicated events, a volume
+collapse, a stale source. Oracles: the quarantine files reconcile exactly with the input
+(rows in = rows passed + rows quarantined), and the features computed behind the gate
+equal an ungated backfill over the clean rows only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Callable
+from datetime import date, timedelta
+from pathlib import Path
+
+import duckdb
+import pytest
+import yaml
+
+from featurepipe.batch.backfill import backfill_view
+from featurepipe.definitions import AggregateView, aggregate_views
+from featurepipe.errors import InvalidInput, NotFound
+from featurepipe.quality.contracts import load_contracts
+from featurepipe.quality.gate import BatchGate, SourceRef, passed_rows
+from featurepipe.quality.runlog import read_runs
+from featurepipe.quality.status import resolve
+from tests.conftest import SOURCE_REPO, Pipeline
+
+BASE_ROWS, BASE_DAYS = 4_000, 8
+VIEWS = ("merchant_activity", "merchant_fraud", "user_transaction_stats")
+
+
+@dataclasses.dataclass
+class Case:
+    """A small data set of its own: raw files, data folder, views and contracts pointing at it."""
+
+    root: Path
+    views: dict[str, AggregateView]
+
+    @property
+    def raw(self) -> str:
+        return str(self.root / "raw" / "**" / "*.parquet")
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def gate(self, edit: Callable[[dict], None] | None = None) -> BatchGate:
+        spec = yaml.safe_load((SOURCE_REPO / "contracts.yaml").read_text())
+        if edit:
+            edit(spec)
+        (self.root / "contracts.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+        return BatchGate(load_contracts(self.root), self.data,
+                         [SourceRef("transactions", self.raw, "event_timestamp")])
+
+    def backfill(self, gate: BatchGate | None, views: tuple[str, ...] = VIEWS) -> None:
+        if gate is None:
+            for name in views:
+                backfill_view(self.views[name])
+            return
+        with gate:
+            for name in views:
+                gate.view_done(backfill_view(self.views[name], gate=gate))
+
+    def count(self, relation: str) -> int:
+        return query(f"SELECT count(*) FROM {relation}")[0][0]
+
+
+def query(sql: str) -> list[tuple]:
+    """Rows of a query, on a connection of its own."""
+    with duckdb.connect() as con:
+        con.execute("SET TimeZone = 'UTC'")
+        return con.execute(sql).fetchall()
+
+
+@pytest.fixture(scope="module")
+def base_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from featurepipe.generate import generate_transactions
+
+    out = tmp_path_factory.mktemp("quality-base") / "raw"
+    generate_transactions(BASE_ROWS, out, days=BASE_DAYS)
+    return out
+
+
+@pytest.fixture
+def make_case(pipeline: Pipeline, base_raw: Path, tmp_path: Path) -> Callable[..., Case]:
+    """Copy the base data through a DuckDB SELECT (the mutation) into a case folder."""
+    registered = {v.name: v for v in aggregate_views(pipeline.store)}
+
+    def make(select: str = "SELECT * FROM raw", source: Path | None = None) -> Case:
+        root = tmp_path / "case"
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        con = duckdb.connect()
+        con.execute("SET TimeZone = 'UTC'")
+        con.execute(f"CREATE VIEW raw AS SELECT * FROM read_parquet('{source or base_raw}/**/*.parquet', "
+                    "hive_partitioning = true)")
+        con.execute(f"COPY ({select}) TO '{root / 'raw'}' (FORMAT parquet, PARTITION_BY (date))")
+        glob = str(root / "raw" / "**" / "*.parquet")
+        views = {n: dataclasses.replace(v, input_path=glob, offline_path=root / "offline" / n)
+                 for n, v in registered.items()}
+        return Case(root, views)
+
+    return make
+
+
+def offline(case: Case, view: str) -> str:
+    return f"read_parquet('{case.views[view].offline_path}/**/*.parquet')"
+
+
+def quarantine(case: Case, stage: str, table: str) -> str:
+    files = list((case.data / "quarantine" / stage / table).glob("*.parquet"))
+    assert len(files) == 1, files
+    return f"read_parquet('{files[0]}')"
+
+
+def test_clean_data_passes_and_gives_the_same_files(make_case: Callable[..., Case]) -> None:
+    case = make_case()
+    case.backfill(case.gate())
+    gated = {p.relative_to(case.root): p.read_bytes() for p in (case.root / "offline").rglob("*.parquet")}
+    shutil.rmtree(case.root / "offline")
+    case.backfill(None)
+    ungated = {p.relative_to(case.root): p.read_bytes() for p in (case.root / "offline").rglob("*.parquet")}
+    assert gated == ungated and len(gated) >= 2 * BASE_DAYS
+    (run,) = read_runs(case.data)
+    assert run["status"] == "ok" and not (case.data / "quarantine").exists()
+    assert all(c["passed"] for c in run["checks"]), [c for c in run["checks"] if not c["passed"]]
+    assert {c["stage"] for c in run["checks"]} == {"raw", "features"}
+    (inp,) = run["inputs"]
+    assert inp["rows"] == inp["passed"] == BASE_ROWS and len(inp["files"]) == BASE_DAYS
+    assert sorted(inp["views"]) == list(VIEWS)
+    assert {o["view"] for o in run["outputs"]} == set(VIEWS)
+    for out in run["outputs"]:
+        days = sorted(p.name for p in Path(out["path"]).glob("date=*"))
+        assert out["partitions"] == days and len(days) >= BASE_DAYS - 3 and out["rows"] > 0, out
+    assert run["code_version"]["featurepipe"] and len(run["definitions_hash"]) == 64
+
+
+BAD_ROWS = """
+SELECT * REPLACE (
+  CASE WHEN transaction_id % 500 = 1 THEN NULL ELSE user_id END AS user_id,
+  CASE WHEN transaction_id % 700 = 2 THEN -10.0 WHEN transaction_id % 700 = 3 THEN 5e6
+       WHEN transaction_id = 501 THEN -1.0 ELSE amount END AS amount,
+  CASE WHEN transaction_id % 900 = 4 THEN 'weapons' ELSE category END AS category)
+FROM raw
+UNION ALL SELECT * FROM raw WHERE transaction_id % 800 = 5
+"""
+
+
+def test_bad_rows_are_quarantined_with_reasons_and_reconcile(make_case: Callable[..., Case]) -> None:
+    case = make_case(BAD_ROWS)
+    case.backfill(case.gate())
+    q = quarantine(case, "raw", "transactions")
+    by_check = dict(query(f"SELECT quality_check, count(*) FROM {q} GROUP BY 1"))
+    ids = lambda cond: {r[0] for r in query(f"SELECT transaction_id FROM read_parquet('{case.raw}') WHERE {cond}")}  # noqa: E731
+    null_users, bad_amount = ids("user_id IS NULL"), ids("amount < 0 OR amount > 1e6")
+    bad_category, dups = ids("category = 'weapons'"), ids("transaction_id % 800 = 5")
+    assert null_users and bad_amount and bad_category and len(dups) == 5
+    assert 501 in null_users & bad_amount  # fails two checks: quarantined once, under the first
+    assert by_check == {  # each row once, under its first failing check (contract order)
+        "user_id.not_null": len(null_users),
+        "amount.range": len(bad_amount - null_users),
+        "category.allowed": len(bad_category - null_users - bad_amount),
+        "unique(transaction_id)": 5,
+    }
+    reasons = dict(query(f"SELECT transaction_id, quality_reason FROM {q} WHERE transaction_id = 501"))
+    assert reasons[501] == "user_id is null; amount = -1.0 outside [0, 1000000]"
+    # reconciliation: rows in = rows passed on + rows quarantined, exactly
+    rows_in = case.count(f"read_parquet('{case.raw}')")
+    passed = case.count(passed_rows(case.raw, Path(q.split("'")[1])))
+    assert rows_in == BASE_ROWS + 5 == passed + case.count(q)
+    (run,) = read_runs(case.data)
+    assert run["inputs"][0]["rows"] == rows_in and run["inputs"][0]["passed"] == passed
+    failed = {c["check"]: c for c in run["checks"] if not c["passed"]}
+    assert failed["user_id.not_null"]["failed_rows"] == len(null_users) and failed["user_id.not_null"]["sample"]
+    assert failed["amount.range"]["failed_rows"] == len(bad_amount)  # counted per check
+    # the features saw the passed rows only: equal to an ungated backfill over the clean rows
+    clean = make_case_clean(case, q)
+    for view in VIEWS:
+        diff = case.count(f"(SELECT * FROM {offline(case, view)} EXCEPT ALL SELECT * FROM {offline(clean, view)})")
+        assert diff == 0 and case.count(offline(case, view)) == clean.count(offline(clean, view)), view
+    assert query(f"SELECT max(amount_max_7d) FROM {offline(case, 'user_transaction_stats')}")[0][0] < 1e6
+
+
+def make_case_clean(case: Case, q: str) -> Case:
+    """The passed rows written as a data set of their own, backfilled without gates."""
+    root = case.root.parent / "clean"
+    root.mkdir()
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    con.execute(f"COPY (SELECT * FROM {passed_rows(case.raw, Path(q.split(chr(39))[1]))}) "
+                f"TO '{root / 'raw'}' (FORMAT parquet, PARTITION_BY (date))")
+    glob = str(root / "raw" / "**" / "*.parquet")
+    clean = Case(root, {n: dataclasses.replace(v, input_path=glob, offline_path=root / "offline" / n)
+                        for n, v in case.views.items()})
+    clean.backfill(None)
+    return clean
+
+
+def test_blocking_check_stops_the_batch_with_a_precise_message(make_case: Callable[..., Case]) -> None:
+    case = make_case("SELECT * REPLACE (CASE WHEN transaction_id % 1000 = 7 THEN -3.5 ELSE amount END AS amount) FROM raw")
+
+    def block_amount(spec: dict) -> None:
+        spec["sources"]["transactions"]["columns"]["amount"]["severity"] = "block"
+
+    with pytest.raises(InvalidInput) as err:
+        case.backfill(case.gate(block_amount))
+    msg = str(err.value)
+    assert "quality gate raw/transactions blocked" in msg and "'amount.range'" in msg
+    assert "column 'amount'" in msg and f"4 of {BASE_ROWS:,} rows" in msg and "sample: [{" in msg
+    assert "-3.5 outside [0, 1000000]" in msg and "contracts.yaml" in msg
+    assert not (case.root / "offline").exists() or not any((case.root / "offline").rglob("*.parquet"))
+    assert case.count(quarantine(case, "raw", "transactions")) == 4  # kept for inspection
+    (run,) = read_runs(case.data)
+    assert run["status"] == "blocked" and "amount.range" in run["error"]
+
+
+@pytest.mark.parametrize("select, check, words", [
+    ("SELECT * RENAME (amount AS amt) FROM raw", "schema.missing", ["column 'amount' is missing", "['amt']: renamed?"]),
+    ("SELECT * REPLACE (CAST(user_id AS VARCHAR) AS user_id) FROM raw", "schema.type",
+     ["column 'user_id' is VARCHAR, the contract says BIGINT"]),
+])
+def test_schema_drift_blocks_at_raw_ingest(make_case: Callable[..., Case], select: str, check: str,
+                                           words: list[str]) -> None:
+    case = make_case(select)
+    with pytest.raises(InvalidInput) as err:
+        case.backfill(case.gate())
+    msg = str(err.value)
+    assert "quality gate raw/transactions" in msg and f"'{check}'" in msg
+    for w in words:
+        assert w in msg, msg
+    assert not (case.root / "offline").exists()
+
+
+def test_volume_collapse(make_case: Callable[..., Case]) -> None:
+    case = make_case("SELECT * FROM raw WHERE NOT (date = (SELECT min(date) + INTERVAL 3 DAY FROM raw) "
+                     "AND transaction_id % 20 <> 0)")
+    case.backfill(case.gate(), views=("merchant_activity",))  # warn: recorded, the batch goes on
+    (run,) = read_runs(case.data)
+    vol = next(c for c in run["checks"] if c["check"] == "volume" and c["stage"] == "raw")
+    assert not vol["passed"] and "1 day(s) below 20% of the median day" in vol["detail"]
+    assert run["status"] == "ok"
+
+    def block(spec: dict) -> None:
+        spec["sources"]["transactions"]["volume"]["severity"] = "block"
+
+    with pytest.raises(InvalidInput, match=r"check 'volume' failed \(1 day\(s\) below 20%"):
+        case.backfill(case.gate(block), views=("merchant_activity",))
+
+
+def test_stale_source_blocks(make_case: Callable[..., Case], tmp_path: Path) -> None:
+    from featurepipe.generate import generate_transactions
+
+    old = tmp_path / "old"
+    generate_transactions(1_000, old, days=3, end=date.today() - timedelta(days=10))
+    case = make_case(source=old)
+
+    def block(spec: dict) -> None:
+        spec["sources"]["transactions"]["freshness"] = {"max_age": "2d", "severity": "block"}
+
+    with pytest.raises(InvalidInput, match=r"check 'freshness' failed \(newest event .* old \(SLA 2\.0d\)"):
+        case.backfill(case.gate(block), views=("user_transaction_stats",))
+
+
+def test_feature_stage_quarantines_and_blocks_before_publishing(make_case: Callable[..., Case]) -> None:
+    case = make_case()
+    case.backfill(None, views=("user_transaction_stats",))
+    ungated = case.count(offline(case, "user_transaction_stats"))
+    shutil.rmtree(case.root / "offline")
+
+    def cap(severity: str) -> Callable[[dict], None]:
+        def edit(spec: dict) -> None:
+            spec["feature_views"]["user_transaction_stats"]["columns"]["amount_max_24h"] = {
+                "type": "DOUBLE", "max": 500, "severity": severity}
+        return edit
+
+    case.backfill(case.gate(cap("warn")), views=("user_transaction_stats",))
+    q = quarantine(case, "features", "user_transaction_stats")
+    quarantined = case.count(q)
+    published = case.count(offline(case, "user_transaction_stats"))
+    assert quarantined > 0 and published + quarantined == ungated
+    assert query(f"SELECT max(amount_max_24h) FROM {offline(case, 'user_transaction_stats')}")[0][0] <= 500
+    assert query(f"SELECT DISTINCT quality_check FROM {q}") == [("amount_max_24h.range",)]
+    (run,) = read_runs(case.data)
+    assert run["outputs"][0]["quarantined"] == quarantined
+    before = sorted(p.read_bytes() for p in (case.root / "offline").rglob("*.parquet"))
+    with pytest.raises(InvalidInput, match="quality gate features/user_transaction_stats blocked"):
+        case.backfill(case.gate(cap("block")), views=("user_transaction_stats",))
+    assert sorted(p.read_bytes() for p in (case.root / "offline").rglob("*.parquet")) == before
+    assert not list((case.root / "offline").glob(".staging*"))
+
+
+def test_contract_errors_say_what_to_fix(tmp_path: Path) -> None:
+    (tmp_path / "contracts.yaml").write_text("sources:\n  t:\n    volume: {severity: loud}\n")
+    with pytest.raises(InvalidInput, match=r"sources.t.volume: severity 'loud' must be one of warn, block"):
+        load_contracts(tmp_path)
+    (tmp_path / "contracts.yaml").write_text("sources:\n  t:\n    freshness: {max_age: soon}\n")
+    with pytest.raises(InvalidInput, match=r"'soon' is not a duration"):
+        load_contracts(tmp_path)
+
+
+def test_status_and_lineage_on_a_real_run(pipeline: Pipeline) -> None:
+    runs = read_runs(pipeline.data)
+    assert runs and runs[-1]["status"] == "ok"
+    run_id = runs[-1]["run_id"]
+    status = pipeline.run("status")
+    assert status.returncode == 0, status.stderr[-2000:]
+    for word in ("freshness", "user_transaction_stats", "merchant_fraud", "OK", run_id, "checks of run"):
+        assert word in status.stdout, status.stdout
+    shown = pipeline.run("lineage", "amount_sum_1h", "--json")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    info = json.loads(shown.stdout)
+    assert info["view"] == "user_transaction_stats" and info["feature"] == "amount_sum_1h"
+    assert info["declaration"] == {"function": "sum", "column": "amount", "window_seconds": 3600.0}
+    (run,) = [r for r in info["runs"] if r["run_id"] == run_id]
+    assert run["partitions"] and len(run["partitions"]) == info["published_partitions"]
+    assert run["definition_hash"] == info["current_definition_hash"] and not run["definitions_changed_since"]
+    files = run["inputs"][0]["files"]
+    assert files and all(Path(f).is_file() and "raw/transactions/date=" in f for f in files)
+    with pytest.raises(NotFound, match="no feature view or feature named 'nope'"):
+        resolve(aggregate_views(pipeline.store), "nope")
