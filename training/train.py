@@ -149,7 +149,6 @@ def train_model(
 def fit_classifier(train: pd.DataFrame, columns: list[str]) -> Any:
     """The classifier: gradient-boosted trees that take missing values (features outside their TTL)."""
     from sklearn.ensemble import HistGradientBoostingClassifier
-
     from threadpoolctl import threadpool_limits
 
     model = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.1, random_state=0)
