@@ -458,3 +458,43 @@ def test_workers_share_the_port_and_drain_on_sigterm(pipeline: Any,
         if process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def test_redis_password_comes_from_redis_url(pipeline: Any, redis_url: str, tmp_path: Path,
+                                             hd_ids: dict[str, list[int]],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Redis that requires a password: the server authenticates with REDIS_URL's."""
+    import redis
+
+    from featurepipe.errors import BackendUnavailable
+    from featurepipe.redis_server import ensure_binary, free_port
+
+    port = free_port()
+    process = subprocess.Popen(
+        [ensure_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path), "--requirepass", "s3cret"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"redis://:s3cret@127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis.from_url(url).ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        _copy_keys(redis_url, url, count=100_000)
+        monkeypatch.setenv("REDIS_URL", url)
+        refs = [f"{USER_VIEW}:txn_count_24h"]
+        with FeatureServer(pipeline.repo, port=0) as server, \
+                FeatureClient(server.address) as client:
+            assert "PRESENT" in client.get_features(hd_ids, features=refs).statuses["txn_count_24h"]
+        monkeypatch.setenv("REDIS_URL", f"redis://:wrong@127.0.0.1:{port}/0")
+        with FeatureServer(pipeline.repo, port=0) as server, \
+                FeatureClient(server.address, retries=0) as client, \
+                pytest.raises(BackendUnavailable, match="(?i)password"):
+            client.get_features(hd_ids, features=refs)
+    finally:
+        process.terminate()
+        process.wait(10)
