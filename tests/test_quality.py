@@ -151,9 +151,12 @@ UNION ALL SELECT * FROM raw WHERE transaction_id % 800 = 5
 """
 
 
-def test_bad_rows_are_quarantined_with_reasons_and_reconcile(make_case: Callable[..., Case]) -> None:
+def test_bad_rows_are_quarantined_with_reasons_and_reconcile(make_case: Callable[..., Case],
+                                                             caplog: pytest.LogCaptureFixture) -> None:
     case = make_case(BAD_ROWS)
-    case.backfill(case.gate())
+    with caplog.at_level("WARNING", logger="featurepipe.quality.gate"):
+        case.backfill(case.gate())
+    assert "quality gate raw/transactions (warn): check 'user_id.not_null' on column 'user_id' failed" in caplog.text
     q = quarantine(case, "raw", "transactions")
     by_check = dict(query(f"SELECT quality_check, count(*) FROM {q} GROUP BY 1"))
     ids = lambda cond: {r[0] for r in query(f"SELECT transaction_id FROM read_parquet('{case.raw}') WHERE {cond}")}  # noqa: E731

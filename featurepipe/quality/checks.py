@@ -19,6 +19,7 @@ from featurepipe.batch.sql import literal, quote
 from featurepipe.quality.contracts import TableContract
 
 ROW_ID = ("__source_file", "file_row_number")
+_EPOCH = date(1970, 1, 1)
 _NUMERIC = ("INT", "DOUBLE", "FLOAT", "DECIMAL", "REAL", "NUMERIC")
 
 
@@ -153,31 +154,47 @@ def scan(con: duckdb.DuckDBPyConnection, relation: str, checks: list[RowCheck],
     """Row count, failures per check, rows per day and newest event time, in one scan
     (plus one distinct count for a uniqueness check)."""
     plain = [c for c in checks if "__dup_rank" not in c.fails]
-    counts = [f"count(*) FILTER (WHERE {c.fails})" for c in plain]
+    # sum(CAST(cond AS INTEGER)) and an integer day: several times cheaper in DuckDB than
+    # count(*) FILTER (WHERE cond) and date_trunc on a TIMESTAMPTZ
+    counts = [f"coalesce(sum(CAST({c.fails} AS INTEGER)), 0)" for c in plain]
     ts = quote(timestamp) if timestamp else "NULL::TIMESTAMPTZ"
     rows = con.execute(
-        f"SELECT CAST(date_trunc('day', {ts}) AS DATE), count(*), max({ts}){''.join(', ' + c for c in counts)} "
+        f"SELECT epoch_us({ts}) // {86_400_000_000}, count(*), max({ts}){''.join(', ' + c for c in counts)} "
         f"FROM {relation} GROUP BY 1"
     ).fetchall()
     failed = {c.name: sum(int(r[3 + i]) for r in rows) for i, c in enumerate(plain)}
     for c in checks:
-        if c in plain:
-            continue
-        keys = [quote(k) for k in contract.unique]
-        not_null = " AND ".join(f"{k} IS NOT NULL" for k in keys)
-        distinct = keys[0] if len(keys) == 1 else f"({', '.join(keys)})"
-        failed[c.name] = int(con.execute(
-            f"SELECT count(*) - count(DISTINCT {distinct}) FROM {relation} WHERE {not_null}"
-        ).fetchone()[0])
+        if c not in plain:
+            failed[c.name] = duplicates(con, relation, contract.unique)
     newest = max((r[2] for r in rows if r[2] is not None), default=None)
     if isinstance(newest, datetime) and newest.tzinfo is None:
         newest = newest.replace(tzinfo=timezone.utc)
     return Scan(
         rows=sum(int(r[1]) for r in rows),
         failed=failed,
-        rows_per_day={r[0]: int(r[1]) for r in rows if r[0] is not None},
+        rows_per_day={_EPOCH + timedelta(days=int(r[0])): int(r[1]) for r in rows if r[0] is not None},
         newest=newest,
     )
+
+
+def duplicates(con: duckdb.DuckDBPyConnection, relation: str, columns: tuple[str, ...]) -> int:
+    """Rows that repeat an earlier row's ``columns`` (rows with a null among them excluded).
+
+    Counts distinct 64-bit hashes first (about half the cost of distinct tuples): equal
+    tuples always hash equal, so zero there is exact; only a non-zero count (a duplicate,
+    or a hash collision) is recounted exactly on the tuples.
+    """
+    keys = [quote(k) for k in columns]
+    not_null = " AND ".join(f"{k} IS NOT NULL" for k in keys)
+    fast = con.execute(
+        f"SELECT count(*) - count(DISTINCT hash({', '.join(keys)})) FROM {relation} WHERE {not_null}"
+    ).fetchone()[0]
+    if not fast:
+        return 0
+    distinct = keys[0] if len(keys) == 1 else f"({', '.join(keys)})"
+    return int(con.execute(
+        f"SELECT count(*) - count(DISTINCT {distinct}) FROM {relation} WHERE {not_null}"
+    ).fetchone()[0])
 
 
 def write_quarantine(con: duckdb.DuckDBPyConnection, relation: str, checks: list[RowCheck],

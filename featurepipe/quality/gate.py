@@ -13,6 +13,7 @@ is ``block``. On exit the gate appends the run record to ``<data>/runs/runs.json
 from __future__ import annotations
 
 import glob
+import logging
 import shutil
 import time
 import uuid
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from featurepipe.definitions import AggregateView
 
 STAGE_RAW, STAGE_FEATURES = "raw", "features"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -189,7 +191,7 @@ class BatchGate:
         results = checks.schema_checks(stage, contract, types)
         if any(r.blocking for r in results):
             self._record(results)
-            self._raise(stage, contract.name, results, rows=None)
+            self._raise(stage, contract.name, results)
         row_checks = checks.row_checks(contract, types)
         scan = checks.scan(con, relation, row_checks, contract,
                            timestamp if timestamp in types else None)
@@ -202,7 +204,7 @@ class BatchGate:
             n = scan.failed[rc.name]
             results.append(CheckResult(
                 stage, contract.name, rc.name, rc.column, rc.severity, n == 0, failed_rows=n, rows=scan.rows,
-                detail=f"{n:,} of {scan.rows:,} rows quarantined" if n else "",
+                detail=f"{n:,} of {scan.rows:,} rows quarantined to {quarantine}" if n else "",
                 sample=checks.sample_rows(con, quarantine, rc.name) if n and quarantine else [],
             ))
         for extra in (checks.volume_check(stage, contract, scan, self.now),
@@ -211,20 +213,26 @@ class BatchGate:
                 results.append(extra)
         self._record(results)
         if any(r.blocking for r in results):
-            self._raise(stage, contract.name, results, rows=scan.rows, quarantine=quarantine)
+            self._raise(stage, contract.name, results, quarantine)
         return GateOutcome(stage, contract.name, scan.rows, quarantined, quarantine, time.perf_counter() - t0)
 
     def _record(self, results: list[CheckResult]) -> None:
+        """Keep the results for the run log; say every failed warning on stderr (not silent)."""
         self.results.extend(results)
+        for r in results:
+            if not r.passed and r.severity == "warn":
+                where = f" on column {r.column!r}" if r.column else ""
+                log.warning("quality gate %s/%s (warn): check %r%s failed: %s", r.stage, r.table,
+                            r.check, where, r.detail)
 
-    def _raise(self, stage: str, table: str, results: list[CheckResult], rows: int | None,
-               quarantine: Path | None = None) -> None:
+    def _raise(self, stage: str, table: str, results: list[CheckResult], quarantine: Path | None = None) -> None:
         lines = []
         for r in (r for r in results if r.blocking):
             where = f" on column {r.column!r}" if r.column else ""
             count = f": {r.failed_rows:,} of {r.rows:,} rows" if r.failed_rows else ""
             sample = f"; sample: {r.sample}" if r.sample else ""
-            lines.append(f"check {r.check!r}{where} failed{count} ({r.detail}){sample}")
+            info = count if r.failed_rows else f" ({r.detail})"
+            lines.append(f"check {r.check!r}{where} failed{info}{sample}")
         where = f"; failing rows kept in {quarantine}" if quarantine else ""
         raise InvalidInput(
             f"quality gate {stage}/{table} blocked the batch (run {self.run_id}): "
