@@ -157,7 +157,7 @@ def backfill(start: date | None, end: date | None, views: tuple[str, ...], repo:
               help="Rate limit, to spare a Redis that also serves traffic (0: none, overriding "
                    "feature_store.yaml).")
 @click.option("--batch-rows", type=click.IntRange(min=1), default=None,
-              help="Rows per Redis command (default: the engine's, 5000).")
+              help="Rows encoded and sent together (default: the engine's, 5000).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar per view (default: on).")
 @REPO_OPTION
 def materialize(start: datetime | None, end: datetime | None, incremental: bool, views: tuple[str, ...],

@@ -4,8 +4,9 @@ Configured in ``feature_store.yaml``::
 
     batch_engine:
       type: featurepipe.online.engine.FeaturepipeMaterializationEngine
-      batch_rows: 5000          # rows per Redis command (one atomic compare-and-set batch)
+      batch_rows: 5000          # rows encoded and sent together
       max_rows_per_second: 0    # optional rate limit, to spare a busy Redis (0: none)
+      restore: true             # new keys created whole with RESTORE (checked first)
 
 Feast then calls it for ``feast materialize``, ``feast materialize-incremental`` and
 ``FeatureStore.materialize(...)``; Feast itself records the materialised intervals in
@@ -61,7 +62,7 @@ class FeaturepipeMaterializationEngineConfig(FeastConfigBaseModel):
 
     type: Literal["featurepipe.online.engine.FeaturepipeMaterializationEngine"] = ENGINE_TYPE
     batch_rows: StrictInt = 5_000
-    """Rows per Redis command; each is one atomic compare-and-set on the server."""
+    """Rows encoded and sent together (one RESTORE per new key, one script call for the rest)."""
     max_rows_per_second: float | None = None
     """Rate limit (rows per second) to spare a Redis that also serves traffic; none by default."""
     threads: StrictInt | None = None
@@ -185,7 +186,9 @@ def view_plan(view: FeatureView, repo_config: Any, project: str) -> ViewPlan:
 
 
 class FeaturepipeMaterializationEngine(ComputeEngine):
-    """Materialises feature views from Parquet into Redis (Feast's layout) with DuckDB + Lua.
+    """Materialises feature views from Parquet into Redis (Feast's layout): DuckDB for the
+    latest rows, NumPy for Feast's bytes, ``RESTORE`` for new keys, a Lua compare-and-set
+    for existing ones.
 
     See the module documentation for the configuration.
     """
