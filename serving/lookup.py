@@ -234,8 +234,13 @@ class OnlineReader:
             return values if rows is None else [values[s] for s in rows]
 
         def raw_column(index: int) -> list[bytes | None]:
+            # an on-demand view sees a value older than its view's TTL as missing, as the
+            # point-in-time join gives it to training (no train/serve skew)
             fc = plan.features[index]
-            return pick(cells[fc.hash_index][fc.field_index][3], fc.hash_index)
+            _, stats, _, raws = cells[fc.hash_index][fc.field_index]
+            if OUTSIDE_MAX_AGE in stats:
+                raws = [None if st == OUTSIDE_MAX_AGE else raw for raw, st in zip(raws, stats, strict=True)]
+            return pick(raws, fc.hash_index)
 
         computed = [
             self._run_on_demand(plan, step, raw_column, entities, request, n)

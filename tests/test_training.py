@@ -136,3 +136,28 @@ def test_skew_check_is_clean_then_finds_an_injected_value(pipeline: Pipeline) ->
         finally:  # restore what offline says, a moment later
             store.write_to_online_store("user_transaction_stats", row.assign(event_timestamp=now + pd.Timedelta(seconds=1)))
     assert np.isfinite(clean.features[0].smape)
+
+
+def test_stale_values_enter_on_demand_views_as_missing(pipeline: Pipeline) -> None:
+    """A value older than its view's TTL is missing for on-demand features too, online as offline."""
+    from datetime import timedelta
+
+    from serving.client import FeatureClient
+    from serving.server import FeatureServer
+    from training.skew import check_skew
+
+    store = pipeline.store
+    user = 999_999_001  # never in the generated data
+    view = store.get_feature_view("user_transaction_stats")
+    old = pd.Timestamp(datetime.now(timezone.utc)) - view.ttl - timedelta(hours=1)
+    row = {f.name: [1.0] for f in view.features}
+    row.update(txn_count_1h=[1], txn_count_24h=[1], txn_count_7d=[1], last_txn_epoch=[old.timestamp()])
+    store.write_to_online_store("user_transaction_stats", pd.DataFrame({"user_id": [user], **row, "event_timestamp": [old]}))
+    entities = pd.DataFrame({"user_id": [user], "merchant_id": [1], "amount": [50.0]})
+    with FeatureServer(pipeline.repo, port=0) as server, FeatureClient(server.address) as client:
+        online = client.get_features({"user_id": [user], "merchant_id": [1]}, feature_service="fraud_detection_v1",
+                                     request_context={"amount": [50.0], "txn_epoch": [datetime.now(timezone.utc).timestamp()]})
+        assert online.statuses["amount_mean_7d"] == ["OUTSIDE_MAX_AGE"]
+        assert online["seconds_since_last_txn"] == [None] and online["amount_to_mean_7d"] == [None]
+        report = check_skew(store, client, entities)
+    assert report.clean, [(f.feature, f.extra_online, f.missing_online) for f in report.features]
