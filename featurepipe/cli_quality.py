@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import click
@@ -78,8 +79,8 @@ def lineage(name: str, as_json: bool, repo: Path | None) -> None:
     from featurepipe.config import data_dir, find_repo, load_store
     from featurepipe.definitions import aggregate_views
     from featurepipe.quality.runlog import view_definition_hashes
+    from featurepipe.quality.status import format_age, resolve
     from featurepipe.quality.status import lineage as trace
-    from featurepipe.quality.status import resolve
 
     root = find_repo(repo)
     store = load_store(root)
@@ -93,7 +94,7 @@ def lineage(name: str, as_json: bool, repo: Path | None) -> None:
     click.echo(what)
     if info["declaration"]:
         d = info["declaration"]
-        window = f" over {d['window_seconds']:g}s" if d["window_seconds"] else ""
+        window = f" over {format_age(timedelta(seconds=d['window_seconds']))}" if d["window_seconds"] else ""
         click.echo(f"  computed as {d['function']}({d['column']}){window}")
     click.echo(f"  from source files {info['input_path']}")
     click.echo(f"  published in {info['offline_path']} ({info['published_partitions']} day partitions)")

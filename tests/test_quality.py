@@ -57,14 +57,15 @@ class Case:
         return BatchGate(load_contracts(self.root), self.data,
                          [SourceRef("transactions", self.raw, "event_timestamp")])
 
-    def backfill(self, gate: BatchGate | None, views: tuple[str, ...] = VIEWS) -> None:
+    def backfill(self, gate: BatchGate | None, views: tuple[str, ...] = VIEWS,
+                 start: date | None = None, end: date | None = None) -> None:
         if gate is None:
             for name in views:
-                backfill_view(self.views[name])
+                backfill_view(self.views[name], start, end)
             return
         with gate:
             for name in views:
-                gate.view_done(backfill_view(self.views[name], gate=gate))
+                gate.view_done(backfill_view(self.views[name], start, end, gate=gate))
 
     def count(self, relation: str) -> int:
         return query(f"SELECT count(*) FROM {relation}")[0][0]
@@ -269,6 +270,26 @@ def test_stale_source_blocks(make_case: Callable[..., Case], tmp_path: Path) -> 
         case.backfill(case.gate(block), views=("user_transaction_stats",))
 
 
+def test_stale_features_block_but_an_older_range_is_not_stale(make_case: Callable[..., Case]) -> None:
+    case = make_case()
+
+    def strict(spec: dict) -> None:
+        spec["feature_views"]["user_transaction_stats"]["freshness"] = {"max_age": "2d", "severity": "block"}
+
+    first = date.today() - timedelta(days=BASE_DAYS)
+    case.backfill(case.gate(strict), ("user_transaction_stats",), first, first + timedelta(days=1))
+    case.backfill(case.gate(strict), ("user_transaction_stats",))  # the whole range: fresh
+    runs = read_runs(case.data)
+    fresh = [c for r in runs for c in r["checks"] if c["check"] == "freshness" and c["stage"] == "features"]
+    assert [c["passed"] for c in fresh] == [True, True] and "not checked" in fresh[0]["detail"]
+
+    def stricter(spec: dict) -> None:
+        spec["feature_views"]["user_transaction_stats"]["freshness"] = {"max_age": "1m", "severity": "block"}
+
+    with pytest.raises(InvalidInput, match=r"quality gate features/user_transaction_stats blocked .* 'freshness'"):
+        case.backfill(case.gate(stricter), ("user_transaction_stats",))
+
+
 def test_feature_stage_quarantines_and_blocks_before_publishing(make_case: Callable[..., Case]) -> None:
     case = make_case()
     case.backfill(None, views=("user_transaction_stats",))
@@ -307,22 +328,31 @@ def test_contract_errors_say_what_to_fix(tmp_path: Path) -> None:
 
 
 def test_status_and_lineage_on_a_real_run(pipeline: Pipeline) -> None:
+    """On the shared pipeline: whatever backfills other tests ran, every recorded run is ok,
+    its checks pass (a partial backfill of an older range is not called stale), and the
+    lineage maps every published partition of the view to the run that last wrote it."""
     runs = read_runs(pipeline.data)
-    assert runs and runs[-1]["status"] == "ok"
-    run_id = runs[-1]["run_id"]
+    assert runs and all(r["status"] == "ok" for r in runs)
+    assert all(c["passed"] for r in runs for c in r["checks"]), [
+        c for r in runs for c in r["checks"] if not c["passed"]]
     status = pipeline.run("status")
     assert status.returncode == 0, status.stderr[-2000:]
-    for word in ("freshness", "user_transaction_stats", "merchant_fraud", "OK", run_id, "checks of run"):
+    for word in ("freshness", "user_transaction_stats", "merchant_fraud", "OK", runs[-1]["run_id"],
+                 f"checks of run {runs[-1]['run_id']}", "0 failed"):
         assert word in status.stdout, status.stdout
     shown = pipeline.run("lineage", "amount_sum_1h", "--json")
     assert shown.returncode == 0, shown.stderr[-2000:]
     info = json.loads(shown.stdout)
     assert info["view"] == "user_transaction_stats" and info["feature"] == "amount_sum_1h"
     assert info["declaration"] == {"function": "sum", "column": "amount", "window_seconds": 3600.0}
-    (run,) = [r for r in info["runs"] if r["run_id"] == run_id]
-    assert run["partitions"] and len(run["partitions"]) == info["published_partitions"]
-    assert run["definition_hash"] == info["current_definition_hash"] and not run["definitions_changed_since"]
-    files = run["inputs"][0]["files"]
-    assert files and all(Path(f).is_file() and "raw/transactions/date=" in f for f in files)
+    assert not info["partitions_without_run"] and info["published_partitions"] > 0
+    assert sum(len(r["partitions"]) for r in info["runs"]) == info["published_partitions"]
+    writers = [r for r in runs if any(o["view"] == "user_transaction_stats" for o in r["outputs"])]
+    assert info["runs"][-1]["run_id"] in {r["run_id"] for r in writers}
+    for run in info["runs"]:
+        assert run["definition_hash"] == info["current_definition_hash"] and not run["definitions_changed_since"]
+        files = run["inputs"][0]["files"]
+        assert files and all(Path(f).is_file() and "raw/transactions/date=" in f for f in files)
+        assert run["code_version"]["featurepipe"]
     with pytest.raises(NotFound, match="no feature view or feature named 'nope'"):
         resolve(aggregate_views(pipeline.store), "nope")

@@ -12,6 +12,7 @@ is ``block``. On exit the gate appends the run record to ``<data>/runs/runs.json
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import logging
 import shutil
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 
-from featurepipe.batch.sql import literal
+from featurepipe.batch.sql import literal, quote
 from featurepipe.errors import InvalidInput
 from featurepipe.quality import checks
 from featurepipe.quality.checks import CheckResult, parquet_relation
@@ -66,6 +67,7 @@ class GateOutcome:
     rows_quarantined: int
     quarantine_file: Path | None
     seconds: float
+    newest: datetime | None = None
 
     @property
     def rows_passed(self) -> int:
@@ -104,6 +106,7 @@ class BatchGate:
         self.inputs: dict[str, dict[str, Any]] = {}
         self.outputs: dict[str, dict[str, Any]] = {}
         self._sources_checked: dict[str, str | None] = {}
+        self._input_newest: dict[str, datetime | None] = {}
         self._t0 = time.perf_counter()
 
     # -- raw ingest -------------------------------------------------------------------
@@ -126,6 +129,7 @@ class BatchGate:
         ref, contract = found
         files = sorted(glob.glob(ref.path, recursive=True))
         outcome = self._check(con, STAGE_RAW, contract, ref.path, ref.timestamp_field)
+        self._input_newest[ref.path] = outcome.newest
         self.inputs[ref.name] = {
             "source": ref.name, "path": ref.path, "files": files, "rows": outcome.rows_in,
             "passed": outcome.rows_passed, "quarantined": outcome.rows_quarantined,
@@ -155,7 +159,8 @@ class BatchGate:
                                           contract.volume.min_rows <= 0, detail="no rows written")])
             return staging
         files = str(staging / "**" / "*.parquet")
-        outcome = self._check(con, STAGE_FEATURES, contract, files, "event_timestamp")
+        outcome = self._check(con, STAGE_FEATURES, contract, files, "event_timestamp",
+                              input_newest=self._input_newest.get(view.input_path))
         record.update(quarantined=outcome.rows_quarantined, check_seconds=round(outcome.seconds, 4),
                       quarantine_file=str(outcome.quarantine_file) if outcome.quarantine_file else None)
         if outcome.quarantine_file is None:
@@ -163,7 +168,7 @@ class BatchGate:
         cleaned = staging.with_name(staging.name + "-checked")
         con.execute(
             f"COPY (SELECT * FROM {passed_rows(files, outcome.quarantine_file)} "
-            f"ORDER BY event_timestamp) TO {literal(str(cleaned))} "
+            f"ORDER BY event_timestamp, {', '.join(quote(k) for k in view.join_keys)}) TO {literal(str(cleaned))} "
             "(FORMAT parquet, PARTITION_BY (date), FILENAME_PATTERN 'part-{i}', COMPRESSION zstd)"
         )
         shutil.rmtree(staging, ignore_errors=True)
@@ -184,7 +189,9 @@ class BatchGate:
 
     # -- shared ------------------------------------------------------------------------------
     def _check(self, con: duckdb.DuckDBPyConnection, stage: str, contract: TableContract,
-               files: str, timestamp: str) -> GateOutcome:
+               files: str, timestamp: str, input_newest: datetime | None = None) -> GateOutcome:
+        """Run a table's checks; ``input_newest`` (feature stage): the newest raw event time,
+        so a partial backfill of an older range is not called stale."""
         t0 = time.perf_counter()
         relation = parquet_relation(files)
         types = checks.describe(con, relation)
@@ -207,14 +214,19 @@ class BatchGate:
                 detail=f"{n:,} of {scan.rows:,} rows quarantined to {quarantine}" if n else "",
                 sample=checks.sample_rows(con, quarantine, rc.name) if n and quarantine else [],
             ))
-        for extra in (checks.volume_check(stage, contract, scan, self.now),
-                      checks.freshness_check(stage, contract, scan, self.now)):
+        fresh = checks.freshness_check(stage, contract, scan, self.now)
+        if fresh is not None and not fresh.passed and scan.newest and input_newest \
+                and scan.newest < input_newest - timedelta(days=1):
+            fresh = dataclasses.replace(fresh, passed=True, detail="not checked: a backfill of an older range "
+                                        f"(newest input event {input_newest:%Y-%m-%d %H:%M} UTC)")
+        for extra in (checks.volume_check(stage, contract, scan, self.now), fresh):
             if extra is not None:
                 results.append(extra)
         self._record(results)
         if any(r.blocking for r in results):
             self._raise(stage, contract.name, results, quarantine)
-        return GateOutcome(stage, contract.name, scan.rows, quarantined, quarantine, time.perf_counter() - t0)
+        return GateOutcome(stage, contract.name, scan.rows, quarantined, quarantine, time.perf_counter() - t0,
+                           scan.newest)
 
     def _record(self, results: list[CheckResult]) -> None:
         """Keep the results for the run log; say every failed warning on stderr (not silent)."""
