@@ -588,3 +588,20 @@ def test_redis_connection_forms() -> None:
 
     with pytest.raises(InvalidInput, match="exactly one host"):
         redis_connection_kwargs("a:1,b:2")
+
+
+def test_unreachable_redis_is_a_clear_error(tmp_path: Path) -> None:
+    from featurepipe.errors import BackendUnavailable
+    from featurepipe.online.latest import Column, LatestQuery
+    from featurepipe.online.window import ViewPlan, WindowOptions, materialize_window
+    from featurepipe.redis_server import free_port
+
+    pq.write_table(pa.table({"k": [1, 2], "v": [1.0, 2.0], "event_timestamp": pa.array(
+        [datetime(2026, 1, 1, tzinfo=timezone.utc)] * 2, pa.timestamp("us", tz="UTC"))}), tmp_path / "t.parquet")
+    plan = ViewPlan(view="v", project="p", query=LatestQuery(
+        path=str(tmp_path / "*.parquet"), timestamp="event_timestamp",
+        join_keys=[Column("k", "k", "INT64")], features=[Column("v", "v", "DOUBLE")]))
+    client = redis.Redis(port=free_port(), socket_connect_timeout=1)
+    with pytest.raises(BackendUnavailable, match="cannot reach Redis"):
+        materialize_window(plan, EPOCH, datetime(2027, 1, 1, tzinfo=timezone.utc), client,
+                           WindowOptions(progress=False, quarantine_dir=tmp_path / "q"))

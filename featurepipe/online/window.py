@@ -10,6 +10,7 @@ Parquet files under the quarantine folder; they are never written in part.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -202,9 +203,11 @@ def materialize_window(
             max_rows_per_second=options.max_rows_per_second,
             restore=options.restore,
         )
+        batches = prefetch(iter(scan.reader))
         with tqdm(total=scan.entities, desc=plan.view, unit="rows", unit_scale=True,
-                  disable=not options.progress, leave=True) as bar, writer:
-            for batch in prefetch(iter(scan.reader)):
+                  disable=not options.progress, leave=True) as bar, writer, contextlib.closing(batches):
+            # (closing: the reading thread stops before the DuckDB connection closes)
+            for batch in batches:
                 read = batch.num_rows
                 bad = pc.not_equal(batch.column(REASON), "")
                 if pc.any(bad).as_py():
