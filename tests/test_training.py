@@ -161,3 +161,20 @@ def test_stale_values_enter_on_demand_views_as_missing(pipeline: Pipeline) -> No
         assert online["seconds_since_last_txn"] == [None] and online["amount_to_mean_7d"] == [None]
         report = check_skew(store, client, entities)
     assert report.clean, [(f.feature, f.extra_online, f.missing_online) for f in report.features]
+
+
+def test_training_set_saved_as_feast_dataset_with_its_fingerprint(pipeline: Pipeline, trained: tuple, tmp_path: Path) -> None:
+    from training.dataset import definitions_fingerprint, save_training_set
+
+    _, ts, entity_df = trained
+    sample = entity_df.head(500)
+    save_training_set(pipeline.store, sample, ts, "fraud_sample", str(tmp_path / "saved.parquet"))
+    saved = pipeline.store.get_saved_dataset("fraud_sample")
+    assert saved.tags["featurepipe.fingerprint"] == ts.fingerprint == definitions_fingerprint(pipeline.store, "fraud_detection_v1")
+    assert set(saved.features) == set(ts.feature_refs)
+    # Feast's SavedDataset.to_df returns join keys and features only; the file keeps every column
+    back = pd.read_parquet(tmp_path / "saved.parquet").sort_values("transaction_id").reset_index(drop=True)
+    fresh = ts.frame[ts.frame["transaction_id"].isin(sample["transaction_id"])].sort_values("transaction_id").reset_index(drop=True)
+    assert len(back) == len(sample)
+    for column in ts.feature_columns:
+        np.testing.assert_allclose(back[column].astype("float64"), fresh[column].astype("float64"), rtol=1e-12, err_msg=column)
