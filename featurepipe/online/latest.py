@@ -28,6 +28,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from featurepipe.batch.sql import literal, quote
 from featurepipe.errors import InvalidInput, NotFound
 
 REASON = "__reason"
@@ -80,14 +81,6 @@ class LatestScan:
 
     def close(self) -> None:
         self.connection.close()
-
-
-def quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 def _timestamp_literal(value: datetime) -> str:
