@@ -1,0 +1,181 @@
+"""Event sources of the streaming engine, behind one small interface.
+
+A source delivers raw messages (one JSON event each) from one or more *partitions*, in
+order within a partition, and says where it is: ``positions`` maps a partition name to
+the position after the last message delivered (Redis Streams: the last entry ID read;
+Kafka: the next offset). The engine stores positions in its checkpoint together with its
+state and sink outputs and hands them back to :meth:`EventSource.open` after a restart,
+so replay starts exactly after the last checkpointed message; :meth:`EventSource.commit`
+is advisory (consumer-group bookkeeping and lag), never what correctness rests on.
+
+Sources here:
+
+- :class:`RedisStreamSource` (default): one Redis stream, read through a consumer group
+  per worker (``XREADGROUP``; ``XGROUP SETID`` rewinds the group to the checkpoint on
+  start, ``XINFO GROUPS`` gives the lag).
+- ``featurepipe.stream.kafka.KafkaSource``: a Kafka topic through confluent-kafka.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+import numpy as np
+
+from featurepipe.errors import BackendUnavailable, InvalidInput
+
+EVENT_FIELD = b"e"  # the stream entry field holding the JSON event
+
+
+@dataclass
+class RawBatch:
+    """Messages polled together: payloads, the partition index of each, positions after them."""
+
+    payloads: list[bytes]
+    partitions: np.ndarray  # int32, index into ``partition_names``
+    partition_names: list[str]
+    positions: dict[str, str] = field(default_factory=dict)  # partition -> position after this batch
+    ids: list[str] = field(default_factory=list)  # a message id each (partition:position), for dead letters
+
+    def __len__(self) -> int:
+        return len(self.payloads)
+
+
+class EventSource(Protocol):
+    """What the streaming engine needs from a source."""
+
+    name: str
+
+    def open(self, positions: Mapping[str, str] | None) -> None:
+        """Start reading after ``positions`` (a checkpoint), or from the configured start."""
+
+    def poll(self, max_messages: int, timeout_seconds: float) -> RawBatch:
+        """Up to ``max_messages`` messages; waits at most ``timeout_seconds`` for the first."""
+
+    def commit(self, positions: Mapping[str, str]) -> None:
+        """Tell the broker these positions are processed (advisory: lag and retention)."""
+
+    def lag(self) -> int | None:
+        """Messages in the source not yet delivered to this worker, when the broker knows."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+def encode_event(event: Mapping[str, Any]) -> bytes:
+    """One event as the JSON bytes sources carry (timestamps as ISO 8601 strings)."""
+
+    def default(value: Any) -> Any:
+        if isinstance(value, datetime):
+            return value.isoformat()
+        if isinstance(value, np.generic):
+            return value.item()
+        if hasattr(value, "isoformat"):
+            return value.isoformat()
+        raise TypeError(f"cannot encode {type(value).__name__} in an event")
+
+    return json.dumps(dict(event), default=default, separators=(",", ":")).encode()
+
+
+class RedisStreamSource:
+    """Reads one Redis stream through a consumer group of its own.
+
+    ``group`` is this worker's consumer group (created at the start of the stream if it
+    does not exist). On :meth:`open` with checkpointed positions the group is rewound with
+    ``XGROUP SETID`` to the checkpointed entry, so entries read but not checkpointed
+    before a crash are delivered again. Entries are read with ``NOACK``: the checkpoint,
+    not the pending-entries list, records what is done.
+    """
+
+    def __init__(self, client: Any, stream: str, group: str, consumer: str = "worker",
+                 start: str = "earliest") -> None:
+        if start not in ("earliest", "latest"):
+            raise InvalidInput(f"start must be 'earliest' or 'latest', got {start!r}")
+        self.client = client
+        self.stream = stream
+        self.name = f"redis:{stream}"
+        self.group = group
+        self.consumer = consumer
+        self.start = start
+        self._key = stream.encode()
+
+    def open(self, positions: Mapping[str, str] | None) -> None:
+        import redis
+
+        try:
+            if not self.client.exists(self._key):
+                raise InvalidInput(
+                    f"Redis stream {self.stream!r} does not exist on {self._where()}; "
+                    "check --stream, or publish events first (featurepipe stream publish)"
+                )
+            if self.client.type(self._key) not in (b"stream", "stream"):
+                raise InvalidInput(f"Redis key {self.stream!r} is not a stream")
+            begin = (positions or {}).get(self.stream)
+            if begin is None:
+                begin = "0-0" if self.start == "earliest" else "$"
+            try:
+                self.client.xgroup_create(self._key, self.group, id=begin, mkstream=False)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+                if positions:
+                    self.client.xgroup_setid(self._key, self.group, id=begin)
+        except redis.ConnectionError as exc:
+            raise BackendUnavailable(f"cannot reach Redis for stream {self.stream!r}: {exc}") from exc
+
+    def _where(self) -> str:
+        kw = self.client.connection_pool.connection_kwargs
+        return f"{kw.get('host', '?')}:{kw.get('port', '?')}"
+
+    def poll(self, max_messages: int, timeout_seconds: float) -> RawBatch:
+        block = max(1, int(timeout_seconds * 1000)) if timeout_seconds > 0 else None
+        reply = self.client.xreadgroup(
+            self.group, self.consumer, {self._key: ">"}, count=max_messages, block=block, noack=True
+        )
+        payloads: list[bytes] = []
+        ids: list[str] = []
+        if reply:
+            for _stream, entries in reply:
+                for entry_id, fields in entries:
+                    payloads.append(fields.get(EVENT_FIELD, b""))
+                    ids.append(entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
+        positions = {self.stream: ids[-1]} if ids else {}
+        return RawBatch(
+            payloads=payloads,
+            partitions=np.zeros(len(payloads), dtype=np.int32),
+            partition_names=[self.stream],
+            positions=positions,
+            ids=[f"{self.stream}:{i}" for i in ids],
+        )
+
+    def commit(self, positions: Mapping[str, str]) -> None:
+        """Nothing to acknowledge: entries are read with NOACK and rewound from the checkpoint."""
+
+    def lag(self) -> int | None:
+        for group in self.client.xinfo_groups(self._key):
+            name = group.get("name")
+            if name in (self.group, self.group.encode()):
+                lag = group.get("lag")
+                return int(lag) if lag is not None else None
+        return None
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def publish_redis(client: Any, stream: str, events: Iterable[bytes], pipeline_size: int = 1000,
+                  maxlen: int | None = None) -> int:
+    """XADD JSON events (from :func:`encode_event`) to ``stream``; returns how many."""
+    n = 0
+    pipe = client.pipeline(transaction=False)
+    for payload in events:
+        pipe.xadd(stream, {EVENT_FIELD: payload}, maxlen=maxlen, approximate=maxlen is not None)
+        n += 1
+        if n % pipeline_size == 0:
+            pipe.execute()
+    pipe.execute()
+    return n
