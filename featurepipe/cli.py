@@ -69,6 +69,7 @@ def main() -> None:
       featurepipe train         point-in-time training set -> model in feature_repo/data/models
       featurepipe serve         gRPC feast.serving.ServingService on 127.0.0.1
       featurepipe push          new events -> updated features online
+      featurepipe stream run    live events -> windowed features online and offline
       featurepipe demo          all of the above, end to end
 
     Redis: REDIS_URL=redis://host:port/db (default 127.0.0.1:6379).
@@ -308,6 +309,16 @@ def _register_quality_commands() -> None:
 
 
 _register_quality_commands()
+
+
+
+def _register_stream_commands() -> None:
+    from featurepipe.cli_stream import stream
+
+    main.add_command(stream)
+
+
+_register_stream_commands()
 
 if __name__ == "__main__":
     main()

@@ -78,9 +78,13 @@ for i = 1, #KEYS do
 end
 return {written, fresh}
 """
+# The streaming engine recomputes a row when a late event lands in its window and writes it
+# again with the same event time: there a row replaces one of equal event time.
+WRITE_SCRIPT_REPLACE_EQUAL = WRITE_SCRIPT.replace("nn <= on", "nn < on")
 _CRLF = b"\r\n"
 _OK = b"+OK\r\n"
 _SCRIPT = WRITE_SCRIPT.encode()
+_SCRIPT_REPLACE_EQUAL = WRITE_SCRIPT_REPLACE_EQUAL.encode()
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,7 @@ class HashWriter:
         ttl_seconds: int | None = None,
         max_rows_per_second: float | None = None,
         restore: bool = True,
+        replace_equal: bool = False,
     ) -> None:
         self.client = client
         self.counts = WriteCounts()
@@ -190,6 +195,7 @@ class HashWriter:
         self._sock: socket.socket | None = None
         self._replies: _ReplyLines | None = None
         self._want_restore = restore
+        self._script = _SCRIPT_REPLACE_EQUAL if replace_equal else _SCRIPT
         self.restore_available = False
         self._prefer_restore = True
         self._max_value = 64
@@ -224,7 +230,7 @@ class HashWriter:
     def lua_command(self, batch: EncodedRows) -> bytes:
         """The ``EVAL`` command writing ``batch`` with the compare-and-set script, as RESP bytes."""
         n = batch.count
-        head = [b"EVAL", _SCRIPT, str(n).encode()]
+        head = [b"EVAL", self._script, str(n).encode()]
         nargs = len(head) + n + len(self._head_args) + n * (1 + len(batch.values))
         keys, _ = rows.join(bulk(batch.keys))
         row_pieces = [p for v in (batch.timestamps, *batch.values) for p in bulk(v)]

@@ -40,6 +40,7 @@ class RawBatch:
     partition_names: list[str]
     positions: dict[str, str] = field(default_factory=dict)  # partition -> position after this batch
     ids: list[str] = field(default_factory=list)  # a message id each (partition:position), for dead letters
+    publish_ms: np.ndarray | None = None  # when each message entered the broker (epoch ms), if known
 
     def __len__(self) -> int:
         return len(self.payloads)
@@ -150,6 +151,7 @@ class RedisStreamSource:
             partition_names=[self.stream],
             positions=positions,
             ids=[f"{self.stream}:{i}" for i in ids],
+            publish_ms=np.fromiter((int(i.split("-", 1)[0]) for i in ids), dtype=np.int64, count=len(ids)),
         )
 
     def commit(self, positions: Mapping[str, str]) -> None:

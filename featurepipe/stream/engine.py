@@ -1,0 +1,695 @@
+"""The streaming engine: the batch engine's feature definitions, computed from live events.
+
+``StreamJob`` reads JSON events from an :class:`~featurepipe.stream.source.EventSource`
+in micro-batches and keeps every windowed-aggregate view fed by that source up to date,
+online (Redis, Feast's layout) within one micro-batch and offline (Parquet in the view's
+feature table) once the rows are final.
+
+**Same definitions, same kernel.** The aggregates are the views' ``Aggregation``
+declarations read back from the registry, computed with the very SQL the batch engine
+generates (:func:`featurepipe.batch.sql.aggregate_sql`) over the job's state: the events
+of each key inside the view's longest window. Sums run over exact decimals, so a value
+does not depend on the order events arrived in, and stream and batch agree to the bit.
+
+**Event time.** Each partition's watermark is its greatest event time so far minus the
+allowed lateness; an event older than the watermark of its partition *when it arrives*
+is late: it goes to the dead letters with the reason and changes nothing (decided per
+event in arrival order, so it does not depend on how messages were cut into batches).
+An event within the lateness updates every window it falls into: the entity's latest row
+is recomputed and written online (a row replaces one of the same event time); rows older
+than the job's watermark (the least over partitions) can no longer change and are
+written to the offline log.
+
+**Exactly-once effect.** Every ``checkpoint_seconds`` the job writes, in this order, the
+final offline rows, the dead letters and the archived raw events (files named by the
+checkpoint's sequence number), a snapshot of its state, and last a manifest with the
+source positions (atomic rename). On start it loads the newest manifest, deletes files
+of later sequence numbers (a checkpoint the crash interrupted) and replays the source
+from the manifest's positions. Redis writes are idempotent (newest event time wins;
+equal time replaces with the value computed from the same events), so replayed
+micro-batches leave Redis as an uninterrupted run does.
+
+**Several workers.** Worker ``w`` of ``n`` reads the whole stream and owns the keys with
+``hash(key) % n == w`` for every view (an event updates a user's and a merchant's
+aggregates, so no single partitioning of the stream splits both). Decoding and checks
+run on every worker; only worker 0 writes dead letters and the raw archive.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from featurepipe.batch.sql import SourceColumns, aggregate_sql, literal, quote, ts_literal
+from featurepipe.definitions import AggregateView, aggregate_views
+from featurepipe.errors import InvalidInput, NotFound
+from featurepipe.stream.decode import MSG, Decoder, arrow_schema
+from featurepipe.stream.source import EventSource, RawBatch
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+
+log = logging.getLogger(__name__)
+
+US = 1_000_000
+NEG_INF = -(2**62)
+POS_INF = 2**62
+MANIFEST = "checkpoint.json"
+DEAD_COLUMNS = ("message_id", "partition", "payload", "quality_check", "quality_reason", "worker", "received_at")
+
+
+@dataclass
+class StreamOptions:
+    """How a stream job runs. See ``featurepipe stream run --help``."""
+
+    job: str = "stream"
+    source: str = "transactions"  # the Feast data source whose events the stream carries
+    views: Sequence[str] | None = None
+    allowed_lateness: timedelta = timedelta(minutes=5)
+    max_batch: int = 50_000
+    poll_timeout: float = 0.05
+    checkpoint_seconds: float = 5.0
+    worker: int = 0
+    workers: int = 1
+    threads: int = 1
+    archive_raw: bool = True
+    max_events: int | None = None  # stop once this many messages are done (over all runs)
+    idle_seconds: float | None = None  # stop after this long without a message
+    final: bool = False  # at the stop, the input is complete: finalise every row
+    progress: bool = True
+    state_dir: Path | None = None
+    dead_letter_dir: Path | None = None
+    latency_samples: int = 0  # keep up to this many event-to-online latencies (benchmarks)
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or not 0 <= self.worker < self.workers:
+            raise InvalidInput(f"worker must be in [0, workers); got worker {self.worker} of {self.workers}")
+        if self.allowed_lateness < timedelta(0):
+            raise InvalidInput("allowed lateness must be >= 0")
+        if self.max_batch < 1:
+            raise InvalidInput("max_batch must be >= 1")
+
+
+@dataclass
+class Counters:
+    """Messages by outcome, over every run of the job (restored from the checkpoint)."""
+
+    messages: int = 0
+    accepted: int = 0
+    dead: int = 0  # could not be decoded or failed a contract check
+    late: int = 0
+    duplicate: int = 0
+    online_rows: int = 0
+    offline_rows: int = 0
+    checkpoints: int = 0
+
+
+@dataclass
+class StreamResult:
+    """What a run did (counters are totals over all runs of the job)."""
+
+    counters: Counters
+    seconds: float
+    run_messages: int
+    watermark: datetime | None
+    latencies: np.ndarray = field(default_factory=lambda: np.empty(0))
+
+    @property
+    def events_per_second(self) -> float:
+        return self.run_messages / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class _View:
+    spec: AggregateView
+    table: str
+    columns: SourceColumns
+    plan: Any  # featurepipe.online.window.ViewPlan
+    writer: Any = None  # HashWriter
+    keys_sql: str = ""
+
+
+def _us(value: datetime | None) -> int:
+    if value is None:
+        return NEG_INF
+    return int(value.timestamp() * US) if value.tzinfo else int(value.replace(tzinfo=timezone.utc).timestamp() * US)
+
+
+def _dt(us: int) -> datetime | None:
+    if us <= NEG_INF or us >= POS_INF:
+        return None
+    return datetime.fromtimestamp(us / US, tz=timezone.utc)
+
+
+def _ts_sql(us: int) -> str:
+    return ts_literal(datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=us))
+
+
+class StreamJob:
+    """One worker of a stream job. Use :meth:`run`; :meth:`stop` (thread-safe) ends it."""
+
+    def __init__(self, store: FeatureStore, source: EventSource, redis_client: Any,
+                 options: StreamOptions | None = None) -> None:
+        from featurepipe.config import data_dir, find_repo
+
+        self.store = store
+        self.source = source
+        self.redis = redis_client
+        self.options = options or StreamOptions()
+        self._stop = threading.Event()
+        repo = find_repo(store.repo_path)
+        self.data = data_dir(repo)
+        o = self.options
+        self.state_dir = Path(o.state_dir or self.data / "stream" / o.job) / f"w{o.worker}"
+        self.dead_dir = Path(o.dead_letter_dir or self.data / "quarantine" / "stream" / o.job)
+        self.con = duckdb.connect()
+        self.con.execute("SET TimeZone = 'UTC'")
+        self.con.execute(f"SET threads = {int(o.threads)}")
+        self.con.execute("SET preserve_insertion_order = true")
+        self._resolve(repo)
+        self.counters = Counters()
+        self.seq = 0
+        self.positions: dict[str, str] = {}
+        self.partition_max: dict[str, int] = {}
+        self.finalised_to = NEG_INF  # rows with event time < this are in the offline log
+        self._dead: list[pa.Table] = []
+        self._raw: list[pa.Table] = []
+        self._latencies: list[np.ndarray] = []
+        self._latency_kept = 0
+        from featurepipe.stream.metrics import StreamMetrics
+
+        self.metrics = StreamMetrics(o.job, o.worker)
+
+    # ------------------------------------------------------------ setup
+
+    def _resolve(self, repo: Path) -> None:
+        from featurepipe.online.engine import view_plan
+        from featurepipe.quality.checks import row_checks
+        from featurepipe.quality.contracts import load_contracts
+
+        o = self.options
+        try:
+            source = self.store.get_data_source(o.source)
+        except Exception as exc:  # feast raises DataSourceObjectNotFoundException
+            raise InvalidInput(f"the registry has no data source {o.source!r}; check --source or run feast apply") from exc
+        views = [v for v in aggregate_views(self.store, o.views)
+                 if v.input_path == getattr(source, "path", None)
+                 and v.timestamp_field == source.timestamp_field]
+        if not views:
+            raise InvalidInput(
+                f"no windowed-aggregate view reads source {o.source!r} by {source.timestamp_field!r}; "
+                "nothing to compute from this stream"
+            )
+        self.source_ref = source
+        self.timestamp = source.timestamp_field
+        self.input_root = Path(source.path.split("/**")[0])
+        types = self._source_types(source.path, load_contracts(repo).sources.get(o.source))
+        self.types = types
+        self.decoder = Decoder(arrow_schema(types))
+        contract = load_contracts(repo).sources.get(o.source)
+        self.contract = contract
+        self.checks = [c for c in row_checks(contract, types) if "__dup_rank" not in c.fails] if contract else []
+        self.unique = tuple(contract.unique) if contract and contract.unique else ()
+        key_cols = sorted({k for v in views for k in v.join_keys})
+        missing = [c for c in [*key_cols, self.timestamp] if c not in types]
+        if missing:
+            raise InvalidInput(f"source {o.source!r} has no column(s) {missing}")
+        self.key_columns = key_cols
+        columns = SourceColumns(types)
+        self.views: list[_View] = []
+        for i, spec in enumerate(views):
+            columns.require(spec)
+            if any(a.window is None and a.function != "last" for a in spec.aggregations):
+                raise InvalidInput(f"view {spec.name!r}: streaming needs a time window on every aggregation but 'last'")
+            fv = self.store.get_feature_view(spec.name)
+            plan = view_plan(fv, self.store.config, self.store.project)
+            needed = [*spec.join_keys, self.timestamp,
+                      *sorted({a.column for a in spec.aggregations} - {self.timestamp, *spec.join_keys})]
+            table = f"state_{i}"
+            cols = ", ".join(f"{quote(c)} {types[c]}" for c in needed)
+            self.con.execute(f"CREATE TABLE {table} ({cols})")
+            self.views.append(_View(spec, table, columns, plan, keys_sql=", ".join(quote(k) for k in spec.join_keys)))
+        self.needed = {v.spec.name: [c for c in self.con.execute(f"DESCRIBE {v.table}").fetchall()] for v in self.views}
+        if self.unique:
+            cols = ", ".join(f"{quote(c)} {types[c]}" for c in self.unique)
+            self.con.execute(f"CREATE TABLE seen ({cols}, __ts TIMESTAMPTZ)")
+
+    def _source_types(self, path: str, contract: Any) -> dict[str, str]:
+        try:
+            rows = self.con.execute(
+                f"DESCRIBE SELECT * FROM read_parquet({literal(path)}, hive_partitioning = true, union_by_name = true)"
+            ).fetchall()
+            types = {r[0]: str(r[1]) for r in rows if r[0] != "date"}
+        except duckdb.IOException:
+            types = {}
+        if not types and contract is not None:
+            types = {c.name: c.type for c in contract.columns if c.type}
+        if not types:
+            raise NotFound(
+                f"cannot tell the schema of source {self.options.source!r}: no Parquet files match {path} "
+                "and contracts.yaml declares no column types for it"
+            )
+        return types
+
+    # ------------------------------------------------------------ checkpoint files
+
+    def _tag(self, seq: int) -> str:
+        return f"stream-{self.options.job}-w{self.options.worker}-{seq:08d}"
+
+    def _own_files(self) -> list[Path]:
+        o = self.options
+        pattern = f"stream-{o.job}-w{o.worker}-*.parquet"
+        roots = [v.spec.offline_path for v in self.views]
+        if o.worker == 0:
+            roots += [self.dead_dir, self.input_root]
+        files: list[Path] = []
+        for root in roots:
+            files += list(Path(root).glob(f"date=*/{pattern}")) + list(Path(root).glob(pattern))
+        return files
+
+    @staticmethod
+    def _seq_of(path: Path) -> int:
+        return int(path.stem.rsplit("-", 1)[1])
+
+    def _restore(self) -> None:
+        manifest = self.state_dir / MANIFEST
+        if manifest.exists():
+            m = json.loads(manifest.read_text())
+            want = self._fingerprint()
+            if m["fingerprint"] != want:
+                raise InvalidInput(
+                    f"stream job {self.options.job!r} worker {self.options.worker}: the checkpoint in "
+                    f"{self.state_dir} was written for other definitions or worker count "
+                    f"({m['fingerprint']} vs {want}); start a new --job or delete that folder"
+                )
+            self.seq = int(m["seq"])
+            self.positions = dict(m["positions"])
+            self.partition_max = {k: int(v) for k, v in m["partition_max"].items()}
+            self.finalised_to = int(m["finalised_to"])
+            self.counters = Counters(**m["counters"])
+            snap = self.state_dir / f"seq-{self.seq:08d}"
+            for v in self.views:
+                f = snap / f"{v.table}.parquet"
+                if f.exists():
+                    self.con.execute(f"INSERT INTO {v.table} SELECT * FROM read_parquet({literal(str(f))})")
+            if self.unique and (snap / "seen.parquet").exists():
+                self.con.execute(f"INSERT INTO seen SELECT * FROM read_parquet({literal(str(snap / 'seen.parquet'))})")
+        removed = 0
+        for f in self._own_files():
+            if self._seq_of(f) > self.seq:
+                f.unlink()
+                removed += 1
+        if removed:
+            log.warning("stream %s: removed %d file(s) of an interrupted checkpoint", self.options.job, removed)
+
+    def _fingerprint(self) -> str:
+        import hashlib
+
+        spec = {
+            "views": [asdict(v.spec) | {"offline_path": str(v.spec.offline_path)} for v in self.views],
+            "workers": self.options.workers,
+            "lateness_us": int(self.options.allowed_lateness / timedelta(microseconds=1)),
+            "types": self.types,
+        }
+        return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    # ------------------------------------------------------------ the loop
+
+    def stop(self) -> None:
+        """Ask the job to finish its micro-batch, checkpoint and return."""
+        self._stop.set()
+
+    def run(self) -> StreamResult:
+        """Process until stopped (``stop``, ``max_events``, ``idle_seconds``); checkpoint on the way out."""
+        from featurepipe.online.layout import feature_field, timestamp_field
+        from featurepipe.online.writer import HashWriter
+
+        o = self.options
+        self._restore()
+        self.source.open(self.positions or None)
+        started = time.monotonic()
+        run_messages = 0
+        last_message = time.monotonic()
+        last_checkpoint = time.monotonic()
+        last_progress = 0.0
+        for v in self.views:
+            v.writer = HashWriter(
+                self.redis, timestamp_field(v.plan.view),
+                [feature_field(v.plan.view, f.name) for f in v.plan.features],
+                ttl_seconds=v.plan.key_ttl_seconds, replace_equal=True,
+            ).__enter__()
+        try:
+            while not self._stop.is_set():
+                if o.max_events is not None and self.counters.messages >= o.max_events:
+                    break
+                want = o.max_batch
+                if o.max_events is not None:
+                    want = min(want, o.max_events - self.counters.messages)
+                raw = self.source.poll(want, o.poll_timeout)
+                now = time.monotonic()
+                if len(raw):
+                    self._process(raw)
+                    run_messages += len(raw)
+                    last_message = now
+                elif o.idle_seconds is not None and now - last_message >= o.idle_seconds:
+                    break
+                if now - last_checkpoint >= o.checkpoint_seconds:
+                    self.checkpoint()
+                    last_checkpoint = time.monotonic()
+                if o.progress and now - last_progress >= 1.0:
+                    self._progress(run_messages, now - started)
+                    last_progress = now
+            self.checkpoint(final=o.final)
+        finally:
+            for v in self.views:
+                if v.writer is not None:
+                    v.writer.__exit__(None, None, None)
+                    v.writer = None
+            if o.progress:
+                self._progress(run_messages, time.monotonic() - started, end="\n")
+        lat = np.concatenate(self._latencies) if self._latencies else np.empty(0)
+        return StreamResult(self.counters, time.monotonic() - started, run_messages,
+                            _dt(self._watermark()), lat)
+
+    def close(self) -> None:
+        self.source.close()
+        self.con.close()
+        self.metrics.close()
+
+    # ------------------------------------------------------------ one micro-batch
+
+    def _process(self, raw: RawBatch) -> None:
+        t0 = time.perf_counter()
+        o = self.options
+        self.counters.messages += len(raw)
+        decoded = self.decoder.decode(raw.payloads)
+        events = decoded.events
+        dead_index = [decoded.dead_index]
+        dead_check = ["decode"] * len(decoded.dead_reason)
+        dead_reason = list(decoded.dead_reason)
+        con = self.con
+        con.register("__events", events)
+        # contract row checks (warn: dead-letter the row; block: stop before anything is written)
+        ts = quote(self.timestamp)
+        builtin = [(f"{ts} IS NULL", "event_time.not_null", f"'{self.timestamp} is null'")]
+        builtin += [(f"{quote(k)} IS NULL", f"{k}.not_null", f"'{k} is null (a join key)'") for k in self.key_columns]
+        conds = [(c.fails, c.name, c.reason, c.severity) for c in self.checks] + [(a, b, r, "warn") for a, b, r in builtin]
+        if conds and events.num_rows:
+            first = "CASE " + " ".join(f"WHEN {f} THEN {literal(n)}" for f, n, _, _ in conds) + " END"
+            reasons = "concat_ws('; ', " + ", ".join(f"CASE WHEN {f} THEN {r} END" for f, _, r, _ in conds) + ")"
+            bad = con.execute(
+                f"SELECT {MSG}, {first} AS c, {reasons} AS r FROM __events WHERE {' OR '.join(f'({f})' for f, *_ in conds)}"
+            ).fetchall()
+            if bad:
+                blocking = {n for _, n, _, s in conds if s == "block"}
+                blocked = [b for b in bad if b[1] in blocking]
+                if blocked:
+                    sample = [raw.payloads[int(b[0])].decode(errors="replace") for b in blocked[:3]]
+                    raise InvalidInput(
+                        f"stream {self.source.name}: blocking check {blocked[0][1]} failed on {len(blocked)} of "
+                        f"{len(raw)} events in this micro-batch ({blocked[0][2]}); sample: {sample}. Nothing of "
+                        "this batch was written; fix the producer or the contract and restart (the job resumes "
+                        "from its last checkpoint)"
+                    )
+                idx = np.asarray([b[0] for b in bad], dtype=np.int64)
+                dead_index.append(idx)
+                dead_check += [b[1] for b in bad]
+                dead_reason += [b[2] for b in bad]
+                keep = np.ones(events.num_rows, dtype=bool)
+                keep[np.isin(events.column(MSG).to_numpy(), idx)] = False
+                events = events.filter(pa.array(keep))
+        # lateness: per partition, in arrival order
+        if events.num_rows:
+            msg = events.column(MSG).to_numpy()
+            part = raw.partitions[msg]
+            tsu = events.column(self.timestamp).cast(pa.int64()).to_numpy()
+            late = np.zeros(len(msg), dtype=bool)
+            lateness = int(o.allowed_lateness / timedelta(microseconds=1))
+            for p in np.unique(part):
+                name = raw.partition_names[int(p)]
+                sel = np.nonzero(part == p)[0]
+                prev = self.partition_max.get(name, NEG_INF)
+                run_max = np.maximum.accumulate(np.concatenate([[prev], tsu[sel]]))
+                late[sel] = tsu[sel] < run_max[:-1] - lateness
+                self.partition_max[name] = int(run_max[-1])
+            if late.any():
+                li = np.nonzero(late)[0]
+                dead_index.append(msg[li])
+                for i in li:
+                    wm = self.partition_max[raw.partition_names[int(part[i])]] - lateness
+                    dead_check.append("late")
+                    dead_reason.append(
+                        f"late: event time {_dt(int(tsu[i])):%Y-%m-%d %H:%M:%S.%f} is more than the allowed "
+                        f"lateness {o.allowed_lateness} behind its partition's newest event"
+                        f" (watermark now {_dt(wm):%Y-%m-%d %H:%M:%S})"
+                    )
+                self.counters.late += len(li)
+                events = events.filter(pa.array(~late))
+        # duplicates of the contract's unique columns (an at-least-once producer resending)
+        if self.unique and events.num_rows:
+            con.register("__events", events)
+            ucols = ", ".join(quote(c) for c in self.unique)
+            dup = con.execute(
+                f"SELECT {MSG} FROM (SELECT {MSG}, {ucols}, row_number() OVER (PARTITION BY {ucols} ORDER BY {MSG}) AS r "
+                f"FROM __events) e WHERE r > 1 OR EXISTS (SELECT 1 FROM seen s WHERE "
+                + " AND ".join(f"s.{quote(c)} = e.{quote(c)}" for c in self.unique) + ")"
+            ).fetchnumpy()[MSG]
+            if len(dup):
+                dead_index.append(np.asarray(dup, dtype=np.int64))
+                dead_check += ["duplicate"] * len(dup)
+                dead_reason += [f"duplicate of an earlier event with the same ({', '.join(self.unique)})"] * len(dup)
+                self.counters.duplicate += len(dup)
+                events = events.filter(pc.invert(pc.is_in(events.column(MSG), pa.array(dup, pa.int64()))))
+            con.register("__events", events)
+            con.execute(f"INSERT INTO seen SELECT {ucols}, {ts} FROM __events")
+        all_dead = np.concatenate(dead_index) if dead_index else np.empty(0, np.int64)
+        self.counters.dead += len(all_dead)
+        self.counters.accepted += events.num_rows
+        if len(all_dead) and o.worker == 0:
+            self._dead.append(self._dead_letters(raw, all_dead, dead_check, dead_reason))
+        con.register("__events", events)
+        if events.num_rows:
+            for v in self.views:
+                self.counters.online_rows += self._update_view(v)
+            if o.archive_raw and o.worker == 0:
+                self._raw.append(events.drop_columns([MSG]))
+            self._observe_latency(raw, events)
+        con.unregister("__events")
+        self.positions.update(raw.positions)
+        self.metrics.batch(len(raw), events.num_rows, len(all_dead), time.perf_counter() - t0)
+
+    def _dead_letters(self, raw: RawBatch, index: np.ndarray, checks: list[str], reasons: list[str]) -> pa.Table:
+        now = datetime.now(timezone.utc)
+        return pa.table({
+            "message_id": [raw.ids[int(i)] if raw.ids else str(int(i)) for i in index],
+            "partition": [raw.partition_names[int(raw.partitions[int(i)])] for i in index],
+            "payload": [raw.payloads[int(i)].decode("utf-8", errors="replace") for i in index],
+            "quality_check": checks,  # the column names of the batch gates' quarantine
+            "quality_reason": reasons,
+            "worker": pa.array([self.options.worker] * len(index), pa.int32()),
+            "received_at": pa.array([now] * len(index), pa.timestamp("us", tz="UTC")),
+        })
+
+    def _owned(self, v: _View) -> str:
+        if self.options.workers == 1:
+            return "TRUE"
+        return f"hash({v.keys_sql}) % {self.options.workers} = {self.options.worker}"
+
+    def _update_view(self, v: _View) -> int:
+        """Insert the batch's events of owned keys into the view's state and write each
+        touched key's latest row online. Returns the rows written."""
+        from featurepipe.online.latest import EVENT_US
+        from featurepipe.online.window import encode
+
+        con = self.con
+        spec = v.spec
+        cols = ", ".join(quote(c[0]) for c in self.needed[spec.name])
+        con.execute(f"INSERT INTO {v.table} SELECT {cols} FROM __events WHERE {self._owned(v)}")
+        maxw = int(spec.max_window / timedelta(microseconds=1))
+        ts = quote(self.timestamp)
+        keys = v.keys_sql
+        join = " AND ".join(f"s.{quote(k)} = a.{quote(k)}" for k in spec.join_keys)
+        # the touched keys, their newest event time (in state), and the state rows in its window
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE __touched AS SELECT s.* FROM {v.table} s "
+            f"SEMI JOIN (SELECT DISTINCT {keys} FROM __events WHERE {self._owned(v)}) a ON {join}"
+        )
+        src = (
+            f"(SELECT s.* FROM __touched s JOIN (SELECT {keys}, max({ts}) AS __hi FROM __touched GROUP BY {keys}) a "
+            f"ON {join} WHERE s.{ts} >= a.__hi - INTERVAL ({maxw}) MICROSECONDS)"
+        )
+        sql = aggregate_sql(spec, v.columns, source=src)
+        rows = con.sql(
+            f"SELECT *, epoch_us(event_timestamp) AS {EVENT_US} FROM ({sql}) "
+            f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY event_timestamp DESC) = 1"
+        ).to_arrow_table()
+        if rows.num_rows:
+            for batch in rows.to_batches(max_chunksize=10_000):
+                v.writer.write(encode(batch, v.plan))
+            v.writer.flush()
+        return rows.num_rows
+
+    def _observe_latency(self, raw: RawBatch, events: pa.Table) -> None:
+        publish = getattr(raw, "publish_ms", None)
+        if publish is None or not len(publish):
+            return
+        now_ms = time.time() * 1000
+        lat = (now_ms - np.asarray(publish)[events.column(MSG).to_numpy()]) / 1000.0
+        self.metrics.latency(lat)
+        cap = self.options.latency_samples
+        if cap and self._latency_kept < cap:
+            take = lat[: cap - self._latency_kept]
+            self._latencies.append(take)
+            self._latency_kept += len(take)
+
+    # ------------------------------------------------------------ checkpoint
+
+    def _watermark(self) -> int:
+        if not self.partition_max:
+            return NEG_INF
+        lateness = int(self.options.allowed_lateness / timedelta(microseconds=1))
+        return min(self.partition_max.values()) - lateness
+
+    def checkpoint(self, final: bool = False) -> None:
+        """Write final offline rows, dead letters, raw archive, state, then the manifest."""
+        t0 = time.perf_counter()
+        o = self.options
+        seq = self.seq + 1
+        tag = self._tag(seq)
+        wm = POS_INF if final else self._watermark()
+        con = self.con
+        written: list[Path] = []
+        if wm > self.finalised_to:
+            lo = None if self.finalised_to <= NEG_INF else _dt(self.finalised_to)
+            hi = None if wm >= POS_INF else _dt(wm)
+            for v in self.views:
+                sql = aggregate_sql(v.spec, v.columns, lo, hi, source=v.table)
+                table = con.sql(sql).to_arrow_table()
+                self.counters.offline_rows += table.num_rows
+                written += _write_by_day(table, "event_timestamp", v.spec.offline_path, tag)
+                self.metrics.offline(v.spec.name, table.num_rows)
+            self.finalised_to = wm
+            if wm < POS_INF:
+                for v in self.views:
+                    maxw = int(v.spec.max_window / timedelta(microseconds=1))
+                    con.execute(f"DELETE FROM {v.table} WHERE {quote(self.timestamp)} < {_ts_sql(wm - maxw)}")
+                if self.unique:
+                    con.execute(f"DELETE FROM seen WHERE __ts < {_ts_sql(wm)}")
+        if self._dead:
+            dead = pa.concat_tables(self._dead)
+            self.dead_dir.mkdir(parents=True, exist_ok=True)
+            written.append(_atomic_parquet(dead, self.dead_dir / f"{tag}.parquet"))
+            self._dead = []
+        if self._raw:
+            raw = pa.concat_tables(self._raw)
+            written += _write_by_day(raw, self.timestamp, self.input_root, tag)
+            self._raw = []
+        snap = self.state_dir / f"seq-{seq:08d}"
+        snap.mkdir(parents=True, exist_ok=True)
+        for v in self.views:
+            con.execute(f"COPY {v.table} TO {literal(str(snap / (v.table + '.parquet')))} (FORMAT parquet)")
+        if self.unique:
+            con.execute(f"COPY seen TO {literal(str(snap / 'seen.parquet'))} (FORMAT parquet)")
+        self.counters.checkpoints += 1
+        manifest = {
+            "seq": seq,
+            "job": o.job,
+            "worker": o.worker,
+            "fingerprint": self._fingerprint(),
+            "positions": self.positions,
+            "partition_max": self.partition_max,
+            "finalised_to": self.finalised_to,
+            "counters": asdict(self.counters),
+            "written_at": datetime.now(timezone.utc).isoformat(),
+        }
+        tmp = self.state_dir / (MANIFEST + ".tmp")
+        with open(tmp, "w") as fh:
+            json.dump(manifest, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.state_dir / MANIFEST)
+        self.seq = seq
+        for old in self.state_dir.glob("seq-*"):
+            if old != snap:
+                shutil.rmtree(old, ignore_errors=True)
+        self.source.commit(self.positions)
+        lag = None
+        try:
+            lag = self.source.lag()
+        except Exception:  # lag is advisory: a broker that cannot say is not an error
+            lag = None
+        self.metrics.checkpoint(time.perf_counter() - t0, lag, self._watermark(), self.counters)
+        self._record(manifest, written, time.perf_counter() - t0, lag)
+
+    def _record(self, manifest: dict[str, Any], written: list[Path], seconds: float, lag: int | None) -> None:
+        from featurepipe.quality.runlog import append_run, code_version
+
+        append_run(self.data, {
+            "kind": "stream_checkpoint",
+            "run_id": f"{self.options.job}-w{self.options.worker}-{manifest['seq']:08d}",
+            "job": self.options.job,
+            "worker": self.options.worker,
+            "source": self.source.name,
+            "inputs": {"positions": manifest["positions"]},
+            "outputs": [str(p) for p in written],
+            "views": [v.spec.name for v in self.views],
+            "definitions_hash": manifest["fingerprint"],
+            "code_version": code_version(),
+            "counters": manifest["counters"],
+            "watermark": None if (w := _dt(self._watermark())) is None else w.isoformat(),
+            "lag": lag,
+            "seconds": round(seconds, 4),
+            "finished_at": manifest["written_at"],
+        })
+
+    def _progress(self, run_messages: int, seconds: float, end: str = "\r") -> None:
+        c = self.counters
+        rate = run_messages / seconds if seconds else 0.0
+        wm = _dt(self._watermark())
+        line = (f"stream {self.options.job} w{self.options.worker}: {c.messages:,} events "
+                f"({rate:,.0f}/s this run) · accepted {c.accepted:,} · dead {c.dead:,} (late {c.late:,}, "
+                f"duplicate {c.duplicate:,}) · online rows {c.online_rows:,} · watermark "
+                f"{wm:%Y-%m-%d %H:%M:%S}" if wm else
+                f"stream {self.options.job} w{self.options.worker}: {c.messages:,} events ({rate:,.0f}/s) · waiting")
+        stream = sys.stderr
+        if not stream.isatty():
+            end = "\n"
+        stream.write(line + ("\x1b[K" if end == "\r" else "") + end)
+        stream.flush()
+
+
+def _atomic_parquet(table: pa.Table, path: Path) -> Path:
+    tmp = path.with_name("." + path.name + ".tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+    return path
+
+
+def _write_by_day(table: pa.Table, ts_column: str, root: Path, tag: str) -> list[Path]:
+    """Write ``table`` as ``root/date=YYYY-MM-DD/<tag>.parquet`` files, one per day."""
+    if table.num_rows == 0:
+        return []
+    day = pc.strftime(table.column(ts_column), format="%Y-%m-%d")
+    out = []
+    for d in pc.unique(day).to_pylist():
+        part = table.filter(pc.equal(day, d))
+        folder = Path(root) / f"date={d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        out.append(_atomic_parquet(part, folder / f"{tag}.parquet"))
+    return out

@@ -1,0 +1,324 @@
+"""The Kafka event source, through confluent-kafka (librdkafka).
+
+A worker reads one topic in a consumer group, so the partitions are shared between the
+workers of a group. Partitions are named ``"<topic>:<partition>"`` and a position is the
+next offset to read, as a decimal string. Where a worker starts is decided by the
+engine's checkpoint, not by the group's committed offsets: every partition the group
+assigns is sought to its checkpointed position (else to ``start``), so messages read but
+not checkpointed before a crash are read again. :meth:`KafkaSource.commit` stores offsets
+in the group only for lag monitoring.
+
+    create_topic("127.0.0.1:9092", "transactions", partitions=4)
+    publish_kafka("127.0.0.1:9092", "transactions", (encode_event(e) for e in events))
+    source = KafkaSource("127.0.0.1:9092", "transactions", group="features")
+    source.open(checkpoint_positions)   # None on a first start
+    batch = source.poll(10_000, timeout_seconds=1.0)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from featurepipe.errors import BackendUnavailable, FeaturepipeError, InvalidInput
+from featurepipe.stream.source import RawBatch
+
+log = logging.getLogger(__name__)
+
+OFFSET_BEGINNING, OFFSET_END, OFFSET_INVALID = -2, -1, -1001  # librdkafka's logical offsets
+METADATA_TIMEOUT_SECONDS = 5.0
+
+
+class KafkaSource:
+    """Reads one Kafka topic as a member of consumer group ``group``.
+
+    ``start`` ("earliest" or "latest") is where a partition without a checkpointed
+    position begins. ``extra_config`` is passed to the librdkafka consumer as it is
+    (dotted names: ``KafkaSource(..., **{"fetch.min.bytes": 1})``) and overrides the
+    defaults set here.
+    """
+
+    metadata_timeout_seconds: float = METADATA_TIMEOUT_SECONDS  # how long open() waits for a broker
+
+    def __init__(self, bootstrap: str, topic: str, group: str, start: str = "earliest",
+                 session_timeout_ms: int = 6000, **extra_config: Any) -> None:
+        if start not in ("earliest", "latest"):
+            raise InvalidInput(f"start must be 'earliest' or 'latest', got {start!r}")
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.group = group
+        self.start = start
+        self.name = f"kafka:{topic}"
+        self.config: dict[str, Any] = {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "enable.partition.eof": False,
+            "allow.auto.create.topics": False,
+            "auto.offset.reset": start,
+            "session.timeout.ms": session_timeout_ms,
+            "heartbeat.interval.ms": max(100, session_timeout_ms // 3),
+            "logger": log,
+            **extra_config,
+        }
+        self._consumer: Any = None
+        self._checkpoint: dict[int, int] = {}
+        self._next: dict[int, int] = {}  # partition -> next offset, as far as this worker knows
+        self._names: list[str] = []
+        self._index: dict[int, int] = {}  # partition -> index into _names
+
+    def open(self, positions: Mapping[str, str] | None) -> None:
+        """Join the group; each partition assigned later starts at its checkpointed position."""
+        from confluent_kafka import Consumer
+
+        self._checkpoint = self._parse_positions(positions or {})
+        self._next = dict(self._checkpoint)
+        consumer = Consumer(self.config)
+        try:
+            check_topic(consumer, self.bootstrap, self.topic, self.metadata_timeout_seconds)
+            consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
+                               on_lost=self._on_revoke)
+        except BaseException:
+            consumer.close()
+            raise
+        self._consumer = consumer
+
+    def _parse_positions(self, positions: Mapping[str, str]) -> dict[int, int]:
+        parsed: dict[int, int] = {}
+        prefix = f"{self.topic}:"
+        for name, position in positions.items():
+            if not name.startswith(prefix):
+                continue  # another source's partition
+            try:
+                parsed[int(name[len(prefix):])] = int(position)
+            except ValueError:
+                raise InvalidInput(
+                    f"checkpoint position {name!r}: {position!r} is not a Kafka position; "
+                    f"expected '{self.topic}:<partition>': '<next offset>'"
+                ) from None
+        return parsed
+
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        default = OFFSET_BEGINNING if self.start == "earliest" else OFFSET_END
+        for tp in partitions:
+            tp.offset = self._checkpoint.get(tp.partition, default)
+        log.info("%s: assigned %s", self.name, {tp.partition: tp.offset for tp in partitions})
+        consumer.assign(partitions)
+
+    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        # Keep what was read: if the partition comes back, continue from there.
+        for tp in partitions:
+            if tp.partition in self._next:
+                self._checkpoint[tp.partition] = self._next[tp.partition]
+        log.info("%s: revoked partitions %s", self.name, [tp.partition for tp in partitions])
+
+    def poll(self, max_messages: int, timeout_seconds: float) -> RawBatch:
+        """Up to ``max_messages`` messages; waits at most ``timeout_seconds`` for the first."""
+        from confluent_kafka import KafkaError
+
+        consumer = self._require_open()
+        messages = consumer.consume(num_messages=max_messages, timeout=max(0.0, timeout_seconds))
+        payloads: list[bytes] = []
+        partitions: list[int] = []
+        ids: list[str] = []
+        last: dict[int, int] = {}
+        for msg in messages:
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    continue
+                if not err.fatal() and err.retriable():
+                    log.warning("%s: %s (librdkafka retries)", self.name, err)
+                    continue
+                raise consumer_error(err, self.bootstrap, self.topic)
+            p, offset = msg.partition(), msg.offset()
+            index = self._index.get(p)
+            if index is None:
+                index = self._index[p] = len(self._names)
+                self._names.append(f"{self.topic}:{p}")
+            value = msg.value()
+            payloads.append(value if value is not None else b"")
+            partitions.append(index)
+            ids.append(f"{self.topic}:{p}:{offset}")
+            last[p] = offset
+        positions = {f"{self.topic}:{p}": str(offset + 1) for p, offset in last.items()}
+        self._next.update({p: offset + 1 for p, offset in last.items()})
+        return RawBatch(
+            payloads=payloads,
+            partitions=np.asarray(partitions, dtype=np.int32),
+            partition_names=list(self._names),
+            positions=positions,
+            ids=ids,
+        )
+
+    def commit(self, positions: Mapping[str, str]) -> None:
+        """Store these positions as the group's offsets, asynchronously (lag monitoring only)."""
+        from confluent_kafka import KafkaException, TopicPartition
+
+        parsed = self._parse_positions(positions)
+        if not parsed:
+            return
+        offsets = [TopicPartition(self.topic, p, offset) for p, offset in sorted(parsed.items())]
+        try:
+            self._require_open().commit(offsets=offsets, asynchronous=True)
+        except KafkaException as exc:  # e.g. during a rebalance: advisory, so never fatal
+            log.warning("%s: commit of %s failed: %s", self.name, positions, exc)
+
+    def lag(self) -> int | None:
+        """Messages in the assigned partitions after this worker's position, or None if unknown.
+
+        The high watermark comes from the last fetch response (``cached=True``): it needs no
+        round trip, and some Kafka-compatible brokers (Tansu) answer ListOffsets wrongly.
+        """
+        from confluent_kafka import KafkaException
+
+        consumer = self._require_open()
+        try:
+            assigned = consumer.assignment()
+            if not assigned:
+                return None
+            positions = {tp.partition: tp.offset for tp in consumer.position(assigned)}
+            total = 0
+            for tp in assigned:
+                low, high = consumer.get_watermark_offsets(tp, cached=True)
+                if high < 0:
+                    low, high = consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
+                position = positions.get(tp.partition, OFFSET_INVALID)
+                if position < 0:
+                    position = self._next.get(tp.partition, OFFSET_INVALID)
+                if position < 0:
+                    position = low if self.start == "earliest" else high
+                if high < 0 or position < 0:
+                    return None
+                total += max(0, high - position)
+            return total
+        except KafkaException as exc:
+            log.warning("%s: lag unknown: %s", self.name, exc)
+            return None
+
+    def close(self) -> None:
+        """Leave the group and release the connections."""
+        if self._consumer is not None:
+            consumer, self._consumer = self._consumer, None
+            consumer.close()
+
+    def _require_open(self) -> Any:
+        if self._consumer is None:
+            raise InvalidInput(f"{self.name}: call open() before reading")
+        return self._consumer
+
+
+def check_topic(client: Any, bootstrap: str, topic: str,
+                timeout_seconds: float = METADATA_TIMEOUT_SECONDS) -> None:
+    """Raise InvalidInput if ``topic`` does not exist, BackendUnavailable if no broker answers.
+
+    Asks for the metadata of all topics: a request naming the topic would make brokers
+    with automatic topic creation (Tansu always) create it.
+    """
+    from confluent_kafka import KafkaException
+
+    try:
+        metadata = client.list_topics(timeout=timeout_seconds)
+    except KafkaException as exc:
+        raise BackendUnavailable(
+            f"cannot reach the Kafka broker at {bootstrap} (for topic {topic!r}) within "
+            f"{timeout_seconds:g}s: {exc.args[0] if exc.args else exc}; check that it is "
+            "running and that the bootstrap address is right"
+        ) from exc
+    found = metadata.topics.get(topic)
+    if found is None or found.error is not None:
+        known = sorted(t for t in metadata.topics if not t.startswith("__"))
+        raise InvalidInput(
+            f"Kafka topic {topic!r} does not exist on {bootstrap} (topics there: "
+            f"{', '.join(known) or 'none'}); check the topic name, or create it with "
+            "featurepipe.stream.kafka.create_topic or publish events first"
+        )
+
+
+def consumer_error(err: Any, bootstrap: str, topic: str) -> FeaturepipeError:
+    """The featurepipe error for a librdkafka error delivered while consuming."""
+    from confluent_kafka import KafkaError
+
+    if err.code() in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC):
+        return InvalidInput(f"Kafka topic {topic!r} is gone from {bootstrap}: {err.str()}")
+    if err.code() in (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT):
+        return BackendUnavailable(f"Kafka broker {bootstrap} (topic {topic!r}): {err.str()}")
+    return FeaturepipeError(f"Kafka consumer error on topic {topic!r} at {bootstrap}: {err.str()}")
+
+
+def publish_kafka(bootstrap: str, topic: str, events: Iterable[bytes],
+                  key_of: Callable[[bytes], bytes | str | None] | None = None,
+                  flush_timeout_seconds: float = 60.0) -> int:
+    """Produce JSON events (from ``encode_event``) to ``topic``; returns how many.
+
+    ``key_of(payload)`` gives a message key (events with one key go to one partition, in
+    order); without it the producer spreads them. The producer is idempotent, so retries
+    neither duplicate nor reorder messages. Raises if any delivery failed.
+    """
+    from confluent_kafka import KafkaError, KafkaException, Producer
+
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
+                         "linger.ms": 5, "logger": log})
+    check_topic(producer, bootstrap, topic)
+    failures: list[KafkaError] = []
+
+    def delivered(err: KafkaError | None, _msg: Any) -> None:
+        if err is not None:
+            failures.append(err)
+
+    n = 0
+    for payload in events:
+        key = key_of(payload) if key_of is not None else None
+        while True:
+            try:
+                producer.produce(topic, value=payload, key=key, on_delivery=delivered)
+                break
+            except BufferError:  # local queue full: wait for deliveries
+                producer.poll(0.5)
+            except KafkaException as exc:
+                raise BackendUnavailable(f"producing to {topic!r} at {bootstrap}: {exc}") from exc
+        producer.poll(0)
+        n += 1
+    undelivered = producer.flush(flush_timeout_seconds)
+    if undelivered:
+        raise BackendUnavailable(
+            f"{undelivered} of {n} events to Kafka topic {topic!r} at {bootstrap} were not "
+            f"delivered within {flush_timeout_seconds:g}s"
+        )
+    if failures:
+        raise BackendUnavailable(
+            f"{len(failures)} of {n} events to Kafka topic {topic!r} at {bootstrap} failed; "
+            f"first error: {failures[0].str()}"
+        )
+    return n
+
+
+def create_topic(bootstrap: str, topic: str, partitions: int = 1, replication_factor: int = 1,
+                 exist_ok: bool = False, timeout_seconds: float = 10.0) -> None:
+    """Create ``topic`` with ``partitions`` partitions (an existing one is fine with exist_ok)."""
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": log})
+    new = NewTopic(topic, num_partitions=partitions, replication_factor=replication_factor)
+    future = admin.create_topics([new], operation_timeout=timeout_seconds,
+                                 request_timeout=timeout_seconds)[topic]
+    try:
+        future.result(timeout=timeout_seconds)
+    except KafkaException as exc:
+        err = exc.args[0] if exc.args else None
+        code = err.code() if isinstance(err, KafkaError) else None
+        if code == KafkaError.TOPIC_ALREADY_EXISTS:
+            if exist_ok:
+                return
+            raise InvalidInput(
+                f"Kafka topic {topic!r} already exists on {bootstrap}; pick another name "
+                "or pass exist_ok=True"
+            ) from exc
+        if code in (KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._ALL_BROKERS_DOWN):
+            raise BackendUnavailable(f"cannot reach the Kafka broker at {bootstrap}: {err}") from exc
+        raise InvalidInput(f"cannot create Kafka topic {topic!r} on {bootstrap}: {err}") from exc

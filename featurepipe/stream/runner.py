@@ -1,0 +1,100 @@
+"""Wiring for the CLI and tests: open the store, the source and Redis, run a stream job."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from featurepipe.stream.engine import StreamJob, StreamOptions, StreamResult
+
+
+def redis_client(url: str | None = None, **kwargs: Any) -> Any:
+    """A redis-py client for ``url`` (default: the online store's Redis, from $REDIS_URL)."""
+    import redis
+
+    from featurepipe.config import (
+        redis_connection_kwargs,
+        redis_connection_string,
+        redis_url_to_feast,
+    )
+
+    conn = redis_url_to_feast(url) if url else redis_connection_string()
+    return redis.Redis(**redis_connection_kwargs(conn), **kwargs)  # type: ignore[arg-type]
+
+
+def open_source(options: StreamOptions, *, stream: str = "transactions", stream_url: str | None = None,
+                bootstrap: str | None = None, topic: str = "transactions") -> Any:
+    """The event source of a worker: its own consumer group, named after job and worker."""
+    group = f"featurepipe-{options.job}-w{options.worker}"
+    if bootstrap:
+        from featurepipe.stream.kafka import KafkaSource
+
+        return KafkaSource(bootstrap, topic, group)
+    from featurepipe.stream.source import RedisStreamSource
+
+    return RedisStreamSource(redis_client(stream_url), stream, group, consumer=f"w{options.worker}")
+
+
+def run_job(repo: str | Path | None, options: StreamOptions, *, stream: str = "transactions",
+            stream_url: str | None = None, bootstrap: str | None = None, topic: str = "transactions",
+            metrics_port: int | None = None, handle_signals: bool = True) -> StreamResult:
+    """Run one worker until it stops; SIGTERM/SIGINT stop it cleanly (checkpoint, then exit)."""
+    from featurepipe.config import load_store
+
+    store = load_store(repo)
+    source = open_source(options, stream=stream, stream_url=stream_url, bootstrap=bootstrap, topic=topic)
+    job = StreamJob(store, source, redis_client(socket_timeout=60), options)
+    if metrics_port is not None:
+        port = job.metrics.serve(metrics_port)
+        print(f"metrics: http://127.0.0.1:{port}/metrics", flush=True)
+    previous = {}
+    if handle_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda *_: job.stop())
+    try:
+        return job.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        job.close()
+
+
+def event_payloads(table: pa.Table) -> Iterator[bytes]:
+    """JSON messages of the rows of ``table`` (timestamps as ISO 8601)."""
+    from featurepipe.stream.source import encode_event
+
+    for batch in table.to_batches(max_chunksize=10_000):
+        for row in batch.to_pylist():
+            yield encode_event({k: v for k, v in row.items() if v is not None and k != "date"})
+
+
+def publish_parquet(repo: str | Path | None, events: Path | None, *, stream: str = "transactions",
+                    stream_url: str | None = None, bootstrap: str | None = None, topic: str = "transactions",
+                    limit: int | None = None, source: str = "transactions") -> int:
+    """Publish Parquet events (default: the source's raw files) in event-time order."""
+    import duckdb
+
+    from featurepipe.batch.sql import literal
+    from featurepipe.config import load_store
+
+    if events is None:
+        path = load_store(repo).get_data_source(source).path
+    else:
+        path = str(events / "**" / "*.parquet") if events.is_dir() else str(events)
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    table = con.execute(
+        f"SELECT * FROM read_parquet({literal(path)}, hive_partitioning = true, union_by_name = true) "
+        f"ORDER BY event_timestamp {f'LIMIT {int(limit)}' if limit else ''}"
+    ).to_arrow_table()
+    if bootstrap:
+        from featurepipe.stream.kafka import publish_kafka
+
+        return publish_kafka(bootstrap, topic, event_payloads(table))
+    from featurepipe.stream.source import publish_redis
+
+    return publish_redis(redis_client(stream_url), stream, event_payloads(table))

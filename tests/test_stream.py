@@ -1,0 +1,338 @@
+"""The streaming engine against a real Redis and a real Feast repo.
+
+Oracle: the batch engine (``featurepipe backfill``) on the same events. The stream gets
+them shuffled (out of order within the allowed lateness), mixed with bad messages, late
+events and resent duplicates, and must end with the batch engine's feature rows, value
+for value, in its offline log, and the latest of them in Redis, read back through Feast.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pytest
+import redis
+
+from tests.conftest import SOURCE_REPO, redis_url_feast
+
+ROWS, DAYS = 6_000, 3
+LATENESS = timedelta(minutes=30)
+
+
+@dataclass
+class StreamRepo:
+    repo: Path
+    data: Path
+    store: Any
+    events: pa.Table  # the generated transactions, in event-time order
+    batch: dict[str, pa.Table]  # the batch engine's rows per view
+    redis_url: str
+
+
+def _base_url(url: str) -> str:
+    return url.rsplit("/", 1)[0] if url.count("/") > 2 else url
+
+
+@pytest.fixture(scope="module")
+def stream_repo(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[StreamRepo]:
+    """A copy of feature_repo with its own data: generated events, feast apply, batch backfill."""
+    from featurepipe.batch.backfill import backfill
+    from featurepipe.config import load_store
+    from featurepipe.generate import generate_transactions
+
+    base = tmp_path_factory.mktemp("stream")
+    repo, data = base / "feature_repo", base / "data"
+    shutil.copytree(SOURCE_REPO, repo, ignore=shutil.ignore_patterns("data", "__pycache__"))
+    saved = {k: os.environ.get(k) for k in ("REDIS_URL", "FEATUREPIPE_DATA_DIR", "FEATUREPIPE_REPO")}
+    url = _base_url(redis_url) + "/3"
+    os.environ.update(REDIS_URL=url, FEATUREPIPE_DATA_DIR=str(data), FEATUREPIPE_REPO=str(repo))
+    try:
+        generate_transactions(ROWS, data / "raw" / "transactions", days=DAYS, seed=11)
+        applied = subprocess.run(
+            [str(Path(sys.executable).parent / "feast"), "--chdir", str(repo), "apply"],
+            env={**os.environ, "FEATUREPIPE_REDIS": redis_url_feast(url)},
+            capture_output=True, text=True, timeout=300,
+        )
+        assert applied.returncode == 0, applied.stderr[-3000:]
+        store = load_store(repo)
+        backfill(store, progress=False, quality=False)
+        con = duckdb.connect()
+        con.execute("SET TimeZone = 'UTC'")
+        events = con.sql(
+            f"SELECT * EXCLUDE (date) FROM read_parquet('{data}/raw/transactions/**/*.parquet', "
+            "hive_partitioning = true) ORDER BY event_timestamp, transaction_id"
+        ).to_arrow_table()
+        batch = {
+            view: _rows(data / "offline" / view, "part-*")
+            for view in ("user_transaction_stats", "merchant_activity")
+        }
+        # the stream's raw archive lands next to the generated files: keep those apart
+        yield StreamRepo(repo, data, store, events, batch, url)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _rows(folder: Path, pattern: str) -> pa.Table:
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    key = "user_id" if "user" in folder.name else "merchant_id"
+    return con.sql(
+        f"SELECT * EXCLUDE (date) FROM read_parquet('{folder}/date=*/{pattern}.parquet', hive_partitioning = true) "
+        f"ORDER BY {key}, event_timestamp"
+    ).to_arrow_table()
+
+
+def _payloads(events: pa.Table) -> list[bytes]:
+    from featurepipe.stream.runner import event_payloads
+
+    return list(event_payloads(events))
+
+
+def _shuffled(events: pa.Table, seed: int) -> list[bytes]:
+    """Messages in an order where each event may arrive after events up to 0.9 x lateness newer."""
+    rng = np.random.default_rng(seed)
+    ts = events.column("event_timestamp").cast(pa.int64()).to_numpy()
+    jitter = rng.uniform(0, 0.9 * LATENESS.total_seconds() * 1e6, len(ts))
+    order = np.argsort(ts + jitter, kind="stable")
+    payloads = _payloads(events)
+    return [payloads[i] for i in order]
+
+
+def _with_bad_messages(messages: list[bytes], events: pa.Table, seed: int) -> tuple[list[bytes], int]:
+    """Insert malformed messages, rule breakers, late events and resent duplicates; return
+    the messages and how many of them must end in the dead letters."""
+    rng = random.Random(seed)
+    first = events.slice(0, 1).to_pylist()[0]
+    bad: list[bytes] = [
+        b"{not json", b"", b"[1, 2, 3]", b'{"transaction_id": "abc", "user_id": 1}',
+        json.dumps({**_jsonable(first), "transaction_id": 10**9 + 1, "amount": -5.0}).encode(),  # out of range
+        json.dumps({**_jsonable(first), "transaction_id": 10**9 + 2, "user_id": None}).encode(),  # null key
+        json.dumps({**_jsonable(first), "transaction_id": 10**9 + 3, "category": "weapons"}).encode(),
+    ]
+    out = list(messages)
+    for b in bad:
+        out.insert(rng.randrange(len(out) // 10, len(out)), b)
+    # resent duplicates: a copy of a message shortly after the original
+    for _ in range(5):
+        i = rng.randrange(len(out) // 2)
+        if out[i].startswith(b'{"transaction_id"') and b"abc" not in out[i]:
+            out.insert(i + rng.randrange(1, 5), out[i])
+            bad.append(out[i])
+    # late: an event a day older than the stream has reached, near the end
+    late = json.dumps({**_jsonable(first), "transaction_id": 10**9 + 4}).encode()
+    out.insert(len(out) - 10, late)
+    bad.append(late)
+    return out, len(bad)
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items() if v is not None}
+
+
+def _publish(url: str, stream: str, messages: list[bytes]) -> None:
+    from featurepipe.stream.source import publish_redis
+
+    client = redis.Redis.from_url(_base_url(url) + "/0")
+    client.delete(stream)
+    publish_redis(client, stream, messages)
+    client.close()
+
+
+def _options(job: str, **kw: Any) -> Any:
+    from featurepipe.stream.engine import StreamOptions
+
+    return StreamOptions(job=job, allowed_lateness=LATENESS, progress=False, archive_raw=False, **kw)
+
+
+def _run(sr: StreamRepo, stream: str, options: Any, sink_db: int = 3) -> Any:
+    from featurepipe.stream.engine import StreamJob
+    from featurepipe.stream.runner import open_source
+
+    source = open_source(options, stream=stream, stream_url=_base_url(sr.redis_url) + "/0")
+    job = StreamJob(sr.store, source, redis.Redis.from_url(_base_url(sr.redis_url) + f"/{sink_db}"), options)
+    try:
+        return job.run()
+    finally:
+        job.close()
+
+
+def _assert_same_rows(stream_rows: pa.Table, batch_rows: pa.Table, view: str) -> None:
+    assert stream_rows.num_rows == batch_rows.num_rows, (view, stream_rows.num_rows, batch_rows.num_rows)
+    assert stream_rows.schema.names == batch_rows.schema.names
+    for name in batch_rows.schema.names:
+        a, b = stream_rows.column(name), batch_rows.column(name)
+        if not a.equals(b):
+            diff = [i for i, (x, y) in enumerate(zip(a.to_pylist(), b.to_pylist())) if x != y]
+            raise AssertionError(f"{view}.{name}: {len(diff)} values differ, first at row {diff[0]}: "
+                                 f"stream {a[diff[0]]} vs batch {b[diff[0]]}")
+
+
+def test_stream_equals_batch_out_of_order_with_bad_messages(stream_repo: StreamRepo) -> None:
+    sr = stream_repo
+    messages, expected_dead = _with_bad_messages(_shuffled(sr.events, seed=1), sr.events, seed=2)
+    _publish(sr.redis_url, "parity", messages)
+    result = _run(sr, "parity", _options("parity", max_events=len(messages), final=True, max_batch=700,
+                                          checkpoint_seconds=0.2))
+    c = result.counters
+    assert c.messages == len(messages)
+    assert c.accepted == sr.events.num_rows
+    assert c.dead == expected_dead, (c.dead, expected_dead)
+    assert c.late == 1 and c.duplicate == 5
+    assert c.accepted + c.dead == c.messages  # reconciliation: nothing lost
+    for view, batch_rows in sr.batch.items():
+        _assert_same_rows(_rows(sr.data / "offline" / view, "stream-parity-w0-*"), batch_rows, view)
+    # every dead letter is kept, with its reason
+    dead = duckdb.sql(
+        f"SELECT quality_check, quality_reason, payload FROM read_parquet('{sr.data}/quarantine/stream/parity/*.parquet')"
+    ).fetchall()
+    assert len(dead) == expected_dead
+    checks = {d[0] for d in dead}
+    assert {"decode", "late", "duplicate", "amount.range", "user_id.not_null", "category.allowed"} <= checks, checks
+    assert any("not JSON" in d[1] for d in dead) and any("empty message" in d[1] for d in dead)
+    # online: Feast reads back the latest batch row of every user
+    _assert_online_matches_latest(sr, sink_db=3)
+
+
+def _assert_online_matches_latest(sr: StreamRepo, sink_db: int) -> None:
+    from feast import FeatureStore
+
+    store = FeatureStore(repo_path=str(sr.repo))
+    store.config.online_store.connection_string = redis_url_feast(_base_url(sr.redis_url) + f"/{sink_db}")
+    rows = sr.batch["user_transaction_stats"].to_pandas()
+    last = rows.sort_values("event_timestamp").groupby("user_id").tail(1).sort_values("user_id")
+    features = ["amount_sum_24h", "txn_count_7d", "amount_max_1h", "last_txn_epoch"]
+    got = store.get_online_features(
+        features=[f"user_transaction_stats:{f}" for f in features],
+        entity_rows=[{"user_id": int(u)} for u in last["user_id"]],
+    ).to_df()
+    for f in features:
+        assert got[f].tolist() == last[f].tolist(), f
+
+
+def test_two_workers_split_the_keys(stream_repo: StreamRepo) -> None:
+    import threading
+
+    sr = stream_repo
+    messages = _shuffled(sr.events, seed=3)
+    _publish(sr.redis_url, "split", messages)
+    results: dict[int, Any] = {}
+
+    def work(w: int) -> None:
+        results[w] = _run(sr, "split", _options("split", worker=w, workers=2, max_events=len(messages), final=True,
+                                                  max_batch=2000), sink_db=4)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert set(results) == {0, 1}
+    for view, batch_rows in sr.batch.items():
+        parts = [_rows(sr.data / "offline" / view, f"stream-split-w{w}-*") for w in (0, 1)]
+        assert parts[0].num_rows and parts[1].num_rows  # both workers own keys
+        key = batch_rows.schema.names[0]
+        assert not set(parts[0].column(key).to_pylist()) & set(parts[1].column(key).to_pylist())
+        union = pa.concat_tables(parts).sort_by([(key, "ascending"), ("event_timestamp", "ascending")])
+        _assert_same_rows(union, batch_rows, view)
+    _assert_online_matches_latest(sr, sink_db=4)
+
+
+def _job_process(repo: str, data: str, url: str, stream: str, job: str, total: int, sink_db: int) -> None:
+    os.environ.update(FEATUREPIPE_DATA_DIR=data, FEATUREPIPE_REPO=repo, REDIS_URL=url)
+    from featurepipe.config import load_store
+    from featurepipe.stream.engine import StreamJob
+    from featurepipe.stream.runner import open_source
+
+    options = _options(job, max_events=total, final=True, max_batch=300, checkpoint_seconds=0.15,
+                       archive_raw=True)
+    source = open_source(options, stream=stream, stream_url=_base_url(url) + "/0")
+    job_ = StreamJob(load_store(repo), source, redis.Redis.from_url(_base_url(url) + f"/{sink_db}"), options)
+    job_.run()
+    job_.close()
+
+
+def _redis_dump(url: str, db: int) -> dict[bytes, dict[bytes, bytes]]:
+    client = redis.Redis.from_url(_base_url(url) + f"/{db}")
+    out = {k: client.hgetall(k) for k in client.scan_iter(count=1000)}
+    client.close()
+    return out
+
+
+def test_sigkill_at_random_points_neither_loses_nor_double_counts(stream_repo: StreamRepo) -> None:
+    """Killed with SIGKILL again and again, restarted each time: the end state equals an
+    uninterrupted run's (Redis hashes, offline log rows, dead letters, raw archive)."""
+    sr = stream_repo
+    messages, _ = _with_bad_messages(_shuffled(sr.events, seed=5), sr.events, seed=6)
+    _publish(sr.redis_url, "crash", messages)
+    ctx = multiprocessing.get_context("fork")
+    args = (str(sr.repo), str(sr.data), sr.redis_url, "crash")
+    for db in (5, 6):
+        redis.Redis.from_url(_base_url(sr.redis_url) + f"/{db}").flushdb()
+    reference = ctx.Process(target=_job_process, args=(*args, "calm", len(messages), 5))
+    reference.start()
+    reference.join(240)
+    assert reference.exitcode == 0
+    rng = random.Random(7)
+    kills = 0
+    for _attempt in range(60):
+        proc = ctx.Process(target=_job_process, args=(*args, "killed", len(messages), 6))
+        proc.start()
+        proc.join(rng.uniform(0.4, 2.0) if kills < 12 else 240)
+        if proc.exitcode is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join()
+            kills += 1
+            continue
+        assert proc.exitcode == 0
+        break
+    assert kills >= 10, f"only {kills} kills before the job finished; slow the job down"
+    manifest = json.loads((sr.data / "stream" / "killed" / "w0" / "checkpoint.json").read_text())
+    assert manifest["counters"]["messages"] == len(messages)
+    assert _redis_dump(sr.redis_url, 6) == _redis_dump(sr.redis_url, 5)
+    for view in sr.batch:
+        calm = _rows(sr.data / "offline" / view, "stream-calm-w0-*")
+        killed = _rows(sr.data / "offline" / view, "stream-killed-w0-*")
+        _assert_same_rows(killed, calm, view)
+        _assert_same_rows(killed, sr.batch[view], view)
+    for pattern in ("quarantine/stream/{job}/*.parquet", "raw/transactions/date=*/stream-{job}-w0-*.parquet"):
+        q = ("SELECT * EXCLUDE (received_at) FROM read_parquet('{}') ORDER BY ALL" if "quarantine" in pattern
+             else "SELECT * FROM read_parquet('{}') ORDER BY ALL")
+        calm = duckdb.sql(q.format(sr.data / pattern.format(job="calm"))).fetchall()
+        killed = duckdb.sql(q.format(sr.data / pattern.format(job="killed"))).fetchall()
+        assert calm == killed, pattern
+        assert len(calm) > 0
+
+
+def test_stream_errors_are_clear(stream_repo: StreamRepo) -> None:
+    from featurepipe.errors import InvalidInput
+    from featurepipe.stream.engine import StreamJob, StreamOptions
+
+    sr = stream_repo
+    with pytest.raises(InvalidInput, match="does not exist"):
+        _run(sr, "no-such-stream", _options("missing", max_events=1))
+    with pytest.raises(InvalidInput, match="worker must be in"):
+        StreamOptions(worker=2, workers=2)
+    from featurepipe.stream.runner import open_source
+
+    with pytest.raises(InvalidInput, match="no data source 'nope'"):
+        StreamJob(sr.store, open_source(_options("x")), redis.Redis.from_url(sr.redis_url),
+                  _options("x", source="nope"))
