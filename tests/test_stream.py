@@ -29,6 +29,7 @@ import pytest
 import redis
 
 from tests.conftest import SOURCE_REPO, redis_url_feast
+from tests.kafka_broker import kafka_bootstrap  # noqa: F401  (fixture)
 
 ROWS, DAYS = 6_000, 3
 LATENESS = timedelta(minutes=30)
@@ -160,7 +161,8 @@ def _publish(url: str, stream: str, messages: list[bytes]) -> None:
 def _options(job: str, **kw: Any) -> Any:
     from featurepipe.stream.engine import StreamOptions
 
-    return StreamOptions(job=job, allowed_lateness=LATENESS, progress=False, archive_raw=False, **kw)
+    kw.setdefault("archive_raw", False)
+    return StreamOptions(job=job, allowed_lateness=LATENESS, progress=False, **kw)
 
 
 def _run(sr: StreamRepo, stream: str, options: Any, sink_db: int = 3) -> Any:
@@ -336,3 +338,27 @@ def test_stream_errors_are_clear(stream_repo: StreamRepo) -> None:
     with pytest.raises(InvalidInput, match="no data source 'nope'"):
         StreamJob(sr.store, open_source(_options("x")), redis.Redis.from_url(sr.redis_url),
                   _options("x", source="nope"))
+
+
+def test_kafka_path_equals_batch(stream_repo: StreamRepo, kafka_bootstrap: str) -> None:  # noqa: F811
+    """The same job reading a 2-partition Kafka topic (a real Kafka-protocol broker, Tansu)."""
+    from featurepipe.stream.engine import StreamJob
+    from featurepipe.stream.kafka import KafkaSource, create_topic, publish_kafka
+
+    sr = stream_repo
+    messages, expected_dead = _with_bad_messages(_shuffled(sr.events, seed=8), sr.events, seed=9)
+    create_topic(kafka_bootstrap, "parity", partitions=2)
+    # messages of one transaction id share a partition, so a resent duplicate follows its original
+    publish_kafka(kafka_bootstrap, "parity", messages, key_of=lambda p: p[:40])
+    options = _options("kafka", max_events=len(messages), final=True, max_batch=1000, checkpoint_seconds=0.5)
+    source = KafkaSource(kafka_bootstrap, "parity", "featurepipe-kafka-w0", session_timeout_ms=6000)
+    job = StreamJob(sr.store, source, redis.Redis.from_url(_base_url(sr.redis_url) + "/7"), options)
+    try:
+        result = job.run()
+    finally:
+        job.close()
+    c = result.counters
+    assert c.messages == len(messages) and c.accepted == sr.events.num_rows and c.dead == expected_dead
+    for view, batch_rows in sr.batch.items():
+        _assert_same_rows(_rows(sr.data / "offline" / view, "stream-kafka-w0-*"), batch_rows, view)
+    _assert_online_matches_latest(sr, sink_db=7)

@@ -448,12 +448,26 @@ class StreamJob:
                 run_max = np.maximum.accumulate(np.concatenate([[prev], tsu[sel]]))
                 late[sel] = tsu[sel] < run_max[:-1] - lateness
                 self.partition_max[name] = int(run_max[-1])
+            # rows before finalised_to are in the offline log already: nothing may change them
+            # (only a partition the job had not heard of when it finalised can get here)
+            behind = tsu < self.finalised_to
+            late |= behind
             if late.any():
                 li = np.nonzero(late)[0]
                 dead_index.append(msg[li])
                 for i in li:
                     wm = self.partition_max[raw.partition_names[int(part[i])]] - lateness
                     dead_check.append("late")
+                    if behind[i] and self.finalised_to >= POS_INF:
+                        dead_reason.append("late: this job ended with --final (its input was complete); "
+                                           "run new events under a new --job")
+                        continue
+                    if behind[i]:
+                        dead_reason.append(
+                            f"late: event time {_dt(int(tsu[i])):%Y-%m-%d %H:%M:%S.%f} is before rows the job "
+                            f"has already made final ({_dt(self.finalised_to):%Y-%m-%d %H:%M:%S})"
+                        )
+                        continue
                     dead_reason.append(
                         f"late: event time {_dt(int(tsu[i])):%Y-%m-%d %H:%M:%S.%f} is more than the allowed "
                         f"lateness {o.allowed_lateness} behind its partition's newest event"
@@ -561,10 +575,13 @@ class StreamJob:
     # ------------------------------------------------------------ checkpoint
 
     def _watermark(self) -> int:
-        if not self.partition_max:
+        """The least partition watermark; a partition that delivered nothing yet holds it back."""
+        assigned = getattr(self.source, "assigned", lambda: None)()
+        partitions = set(assigned or ()) | set(self.partition_max)
+        if not partitions or any(p not in self.partition_max for p in partitions):
             return NEG_INF
         lateness = int(self.options.allowed_lateness / timedelta(microseconds=1))
-        return min(self.partition_max.values()) - lateness
+        return min(self.partition_max[p] for p in partitions) - lateness
 
     def checkpoint(self, final: bool = False) -> None:
         """Write final offline rows, dead letters, raw archive, state, then the manifest."""

@@ -68,6 +68,7 @@ class KafkaSource:
         self._consumer: Any = None
         self._checkpoint: dict[int, int] = {}
         self._next: dict[int, int] = {}  # partition -> next offset, as far as this worker knows
+        self._assigned: list[int] = []
         self._names: list[str] = []
         self._index: dict[int, int] = {}  # partition -> index into _names
 
@@ -107,6 +108,7 @@ class KafkaSource:
         for tp in partitions:
             tp.offset = self._checkpoint.get(tp.partition, default)
         log.info("%s: assigned %s", self.name, {tp.partition: tp.offset for tp in partitions})
+        self._assigned = sorted({*self._assigned, *(tp.partition for tp in partitions)})
         consumer.assign(partitions)
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
@@ -115,16 +117,23 @@ class KafkaSource:
             if tp.partition in self._next:
                 self._checkpoint[tp.partition] = self._next[tp.partition]
         log.info("%s: revoked partitions %s", self.name, [tp.partition for tp in partitions])
+        revoked = {tp.partition for tp in partitions}
+        self._assigned = [p for p in self._assigned if p not in revoked]
+
+    def assigned(self) -> list[str] | None:
+        """The partitions this worker reads (None until the group assigned them)."""
+        return [f"{self.topic}:{p}" for p in self._assigned] if self._assigned else None
 
     def poll(self, max_messages: int, timeout_seconds: float) -> RawBatch:
         """Up to ``max_messages`` messages; waits at most ``timeout_seconds`` for the first."""
-        from confluent_kafka import KafkaError
+        from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError
 
         consumer = self._require_open()
         messages = consumer.consume(num_messages=max_messages, timeout=max(0.0, timeout_seconds))
         payloads: list[bytes] = []
         partitions: list[int] = []
         ids: list[str] = []
+        published: list[int] = []
         last: dict[int, int] = {}
         for msg in messages:
             err = msg.error()
@@ -144,6 +153,8 @@ class KafkaSource:
             payloads.append(value if value is not None else b"")
             partitions.append(index)
             ids.append(f"{self.topic}:{p}:{offset}")
+            kind, stamp = msg.timestamp()
+            published.append(stamp if kind != TIMESTAMP_NOT_AVAILABLE else -1)
             last[p] = offset
         positions = {f"{self.topic}:{p}": str(offset + 1) for p, offset in last.items()}
         self._next.update({p: offset + 1 for p, offset in last.items()})
@@ -153,6 +164,7 @@ class KafkaSource:
             partition_names=list(self._names),
             positions=positions,
             ids=ids,
+            publish_ms=None if -1 in published else np.asarray(published, dtype=np.int64),
         )
 
     def commit(self, positions: Mapping[str, str]) -> None:

@@ -63,6 +63,12 @@ class EventSource(Protocol):
     def lag(self) -> int | None:
         """Messages in the source not yet delivered to this worker, when the broker knows."""
 
+    def assigned(self) -> list[str] | None:
+        """Every partition this worker reads, read from or not yet (None: not known yet).
+
+        The watermark waits for a partition that has delivered nothing so far.
+        """
+
     def close(self) -> None:
         """Release connections."""
 
@@ -153,6 +159,9 @@ class RedisStreamSource:
             ids=[f"{self.stream}:{i}" for i in ids],
             publish_ms=np.fromiter((int(i.split("-", 1)[0]) for i in ids), dtype=np.int64, count=len(ids)),
         )
+
+    def assigned(self) -> list[str] | None:
+        return [self.stream]
 
     def commit(self, positions: Mapping[str, str]) -> None:
         """Nothing to acknowledge: entries are read with NOACK and rewound from the checkpoint."""
