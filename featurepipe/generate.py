@@ -165,8 +165,14 @@ def generate_transactions(
     user_id = np.concatenate([legit_user, fraud_user]).astype(np.int64) + 1
     merchant_idx = np.concatenate([legit_merchant, fraud_merchant]).astype(np.int64)
     ts = np.concatenate([legit_ts, fraud_ts]).astype(np.int64)
-    # a merchant that opens during the period takes no purchases before it opens
-    ts = np.maximum(ts, merchant_open_us[merchant_idx] + (ts % US_PER_SECOND))
+    # a merchant that opens during the period takes no purchases before it opens: those
+    # go to merchants open from the start (moving them to the opening instant piled up
+    # to thousands of purchases in one second, and the day's volume with them)
+    early = np.flatnonzero(ts < merchant_open_us[merchant_idx])
+    if early.size:
+        always = np.flatnonzero(merchant_open_us == 0)
+        p_always = merchant_w[always] / merchant_w[always].sum()
+        merchant_idx[early] = always[rng.choice(always.size, early.size, p=p_always)]
     ts = ts % span_us  # bursts past the end wrap to the start instead of piling up
     amount = np.round(np.concatenate([legit_amount, fraud_amount]), 2)
     country = np.concatenate([legit_country, fraud_country])
