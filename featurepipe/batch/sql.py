@@ -134,3 +134,40 @@ SELECT DISTINCT ON ({", ".join(keys)}, event_timestamp) *
 FROM agg {outer_where}
 ORDER BY event_timestamp, {", ".join(keys)}
 """.strip()
+
+
+def latest_sql(view: AggregateView, columns: SourceColumns, source: str) -> str:
+    """SELECT giving, for every key in ``source``, the row :func:`aggregate_sql` gives at the
+    key's newest event time: one grouped aggregate with a filter per window instead of
+    window functions over every event (the streaming engine's online update).
+
+    Same value expressions, same casts, same inclusive window ``[t - window, t]``.
+    """
+    columns.require(view)
+    keys = ", ".join(quote(k) for k in view.join_keys)
+    ts = quote(view.timestamp_field)
+    outputs = []
+    for agg in view.aggregations:
+        expr = _value_expr(agg, columns)
+        if agg.window is None:
+            cond = f"{ts} = __hi"
+        else:
+            micros = int(agg.window / timedelta(microseconds=1))
+            cond = f"{ts} >= __hi - INTERVAL ({micros}) MICROSECONDS"
+        if agg.function == "last":
+            outputs.append(f"max({expr}) FILTER (WHERE {cond}) AS {quote(agg.name)}")
+        else:
+            fn = _SQL_FUNCTION[agg.function]
+            cast = "BIGINT" if agg.function == "count" else "DOUBLE"
+            outputs.append(f"CAST({fn}({expr}) FILTER (WHERE {cond}) AS {cast}) AS {quote(agg.name)}")
+    not_null = " AND ".join([f"{ts} IS NOT NULL", *(f"{quote(k)} IS NOT NULL" for k in view.join_keys)])
+    max_window = int(view.max_window / timedelta(microseconds=1))
+    return f"""
+WITH src AS (SELECT * FROM {source} WHERE {not_null}),
+hi AS (SELECT {keys}, max({ts}) AS __hi FROM src GROUP BY {keys})
+SELECT {keys}, any_value(__hi) AS event_timestamp,
+    {(", " + chr(10) + "    ").join(outputs)}
+FROM src JOIN hi USING ({keys})
+WHERE {ts} >= __hi - INTERVAL ({max_window}) MICROSECONDS
+GROUP BY {keys}
+""".strip()

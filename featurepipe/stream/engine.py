@@ -56,7 +56,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from featurepipe.batch.sql import SourceColumns, aggregate_sql, literal, quote, ts_literal
+from featurepipe.batch.sql import (
+    SourceColumns,
+    aggregate_sql,
+    latest_sql,
+    literal,
+    quote,
+    ts_literal,
+)
 from featurepipe.definitions import AggregateView, aggregate_views
 from featurepipe.errors import InvalidInput, NotFound
 from featurepipe.stream.decode import MSG, Decoder, arrow_schema
@@ -439,24 +446,24 @@ class StreamJob:
             msg = events.column(MSG).to_numpy()
             part = raw.partitions[msg]
             tsu = events.column(self.timestamp).cast(pa.int64()).to_numpy()
-            late = np.zeros(len(msg), dtype=bool)
+            bound = np.empty(len(msg), dtype=np.int64)  # the event's partition watermark on arrival
             lateness = int(o.allowed_lateness / timedelta(microseconds=1))
             for p in np.unique(part):
                 name = raw.partition_names[int(p)]
                 sel = np.nonzero(part == p)[0]
                 prev = self.partition_max.get(name, NEG_INF)
                 run_max = np.maximum.accumulate(np.concatenate([[prev], tsu[sel]]))
-                late[sel] = tsu[sel] < run_max[:-1] - lateness
+                bound[sel] = run_max[:-1] - lateness
                 self.partition_max[name] = int(run_max[-1])
+            late = tsu < bound
             # rows before finalised_to are in the offline log already: nothing may change them
             # (only a partition the job had not heard of when it finalised can get here)
-            behind = tsu < self.finalised_to
+            behind = (tsu < self.finalised_to) & ~late
             late |= behind
             if late.any():
                 li = np.nonzero(late)[0]
                 dead_index.append(msg[li])
                 for i in li:
-                    wm = self.partition_max[raw.partition_names[int(part[i])]] - lateness
                     dead_check.append("late")
                     if behind[i] and self.finalised_to >= POS_INF:
                         dead_reason.append("late: this job ended with --final (its input was complete); "
@@ -471,7 +478,7 @@ class StreamJob:
                     dead_reason.append(
                         f"late: event time {_dt(int(tsu[i])):%Y-%m-%d %H:%M:%S.%f} is more than the allowed "
                         f"lateness {o.allowed_lateness} behind its partition's newest event"
-                        f" (watermark now {_dt(wm):%Y-%m-%d %H:%M:%S})"
+                        f" (its watermark was {_dt(int(bound[i])):%Y-%m-%d %H:%M:%S.%f})"
                     )
                 self.counters.late += len(li)
                 events = events.filter(pa.array(~late))
@@ -511,7 +518,7 @@ class StreamJob:
     def _dead_letters(self, raw: RawBatch, index: np.ndarray, checks: list[str], reasons: list[str]) -> pa.Table:
         now = datetime.now(timezone.utc)
         return pa.table({
-            "message_id": [raw.ids[int(i)] if raw.ids else str(int(i)) for i in index],
+            "message_id": [raw.ids[int(i)] if raw.ids else str(int(i)) for i in index],  # its position in the partition
             "partition": [raw.partition_names[int(raw.partitions[int(i)])] for i in index],
             "payload": [raw.payloads[int(i)].decode("utf-8", errors="replace") for i in index],
             "quality_check": checks,  # the column names of the batch gates' quarantine
@@ -535,23 +542,12 @@ class StreamJob:
         spec = v.spec
         cols = ", ".join(quote(c[0]) for c in self.needed[spec.name])
         con.execute(f"INSERT INTO {v.table} SELECT {cols} FROM __events WHERE {self._owned(v)}")
-        maxw = int(spec.max_window / timedelta(microseconds=1))
-        ts = quote(self.timestamp)
         keys = v.keys_sql
         join = " AND ".join(f"s.{quote(k)} = a.{quote(k)}" for k in spec.join_keys)
-        # the touched keys, their newest event time (in state), and the state rows in its window
-        con.execute(
-            f"CREATE OR REPLACE TEMP TABLE __touched AS SELECT s.* FROM {v.table} s "
-            f"SEMI JOIN (SELECT DISTINCT {keys} FROM __events WHERE {self._owned(v)}) a ON {join}"
-        )
-        src = (
-            f"(SELECT s.* FROM __touched s JOIN (SELECT {keys}, max({ts}) AS __hi FROM __touched GROUP BY {keys}) a "
-            f"ON {join} WHERE s.{ts} >= a.__hi - INTERVAL ({maxw}) MICROSECONDS)"
-        )
-        sql = aggregate_sql(spec, v.columns, source=src)
+        touched = (f"(SELECT s.* FROM {v.table} s SEMI JOIN "
+                   f"(SELECT DISTINCT {keys} FROM __events WHERE {self._owned(v)}) a ON {join})")
         rows = con.sql(
-            f"SELECT *, epoch_us(event_timestamp) AS {EVENT_US} FROM ({sql}) "
-            f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY event_timestamp DESC) = 1"
+            f"SELECT *, epoch_us(event_timestamp) AS {EVENT_US} FROM ({latest_sql(spec, v.columns, touched)})"
         ).to_arrow_table()
         if rows.num_rows:
             for batch in rows.to_batches(max_chunksize=10_000):
@@ -699,14 +695,16 @@ def _atomic_parquet(table: pa.Table, path: Path) -> Path:
 
 
 def _write_by_day(table: pa.Table, ts_column: str, root: Path, tag: str) -> list[Path]:
-    """Write ``table`` as ``root/date=YYYY-MM-DD/<tag>.parquet`` files, one per day."""
+    """Write ``table`` as ``root/date=YYYY-MM-DD/<tag>.parquet`` files, one per UTC day."""
     if table.num_rows == 0:
         return []
-    day = pc.strftime(table.column(ts_column), format="%Y-%m-%d")
+    day_us = 86_400 * US
+    micros = table.column(ts_column).cast(pa.int64()).to_numpy()
+    days = micros // day_us
     out = []
-    for d in pc.unique(day).to_pylist():
-        part = table.filter(pc.equal(day, d))
-        folder = Path(root) / f"date={d}"
+    for d in np.unique(days):
+        part = table.filter(pa.array(days == d))
+        folder = Path(root) / f"date={_dt(int(d) * day_us):%Y-%m-%d}"
         folder.mkdir(parents=True, exist_ok=True)
         out.append(_atomic_parquet(part, folder / f"{tag}.parquet"))
     return out

@@ -39,7 +39,7 @@ class RawBatch:
     partitions: np.ndarray  # int32, index into ``partition_names``
     partition_names: list[str]
     positions: dict[str, str] = field(default_factory=dict)  # partition -> position after this batch
-    ids: list[str] = field(default_factory=list)  # a message id each (partition:position), for dead letters
+    ids: list[str] = field(default_factory=list)  # a message id each (its position), for dead letters
     publish_ms: np.ndarray | None = None  # when each message entered the broker (epoch ms), if known
 
     def __len__(self) -> int:
@@ -109,6 +109,7 @@ class RedisStreamSource:
         self.consumer = consumer
         self.start = start
         self._key = stream.encode()
+        client.response_callbacks["XREADGROUP"] = lambda reply, **_: reply  # raw replies (see poll)
 
     def open(self, positions: Mapping[str, str] | None) -> None:
         import redis
@@ -139,25 +140,21 @@ class RedisStreamSource:
         return f"{kw.get('host', '?')}:{kw.get('port', '?')}"
 
     def poll(self, max_messages: int, timeout_seconds: float) -> RawBatch:
-        block = max(1, int(timeout_seconds * 1000)) if timeout_seconds > 0 else None
-        reply = self.client.xreadgroup(
-            self.group, self.consumer, {self._key: ">"}, count=max_messages, block=block, noack=True
-        )
-        payloads: list[bytes] = []
-        ids: list[str] = []
-        if reply:
-            for _stream, entries in reply:
-                for entry_id, fields in entries:
-                    payloads.append(fields.get(EVENT_FIELD, b""))
-                    ids.append(entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
-        positions = {self.stream: ids[-1]} if ids else {}
+        args: list[Any] = ["XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", max_messages]
+        if timeout_seconds > 0:
+            args += ["BLOCK", max(1, int(timeout_seconds * 1000))]
+        # the raw reply (redis-py's stream parsing costs ~15 us a message; this ~2.5 us)
+        reply = self.client.execute_command(*args, "NOACK", "STREAMS", self._key, ">")
+        entries = reply[0][1] if reply else []
+        payloads = [_field(e[1]) for e in entries]
+        ids = [e[0].decode() if isinstance(e[0], bytes) else e[0] for e in entries]
         return RawBatch(
             payloads=payloads,
             partitions=np.zeros(len(payloads), dtype=np.int32),
             partition_names=[self.stream],
-            positions=positions,
-            ids=[f"{self.stream}:{i}" for i in ids],
-            publish_ms=np.fromiter((int(i.split("-", 1)[0]) for i in ids), dtype=np.int64, count=len(ids)),
+            positions={self.stream: ids[-1]} if ids else {},
+            ids=ids,
+            publish_ms=np.fromiter((int(i.partition("-")[0]) for i in ids), dtype=np.int64, count=len(ids)),
         )
 
     def assigned(self) -> list[str] | None:
@@ -176,6 +173,16 @@ class RedisStreamSource:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _field(fields: list[bytes]) -> bytes:
+    """The event of a stream entry's flat ``[field, value, ...]`` list (b"" when absent)."""
+    if len(fields) >= 2 and fields[0] == EVENT_FIELD:
+        return fields[1]
+    for name, value in zip(fields[::2], fields[1::2]):
+        if name == EVENT_FIELD:
+            return value
+    return b""
 
 
 def publish_redis(client: Any, stream: str, events: Iterable[bytes], pipeline_size: int = 1000,
