@@ -356,3 +356,132 @@ def test_status_and_lineage_on_a_real_run(pipeline: Pipeline) -> None:
         assert run["code_version"]["featurepipe"]
     with pytest.raises(NotFound, match="no feature view or feature named 'nope'"):
         resolve(aggregate_views(pipeline.store), "nope")
+
+
+# ---------------------------------------------------------------- anomaly detection
+
+LONG_ROWS, LONG_DAYS = 30_000, 20
+
+
+@pytest.fixture(scope="module")
+def long_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Twenty days of generated transactions: the days before each day are its history."""
+    from featurepipe.generate import generate_transactions
+
+    out = tmp_path_factory.mktemp("quality-long") / "raw"
+    generate_transactions(LONG_ROWS, out, days=LONG_DAYS)
+    return out
+
+
+def anomaly_checks(run: dict, stage: str | None = None) -> list[dict]:
+    return [c for c in run["checks"] if c["check"].startswith("anomaly") and (stage is None or c["stage"] == stage)]
+
+
+def judged(check: dict) -> int:
+    return int(check["detail"].split(" day(s) judged")[0].rsplit(" ", 1)[-1])
+
+
+@pytest.mark.parametrize("seed", [7, 3])
+def test_anomalies_ordinary_noise_is_not_flagged(make_case: Callable[..., Case], tmp_path: Path, seed: int) -> None:
+    """Every day of generated data judged against the days before it: nothing flagged."""
+    from featurepipe.generate import generate_transactions
+
+    source = tmp_path / f"seed{seed}"
+    generate_transactions(LONG_ROWS, source, days=LONG_DAYS, seed=seed)
+    case = make_case(source=source)
+    case.backfill(case.gate())
+    (run,) = read_runs(case.data)
+    checks = anomaly_checks(run)
+    assert checks and all(c["passed"] for c in checks), [c["detail"] for c in checks if not c["passed"]]
+    raw = {c["column"]: c for c in anomaly_checks(run, "raw")}
+    assert set(raw) == {None, "amount"}  # the contract's columns (ids and late labels left out)
+    assert judged(raw["amount"]) == LONG_DAYS - 7 and judged(raw[None]) == LONG_DAYS - 7
+    users = {c["column"]: c for c in anomaly_checks(run, "features") if c["table"] == "user_transaction_stats"}
+    assert len(users) == 1 + 13 and judged(users["amount_sum_7d"]) >= LONG_DAYS - 7 - 7 - 1  # after warm-up
+    fraud = [c for c in anomaly_checks(run, "features") if c["table"] == "merchant_fraud"]
+    assert fraud and all(judged(c) == 0 for c in fraud)  # 30-day windows never full in 20 days
+    stored = pq_rows(run["stats_file"])
+    assert {r["stage"] for r in stored} == {"raw", "features"} and len({r["day"] for r in stored}) == LONG_DAYS
+
+
+def pq_rows(path: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+SHIFT_LAST_DAY = "SELECT * REPLACE (CASE WHEN date = (SELECT max(date) FROM raw) THEN amount * 3 ELSE amount END AS amount) FROM raw"
+
+
+def test_anomalies_flag_a_shifted_distribution(make_case: Callable[..., Case], long_raw: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    case = make_case(SHIFT_LAST_DAY, source=long_raw)
+    last = query(f"SELECT max(date) FROM read_parquet('{case.raw}', hive_partitioning = true)")[0][0]
+    median_mean = query(
+        f"SELECT median(m) FROM (SELECT date, avg(amount) AS m FROM read_parquet('{case.raw}', hive_partitioning = true) "
+        f"WHERE date >= DATE '{last}' - 14 AND date < DATE '{last}' GROUP BY 1)")[0][0]
+    with caplog.at_level("WARNING", logger="featurepipe.quality.gate"):
+        case.backfill(case.gate())  # warn: recorded and logged, the batch goes on
+    (run,) = read_runs(case.data)
+    assert run["status"] == "ok"
+    failed = {(c["stage"], c["table"], c["column"]): c for c in anomaly_checks(run) if not c["passed"]}
+    raw = failed[("raw", "transactions", "amount")]
+    assert f"1 of {LONG_DAYS - 7} day(s) deviate" in raw["detail"]
+    assert "mean = " in raw["detail"] and f"on {last:%Y-%m-%d}, expected " in raw["detail"]
+    assert "p50 = " in raw["detail"] and "of the 14 days before; robust z" in raw["detail"]
+    mean = next(s for s in raw["sample"] if s["statistic"] == "mean")
+    assert mean["median"] == pytest.approx(median_mean) and mean["value"] > mean["high"] > mean["median"]
+    assert mean["value"] == pytest.approx(3 * query(
+        f"SELECT avg(amount) / 3 FROM read_parquet('{case.raw}', hive_partitioning = true) WHERE date = DATE '{last}'")[0][0])
+    assert "quality gate raw/transactions (warn): check 'anomaly' on column 'amount' failed" in caplog.text
+    # the shift reaches the features computed from the amounts, and only those
+    flagged = {col for (stage, table, col) in failed if stage == "features"}
+    assert {"amount_sum_1h", "amount_mean_24h", "amount_max_7d"} <= flagged
+    assert not flagged & {"txn_count_1h", "txn_count_24h", "merchant_txn_count_24h", "last_txn_epoch"}
+    assert ("raw", "transactions", None) not in failed  # the volume did not change
+
+    def block(spec: dict) -> None:
+        spec["sources"]["transactions"]["anomalies"]["severity"] = "block"
+
+    shutil.rmtree(case.root / "offline")
+    shutil.rmtree(case.data)  # (else the stored figures say the day was judged already)
+    with pytest.raises(InvalidInput) as err:
+        case.backfill(case.gate(block))
+    assert "quality gate raw/transactions blocked" in str(err.value)
+    assert f"check 'anomaly' on column 'amount' failed (1 of {LONG_DAYS - 7} day(s) deviate" in str(err.value)
+    assert not (case.root / "offline").exists()
+
+
+def test_anomalies_use_earlier_runs_as_history(make_case: Callable[..., Case], long_raw: Path) -> None:
+    """A daily run: the new day's features are judged against figures stored by earlier runs."""
+    case = make_case(SHIFT_LAST_DAY, source=long_raw)
+    last = query(f"SELECT max(date) FROM read_parquet('{case.raw}', hive_partitioning = true)")[0][0]
+    views = ("user_transaction_stats",)
+    case.backfill(case.gate(), views, end=last)  # every day but the last
+    first, = read_runs(case.data)
+    assert not [c for c in anomaly_checks(first, "features") if not c["passed"]]
+    assert Path(first["stats_file"]).is_file()
+    case.backfill(case.gate(), views, start=last, end=last + timedelta(days=1))
+    second = read_runs(case.data)[-1]
+    features = {c["column"]: c for c in anomaly_checks(second, "features")}
+    assert not features["amount_sum_24h"]["passed"] and "1 of 1 day(s) deviate" in features["amount_sum_24h"]["detail"]
+    assert features["txn_count_24h"]["passed"] and features["txn_count_24h"]["detail"] == "1 day(s) judged"
+    # a rerun over unchanged figures judges nothing again (the warning was given once)
+    case.backfill(case.gate(), views, start=last, end=last + timedelta(days=1))
+    third = read_runs(case.data)[-1]
+    assert all(c["passed"] and c["detail"] == "0 day(s) judged" for c in anomaly_checks(third, "features"))
+
+
+def test_anomalies_need_history_and_catch_a_volume_collapse(make_case: Callable[..., Case], long_raw: Path) -> None:
+    case = make_case("SELECT * FROM raw WHERE date >= (SELECT max(date) - 4 FROM raw)", source=long_raw)
+    case.backfill(case.gate(), views=("merchant_activity",))
+    (run,) = read_runs(case.data)
+    raw = {c["column"]: c for c in anomaly_checks(run, "raw")}
+    assert raw["amount"]["passed"] and raw["amount"]["detail"] == (
+        "0 day(s) judged; 5 day(s) not judged (fewer than 7 days of history)")
+    collapsed = make_case("SELECT * FROM raw WHERE date <> (SELECT max(date) - 2 FROM raw) OR transaction_id % 20 = 0",
+                          source=long_raw)
+    collapsed.backfill(collapsed.gate(), views=("merchant_activity",))
+    (run,) = read_runs(collapsed.data)
+    rows = next(c for c in anomaly_checks(run, "raw") if c["check"] == "anomaly.rows")
+    assert not rows["passed"] and "rows = " in rows["detail"] and "1 of 13 day(s) deviate" in rows["detail"]

@@ -16,7 +16,9 @@ from typing import Any
 import duckdb
 
 from featurepipe.batch.sql import literal, quote
+from featurepipe.quality import stats
 from featurepipe.quality.contracts import TableContract
+from featurepipe.quality.stats import DayStats
 
 ROW_ID = ("__source_file", "file_row_number")
 _EPOCH = date(1970, 1, 1)
@@ -147,22 +149,31 @@ class Scan:
     failed: dict[str, int]
     rows_per_day: dict[date, int]
     newest: datetime | None
+    stats: list[DayStats] = field(default_factory=list)
 
 
 def scan(con: duckdb.DuckDBPyConnection, relation: str, checks: list[RowCheck],
-         contract: TableContract, timestamp: str | None) -> Scan:
-    """Row count, failures per check, rows per day and newest event time, in one scan
-    (plus one distinct count for a uniqueness check)."""
+         contract: TableContract, timestamp: str | None, stage: str = "",
+         stat_columns: list[str] | None = None, modulus: int = 1) -> Scan:
+    """Row count, failures per check, rows per day, newest event time and the per-day
+    statistics of ``stat_columns``, in one scan (plus one distinct count for a uniqueness
+    check)."""
     plain = [c for c in checks if "__dup_rank" not in c.fails]
     # sum(CAST(cond AS INTEGER)) and an integer day: several times cheaper in DuckDB than
     # count(*) FILTER (WHERE cond) and date_trunc on a TIMESTAMPTZ
     counts = [f"coalesce(sum(CAST({c.fails} AS INTEGER)), 0)" for c in plain]
+    keep_stats = stat_columns is not None and timestamp is not None
+    columns = stat_columns or []
+    if keep_stats:
+        counts += stats.select_sql(columns, modulus)
     ts = quote(timestamp) if timestamp else "NULL::TIMESTAMPTZ"
     rows = con.execute(
         f"SELECT epoch_us({ts}) // {86_400_000_000}, count(*), max({ts}){''.join(', ' + c for c in counts)} "
         f"FROM {relation} GROUP BY 1"
     ).fetchall()
     failed = {c.name: sum(int(r[3 + i]) for r in rows) for i, c in enumerate(plain)}
+    day_stats = [s for r in rows for s in stats.parse(stage, contract.name, columns, r[0], r[1], r[3 + len(plain):])
+                 ] if keep_stats else []
     for c in checks:
         if c not in plain:
             failed[c.name] = duplicates(con, relation, contract.unique)
@@ -174,6 +185,7 @@ def scan(con: duckdb.DuckDBPyConnection, relation: str, checks: list[RowCheck],
         failed=failed,
         rows_per_day={_EPOCH + timedelta(days=int(r[0])): int(r[1]) for r in rows if r[0] is not None},
         newest=newest,
+        stats=sorted(day_stats, key=lambda s: (s.column, s.day)),
     )
 
 

@@ -13,6 +13,7 @@ columns Feast never sees). Layout::
           channel: {type: VARCHAR, allowed: [pos, online, contactless, atm]}
         volume: {min_rows: 1, min_day_ratio: 0.2, severity: warn}
         freshness: {max_age: 48h, severity: warn}
+        anomalies: {columns: [amount]}   # per-day statistics vs the days before (on by default)
     feature_views:                 # keyed by feature view name, same keys
       user_transaction_stats: ...
 
@@ -20,6 +21,9 @@ columns Feast never sees). Layout::
 ``block``: schema checks block by default, everything else warns by default. Row-level
 failures (nulls, ranges, allowed values, duplicates) are quarantined either way; ``block``
 also stops the batch.
+
+``anomalies`` (see :class:`AnomalyContract`) judges each day's statistics of a table
+against the days before it; ``anomalies: false`` turns it off for a table.
 """
 
 from __future__ import annotations
@@ -70,6 +74,33 @@ class FreshnessContract:
     severity: str = "warn"
 
 
+STATISTICS = ("rows", "null_rate", "mean", "std", "p05", "p50", "p95")
+
+
+@dataclass(frozen=True)
+class AnomalyContract:
+    """Anomaly detection on per-day statistics: a day's ``statistics`` of ``columns`` are
+    compared with the same statistics of the ``history`` days before it (from this run and
+    earlier ones). A day is flagged when its value is further from the median of those days
+    than both ``threshold`` robust standard deviations (1.4826 x the median absolute
+    deviation) and ``min_change`` of the statistic's typical size (its median, or the
+    column's typical standard deviation when larger; for ``null_rate`` at least 0.1), so
+    steady series do not flag tiny moves. Days are judged once they have ``min_history``
+    days before them and (for value statistics) ``min_day_rows`` rows; ``rows`` is judged on
+    complete days only. ``columns`` defaults to every numeric column except the unique key
+    columns and the event time.
+    """
+
+    columns: tuple[str, ...] | None = None
+    statistics: tuple[str, ...] = ("rows", "null_rate", "mean", "p50")
+    history: int = 14
+    min_history: int = 7
+    threshold: float = 6.0
+    min_change: float = 0.3
+    min_day_rows: int = 100
+    severity: str = "warn"
+
+
 @dataclass(frozen=True)
 class TableContract:
     """The contract of one raw source or feature view."""
@@ -81,6 +112,7 @@ class TableContract:
     volume: VolumeContract | None = None
     freshness: FreshnessContract | None = None
     schema_severity: str = "block"
+    anomalies: AnomalyContract | None = AnomalyContract()
 
     def column(self, name: str) -> ColumnContract | None:
         return next((c for c in self.columns if c.name == name), None)
@@ -115,7 +147,7 @@ def _severity(value: Any, default: str, where: str) -> str:
 
 def _table(name: str, spec: dict[str, Any] | None, where: str) -> TableContract:
     spec = spec or {}
-    known = {"columns", "unique", "unique_severity", "volume", "freshness", "schema_severity"}
+    known = {"columns", "unique", "unique_severity", "volume", "freshness", "schema_severity", "anomalies"}
     unknown = sorted(set(spec) - known)
     if unknown:
         raise InvalidInput(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
@@ -149,7 +181,42 @@ def _table(name: str, spec: dict[str, Any] | None, where: str) -> TableContract:
             severity=_severity(fresh.get("severity"), "warn", f"{where}.freshness"),
         ) if fresh else None,
         schema_severity=_severity(spec.get("schema_severity"), "block", f"{where}.schema_severity"),
+        anomalies=_anomalies(spec.get("anomalies", True), f"{where}.anomalies"),
     )
+
+
+def _anomalies(spec: Any, where: str) -> AnomalyContract | None:
+    if spec is False or spec is None:
+        return None
+    if spec is True:
+        return AnomalyContract()
+    if not isinstance(spec, dict):
+        raise InvalidInput(f"{where}: write false, or a mapping of {sorted(AnomalyContract.__dataclass_fields__)}")
+    default = AnomalyContract()
+    unknown = sorted(set(spec) - set(AnomalyContract.__dataclass_fields__))
+    if unknown:
+        raise InvalidInput(f"{where}: unknown key(s) {unknown}; allowed: {sorted(AnomalyContract.__dataclass_fields__)}")
+    statistics = tuple(spec.get("statistics") or default.statistics)
+    bad = sorted(set(statistics) - set(STATISTICS))
+    if bad:
+        raise InvalidInput(f"{where}.statistics: unknown statistic(s) {bad}; choose from {', '.join(STATISTICS)}")
+    try:
+        contract = AnomalyContract(
+            columns=tuple(spec["columns"]) if spec.get("columns") is not None else None,
+            statistics=statistics,
+            history=int(spec.get("history", default.history)),
+            min_history=int(spec.get("min_history", default.min_history)),
+            threshold=float(spec.get("threshold", default.threshold)),
+            min_change=float(spec.get("min_change", default.min_change)),
+            min_day_rows=int(spec.get("min_day_rows", default.min_day_rows)),
+            severity=_severity(spec.get("severity"), "warn", where),
+        )
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"{where}: {exc}; history, min_history and min_day_rows are whole numbers, "
+                           "threshold and min_change numbers") from exc
+    if not 1 <= contract.min_history <= contract.history:
+        raise InvalidInput(f"{where}: need 1 <= min_history ({contract.min_history}) <= history ({contract.history})")
+    return contract
 
 
 def load_contracts(repo: Path) -> Contracts:

@@ -19,7 +19,7 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -28,7 +28,7 @@ import duckdb
 
 from featurepipe.batch.sql import literal, quote
 from featurepipe.errors import InvalidInput
-from featurepipe.quality import checks
+from featurepipe.quality import anomaly, checks, stats
 from featurepipe.quality.checks import CheckResult, parquet_relation
 from featurepipe.quality.contracts import Contracts, TableContract, load_contracts
 from featurepipe.quality.runlog import (
@@ -68,10 +68,19 @@ class GateOutcome:
     quarantine_file: Path | None
     seconds: float
     newest: datetime | None = None
+    first_day: date | None = None
 
     @property
     def rows_passed(self) -> int:
         return self.rows_in - self.rows_quarantined
+
+
+def _passed_with_ids(glob_path: str, quarantine_file: Path) -> str:
+    """The rows that passed, keeping their storage identity (for statistics on a sample)."""
+    return (
+        f"(SELECT __passed.* FROM {parquet_relation(glob_path)} AS __passed ANTI JOIN "
+        f"read_parquet({literal(str(quarantine_file))}) AS __quarantined USING (__source_file, file_row_number))"
+    )
 
 
 def passed_rows(glob_path: str, quarantine_file: Path) -> str:
@@ -107,6 +116,8 @@ class BatchGate:
         self.outputs: dict[str, dict[str, Any]] = {}
         self._sources_checked: dict[str, str | None] = {}
         self._input_newest: dict[str, datetime | None] = {}
+        self._input_first_day: dict[str, date | None] = {}
+        self.day_stats: list[stats.DayStats] = []
         self._t0 = time.perf_counter()
 
     # -- raw ingest -------------------------------------------------------------------
@@ -130,6 +141,7 @@ class BatchGate:
         files = sorted(glob.glob(ref.path, recursive=True))
         outcome = self._check(con, STAGE_RAW, contract, ref.path, ref.timestamp_field)
         self._input_newest[ref.path] = outcome.newest
+        self._input_first_day[ref.path] = outcome.first_day
         self.inputs[ref.name] = {
             "source": ref.name, "path": ref.path, "files": files, "rows": outcome.rows_in,
             "passed": outcome.rows_passed, "quarantined": outcome.rows_quarantined,
@@ -159,8 +171,10 @@ class BatchGate:
                                           contract.volume.min_rows <= 0, detail="no rows written")])
             return staging
         files = str(staging / "**" / "*.parquet")
+        first = self._input_first_day.get(view.input_path)
+        warm_until = first + timedelta(days=-(-view.max_window // timedelta(days=1))) if first else None
         outcome = self._check(con, STAGE_FEATURES, contract, files, "event_timestamp",
-                              input_newest=self._input_newest.get(view.input_path))
+                              input_newest=self._input_newest.get(view.input_path), warm_until=warm_until)
         record.update(quarantined=outcome.rows_quarantined, check_seconds=round(outcome.seconds, 4),
                       quarantine_file=str(outcome.quarantine_file) if outcome.quarantine_file else None)
         if outcome.quarantine_file is None:
@@ -189,9 +203,11 @@ class BatchGate:
 
     # -- shared ------------------------------------------------------------------------------
     def _check(self, con: duckdb.DuckDBPyConnection, stage: str, contract: TableContract,
-               files: str, timestamp: str, input_newest: datetime | None = None) -> GateOutcome:
+               files: str, timestamp: str, input_newest: datetime | None = None,
+               warm_until: date | None = None) -> GateOutcome:
         """Run a table's checks; ``input_newest`` (feature stage): the newest raw event time,
-        so a partial backfill of an older range is not called stale."""
+        so a partial backfill of an older range is not called stale; ``warm_until``: days
+        before it are not judged for anomalies (the views' windows are still filling)."""
         t0 = time.perf_counter()
         relation = parquet_relation(files)
         types = checks.describe(con, relation)
@@ -200,13 +216,19 @@ class BatchGate:
             self._record(results)
             self._raise(stage, contract.name, results)
         row_checks = checks.row_checks(contract, types)
-        scan = checks.scan(con, relation, row_checks, contract,
-                           timestamp if timestamp in types else None)
+        ts = timestamp if timestamp in types else None
+        stat_columns = stats.stats_columns(contract, types, ts) if contract.anomalies and ts else None
+        modulus = stats.sample_modulus(con, files) if stat_columns is not None else 1
+        scan = checks.scan(con, relation, row_checks, contract, ts, stage, stat_columns, modulus)
         quarantine = None
         quarantined = 0
+        day_stats = scan.stats
         if any(scan.failed.values()):
             quarantine = self.data / "quarantine" / stage / contract.name / f"{self.run_id}.parquet"
             quarantined = checks.write_quarantine(con, relation, row_checks, quarantine)
+            if stat_columns is not None and ts:  # statistics of what goes on, not of what was stopped
+                day_stats = stats.day_stats(con, stage, contract.name, _passed_with_ids(files, quarantine), ts,
+                                            stat_columns, modulus)
         for rc in row_checks:
             n = scan.failed[rc.name]
             results.append(CheckResult(
@@ -222,11 +244,16 @@ class BatchGate:
         for extra in (checks.volume_check(stage, contract, scan, self.now), fresh):
             if extra is not None:
                 results.append(extra)
+        if contract.anomalies is not None and day_stats:
+            history = stats.load_history(self.data, stage, contract.name, con)
+            results += anomaly.judge(stage, contract.name, contract.anomalies, day_stats, history, self.now,
+                                     warm_until)
+        self.day_stats += day_stats
         self._record(results)
         if any(r.blocking for r in results):
             self._raise(stage, contract.name, results, quarantine)
         return GateOutcome(stage, contract.name, scan.rows, quarantined, quarantine, time.perf_counter() - t0,
-                           scan.newest)
+                           scan.newest, min(scan.rows_per_day, default=None))
 
     def _record(self, results: list[CheckResult]) -> None:
         """Keep the results for the run log; say every failed warning on stderr (not silent)."""
@@ -279,7 +306,11 @@ class BatchGate:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        append_run(self.data, self.record(exc))
+        record = self.record(exc)
+        if record["status"] == "ok":  # a blocked run's figures are not history: it published nothing
+            written = stats.write_stats(self.data, self.run_id, self.day_stats)
+            record["stats_file"] = str(written) if written else None
+        append_run(self.data, record)
 
 
 def open_gate(store: FeatureStore, views: list[str] | None = None, kind: str = "backfill") -> BatchGate:
