@@ -143,6 +143,24 @@ class StreamResult:
 
 
 @dataclass
+class _Checkpoint:
+    """A checkpoint being written: what to write and, once done, what was written."""
+
+    seq: int
+    lo: int
+    hi: int
+    finalise: bool
+    dead: list[pa.Table]
+    raw: list[pa.Table]
+    manifest: dict[str, Any]
+    written: list[Path] = field(default_factory=list)
+    offline: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    error: BaseException | None = None
+    thread: threading.Thread | None = None
+
+
+@dataclass
 class _View:
     spec: AggregateView
     table: str
@@ -199,6 +217,7 @@ class StreamJob:
         self._raw: list[pa.Table] = []
         self._latencies: list[np.ndarray] = []
         self._latency_kept = 0
+        self._pending: _Checkpoint | None = None
         from featurepipe.stream.metrics import StreamMetrics
 
         self.metrics = StreamMetrics(o.job, o.worker)
@@ -376,8 +395,10 @@ class StreamJob:
                     last_message = now
                 elif o.idle_seconds is not None and now - last_message >= o.idle_seconds:
                     break
-                if now - last_checkpoint >= o.checkpoint_seconds:
-                    self.checkpoint()
+                if self._pending is not None and self._checkpoint_done():
+                    self._finish_checkpoint()
+                if now - last_checkpoint >= o.checkpoint_seconds and self._checkpoint_done():
+                    self.checkpoint(wait=False)
                     last_checkpoint = time.monotonic()
                 if o.progress and now - last_progress >= 1.0:
                     self._progress(run_messages, now - started)
@@ -579,24 +600,26 @@ class StreamJob:
         lateness = int(self.options.allowed_lateness / timedelta(microseconds=1))
         return min(self.partition_max[p] for p in partitions) - lateness
 
-    def checkpoint(self, final: bool = False) -> None:
-        """Write final offline rows, dead letters, raw archive, state, then the manifest."""
-        t0 = time.perf_counter()
+    def checkpoint(self, final: bool = False, wait: bool = True) -> None:
+        """Checkpoint: final offline rows, dead letters, raw archive, state, then the manifest.
+
+        The state is copied (in memory) and the watermark advanced here; the files are
+        written by a background thread on a DuckDB cursor of its own unless ``wait``, so
+        micro-batches go on meanwhile (one checkpoint in flight at most). Until its manifest
+        is renamed into place, a checkpoint does not exist: a crash before that replays
+        from the previous one.
+        """
+        self._finish_checkpoint()
         o = self.options
         seq = self.seq + 1
-        tag = self._tag(seq)
         wm = POS_INF if final else self._watermark()
         con = self.con
-        written: list[Path] = []
-        if wm > self.finalised_to:
-            lo = None if self.finalised_to <= NEG_INF else _dt(self.finalised_to)
-            hi = None if wm >= POS_INF else _dt(wm)
-            for v in self.views:
-                sql = aggregate_sql(v.spec, v.columns, lo, hi, source=v.table)
-                table = con.sql(sql).to_arrow_table()
-                self.counters.offline_rows += table.num_rows
-                written += _write_by_day(table, "event_timestamp", v.spec.offline_path, tag)
-                self.metrics.offline(v.spec.name, table.num_rows)
+        for v in self.views:
+            con.execute(f"CREATE OR REPLACE TABLE ck_{v.table} AS SELECT * FROM {v.table}")
+        if self.unique:
+            con.execute("CREATE OR REPLACE TABLE ck_seen AS SELECT * FROM seen")
+        lo, finalise = self.finalised_to, wm > self.finalised_to
+        if finalise:
             self.finalised_to = wm
             if wm < POS_INF:
                 for v in self.views:
@@ -604,51 +627,94 @@ class StreamJob:
                     con.execute(f"DELETE FROM {v.table} WHERE {quote(self.timestamp)} < {_ts_sql(wm - maxw)}")
                 if self.unique:
                     con.execute(f"DELETE FROM seen WHERE __ts < {_ts_sql(wm)}")
-        if self._dead:
-            dead = pa.concat_tables(self._dead)
-            self.dead_dir.mkdir(parents=True, exist_ok=True)
-            written.append(_atomic_parquet(dead, self.dead_dir / f"{tag}.parquet"))
-            self._dead = []
-        if self._raw:
-            raw = pa.concat_tables(self._raw)
-            written += _write_by_day(raw, self.timestamp, self.input_root, tag)
-            self._raw = []
-        snap = self.state_dir / f"seq-{seq:08d}"
-        snap.mkdir(parents=True, exist_ok=True)
-        for v in self.views:
-            con.execute(f"COPY {v.table} TO {literal(str(snap / (v.table + '.parquet')))} (FORMAT parquet)")
-        if self.unique:
-            con.execute(f"COPY seen TO {literal(str(snap / 'seen.parquet'))} (FORMAT parquet)")
         self.counters.checkpoints += 1
-        manifest = {
-            "seq": seq,
-            "job": o.job,
-            "worker": o.worker,
-            "fingerprint": self._fingerprint(),
-            "positions": self.positions,
-            "partition_max": self.partition_max,
-            "finalised_to": self.finalised_to,
-            "counters": asdict(self.counters),
-            "written_at": datetime.now(timezone.utc).isoformat(),
-        }
-        tmp = self.state_dir / (MANIFEST + ".tmp")
-        with open(tmp, "w") as fh:
-            json.dump(manifest, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.state_dir / MANIFEST)
+        job = _Checkpoint(
+            seq=seq, lo=lo, hi=wm, finalise=finalise, dead=self._dead, raw=self._raw,
+            manifest={
+                "seq": seq, "job": o.job, "worker": o.worker, "fingerprint": self._fingerprint(),
+                "positions": dict(self.positions), "partition_max": dict(self.partition_max),
+                "finalised_to": self.finalised_to, "counters": asdict(self.counters),
+            },
+        )
+        self._dead, self._raw = [], []
         self.seq = seq
-        for old in self.state_dir.glob("seq-*"):
-            if old != snap:
-                shutil.rmtree(old, ignore_errors=True)
-        self.source.commit(self.positions)
-        lag = None
+        if wait:
+            self._write_checkpoint(job)
+            self._pending = job
+            self._finish_checkpoint()
+        else:
+            self._pending = job
+            job.thread = threading.Thread(target=self._write_checkpoint, args=(job,),
+                                          name=f"checkpoint-{seq}", daemon=True)
+            job.thread.start()
+
+    def _write_checkpoint(self, job: _Checkpoint) -> None:
+        t0 = time.perf_counter()
+        try:
+            cur = self.con.cursor()
+            try:
+                tag = self._tag(job.seq)
+                offline = 0
+                if job.finalise:
+                    lo = None if job.lo <= NEG_INF else _dt(job.lo)
+                    hi = None if job.hi >= POS_INF else _dt(job.hi)
+                    for v in self.views:
+                        sql = aggregate_sql(v.spec, v.columns, lo, hi, source=f"ck_{v.table}")
+                        table = cur.sql(sql).to_arrow_table()
+                        offline += table.num_rows
+                        job.offline[v.spec.name] = table.num_rows
+                        job.written += _write_by_day(table, "event_timestamp", v.spec.offline_path, tag)
+                if job.dead:
+                    self.dead_dir.mkdir(parents=True, exist_ok=True)
+                    job.written.append(_atomic_parquet(pa.concat_tables(job.dead), self.dead_dir / f"{tag}.parquet"))
+                if job.raw:
+                    job.written += _write_by_day(pa.concat_tables(job.raw), self.timestamp, self.input_root, tag)
+                snap = self.state_dir / f"seq-{job.seq:08d}"
+                snap.mkdir(parents=True, exist_ok=True)
+                for v in self.views:
+                    cur.execute(f"COPY ck_{v.table} TO {literal(str(snap / (v.table + '.parquet')))} (FORMAT parquet)")
+                if self.unique:
+                    cur.execute(f"COPY ck_seen TO {literal(str(snap / 'seen.parquet'))} (FORMAT parquet)")
+            finally:
+                cur.close()
+            job.manifest["counters"]["offline_rows"] += offline
+            job.manifest["written_at"] = datetime.now(timezone.utc).isoformat()
+            tmp = self.state_dir / (MANIFEST + ".tmp")
+            with open(tmp, "w") as fh:
+                json.dump(job.manifest, fh, indent=1)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.state_dir / MANIFEST)
+            for old in self.state_dir.glob("seq-*"):
+                if old != snap:
+                    shutil.rmtree(old, ignore_errors=True)
+        except BaseException as exc:  # re-raised by the main thread
+            job.error = exc
+        job.seconds = time.perf_counter() - t0
+
+    def _finish_checkpoint(self) -> None:
+        """Wait for the checkpoint in flight, if any; then commit, count and record it."""
+        job = self._pending
+        if job is None:
+            return
+        if job.thread is not None:
+            job.thread.join()
+        self._pending = None
+        if job.error is not None:
+            raise job.error
+        for view, rows in job.offline.items():
+            self.counters.offline_rows += rows
+            self.metrics.offline(view, rows)
+        self.source.commit(job.manifest["positions"])
         try:
             lag = self.source.lag()
         except Exception:  # lag is advisory: a broker that cannot say is not an error
             lag = None
-        self.metrics.checkpoint(time.perf_counter() - t0, lag, self._watermark(), self.counters)
-        self._record(manifest, written, time.perf_counter() - t0, lag)
+        self.metrics.checkpoint(job.seconds, lag, self._watermark(), self.counters)
+        self._record(job.manifest, job.written, job.seconds, lag)
+
+    def _checkpoint_done(self) -> bool:
+        return self._pending is None or (self._pending.thread is not None and not self._pending.thread.is_alive())
 
     def _record(self, manifest: dict[str, Any], written: list[Path], seconds: float, lag: int | None) -> None:
         from featurepipe.quality.runlog import append_run, code_version
