@@ -103,6 +103,7 @@ class StreamOptions:
     state_dir: Path | None = None
     dead_letter_dir: Path | None = None
     latency_samples: int = 0  # keep up to this many event-to-online latencies (benchmarks)
+    prefetch: bool = True  # poll the next micro-batch on a thread while this one is processed
 
     def __post_init__(self) -> None:
         if self.workers < 1 or not 0 <= self.worker < self.workers:
@@ -136,10 +137,16 @@ class StreamResult:
     run_messages: int
     watermark: datetime | None
     latencies: np.ndarray = field(default_factory=lambda: np.empty(0))
+    loop_seconds: float = 0.0  # until the last message was processed (online), before the last checkpoint
 
     @property
     def events_per_second(self) -> float:
         return self.run_messages / self.seconds if self.seconds else 0.0
+
+    @property
+    def sustained_events_per_second(self) -> float:
+        """Messages per second until the last one was online (checkpoints ran meanwhile)."""
+        return self.run_messages / self.loop_seconds if self.loop_seconds else 0.0
 
 
 @dataclass
@@ -380,14 +387,20 @@ class StreamJob:
                 [feature_field(v.plan.view, f.name) for f in v.plan.features],
                 ttl_seconds=v.plan.key_ttl_seconds, replace_equal=True,
             ).__enter__()
+        budget = None if o.max_events is None else max(0, o.max_events - self.counters.messages)
+        poller = _Prefetcher(self.source, o.max_batch, o.poll_timeout, budget) if o.prefetch else None
+        loop_seconds = 0.0
         try:
             while not self._stop.is_set():
                 if o.max_events is not None and self.counters.messages >= o.max_events:
                     break
-                want = o.max_batch
-                if o.max_events is not None:
-                    want = min(want, o.max_events - self.counters.messages)
-                raw = self.source.poll(want, o.poll_timeout)
+                if poller is not None:
+                    raw = poller.next(o.poll_timeout)
+                else:
+                    want = o.max_batch
+                    if o.max_events is not None:
+                        want = min(want, o.max_events - self.counters.messages)
+                    raw = self.source.poll(want, o.poll_timeout)
                 now = time.monotonic()
                 if len(raw):
                     self._process(raw)
@@ -403,8 +416,14 @@ class StreamJob:
                 if o.progress and now - last_progress >= 1.0:
                     self._progress(run_messages, now - started)
                     last_progress = now
+            loop_seconds = time.monotonic() - started
+            if poller is not None:
+                poller.close()
+                poller = None
             self.checkpoint(final=o.final)
         finally:
+            if poller is not None:
+                poller.close()
             for v in self.views:
                 if v.writer is not None:
                     v.writer.__exit__(None, None, None)
@@ -413,7 +432,7 @@ class StreamJob:
                 self._progress(run_messages, time.monotonic() - started, end="\n")
         lat = np.concatenate(self._latencies) if self._latencies else np.empty(0)
         return StreamResult(self.counters, time.monotonic() - started, run_messages,
-                            _dt(self._watermark()), lat)
+                            _dt(self._watermark()), lat, loop_seconds=loop_seconds)
 
     def close(self) -> None:
         self.source.close()
@@ -751,6 +770,72 @@ class StreamJob:
             end = "\n"
         stream.write(line + ("\x1b[K" if end == "\r" else "") + end)
         stream.flush()
+
+
+class _Prefetcher:
+    """Polls the source on a thread of its own.
+
+    While there is a backlog (the last poll returned a full batch) it reads one micro-batch
+    ahead, so parsing the next batch (which holds the GIL) overlaps the engine's DuckDB and
+    Arrow work on this one (which does not). Otherwise it polls only when the engine asks,
+    so a live stream's events do not wait behind a batch read ahead. Never reads more than
+    ``budget`` messages (when set). Messages read but not processed when the job stops are
+    not lost: the checkpoint's positions are before them, and a restart reads them again.
+    """
+
+    def __init__(self, source: EventSource, max_batch: int, timeout: float, budget: int | None) -> None:
+        import queue
+
+        self.source, self.max_batch, self.timeout, self.budget = source, max_batch, timeout, budget
+        self.queue: queue.Queue[RawBatch | BaseException] = queue.Queue(maxsize=1)
+        self._stop = threading.Event()
+        self._need = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="stream-poll", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import queue
+
+        ahead = False
+        try:
+            while not self._stop.is_set():
+                if not ahead:
+                    if not self._need.wait(0.1):
+                        continue
+                self._need.clear()
+                want = self.max_batch if self.budget is None else min(self.max_batch, self.budget)
+                if want <= 0:
+                    return
+                raw = self.source.poll(want, self.timeout)
+                ahead = len(raw) >= want
+                if not len(raw):
+                    continue
+                if self.budget is not None:
+                    self.budget -= len(raw)
+                while not self._stop.is_set():
+                    try:
+                        self.queue.put(raw, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as exc:  # handed to the engine's thread
+            self.queue.put(exc)
+
+    def next(self, timeout: float) -> RawBatch:
+        import queue
+
+        self._need.set()
+        try:
+            item = self.queue.get(timeout=max(timeout, 0.001) * 2)
+        except queue.Empty:
+            return RawBatch([], np.empty(0, np.int32), [])
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=30)
 
 
 def _atomic_parquet(table: pa.Table, path: Path) -> Path:
