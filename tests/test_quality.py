@@ -13,9 +13,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import date, timedelta
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pytest
@@ -485,3 +486,160 @@ def test_anomalies_need_history_and_catch_a_volume_collapse(make_case: Callable[
     (run,) = read_runs(collapsed.data)
     rows = next(c for c in anomaly_checks(run, "raw") if c["check"] == "anomaly.rows")
     assert not rows["passed"] and "rows = " in rows["detail"] and "1 of 13 day(s) deviate" in rows["detail"]
+
+
+# ---------------------------------------------------------------- before materialisation
+
+MAT_VIEW = "user_transaction_stats"
+
+
+@dataclasses.dataclass
+class Online:
+    """One view of the demo repo registered in a registry of its own, reading a (mutated)
+    copy of the pipeline's offline table, materialised into a private Redis."""
+
+    store: Any
+    data: Path
+    offline: Path
+    client: Any
+
+    def materialize(self) -> Any:
+        from featurepipe.online.materialize import materialize
+
+        return materialize(self.store, views=[MAT_VIEW], progress=False).per_view[0]
+
+    def latest(self, where: str = "true") -> int:
+        return query(f"SELECT count(DISTINCT user_id) FROM read_parquet('{self.offline}/**/*.parquet') "
+                     f"WHERE user_id IS NOT NULL AND ({where})")[0][0]
+
+
+@pytest.fixture(scope="module")
+def private_redis() -> Iterator[str]:
+    """A redis-server of this module's own (the shared one's databases belong to other tests)."""
+    from featurepipe.redis_server import RedisServer
+
+    with RedisServer() as server:
+        yield server.url
+
+
+@pytest.fixture
+def online_case(pipeline: Pipeline, private_redis: str, tmp_path: Path,
+                monkeypatch: pytest.MonkeyPatch) -> Callable[..., Online]:
+    from feast import FeatureStore, FeatureView, FileSource, PushSource, RepoConfig
+
+    from featurepipe.config import redis_connection_kwargs, redis_url_to_feast
+
+    def make(select: str = "SELECT * FROM features", edit: Callable[[dict], None] | None = None) -> Online:
+        folder = tmp_path / "online"
+        repo, data, offline_copy = folder / "repo", folder / "data", folder / "offline" / MAT_VIEW
+        repo.mkdir(parents=True)
+        offline_copy.parent.mkdir(parents=True)
+        monkeypatch.setenv("FEATUREPIPE_DATA_DIR", str(data))  # this run's log, not the pipeline's
+        with duckdb.connect() as con:
+            con.execute("SET TimeZone = 'UTC'")
+            con.execute(f"CREATE VIEW features AS SELECT * FROM read_parquet("
+                        f"'{pipeline.data / 'offline' / MAT_VIEW}/**/*.parquet', hive_partitioning = true)")
+            con.execute(f"COPY ({select}) TO '{offline_copy}' (FORMAT parquet, PARTITION_BY (date))")
+        spec = yaml.safe_load((SOURCE_REPO / "contracts.yaml").read_text())
+        if edit:
+            edit(spec)
+        (repo / "contracts.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+        registered = pipeline.store.get_feature_view(MAT_VIEW)
+        table = FileSource(name=f"{MAT_VIEW}_table", path=str(offline_copy / "**" / "*.parquet"),
+                           timestamp_field="event_timestamp")
+        push = PushSource(name=f"{MAT_VIEW}_push", batch_source=table)
+        view = FeatureView(name=MAT_VIEW, entities=[pipeline.store.get_entity("user")], ttl=registered.ttl,
+                           schema=[*registered.entity_columns, *registered.features], source=push, online=True,
+                           tags=registered.tags)
+        store = FeatureStore(config=RepoConfig(
+            project="quality_online", provider="local", registry=str(folder / "registry.db"),
+            repo_path=str(repo), entity_key_serialization_version=3,
+            online_store={"type": "redis", "connection_string": redis_url_to_feast(private_redis)},
+            offline_store={"type": "duckdb"},
+            batch_engine={"type": "featurepipe.online.engine.FeaturepipeMaterializationEngine", "progress": False},
+        ))
+        store.apply([pipeline.store.get_entity("user"), table, push, view])
+        import redis
+
+        client = redis.Redis(**redis_connection_kwargs(private_redis))  # type: ignore[arg-type]
+        client.flushdb()
+        return Online(store, data, offline_copy, client)
+
+    return make
+
+
+NEGATIVE_SUMS = ("SELECT * REPLACE (CASE WHEN user_id % 25 = 0 THEN -5.0 ELSE amount_sum_1h END AS amount_sum_1h) "
+                 "FROM features")
+
+
+def user_key_nulls(select: str) -> str:
+    return f"SELECT * REPLACE (CASE WHEN txn_count_1h = 3 THEN NULL ELSE user_id END AS user_id) FROM ({select})"
+
+
+def test_materialisation_quarantines_failing_rows_and_writes_the_rest(online_case: Callable[..., Online],
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    def warn_keys(spec: dict) -> None:
+        spec["feature_views"][MAT_VIEW]["columns"]["user_id"]["severity"] = "warn"
+
+    case = online_case(user_key_nulls(NEGATIVE_SUMS), warn_keys)
+    null_rows = query(
+        f"SELECT count(*) FROM read_parquet('{case.offline}/**/*.parquet') WHERE user_id IS NULL")[0][0]
+    bad_users = case.latest("user_id % 25 = 0")
+    users = case.latest()
+    assert null_rows and bad_users
+    with caplog.at_level("WARNING", logger="featurepipe.quality.online_gate"):
+        result = case.materialize()
+    assert "quality gate materialize/user_transaction_stats (warn): check 'amount_sum_1h.range'" in caplog.text
+    # nothing lost: latest rows + key-less rows = written or already newer + quarantined
+    assert result.entities == users and result.null_key_rows == null_rows
+    assert result.entities + result.null_key_rows == result.written + result.skipped + result.quarantined
+    assert result.quarantined == null_rows + bad_users and result.check_failures == {"amount_sum_1h.range": bad_users}
+    assert case.client.dbsize() == result.written == users - bad_users
+    import pyarrow.parquet as pq
+
+    bad_values = pq.read_table([f for f in result.quarantine_files if f.endswith("bad-values.parquet")][0])
+    assert bad_values.num_rows == bad_users and set(bad_values.column("quality_check").to_pylist()) == {
+        "amount_sum_1h.range"}
+    assert set(bad_values.column("quarantine_reason").to_pylist()) == {"amount_sum_1h = -5.0 outside [0, inf]"}
+    assert all(u % 25 == 0 for u in bad_values.column("user_id").to_pylist())
+    online = case.store.get_online_features(features=[f"{MAT_VIEW}:amount_sum_1h"],
+                                            entity_rows=[{"user_id": u} for u in (25, 50, 26)]).to_dict()
+    assert online["amount_sum_1h"][:2] == [None, None] and online["amount_sum_1h"][2] is not None
+    (run,) = read_runs(case.data)
+    assert run["kind"] == "materialize" and run["status"] == "ok" and len(run["definitions_hash"]) == 64
+    (inp,), (out,) = run["inputs"], run["outputs"]
+    assert inp["rows"] == inp["passed"] + inp["quarantined"] == users + null_rows
+    assert out["rows"] == result.written + result.skipped and inp["files"] and inp["path"].startswith(str(case.offline))
+    checks = {c["check"]: c for c in run["checks"]}
+    assert checks["amount_sum_1h.range"]["failed_rows"] == bad_users and not checks["amount_sum_1h.range"]["passed"]
+    assert checks["user_id.not_null"]["failed_rows"] == null_rows
+    assert checks["txn_count_1h.range"]["passed"] and checks["amount_max_7d.range"]["passed"]
+
+
+@pytest.mark.parametrize("select, edit, words", [
+    (NEGATIVE_SUMS, "block", ["check 'amount_sum_1h.range' failed: ", " latest rows; sample: [{",
+                              "'amount_sum_1h': -5.0"]),
+    (user_key_nulls("SELECT * FROM features"), None,
+     ["check 'user_id.not_null' failed: ", "rows of the window have a null join key (user_id), kept in "]),
+    ("SELECT * REPLACE (CAST(txn_count_1h AS VARCHAR) AS txn_count_1h) FROM features", None,
+     ["check 'schema.type' on column 'txn_count_1h' failed (column 'txn_count_1h' is VARCHAR, the contract says BIGINT)"]),
+    ("SELECT * RENAME (amount_sum_1h AS amt_sum_1h) FROM features", None,
+     ["check 'schema.missing' on column 'amount_sum_1h' failed (column 'amount_sum_1h' is missing",
+      "new column(s) ['amt_sum_1h']: renamed?"]),
+], ids=["out-of-range-block", "null-join-key", "retyped-column", "renamed-column"])
+def test_materialisation_blocks_and_writes_nothing(online_case: Callable[..., Online], select: str,
+                                                   edit: str | None, words: list[str]) -> None:
+    def block_sums(spec: dict) -> None:
+        spec["feature_views"][MAT_VIEW]["columns"]["amount_sum_1h"]["severity"] = "block"
+
+    case = online_case(select, block_sums if edit == "block" else None)
+    with pytest.raises(InvalidInput) as err:
+        case.materialize()
+    msg = str(err.value)
+    assert msg.startswith("quality gate materialize/user_transaction_stats blocked the view"), msg
+    for w in words:
+        assert w in msg, msg
+    assert "Nothing of this view was written to Redis" in msg and case.client.dbsize() == 0
+    (run,) = read_runs(case.data)
+    assert run["status"] == "blocked" and run["error"] == msg
+    assert [c for c in run["checks"] if not c["passed"] and c["severity"] == "block"]

@@ -7,6 +7,7 @@ Configured in ``feature_store.yaml``::
       batch_rows: 5000          # rows encoded and sent together
       max_rows_per_second: 0    # optional rate limit, to spare a busy Redis (0: none)
       restore: true             # new keys created whole with RESTORE (checked first)
+      quality: true             # contract checks (contracts.yaml) and a run record per view
 
 Feast then calls it for ``feast materialize``, ``feast materialize-incremental`` and
 ``FeatureStore.materialize(...)``; Feast itself records the materialised intervals in
@@ -74,6 +75,9 @@ class FeaturepipeMaterializationEngineConfig(FeastConfigBaseModel):
     restore: StrictBool = True
     """Create new keys with RESTORE of a ready-made hash (checked against HSET on the server
     first); false: every row through the compare-and-set script."""
+    quality: StrictBool = True
+    """Check the rows about to be written against the view's contract in ``contracts.yaml``
+    (see :mod:`featurepipe.quality.online_gate`) and append a run record to the run log."""
 
 
 @contextmanager
@@ -248,27 +252,42 @@ class FeaturepipeMaterializationEngine(ComputeEngine):
             logger.warning("featurepipe engine: %s: %s; using Feast's local engine", view.name, reason)
             return self._local_engine().materialize(registry, task, **kwargs)[0]
         try:
-            result = self.materialize_view(view, task.project, task.start_time, task.end_time)
+            result = self.materialize_view(view, task.project, task.start_time, task.end_time, registry)
         except Exception as exc:  # Feast raises the job's error in the caller
             return FeaturepipeMaterializationJob(job_id, error=exc)
         return FeaturepipeMaterializationJob(job_id, result=result)
 
-    def materialize_view(self, view: FeatureView, project: str, start: Any, end: Any) -> ViewMaterialization:
-        """Materialise one view's window now and return what it did."""
+    def materialize_view(self, view: FeatureView, project: str, start: Any, end: Any,
+                         registry: BaseRegistry | None = None) -> ViewMaterialization:
+        """Materialise one view's window now and return what it did (with ``quality``, behind
+        the view's contract checks, recorded in the run log)."""
         import redis
 
         from featurepipe.config import redis_connection_kwargs
 
         plan = view_plan(view, self.repo_config, project)
         options = self.options()
+        gate = None
+        if self.config.model_copy(update=_overrides).quality and self.repo_config.repo_path:
+            from featurepipe.quality.online_gate import open_materialize_gate
+
+            gate = open_materialize_gate(self.repo_config, view, project, registry, start, end)
         client = redis.Redis(
             **redis_connection_kwargs(self.repo_config.online_store.connection_string),  # type: ignore[arg-type]
             socket_timeout=300,
         )
         try:
+            if gate is not None:
+                plan = gate.prepare(plan)
             result = materialize_window(plan, start, end, client, options)
+        except BaseException as exc:
+            if gate is not None:
+                gate.finish(None, exc)
+            raise
         finally:
             client.close()
+        if gate is not None:
+            gate.finish(result)
         for results in _collectors:
             results.append(replace(result))
         return result

@@ -15,6 +15,11 @@ Every value is cast to the type its feature declares; values that do not fit (a 
 in a number column, a fraction or an out-of-range number for an integer) are flagged in
 ``__reason`` rather than cast half-way, and rows whose join key is null (or does not fit
 the key's type) are counted and can be copied out to a Parquet file.
+
+Row conditions (a data contract's checks, :class:`RowCondition`) are evaluated in the same
+query on the values about to be written: a failing row gets its reason in ``__reason``
+and the failing checks' names in ``__check``; for a ``block`` condition the rows are
+counted first, before any row is read out.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from featurepipe.batch.sql import literal, quote
 from featurepipe.errors import InvalidInput, NotFound
 
 REASON = "__reason"
+CHECK = "__check"
 EVENT_US = "__event_us"
 
 # DuckDB type of each Feast ValueType name we check and cast to.
@@ -59,14 +65,28 @@ class Column:
 
 
 @dataclass(frozen=True)
+class RowCondition:
+    """A row-level check on the output columns: SQL true for a failing row, SQL for its
+    reason, and whether a failure blocks the whole view."""
+
+    name: str
+    column: str | None
+    fails: str
+    reason: str
+    block: bool = False
+
+
+@dataclass(frozen=True)
 class LatestQuery:
-    """What to read: a Parquet glob, its time columns, join keys and features."""
+    """What to read: a Parquet glob, its time columns, join keys and features, and the row
+    conditions the values must meet."""
 
     path: str
     timestamp: str
     join_keys: Sequence[Column]
     features: Sequence[Column]
     created: str | None = None
+    conditions: Sequence[RowCondition] = ()
 
 
 @dataclass
@@ -78,6 +98,9 @@ class LatestScan:
     null_key_rows: int
     reader: pa.RecordBatchReader
     connection: duckdb.DuckDBPyConnection = field(repr=False)
+    files: list[str] = field(default_factory=list)
+    blocked: dict[str, int] = field(default_factory=dict)  # failing rows per blocking condition
+    blocked_sample: dict[str, list[dict[str, object]]] = field(default_factory=dict)
 
     def close(self) -> None:
         self.connection.close()
@@ -96,15 +119,20 @@ def connect(threads: int | None = None) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def _pinned_source(con: duckdb.DuckDBPyConnection, path: str) -> str:
-    """``read_parquet`` of the files matching ``path`` now: both scans read the same files,
-    even if a backfill replaces a day meanwhile."""
+def pinned_files(con: duckdb.DuckDBPyConnection, path: str) -> list[str]:
+    """The files matching ``path`` now, sorted (raises NotFound when there are none)."""
     files = [row[0] for row in con.execute(f"SELECT file FROM glob({literal(path)})").fetchall()]
     if not files:
         raise NotFound(
             f"no Parquet files match {path}; backfill the offline table first (`featurepipe backfill`)"
         )
-    listed = ", ".join(literal(f) for f in sorted(files))
+    return sorted(files)
+
+
+def pinned_source(files: Sequence[str]) -> str:
+    """``read_parquet`` of exactly these files: both scans read the same files, even if a
+    backfill replaces a day meanwhile."""
+    listed = ", ".join(literal(f) for f in files)
     return f"read_parquet([{listed}], hive_partitioning = true, union_by_name = true)"
 
 
@@ -145,7 +173,8 @@ def open_latest(
     ``null_key_file`` (Parquet, with a ``quarantine_reason`` column) when there are any.
     """
     con = connect(threads)
-    source_sql = _pinned_source(con, query.path)
+    files = pinned_files(con, query.path)
+    source_sql = pinned_source(files)
     types = _source_types(con, source_sql)
     needed = [query.timestamp, *(c.source for c in (*query.join_keys, *query.features))]
     if query.created:
@@ -200,6 +229,10 @@ def open_latest(
             reasons.append(f"CASE WHEN {bad} THEN {message} END")
     selects.append(f"concat_ws('; ', {', '.join(reasons)}) AS {REASON}" if reasons else f"'' AS {REASON}")
     sql = f"SELECT {', '.join(selects)} FROM __window w JOIN __latest l ON {join_on}"
+    blocked: dict[str, int] = {}
+    sample: dict[str, list[dict[str, object]]] = {}
+    if query.conditions:
+        sql, blocked, sample = _with_conditions(con, sql, query.conditions)
     reader = con.sql(sql).to_arrow_reader(batch_rows)
     return LatestScan(
         entities=int(entities),
@@ -207,7 +240,35 @@ def open_latest(
         null_key_rows=int(null_rows),
         reader=reader,
         connection=con,
+        files=files,
+        blocked=blocked,
+        blocked_sample=sample,
     )
+
+
+def _with_conditions(con: duckdb.DuckDBPyConnection, sql: str, conditions: Sequence[RowCondition]
+                     ) -> tuple[str, dict[str, int], dict[str, list[dict[str, object]]]]:
+    """``sql`` with the conditions' reasons added to ``__reason`` and their names in
+    ``__check``; and, when some conditions block, their failing rows counted (one pass over
+    the latest rows, only then) with a few of them as a sample."""
+    reasons = ", ".join(f"CASE WHEN {c.fails} THEN {c.reason} END" for c in conditions)
+    names = ", ".join(f"CASE WHEN {c.fails} THEN {literal(c.name)} END" for c in conditions)
+    wrapped = (f"SELECT * REPLACE (concat_ws('; ', NULLIF({REASON}, ''), {reasons}) AS {REASON}), "
+               f"concat_ws(',', {names}) AS {CHECK} FROM ({sql})")
+    blocking = [c for c in conditions if c.block]
+    if not blocking:
+        return wrapped, {}, {}
+    counts = con.execute(
+        "SELECT " + ", ".join(f"coalesce(sum(CAST({c.fails} AS INTEGER)), 0)" for c in blocking) + f" FROM ({sql})"
+    ).fetchone()
+    blocked = {c.name: int(n) for c, n in zip(blocking, counts) if n}
+    sample = {}
+    for c in blocking:
+        if c.name in blocked:
+            cur = con.execute(f"SELECT * EXCLUDE ({REASON}) FROM ({sql}) WHERE {c.fails} LIMIT 3")
+            cols = [d[0] for d in cur.description]
+            sample[c.name] = [dict(zip(cols, row)) for row in cur.fetchall()]
+    return wrapped, blocked, sample
 
 
 def _copy_null_key_rows(con: duckdb.DuckDBPyConnection, join_keys: Sequence[Column],

@@ -5,7 +5,10 @@
 (:mod:`featurepipe.online.codec`) and writes it with the monotonic Redis writer
 (:mod:`featurepipe.online.writer`). Rows that cannot be written as declared (a null join
 key, a value that does not fit its type) are counted and copied, with the reason, to
-Parquet files under the quarantine folder; they are never written in part.
+Parquet files under the quarantine folder; they are never written in part. So are rows
+that fail a warn check of the view's data contract (``RowCondition`` in the plan's query);
+a failing ``block`` check stops the view before anything is written
+(:class:`MaterializationBlocked`).
 """
 
 from __future__ import annotations
@@ -25,12 +28,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from featurepipe.errors import InvalidInput
 from featurepipe.online import codec
 from featurepipe.online.latest import (
+    CHECK,
     EVENT_US,
     REASON,
     Column,
     LatestQuery,
+    LatestScan,
     open_latest,
 )
 from featurepipe.online.layout import feature_field, timestamp_field
@@ -45,6 +51,7 @@ class ViewPlan:
     project: str
     query: LatestQuery
     key_ttl_seconds: int | None = None
+    block_null_keys: bool = False  # the contract says a null join key blocks the view
 
     @property
     def join_keys(self) -> list[codec.JoinKeySpec]:
@@ -79,13 +86,26 @@ class ViewMaterialization:
     written: int = 0  # hashes updated
     skipped: int = 0  # Redis already held a value at least as new
     restored: int = 0  # of written: new keys created whole with RESTORE
-    quarantined: int = 0  # rows not written: null join key or a value that does not fit
+    quarantined: int = 0  # rows not written: null join key, a value that does not fit, a failed check
     seconds: float = 0.0
     quarantine_files: list[str] = field(default_factory=list)
+    null_key_rows: int = 0  # of quarantined: window rows without a join key
+    check_failures: dict[str, int] = field(default_factory=dict)  # latest rows failing each contract check
+    newest_event: datetime | None = None  # newest event time among the rows written or kept
+    files: list[str] = field(default_factory=list)  # the offline files read
 
     @property
     def rows_per_second(self) -> float:
         return self.entities / self.seconds if self.seconds else 0.0
+
+
+class MaterializationBlocked(InvalidInput):
+    """A blocking contract check failed on the rows about to be written: nothing was written."""
+
+    def __init__(self, message: str, result: ViewMaterialization, failures: dict[str, int]) -> None:
+        super().__init__(message)
+        self.result = result
+        self.failures = failures
 
 
 def encode(batch: pa.RecordBatch, plan: ViewPlan) -> EncodedRows:
@@ -157,9 +177,8 @@ class _Quarantine:
     def add(self, batch: pa.RecordBatch) -> None:
         self.rows += batch.num_rows
         target = None if self._writer is not None else self.path("bad-values")
-        table = pa.Table.from_batches([batch]).rename_columns(
-            [("quarantine_reason" if c == REASON else c) for c in batch.schema.names]
-        )
+        names = {REASON: "quarantine_reason", CHECK: "quality_check"}
+        table = pa.Table.from_batches([batch]).rename_columns([names.get(c, c) for c in batch.schema.names])
         if self._writer is None and target is not None:
             target.parent.mkdir(parents=True, exist_ok=True)
             self._writer = pq.ParquetWriter(target, table.schema)
@@ -191,10 +210,13 @@ def materialize_window(
                        null_key_file=null_key_file)
     try:
         result.window_rows, result.entities = scan.window_rows, scan.entities
+        result.files, result.null_key_rows = scan.files, scan.null_key_rows
         if scan.null_key_rows:
             quarantine.rows += scan.null_key_rows
             if null_key_file is not None:
                 quarantine.files.append(str(null_key_file))
+        result.quarantined, result.quarantine_files = quarantine.rows, quarantine.files
+        _stop_if_blocked(plan, scan, result, null_key_file)
         writer = HashWriter(
             client,  # type: ignore[arg-type]
             timestamp_field(plan.view),
@@ -207,17 +229,25 @@ def materialize_window(
         with tqdm(total=scan.entities, desc=plan.view, unit="rows", unit_scale=True,
                   disable=not options.progress, leave=True) as bar, writer, contextlib.closing(batches):
             # (closing: the reading thread stops before the DuckDB connection closes)
+            newest = None
             for batch in batches:
                 read = batch.num_rows
                 bad = pc.not_equal(batch.column(REASON), "")
                 if pc.any(bad).as_py():
-                    quarantine.add(batch.filter(bad))
+                    rejected = batch.filter(bad)
+                    quarantine.add(rejected)
+                    if CHECK in batch.schema.names:
+                        _count_checks(rejected.column(CHECK), result.check_failures)
                     batch = batch.filter(pc.invert(bad))
                 if batch.num_rows:
                     writer.write(encode(batch, plan))
+                    top = pc.max(batch.column(EVENT_US)).as_py()
+                    newest = top if newest is None or top > newest else newest
                 bar.update(read)
         result.written, result.skipped = writer.counts.written, writer.counts.skipped
         result.restored = writer.counts.restored
+        if newest is not None:
+            result.newest_event = datetime.fromtimestamp(newest / 1e6, timezone.utc)
     finally:
         quarantine.close()
         scan.close()
@@ -225,3 +255,33 @@ def materialize_window(
     result.quarantine_files = quarantine.files
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _count_checks(names: pa.Array, counts: dict[str, int]) -> None:
+    """Add the comma-separated check names of rejected rows to ``counts`` (vectorised)."""
+    flat = pc.list_flatten(pc.split_pattern(names, ","))
+    for item in pc.value_counts(flat).to_pylist():
+        if item["values"]:
+            counts[item["values"]] = counts.get(item["values"], 0) + int(item["counts"])
+
+
+def _stop_if_blocked(plan: ViewPlan, scan: LatestScan, result: ViewMaterialization,
+                     null_key_file: Path | None) -> None:
+    """Raise :class:`MaterializationBlocked` when a blocking check fails (before any write)."""
+    failures = dict(scan.blocked)
+    lines = [f"check {name!r} failed: {n:,} of {scan.entities:,} latest rows; sample: "
+             f"{[{k: v for k, v in row.items() if k != EVENT_US} for row in scan.blocked_sample.get(name, [])]}"
+             for name, n in scan.blocked.items()]
+    if plan.block_null_keys and scan.null_key_rows:
+        keys = ", ".join(k.name for k in plan.query.join_keys)
+        failures[f"{keys}.not_null"] = scan.null_key_rows
+        lines.append(f"check '{keys}.not_null' failed: {scan.null_key_rows:,} rows of the window have a null "
+                     f"join key ({keys})" + (f", kept in {null_key_file}" if null_key_file else ""))
+    if not failures:
+        return
+    raise MaterializationBlocked(
+        f"quality gate materialize/{plan.view} blocked the view: " + "; ".join(lines)
+        + ". Nothing of this view was written to Redis. Fix the offline table (rerun `featurepipe backfill`) "
+        "or the view's contract in contracts.yaml, then materialise again",
+        result, failures,
+    )

@@ -31,8 +31,8 @@ from featurepipe.errors import InvalidInput
 from featurepipe.quality import anomaly, checks, stats
 from featurepipe.quality.checks import CheckResult, parquet_relation
 from featurepipe.quality.contracts import Contracts, TableContract, load_contracts
+from featurepipe.quality.publish import finish_run, start_run
 from featurepipe.quality.runlog import (
-    append_run,
     code_version,
     definitions_hash,
     view_definition_hashes,
@@ -69,10 +69,38 @@ class GateOutcome:
     seconds: float
     newest: datetime | None = None
     first_day: date | None = None
+    types: dict[str, str] = dataclasses.field(default_factory=dict)
+    columns: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
     @property
     def rows_passed(self) -> int:
         return self.rows_in - self.rows_quarantined
+
+
+def _column_metrics(day_stats: list[stats.DayStats]) -> dict[str, dict[str, float]]:
+    """Null count, count and sum per statistics column over all days (for lineage facets)."""
+    out: dict[str, dict[str, float]] = {}
+    for s in day_stats:
+        if s.column == stats.TABLE or s.count is None:
+            continue
+        m = out.setdefault(s.column, {"nulls": 0, "count": 0, "sum": 0.0})
+        m["nulls"] += s.rows - s.count
+        m["count"] += s.count
+        m["sum"] += (s.mean or 0.0) * s.count
+    return out
+
+
+def _newest_event(offline: Path) -> str | None:
+    """The newest event time in a published offline table (for freshness metrics)."""
+    if not any(offline.glob("date=*/*.parquet")):
+        return None
+    with duckdb.connect() as con:
+        newest = con.execute(
+            f"SELECT max(event_timestamp) FROM read_parquet({literal(str(offline / '*' / '*.parquet'))})"
+        ).fetchone()[0]
+    if newest is None:
+        return None
+    return (newest if newest.tzinfo else newest.replace(tzinfo=timezone.utc)).isoformat()
 
 
 def _passed_with_ids(glob_path: str, quarantine_file: Path) -> str:
@@ -118,6 +146,7 @@ class BatchGate:
         self._input_newest: dict[str, datetime | None] = {}
         self._input_first_day: dict[str, date | None] = {}
         self.day_stats: list[stats.DayStats] = []
+        self._lineage: Any = None
         self._t0 = time.perf_counter()
 
     # -- raw ingest -------------------------------------------------------------------
@@ -147,6 +176,7 @@ class BatchGate:
             "passed": outcome.rows_passed, "quarantined": outcome.rows_quarantined,
             "quarantine_file": str(outcome.quarantine_file) if outcome.quarantine_file else None,
             "check_seconds": round(outcome.seconds, 4), "views": [],
+            "schema": outcome.types, "columns": outcome.columns,
         }
         relation = passed_rows(ref.path, outcome.quarantine_file) if outcome.quarantine_file else None
         self._sources_checked[view.input_path] = relation
@@ -176,7 +206,8 @@ class BatchGate:
         outcome = self._check(con, STAGE_FEATURES, contract, files, "event_timestamp",
                               input_newest=self._input_newest.get(view.input_path), warm_until=warm_until)
         record.update(quarantined=outcome.rows_quarantined, check_seconds=round(outcome.seconds, 4),
-                      quarantine_file=str(outcome.quarantine_file) if outcome.quarantine_file else None)
+                      quarantine_file=str(outcome.quarantine_file) if outcome.quarantine_file else None,
+                      schema={k: v for k, v in outcome.types.items() if k != "date"}, columns=outcome.columns)
         if outcome.quarantine_file is None:
             return staging
         cleaned = staging.with_name(staging.name + "-checked")
@@ -199,7 +230,7 @@ class BatchGate:
             day += timedelta(days=1)
         record.update(rows=result.rows, entities=result.entities, partitions=partitions,
                       seconds=round(result.seconds, 4), start=result.start.isoformat(),
-                      end=result.end.isoformat())
+                      end=result.end.isoformat(), newest_event=_newest_event(out))
 
     # -- shared ------------------------------------------------------------------------------
     def _check(self, con: duckdb.DuckDBPyConnection, stage: str, contract: TableContract,
@@ -253,7 +284,7 @@ class BatchGate:
         if any(r.blocking for r in results):
             self._raise(stage, contract.name, results, quarantine)
         return GateOutcome(stage, contract.name, scan.rows, quarantined, quarantine, time.perf_counter() - t0,
-                           scan.newest, min(scan.rows_per_day, default=None))
+                           scan.newest, min(scan.rows_per_day, default=None), types, _column_metrics(day_stats))
 
     def _record(self, results: list[CheckResult]) -> None:
         """Keep the results for the run log; say every failed warning on stderr (not silent)."""
@@ -302,6 +333,7 @@ class BatchGate:
         }
 
     def __enter__(self) -> BatchGate:
+        self._lineage = start_run(self.data, self.kind, self.run_id, self.now)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -310,7 +342,9 @@ class BatchGate:
         if record["status"] == "ok":  # a blocked run's figures are not history: it published nothing
             written = stats.write_stats(self.data, self.run_id, self.day_stats)
             record["stats_file"] = str(written) if written else None
-        append_run(self.data, record)
+        sla = {name: c.freshness.max_age.total_seconds() for name, c in self.contracts.feature_views.items()
+               if c.freshness is not None}
+        finish_run(self.data, record, self._lineage, sla)
 
 
 def open_gate(store: FeatureStore, views: list[str] | None = None, kind: str = "backfill") -> BatchGate:

@@ -76,15 +76,21 @@ def view_definition_hashes(store: FeatureStore, names: Iterable[str]) -> dict[st
     hashes = {}
     for name in sorted(names):
         fv = store.get_feature_view(name)
-        digest = hashlib.sha256(fv.to_proto().spec.SerializeToString(deterministic=True))
         source = fv.tags.get(TAG_INPUT)
-        if source:
-            proto = store.get_data_source(source).to_proto()
-            if proto.HasField("meta"):
-                proto.ClearField("meta")
-            digest.update(proto.SerializeToString(deterministic=True))
-        hashes[name] = digest.hexdigest()
+        hashes[name] = feature_view_hash(fv, store.get_data_source(source) if source else None)
     return hashes
+
+
+def feature_view_hash(fv: Any, input_source: Any = None) -> str:
+    """SHA-256 of a Feast feature view's spec and, for a windowed-aggregate view, the spec of
+    the raw source it is computed from (what a user declares)."""
+    digest = hashlib.sha256(fv.to_proto().spec.SerializeToString(deterministic=True))
+    if input_source is not None:
+        proto = input_source.to_proto()
+        if proto.HasField("meta"):
+            proto.ClearField("meta")
+        digest.update(proto.SerializeToString(deterministic=True))
+    return digest.hexdigest()
 
 
 def definitions_hash(view_hashes: dict[str, str], contracts_digest: str) -> str:

@@ -1,0 +1,190 @@
+"""The quality gate and run record of one view's materialisation (offline table → Redis).
+
+Before anything is written, the offline table's columns are checked against the view's
+contract (a renamed or retyped column blocks, as at the other stages). The contract's
+row-level checks (nulls, ranges, allowed values) become
+:class:`~featurepipe.online.latest.RowCondition` s, evaluated by DuckDB in the query that
+selects the latest row per entity: a failing ``warn`` row is quarantined with the engine's
+other bad rows and the rest is written; a failing ``block`` check (and a null join key the
+contract blocks on) stops the view before the first write. Every materialisation appends a
+run record (``kind: materialize``) to the run log: the offline files read, rows in, written,
+not newer, quarantined, check results, the definitions hash, code version and duration.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from featurepipe.errors import InvalidInput
+from featurepipe.quality import checks
+from featurepipe.quality.checks import CheckResult, parquet_relation
+from featurepipe.quality.contracts import Contracts, TableContract, load_contracts
+from featurepipe.quality.publish import finish_run, start_run
+from featurepipe.quality.runlog import code_version, definitions_hash
+
+if TYPE_CHECKING:
+    from featurepipe.online.latest import RowCondition
+    from featurepipe.online.window import ViewMaterialization, ViewPlan
+
+STAGE = "materialize"
+log = logging.getLogger(__name__)
+
+
+class MaterializeGate:
+    """Contract checks and the run record of one view's materialisation window."""
+
+    def __init__(self, contracts: Contracts, data: Path, view: str, definition_hash: str | None,
+                 online_store: str, start: datetime, end: datetime) -> None:
+        self.contracts = contracts
+        self.contract: TableContract | None = contracts.feature_views.get(view)
+        self.data = Path(data)
+        self.view = view
+        self.definition_hash = definition_hash
+        self.online_store = online_store
+        self.start, self.end = start, end
+        self.now = datetime.now(timezone.utc)
+        self.run_id = f"{self.now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+        self.results: list[CheckResult] = []
+        self.conditions: list[RowCondition] = []
+        self.keys: list[str] = []
+        self.offline_path = ""
+        self._t0 = time.perf_counter()
+        self._lineage = start_run(self.data, "materialize", self.run_id, self.now, view)
+
+    def prepare(self, plan: ViewPlan) -> ViewPlan:
+        """Check the offline table's schema (raises on a blocking failure) and return the plan
+        with the contract's row conditions."""
+        from featurepipe.online.latest import DUCKDB_TYPES, RowCondition
+
+        self.offline_path = plan.query.path
+        if self.contract is None:
+            return plan
+        types = self._describe(plan.query.path)
+        results = checks.schema_checks(STAGE, self.contract, types)
+        self.results += results
+        if any(r.blocking for r in results):
+            raise InvalidInput(
+                f"quality gate {STAGE}/{self.view} blocked the view (run {self.run_id}): "
+                + "; ".join(f"check {r.check!r} on column {r.column!r} failed ({r.detail})" for r in results if r.blocking)
+                + f". Nothing of this view was written to Redis. Fix the offline table, or the contract in "
+                f"{self.contracts.path or 'contracts.yaml'}, and rerun"
+            )
+        features = {f.name: DUCKDB_TYPES.get(f.value_type, "") for f in plan.query.features}
+        self.conditions = [
+            RowCondition(rc.name, rc.column, rc.fails, rc.reason, rc.severity == "block")
+            for rc in checks.row_checks(self.contract, features) if rc.column in features
+        ]
+        keys = [(k.name, self.contract.column(k.name)) for k in plan.query.join_keys]
+        self.keys = [name for name, spec in keys if spec is not None and not spec.nullable]
+        block_keys = any(spec is not None and not spec.nullable and spec.severity == "block" for _, spec in keys)
+        return replace(plan, query=replace(plan.query, conditions=tuple(self.conditions)), block_null_keys=block_keys)
+
+    def _describe(self, path: str) -> dict[str, str]:
+        import duckdb
+
+        with duckdb.connect() as con:
+            return checks.describe(con, parquet_relation(path))
+
+    def _row_results(self, result: ViewMaterialization, blocked: dict[str, int] | None) -> list[CheckResult]:
+        """One result per contract check that applied: the join keys' not-null checks and the
+        row conditions evaluated on the latest rows."""
+        assert self.contract is not None
+        failures = {**result.check_failures, **(blocked or {})}
+        out = []
+        for key in self.keys:
+            spec = self.contract.column(key)
+            assert spec is not None
+            n, rows = result.null_key_rows, result.window_rows + result.null_key_rows
+            where = "stopped the view" if blocked and f"{key}.not_null" in blocked else "quarantined"
+            out.append(CheckResult(STAGE, self.view, f"{key}.not_null", key, spec.severity, n == 0, failed_rows=n,
+                                   rows=rows, detail=f"{n:,} of {rows:,} window rows have a null {key}: {where}" if n else ""))
+        for c in self.conditions:
+            n = failures.get(c.name, 0)
+            verb = "stopped the view" if blocked and c.name in blocked else "quarantined"
+            out.append(CheckResult(STAGE, self.view, c.name, c.column, "block" if c.block else "warn", n == 0,
+                                   failed_rows=n, rows=result.entities,
+                                   detail=f"{n:,} of {result.entities:,} latest rows: {verb}" if n else ""))
+        return out
+
+    def finish(self, result: ViewMaterialization | None, error: BaseException | None = None) -> dict[str, Any]:
+        """Append the run record (and publish metrics and lineage events); return it."""
+        from featurepipe.online.window import MaterializationBlocked
+
+        blocked = error.failures if isinstance(error, MaterializationBlocked) else None
+        if result is None and isinstance(error, MaterializationBlocked):
+            result = error.result
+        if result is not None and self.contract is not None:
+            self.results += self._row_results(result, blocked)
+        for r in self.results:
+            if not r.passed and r.severity == "warn":
+                log.warning("quality gate %s/%s (warn): check %r on column %r failed: %s", r.stage, r.table,
+                            r.check, r.column, r.detail)
+        status = "ok" if error is None else (
+            "blocked" if isinstance(error, InvalidInput) and "quality gate" in str(error) else "failed")
+        finished = datetime.now(timezone.utc)
+        record: dict[str, Any] = {
+            "run_id": self.run_id,
+            "kind": "materialize",
+            "status": status,
+            "error": str(error) if error is not None else None,
+            "started": self.now.isoformat(),
+            "finished": finished.isoformat(),
+            "seconds": round(time.perf_counter() - self._t0, 4),
+            "code_version": code_version(),
+            "definitions_hash": definitions_hash({self.view: self.definition_hash or ""}, self.contracts.digest),
+            "contracts_hash": self.contracts.digest or None,
+            "window": {"start": self.start.isoformat(), "end": self.end.isoformat()},
+            # rows: the latest row per entity plus the window's rows without a join key;
+            # rows = passed (written + not newer in Redis) + quarantined when the run is ok
+            "inputs": [{
+                "view": self.view, "path": self.offline_path,
+                "files": result.files if result else [],
+                "window_rows": (result.window_rows + result.null_key_rows) if result else 0,
+                "rows": (result.entities + result.null_key_rows) if result else 0,
+                "passed": (result.written + result.skipped) if result else 0,
+                "quarantined": result.quarantined if result else 0,
+            }],
+            "outputs": [{
+                "view": self.view, "online_store": self.online_store,
+                "definition_hash": self.definition_hash,
+                "entities": result.entities if result else 0,
+                "rows": (result.written + result.skipped) if result else 0,
+                "written": result.written if result else 0,
+                "skipped": result.skipped if result else 0,
+                "quarantined": result.quarantined if result else 0,
+                "quarantine_files": result.quarantine_files if result else [],
+                "newest_event": result.newest_event.isoformat() if result and result.newest_event else None,
+                "seconds": round(result.seconds, 4) if result else None,
+            }],
+            "checks": [r.as_dict() for r in self.results],
+        }
+        finish_run(self.data, record, self._lineage)
+        return record
+
+
+
+def open_materialize_gate(repo_config: Any, view: Any, project: str, registry: Any,
+                          start: datetime, end: datetime) -> MaterializeGate:
+    """The gate of one view's materialisation by the featurepipe engine: the repo's
+    contracts, its data folder, the view's definition hash and the Redis it writes to."""
+    from featurepipe.config import data_dir, redis_connection_kwargs
+    from featurepipe.definitions import TAG_INPUT
+    from featurepipe.quality.runlog import feature_view_hash
+
+    repo = Path(repo_config.repo_path)
+    source = None
+    if registry is not None and view.tags.get(TAG_INPUT):
+        try:
+            source = registry.get_data_source(view.tags[TAG_INPUT], project)
+        except Exception:  # a missing source only leaves it out of the hash
+            source = None
+    kw = redis_connection_kwargs(repo_config.online_store.connection_string)
+    online = f"redis://{kw['host']}:{kw['port']}/{kw.get('db', 0)}"
+    return MaterializeGate(load_contracts(repo), data_dir(repo), view.name, feature_view_hash(view, source),
+                           online, start, end)

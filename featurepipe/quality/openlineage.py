@@ -1,0 +1,223 @@
+"""OpenLineage run events for backfills and materialisations (the ``openlineage-python`` client).
+
+Each run emits ``START`` when it begins and ``COMPLETE`` (status ok) or ``FAIL`` (blocked or
+failed, with the error) when it ends. The end event names the input datasets (raw Parquet
+folders; for a materialisation, the offline feature table) and the outputs (offline feature
+tables; a materialisation's Redis view), with the facets the run log holds: ``schema``
+(columns and DuckDB types), ``dataQualityMetrics`` (rows, null counts and sums of the
+checked columns), ``dataQualityAssertions`` (every contract check, passed or not) and
+``outputStatistics`` (rows published).
+
+Where events go (first match):
+
+* ``FEATUREPIPE_OPENLINEAGE=off`` (or ``OPENLINEAGE_DISABLED=true``): nowhere;
+* ``OPENLINEAGE_URL``, ``OPENLINEAGE_CONFIG`` or ``OPENLINEAGE__TRANSPORT__*`` set: the
+  client's own configuration (HTTP endpoint, Kafka, ...), as every OpenLineage integration;
+* else one JSON event per line appended to ``$FEATUREPIPE_OPENLINEAGE_FILE``, by default
+  ``<data>/lineage/openlineage.jsonl``.
+
+The client is imported in a background thread while the run works (it takes about half a
+second), and an emission failure is logged, never raised: lineage must not stop a pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+LINEAGE_FILE = Path("lineage") / "openlineage.jsonl"
+NAMESPACE_ENV = "FEATUREPIPE_OPENLINEAGE_NAMESPACE"
+_RUN_NAMESPACE = uuid.UUID("5f7d1a52-8a7e-4c59-9a43-0c1b6f4e2d10")
+
+
+def destination(data: Path) -> str | None:
+    """``"client"`` (the OpenLineage client's own configuration), a file path, or None (off)."""
+    if os.environ.get("FEATUREPIPE_OPENLINEAGE", "").strip().lower() in ("off", "0", "false", "no"):
+        return None
+    if os.environ.get("OPENLINEAGE_DISABLED", "").strip().lower() == "true":
+        return None
+    if os.environ.get("OPENLINEAGE_URL") or os.environ.get("OPENLINEAGE_CONFIG") or any(
+        k.startswith("OPENLINEAGE__TRANSPORT") for k in os.environ
+    ):
+        return "client"
+    return os.environ.get("FEATUREPIPE_OPENLINEAGE_FILE") or str(Path(data) / LINEAGE_FILE)
+
+
+def run_uuid(run_id: str) -> str:
+    """The OpenLineage run id (a UUID) of a featurepipe run id, the same every time."""
+    return str(uuid.uuid5(_RUN_NAMESPACE, run_id))
+
+
+def job_name(kind: str, view: str | None) -> str:
+    return f"featurepipe.{kind}" + (f".{view}" if view else "")
+
+
+class LineageRun:
+    """The events of one run: :meth:`start` at once (in a thread), :meth:`finish` at the end."""
+
+    def __init__(self, data: Path, kind: str, run_id: str, started: datetime, view: str | None = None) -> None:
+        self.target = destination(data)
+        self.kind, self.run_id, self.started, self.view = kind, run_id, started, view
+        self._client: Any = None
+        self._thread: threading.Thread | None = None
+        if self.target is not None:
+            self._thread = threading.Thread(target=self._start, name="openlineage-start", daemon=True)
+            self._thread.start()
+
+    def _start(self) -> None:
+        try:
+            self._client = _client(self.target)
+            self._emit("START", self.started, [], [], {})
+        except Exception as exc:  # lineage never stops a pipeline
+            log.warning("OpenLineage START event of run %s not emitted: %s", self.run_id, exc)
+
+    def finish(self, record: dict[str, Any]) -> None:
+        """Emit ``COMPLETE`` or ``FAIL`` for the finished run's record."""
+        if self._thread is None:
+            return
+        self._thread.join(timeout=60)
+        if self._client is None:
+            return
+        try:
+            inputs, outputs = _datasets(record)
+            state = "COMPLETE" if record["status"] == "ok" else "FAIL"
+            self._emit(state, datetime.fromisoformat(record["finished"]), inputs, outputs, record)
+        except Exception as exc:
+            log.warning("OpenLineage %s event of run %s not emitted: %s", record.get("status"), self.run_id, exc)
+
+    def _emit(self, state: str, when: datetime, inputs: list[Any], outputs: list[Any], record: dict[str, Any]) -> None:
+        from openlineage.client.event_v2 import Job, Run, RunEvent, RunState
+        from openlineage.client.facet_v2 import (
+            error_message_run,
+            job_type_job,
+            processing_engine_run,
+            tags_run,
+        )
+
+        import featurepipe
+
+        run_facets: dict[str, Any] = {
+            "processing_engine": processing_engine_run.ProcessingEngineRunFacet(
+                version=featurepipe.__version__, name="featurepipe"),
+            "tags": tags_run.TagsRunFacet(tags=[
+                tags_run.TagsRunFacetFields(key="featurepipe.run_id", value=self.run_id, source="featurepipe"),
+                *([tags_run.TagsRunFacetFields(key="featurepipe.definitions_hash", value=record["definitions_hash"],
+                                               source="featurepipe")] if record.get("definitions_hash") else []),
+            ]),
+        }
+        if record.get("error"):
+            run_facets["errorMessage"] = error_message_run.ErrorMessageRunFacet(
+                message=record["error"], programmingLanguage="python")
+        job_facets = {"jobType": job_type_job.JobTypeJobFacet(
+            processingType="BATCH", integration="FEATUREPIPE", jobType=self.kind.upper())}
+        self._client.emit(RunEvent(
+            eventType=getattr(RunState, state),
+            eventTime=when.isoformat(),
+            run=Run(runId=run_uuid(self.run_id), facets=run_facets),
+            job=Job(namespace=namespace(), name=job_name(self.kind, self.view), facets=job_facets),
+            producer=producer(),
+            inputs=inputs,
+            outputs=outputs,
+        ))
+
+
+def namespace() -> str:
+    return os.environ.get(NAMESPACE_ENV, "featurepipe")
+
+
+def producer() -> str:
+    import featurepipe
+
+    return f"urn:featurepipe:{featurepipe.__version__}"
+
+
+def _client(target: str | None) -> Any:
+    from openlineage.client import OpenLineageClient
+
+    if target == "client":
+        return OpenLineageClient()
+    from openlineage.client.transport.file import FileConfig, FileTransport
+
+    Path(str(target)).parent.mkdir(parents=True, exist_ok=True)
+    return OpenLineageClient(transport=FileTransport(FileConfig(log_file_path=str(target), append=True)))
+
+
+def dataset_name(path: str) -> str:
+    """The folder a Parquet glob reads (``/data/raw/transactions/**/*.parquet`` → its folder)."""
+    parts = []
+    for part in Path(path).parts:
+        if any(ch in part for ch in "*?["):
+            break
+        parts.append(part)
+    return str(Path(*parts)) if parts else path
+
+
+def _schema(types: dict[str, str] | None) -> Any:
+    from openlineage.client.facet_v2 import schema_dataset
+
+    return schema_dataset.SchemaDatasetFacet(fields=[
+        schema_dataset.SchemaDatasetFacetFields(name=n, type=t) for n, t in (types or {}).items()])
+
+
+def _assertions(record: dict[str, Any], stage: str, table: str) -> Any:
+    from openlineage.client.facet_v2 import data_quality_assertions_dataset as dq
+
+    return dq.DataQualityAssertionsDatasetFacet(assertions=[
+        dq.Assertion(assertion=c["check"], success=bool(c["passed"]), column=c.get("column"),
+                     severity=c.get("severity"), actual=str(c.get("failed_rows", 0)) if c.get("failed_rows") else None,
+                     description=c.get("detail") or None)
+        for c in record.get("checks", []) if c["stage"] == stage and c["table"] == table])
+
+
+def _metrics(rows: int | None, columns: dict[str, dict[str, Any]] | None, files: int | None) -> Any:
+    from openlineage.client.facet_v2 import data_quality_metrics_input_dataset as dm
+
+    return dm.DataQualityMetricsInputDatasetFacet(
+        rowCount=rows, fileCount=files,
+        columnMetrics={name: dm.ColumnMetrics(nullCount=m.get("nulls"), count=m.get("count"), sum=m.get("sum"))
+                       for name, m in (columns or {}).items()})
+
+
+def _datasets(record: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+    from openlineage.client.event_v2 import InputDataset, OutputDataset
+    from openlineage.client.facet_v2 import output_statistics_output_dataset as out_stats
+
+    inputs, outputs = [], []
+    if record["kind"] == "materialize":
+        for i in record.get("inputs", []):
+            inputs.append(InputDataset(
+                namespace="file", name=dataset_name(i["path"]),
+                facets={"schema": _schema(i.get("schema"))},
+                inputFacets={"dataQualityMetrics": _metrics(i.get("rows"), None, len(i.get("files", []))),
+                             "dataQualityAssertions": _assertions(record, "materialize", i["view"])},
+            ))
+        for o in record.get("outputs", []):
+            outputs.append(OutputDataset(
+                namespace=o["online_store"], name=o["view"],
+                outputFacets={"outputStatistics": out_stats.OutputStatisticsOutputDatasetFacet(rowCount=o.get("rows"))},
+            ))
+        return inputs, outputs
+    for i in record.get("inputs", []):
+        inputs.append(InputDataset(
+            namespace="file", name=dataset_name(i["path"]),
+            facets={"schema": _schema(i.get("schema"))},
+            inputFacets={"dataQualityMetrics": _metrics(i.get("rows"), i.get("columns"), len(i.get("files", []))),
+                         "dataQualityAssertions": _assertions(record, "raw", i["source"])},
+        ))
+    for o in record.get("outputs", []):
+        if "path" not in o:
+            continue
+        outputs.append(OutputDataset(
+            namespace="file", name=o["path"],
+            facets={"schema": _schema(o.get("schema"))},
+            outputFacets={"outputStatistics": out_stats.OutputStatisticsOutputDatasetFacet(
+                rowCount=o.get("rows"), fileCount=len(o.get("partitions", [])))},
+        ))
+    return inputs, outputs
