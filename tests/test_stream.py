@@ -369,3 +369,58 @@ def test_kafka_path_equals_batch(stream_repo: StreamRepo, kafka_bootstrap: str) 
     for view, batch_rows in sr.batch.items():
         _assert_same_rows(_rows(sr.data / "offline" / view, "stream-kafka-w0-*"), batch_rows, view)
     _assert_online_matches_latest(sr, sink_db=7)
+
+
+def test_cli_sigterm_checkpoints_and_exposes_metrics(stream_repo: StreamRepo) -> None:
+    """`featurepipe stream run` as a user starts it: Prometheus metrics on 127.0.0.1, a
+    progress line, SIGTERM finishes cleanly with a checkpoint, a restart resumes after it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sr = stream_repo
+    n = 2_000
+    _publish(sr.redis_url, "cli", _payloads(sr.events.slice(0, n)))
+    env = {**os.environ, "REDIS_URL": _base_url(sr.redis_url) + "/8"}
+    base = [sys.executable, "-m", "featurepipe.cli", "stream", "run", "--repo", str(sr.repo), "--stream", "cli",
+            "--stream-url", _base_url(sr.redis_url) + "/0", "--job", "cli", "--no-archive-raw", "--lateness", "30m"]
+    cmd = [*base, "--metrics-port", "0", "--checkpoint-interval", "500ms"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert line.startswith("metrics: http://127.0.0.1:"), line
+        url = line.split()[1]
+        import urllib.request
+
+        deadline = time.monotonic() + 120
+        values: dict[str, float] = {}
+        while time.monotonic() < deadline:
+            text = urllib.request.urlopen(url, timeout=5).read().decode()
+            values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+                      if not s.labels.get("le")}
+            if values.get("featurepipe_stream_messages_total") == n and "featurepipe_stream_consumer_lag" in values:
+                break
+            time.sleep(0.3)
+        assert values.get("featurepipe_stream_messages_total") == n, values
+        assert values.get("featurepipe_stream_events_accepted_total") == n
+        assert values["featurepipe_stream_consumer_lag"] == 0
+        assert values["featurepipe_stream_event_to_online_seconds_count"] > 0
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert f"{n:,} messages this run" in out
+    assert "events" in err and "watermark" in err  # the progress line
+    manifest = json.loads((sr.data / "stream" / "cli" / "w0" / "checkpoint.json").read_text())
+    assert manifest["counters"]["messages"] == n
+    # more events; the restarted job reads only those
+    _append = _payloads(sr.events.slice(n, 500))
+    from featurepipe.stream.source import publish_redis
+
+    publish_redis(redis.Redis.from_url(_base_url(sr.redis_url) + "/0"), "cli", _append)
+    again = subprocess.run([*base, "--idle-timeout", "2s", "--no-progress"],
+                           env=env, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "500 messages this run" in again.stdout, again.stdout
+    manifest = json.loads((sr.data / "stream" / "cli" / "w0" / "checkpoint.json").read_text())
+    assert manifest["counters"]["messages"] == n + 500
