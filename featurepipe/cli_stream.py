@@ -69,6 +69,10 @@ def stream() -> None:
               help="Stop after this long without a message (default: run until SIGTERM / Ctrl-C).")
 @click.option("--final", is_flag=True,
               help="At the stop the input is complete: write every remaining row to the offline log.")
+@click.option("--bootstrap/--no-bootstrap", "from_history", default=True, show_default=True,
+              help="A job without a checkpoint starts from history: the source's Parquet events inside "
+                   "the longest window become its state, and events older than that history's newest "
+                   "are late. --no-bootstrap: the stream carries everything (a replay from the start).")
 @click.option("--archive-raw/--no-archive-raw", default=True, show_default=True,
               help="Append accepted events to the source's Parquet files, so backfills and training see them.")
 @click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None,
@@ -79,7 +83,7 @@ def stream() -> None:
 def run(stream_name: str, stream_url: str | None, bootstrap: str | None, topic: str, source: str,
         views: tuple[str, ...], job: str, worker: int, workers: int, lateness: timedelta,
         checkpoint_interval: timedelta, max_batch: int, max_events: int | None,
-        idle_timeout: timedelta | None, final: bool, archive_raw: bool, metrics_port: int | None,
+        idle_timeout: timedelta | None, final: bool, from_history: bool, archive_raw: bool, metrics_port: int | None,
         threads: int, progress: bool, repo: Path | None) -> None:
     """Consume events and keep the windowed-aggregate features fresh, online and offline.
 
@@ -94,7 +98,7 @@ def run(stream_name: str, stream_url: str | None, bootstrap: str | None, topic: 
     options = StreamOptions(
         job=job, source=source, views=list(views) or None, allowed_lateness=lateness,
         max_batch=max_batch, checkpoint_seconds=checkpoint_interval.total_seconds(), worker=worker,
-        workers=workers, threads=threads, archive_raw=archive_raw, max_events=max_events,
+        workers=workers, threads=threads, archive_raw=archive_raw, bootstrap=from_history, max_events=max_events,
         idle_seconds=idle_timeout.total_seconds() if idle_timeout else None, final=final, progress=progress,
     )
     result = run_job(repo, options, stream=stream_name, stream_url=stream_url, bootstrap=bootstrap,
