@@ -302,9 +302,9 @@ _register_training_commands()
 
 
 def _register_quality_commands() -> None:
-    from featurepipe.cli_quality import lineage, status
+    from featurepipe.cli_quality import lineage, report, status
 
-    for command in (status, lineage):
+    for command in (status, lineage, report):
         main.add_command(command)
 
 

@@ -19,53 +19,70 @@ REPO_OPTION = click.option(
 @click.command()
 @click.option("--runs", "last", type=click.IntRange(min=1), default=5, show_default=True,
               help="How many recent runs to list.")
+@click.option("--prometheus", is_flag=True,
+              help="Print the pipeline metrics in the Prometheus text format instead (the content of "
+                   "<data>/metrics/featurepipe.prom, recomputed now).")
 @REPO_OPTION
-def status(last: int, repo: Path | None) -> None:
-    """Freshness per feature view (newest event time vs its SLA), the last runs and the
-    check results of the latest run."""
+def status(last: int, prometheus: bool, repo: Path | None) -> None:
+    """Freshness per feature view (offline: newest event time vs its SLA; online: newest
+    value materialised), the last runs and the check results of the latest backfill and of
+    each view's latest materialisation."""
     from featurepipe.config import data_dir, find_repo, load_store
     from featurepipe.definitions import aggregate_views
     from featurepipe.quality.contracts import load_contracts
     from featurepipe.quality.runlog import read_runs
-    from featurepipe.quality.status import format_age, freshness
+    from featurepipe.quality.status import (
+        format_age,
+        freshness,
+        latest_runs,
+        online_freshness,
+        run_summary,
+    )
 
     root = find_repo(repo)
     data = data_dir(root)
     contracts = load_contracts(root)
+    if prometheus:
+        from featurepipe.quality.metrics import exposition
+
+        sla = {n: c.freshness.max_age.total_seconds() for n, c in contracts.feature_views.items() if c.freshness}
+        click.echo(exposition(data, sla=sla), nl=False)
+        return
     views = aggregate_views(load_store(root))
-    click.echo("freshness")
-    click.echo(table(["view", "newest event (UTC)", "age", "SLA", "state"], [
-        [f.view, f"{f.newest:%Y-%m-%d %H:%M:%S}" if f.newest else "-", format_age(f.age),
-         format_age(f.sla), f.state] for f in freshness(views, contracts)
-    ]))
     runs = read_runs(data)
+    online = online_freshness(runs)
+    click.echo("freshness")
+    click.echo(table(["view", "newest event (UTC)", "age", "SLA", "state", "online newest (UTC)", "online age"], [
+        [f.view, f"{f.newest:%Y-%m-%d %H:%M:%S}" if f.newest else "-", format_age(f.age), format_age(f.sla), f.state,
+         f"{online[f.view].newest:%Y-%m-%d %H:%M:%S}" if f.view in online else "-",
+         format_age(online[f.view].age) if f.view in online else "-"]
+        for f in freshness(views, contracts)
+    ]))
     if not runs:
         click.echo("\nno runs recorded yet (run `featurepipe backfill`)")
         return
     click.echo(f"\nlast runs ({data / 'runs' / 'runs.jsonl'})")
     rows = []
     for run in runs[-last:][::-1]:
-        failed = [c for c in run.get("checks", []) if not c["passed"]]
-        rows.append([
-            run["run_id"], run["kind"], run["status"], run["finished"][:19].replace("T", " "),
-            f"{run['seconds']:.1f}", f"{sum(i.get('rows', 0) for i in run.get('inputs', [])):,}",
-            f"{sum(i.get('quarantined', 0) for i in run.get('inputs', [])) + sum(o.get('quarantined', 0) for o in run.get('outputs', [])):,}",
-            f"{len(run.get('checks', [])) - len(failed)}/{len(run.get('checks', []))}",
-            ", ".join(o["view"] for o in run.get("outputs", []) if "rows" in o) or "-",
-        ])
+        s = run_summary(run)
+        rows.append([run["run_id"], run["kind"], run["status"], run["finished"][:19].replace("T", " "),
+                     f"{run['seconds']:.1f}", f"{s.rows_in:,}", f"{s.quarantined:,}",
+                     f"{s.checks - s.failed}/{s.checks}", ", ".join(s.views) or "-"])
     click.echo(table(["run", "kind", "status", "finished (UTC)", "seconds", "rows in", "quarantined",
                       "checks passed", "views written"], rows))
-    latest = runs[-1]
-    failed = [c for c in latest.get("checks", []) if not c["passed"]]
-    click.echo(f"\nchecks of run {latest['run_id']}: {len(latest.get('checks', [])) - len(failed)} passed, "
-               f"{len(failed)} failed")
-    if failed:
-        click.echo(table(["stage", "table", "check", "column", "severity", "failed rows", "detail"], [
-            [c["stage"], c["table"], c["check"], c["column"] or "-", c["severity"],
-             f"{c['failed_rows']:,}", c["detail"]] for c in failed
-        ]))
-    if latest.get("error"):
-        click.echo(f"error: {latest['error']}")
+    for run in latest_runs(runs):
+        checks = run.get("checks", [])
+        failed = [c for c in checks if not c["passed"]]
+        what = run["kind"] + (f" {run['outputs'][0]['view']}" if run["kind"] == "materialize" and run["outputs"] else "")
+        click.echo(f"\nchecks of run {run['run_id']} ({what}, {run['status']}): {len(checks) - len(failed)} passed, "
+                   f"{len(failed)} failed")
+        if failed:
+            click.echo(table(["stage", "table", "check", "column", "severity", "failed rows", "detail"], [
+                [c["stage"], c["table"], c["check"], c["column"] or "-", c["severity"],
+                 f"{c['failed_rows']:,}", c["detail"]] for c in failed
+            ]))
+        if run.get("error"):
+            click.echo(f"error: {run['error']}")
 
 
 @click.command()
@@ -117,6 +134,36 @@ def lineage(name: str, as_json: bool, repo: Path | None) -> None:
                 click.echo(f"    {f}")
             if len(files) > 3:
                 click.echo(f"    ... {len(files) - 3} more")
+    if info["online"]:
+        o = info["online"]
+        changed = "  (definitions changed since)" if o["definitions_changed_since"] else ""
+        click.echo(f"\nonline: materialised by run {o['run_id']} (finished {o['finished'][:19]} UTC) into "
+                   f"{o['online_store']}: {o['written']:,} written, {o['not_newer']:,} already newer, "
+                   f"{o['quarantined']:,} quarantined; newest value {str(o['newest_event'])[:19]}{changed}")
+    else:
+        click.echo("\nonline: no successful materialisation recorded (run `featurepipe materialize`)")
     if info["partitions_without_run"]:
         click.echo(f"\n{len(info['partitions_without_run'])} partitions written by no recorded run "
                    "(backfilled without the quality gates, or before run logging)")
+
+
+@click.command()
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="HTML file to write (default: <data>/reports/quality.html).")
+@click.option("--runs", "last", type=click.IntRange(min=1), default=20, show_default=True,
+              help="How many recent runs to list.")
+@REPO_OPTION
+def report(out: Path | None, last: int, repo: Path | None) -> None:
+    """Write an HTML data-quality report: freshness, last runs, check results, quarantined
+    rows, and per checked column its distribution and its drift over days and runs (plots
+    embedded: one self-contained file)."""
+    from featurepipe.config import data_dir, find_repo, load_store
+    from featurepipe.definitions import aggregate_views
+    from featurepipe.quality.contracts import load_contracts
+    from featurepipe.quality.html_report import write_report
+
+    root = find_repo(repo)
+    data = data_dir(root)
+    info = write_report(data, out or data / "reports" / "quality.html", aggregate_views(load_store(root)),
+                        load_contracts(root), last)
+    click.echo(f"wrote {info.path} ({info.runs} runs, {info.figures} figures)")

@@ -11,6 +11,7 @@ equal an ungated backfill over the clean rows only.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import shutil
 from collections.abc import Callable, Iterator
@@ -331,15 +332,21 @@ def test_contract_errors_say_what_to_fix(tmp_path: Path) -> None:
 def test_status_and_lineage_on_a_real_run(pipeline: Pipeline) -> None:
     """On the shared pipeline: whatever backfills other tests ran, every recorded run is ok,
     its checks pass (a partial backfill of an older range is not called stale), and the
-    lineage maps every published partition of the view to the run that last wrote it."""
-    runs = read_runs(pipeline.data)
+    lineage maps every published partition of the view to the run that last wrote it, and
+    names the materialisation that put it online."""
+    runs = [r for r in read_runs(pipeline.data)  # (other modules materialise repo copies of their own here too)
+            if r["kind"] == "backfill" or r["outputs"][0]["view"] in VIEWS]
     assert runs and all(r["status"] == "ok" for r in runs)
     assert all(c["passed"] for r in runs for c in r["checks"]), [
         c for r in runs for c in r["checks"] if not c["passed"]]
+    backfills = [r for r in runs if r["kind"] == "backfill"]
+    materialised = [r for r in runs if r["kind"] == "materialize"]
+    assert backfills and {r["outputs"][0]["view"] for r in materialised} == set(VIEWS)
     status = pipeline.run("status")
     assert status.returncode == 0, status.stderr[-2000:]
-    for word in ("freshness", "user_transaction_stats", "merchant_fraud", "OK", runs[-1]["run_id"],
-                 f"checks of run {runs[-1]['run_id']}", "0 failed"):
+    for word in ("freshness", "user_transaction_stats", "merchant_fraud", "OK", "online newest",
+                 f"checks of run {backfills[-1]['run_id']} (backfill, ok): ", "materialize user_transaction_stats, ok",
+                 " 0 failed"):
         assert word in status.stdout, status.stdout
     shown = pipeline.run("lineage", "amount_sum_1h", "--json")
     assert shown.returncode == 0, shown.stderr[-2000:]
@@ -348,15 +355,55 @@ def test_status_and_lineage_on_a_real_run(pipeline: Pipeline) -> None:
     assert info["declaration"] == {"function": "sum", "column": "amount", "window_seconds": 3600.0}
     assert not info["partitions_without_run"] and info["published_partitions"] > 0
     assert sum(len(r["partitions"]) for r in info["runs"]) == info["published_partitions"]
-    writers = [r for r in runs if any(o["view"] == "user_transaction_stats" for o in r["outputs"])]
+    writers = [r for r in backfills if any(o["view"] == "user_transaction_stats" for o in r["outputs"])]
     assert info["runs"][-1]["run_id"] in {r["run_id"] for r in writers}
     for run in info["runs"]:
         assert run["definition_hash"] == info["current_definition_hash"] and not run["definitions_changed_since"]
         files = run["inputs"][0]["files"]
         assert files and all(Path(f).is_file() and "raw/transactions/date=" in f for f in files)
         assert run["code_version"]["featurepipe"]
+    online = info["online"]
+    assert online["written"] + online["not_newer"] > 0 and online["online_store"].startswith("redis://")
+    assert online["definition_hash"] == info["current_definition_hash"] and not online["definitions_changed_since"]
+    newest = query(f"SELECT max(event_timestamp) FROM read_parquet('{pipeline.data}/offline/user_transaction_stats/*/*.parquet')")
+    assert online["newest_event"] == newest[0][0].isoformat()
+    text = pipeline.run("lineage", "user_transaction_stats")
+    assert "online: materialised by run " in text.stdout and "computed as" not in text.stdout, text.stdout
     with pytest.raises(NotFound, match="no feature view or feature named 'nope'"):
         resolve(aggregate_views(pipeline.store), "nope")
+
+
+def test_status_prometheus_and_the_metrics_file(pipeline: Pipeline) -> None:
+    """The metrics printed and the textfile-collector file parse, and say what the run log says."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples(text: str) -> dict[tuple[str, tuple], float]:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    shown = pipeline.run("status", "--prometheus")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    printed = samples(shown.stdout)
+    in_file = samples((pipeline.data / "metrics" / "featurepipe.prom").read_text())
+    runs = read_runs(pipeline.data)
+    ok_backfills = [r for r in runs if r["kind"] == "backfill" and r["status"] == "ok"]
+    assert printed[("featurepipe_runs_total", (("job", "backfill"), ("status", "ok")))] == len(ok_backfills)
+    raw = (("job", "backfill"), ("stage", "raw"), ("table", "transactions"))
+    assert printed[("featurepipe_rows_processed_total", raw)] == sum(r["inputs"][0]["rows"] for r in ok_backfills)
+    assert printed[("featurepipe_rows_quarantined_total", raw)] == 0
+    users = (("job", "backfill"), ("stage", "features"), ("table", "user_transaction_stats"))
+    assert printed[("featurepipe_rows_published_total", users)] == sum(
+        o["rows"] for r in ok_backfills for o in r["outputs"] if o["view"] == "user_transaction_stats")
+    newest = query(f"SELECT epoch(max(event_timestamp)) FROM read_parquet('{pipeline.data}/offline/user_transaction_stats/*/*.parquet')")
+    offline = (("feature_view", "user_transaction_stats"), ("store", "offline"))
+    assert printed[("featurepipe_feature_view_newest_event_timestamp_seconds", offline)] == newest[0][0]
+    assert printed[("featurepipe_feature_view_freshness_sla_seconds", (("feature_view", "merchant_fraud"),))] == 72 * 3600
+    assert printed[("featurepipe_last_run_duration_seconds", (("job", "backfill"),))] == [
+        r for r in runs if r["kind"] == "backfill"][-1]["seconds"]
+    age = ("featurepipe_feature_view_freshness_seconds", offline)
+    assert 0 < in_file[age] <= printed[age]  # (the file was written when the last run ended)
+    assert {k: v for k, v in in_file.items() if k[0] != age[0]} == {
+        k: v for k, v in printed.items() if k[0] != age[0] and not k[0].startswith("featurepipe_feature_view_freshness_sla")}
 
 
 # ---------------------------------------------------------------- anomaly detection
@@ -614,6 +661,15 @@ def test_materialisation_quarantines_failing_rows_and_writes_the_rest(online_cas
     assert checks["amount_sum_1h.range"]["failed_rows"] == bad_users and not checks["amount_sum_1h.range"]["passed"]
     assert checks["user_id.not_null"]["failed_rows"] == null_rows
     assert checks["txn_count_1h.range"]["passed"] and checks["amount_max_7d.range"]["passed"]
+    start, done = lineage_events(case.data / "lineage" / "openlineage.jsonl")
+    assert (start["eventType"], done["eventType"]) == ("START", "COMPLETE")
+    assert done["job"]["name"] == "featurepipe.materialize.user_transaction_stats"
+    assert [i["name"] for i in done["inputs"]] == [str(case.offline)]
+    (output,) = done["outputs"]
+    assert output["namespace"].startswith("redis://127.0.0.1:") and output["name"] == MAT_VIEW
+    assert output["outputFacets"]["outputStatistics"]["rowCount"] == out["rows"]
+    assertions = {a["assertion"]: a["success"] for a in done["inputs"][0]["inputFacets"]["dataQualityAssertions"]["assertions"]}
+    assert assertions["amount_sum_1h.range"] is False and assertions["txn_count_1h.range"] is True
 
 
 @pytest.mark.parametrize("select, edit, words", [
@@ -643,3 +699,212 @@ def test_materialisation_blocks_and_writes_nothing(online_case: Callable[..., On
     (run,) = read_runs(case.data)
     assert run["status"] == "blocked" and run["error"] == msg
     assert [c for c in run["checks"] if not c["passed"] and c["severity"] == "block"]
+
+
+# ---------------------------------------------------------------- lineage events, metrics, report
+
+def lineage_events(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_backfill_emits_openlineage_events(make_case: Callable[..., Case]) -> None:
+    from featurepipe.quality.openlineage import run_uuid
+
+    case = make_case(BAD_ROWS)
+    case.backfill(case.gate())
+    (run,) = read_runs(case.data)
+    events = lineage_events(case.data / "lineage" / "openlineage.jsonl")
+    assert [e["eventType"] for e in events] == ["START", "COMPLETE"]
+    assert {e["run"]["runId"] for e in events} == {run_uuid(run["run_id"])}
+    assert {e["job"]["name"] for e in events} == {"featurepipe.backfill"}
+    done = events[1]
+    tags = {t["key"]: t["value"] for t in done["run"]["facets"]["tags"]["tags"]}
+    assert tags["featurepipe.run_id"] == run["run_id"] and tags["featurepipe.definitions_hash"] == run["definitions_hash"]
+    (inp,) = done["inputs"]
+    assert (inp["namespace"], inp["name"]) == ("file", str(case.root / "raw"))
+    fields = {f["name"]: f["type"] for f in inp["facets"]["schema"]["fields"]}
+    assert fields["amount"] == "DOUBLE" and fields["user_id"] == "BIGINT"
+    metrics = inp["inputFacets"]["dataQualityMetrics"]
+    assert metrics["rowCount"] == run["inputs"][0]["rows"] == BASE_ROWS + 5 and metrics["fileCount"] == BASE_DAYS
+    assert metrics["columnMetrics"]["amount"]["count"] == run["inputs"][0]["passed"]
+    assertions = {a["assertion"]: a for a in inp["inputFacets"]["dataQualityAssertions"]["assertions"]}
+    assert assertions["user_id.not_null"]["success"] is False and assertions["user_id.not_null"]["column"] == "user_id"
+    assert assertions["schema"]["success"] is True and assertions["anomaly"]["column"] == "amount"
+    outputs = {o["name"]: o for o in done["outputs"]}
+    assert set(outputs) == {str(case.views[v].offline_path) for v in VIEWS}
+    for out in run["outputs"]:
+        stats = outputs[out["path"]]["outputFacets"]["outputStatistics"]
+        assert stats["rowCount"] == out["rows"] and stats["fileCount"] == len(out["partitions"])
+        assert {f["name"] for f in outputs[out["path"]]["facets"]["schema"]["fields"]} >= {"event_timestamp"}
+
+    def block_amount(spec: dict) -> None:
+        spec["sources"]["transactions"]["columns"]["amount"]["severity"] = "block"
+
+    with pytest.raises(InvalidInput):
+        case.backfill(case.gate(block_amount))
+    blocked = lineage_events(case.data / "lineage" / "openlineage.jsonl")[2:]
+    assert [e["eventType"] for e in blocked] == ["START", "FAIL"]
+    assert "quality gate raw/transactions blocked" in blocked[1]["run"]["facets"]["errorMessage"]["message"]
+    assert blocked[1]["outputs"] == []
+
+
+class Recorder:
+    """A loopback HTTP server that records what is sent to it (an OpenLineage endpoint, a Pushgateway)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.requests: list[tuple[str, str, bytes]] = []
+        recorder = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _record(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                recorder.requests.append((self.command, self.path, body))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_POST = do_PUT = _record  # noqa: N815
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def recorder() -> Iterator[Recorder]:
+    r = Recorder()
+    yield r
+    r.close()
+
+
+def test_lineage_and_metrics_go_to_endpoints_and_files_as_configured(
+        make_case: Callable[..., Case], recorder: Recorder, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    case = make_case()
+    monkeypatch.setenv("OPENLINEAGE_URL", recorder.url)  # the client's own configuration: HTTP
+    monkeypatch.setenv("PROMETHEUS_PUSHGATEWAY", recorder.url)
+    case.backfill(case.gate(), views=("merchant_activity",))
+    lineage = [json.loads(body) for method, path, body in recorder.requests if path == "/api/v1/lineage"]
+    assert [e["eventType"] for e in lineage] == ["START", "COMPLETE"] and not (case.data / "lineage").exists()
+    assert lineage[1]["outputs"][0]["name"] == str(case.views["merchant_activity"].offline_path)
+    (pushed,) = [body.decode() for method, path, body in recorder.requests if path.startswith("/metrics/job/")]
+    assert [p for m, p, _ in recorder.requests if p.startswith("/metrics")] == ["/metrics/job/featurepipe"]
+    assert 'featurepipe_runs_total{job="backfill",status="ok"} 1.0' in pushed
+    monkeypatch.delenv("OPENLINEAGE_URL")
+    monkeypatch.delenv("PROMETHEUS_PUSHGATEWAY")
+    monkeypatch.setenv("FEATUREPIPE_OPENLINEAGE_FILE", str(tmp_path / "elsewhere.jsonl"))
+    monkeypatch.setenv("FEATUREPIPE_METRICS_FILE", str(tmp_path / "textfile" / "fp.prom"))
+    case.backfill(case.gate(), views=("merchant_activity",))
+    assert len(lineage_events(tmp_path / "elsewhere.jsonl")) == 2
+    assert 'featurepipe_runs_total{job="backfill",status="ok"} 2.0' in (tmp_path / "textfile" / "fp.prom").read_text()
+    monkeypatch.setenv("FEATUREPIPE_OPENLINEAGE", "off")
+    case.backfill(case.gate(), views=("merchant_activity",))
+    assert len(lineage_events(tmp_path / "elsewhere.jsonl")) == 2
+
+
+def test_metrics_file_counts_what_a_run_quarantined(make_case: Callable[..., Case]) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    case = make_case(BAD_ROWS)
+    case.backfill(case.gate())
+    (run,) = read_runs(case.data)
+    text = (case.data / "metrics" / "featurepipe.prom").read_text()
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for family in text_string_to_metric_families(text) for s in family.samples}
+    raw = (("job", "backfill"), ("stage", "raw"), ("table", "transactions"))
+    inp = run["inputs"][0]
+    assert got[("featurepipe_rows_processed_total", raw)] == inp["rows"] == BASE_ROWS + 5
+    assert got[("featurepipe_rows_quarantined_total", raw)] == inp["quarantined"] > 0
+    assert got[("featurepipe_rows_published_total", raw)] == inp["passed"] == inp["rows"] - inp["quarantined"]
+    failed = {c["check"] for c in run["checks"] if not c["passed"]}
+    for check in failed:
+        labels = (("check", check), ("job", "backfill"), ("severity", "warn"), ("stage", "raw"), ("table", "transactions"))
+        assert got[("featurepipe_check_failures_total", labels)] == 1
+    assert not any(k[0] == "featurepipe_check_failures_total" and ("stage", "features") in k[1] for k in got)
+    assert got[("featurepipe_last_run_duration_seconds", (("job", "backfill"),))] == run["seconds"]
+    for view in VIEWS:
+        newest = query(f"SELECT epoch(max(event_timestamp)) FROM {offline(case, view)}")[0][0]
+        assert got[("featurepipe_feature_view_newest_event_timestamp_seconds",
+                    (("feature_view", view), ("store", "offline")))] == newest
+
+
+def test_html_report_renders_with_the_run_log_numbers(make_case: Callable[..., Case], tmp_path: Path) -> None:
+    import base64
+    from html.parser import HTMLParser
+
+    import matplotlib.image
+
+    from featurepipe.quality.html_report import write_report
+
+    case = make_case(BAD_ROWS)
+    case.backfill(case.gate())
+    case.backfill(case.gate(), views=("user_transaction_stats",))  # a second run: drift over runs
+    runs = read_runs(case.data)
+    info = write_report(case.data, tmp_path / "report.html", list(case.views.values()), load_contracts(case.root))
+
+    class Page(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ids: list[str] = []
+            self.images: list[str] = []
+            self.cells: list[str] = []
+            self._cell = False
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            a = dict(attrs)
+            if a.get("id"):
+                self.ids.append(str(a["id"]))
+            if tag == "img":
+                self.images.append(str(a["src"]))
+            self._cell = tag == "td"
+
+        def handle_data(self, data: str) -> None:
+            if self._cell:
+                self.cells.append(data)
+                self._cell = False
+
+    page = Page()
+    page.feed(info.path.read_text())
+    assert {"summary", "freshness", "runs", "checks", "quarantine", "distributions"} <= set(page.ids)
+    assert "raw-transactions-amount" in page.ids and "features-user_transaction_stats-amount_sum_7d" in page.ids
+    assert len(page.images) == info.figures >= 1 + 1 + 3 * (1 + 1)
+    for src in page.images:
+        assert src.startswith("data:image/png;base64,")
+        png = base64.b64decode(src.split(",", 1)[1])
+        image = matplotlib.image.imread(io.BytesIO(png), format="png")
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and image.shape[0] > 100 and image.shape[1] > 500
+    for run in runs:  # every run listed, with its rows and quarantined rows as the run log has them
+        assert run["run_id"] in page.cells
+    first = runs[0]
+    quarantined = first["inputs"][0]["quarantined"]
+    assert f"{first['inputs'][0]['rows']:,}" in page.cells and f"{quarantined:,}" in page.cells
+    assert str(first["inputs"][0]["quarantine_file"]) in page.cells
+    failed = [c for c in runs[-1]["checks"] if not c["passed"]]
+    assert page.cells.count("FAILED") == len(failed) + sum(
+        not c["passed"] for r in latest_of(runs) if r is not runs[-1] for c in r["checks"])
+
+
+def latest_of(runs: list[dict]) -> list[dict]:
+    from featurepipe.quality.status import latest_runs
+
+    return latest_runs(runs)
+
+
+def test_report_command_on_the_pipeline(pipeline: Pipeline, tmp_path: Path) -> None:
+    shown = pipeline.run("report", "--out", str(tmp_path / "quality.html"))
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    runs = read_runs(pipeline.data)
+    assert shown.stdout.startswith(f"wrote {tmp_path / 'quality.html'} ({len(runs)} runs, ")
+    page = (tmp_path / "quality.html").read_text()
+    last_backfill = [r for r in runs if r["kind"] == "backfill"][-1]
+    assert 'id="distributions"' in page and last_backfill["run_id"] in page
+    assert page.count("data:image/png;base64,") == int(shown.stdout.split(", ")[1].split()[0]) >= 4 + 13

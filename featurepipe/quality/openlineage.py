@@ -11,7 +11,7 @@ checked columns), ``dataQualityAssertions`` (every contract check, passed or not
 Where events go (first match):
 
 * ``FEATUREPIPE_OPENLINEAGE=off`` (or ``OPENLINEAGE_DISABLED=true``): nowhere;
-* ``OPENLINEAGE_URL``, ``OPENLINEAGE_CONFIG`` or ``OPENLINEAGE__TRANSPORT__*`` set: the
+* ``OPENLINEAGE_URL``, ``OPENLINEAGE_CONFIG`` or ``OPENLINEAGE__TRANSPORT__TYPE`` set: the
   client's own configuration (HTTP endpoint, Kafka, ...), as every OpenLineage integration;
 * else one JSON event per line appended to ``$FEATUREPIPE_OPENLINEAGE_FILE``, by default
   ``<data>/lineage/openlineage.jsonl``.
@@ -43,8 +43,8 @@ def destination(data: Path) -> str | None:
         return None
     if os.environ.get("OPENLINEAGE_DISABLED", "").strip().lower() == "true":
         return None
-    if os.environ.get("OPENLINEAGE_URL") or os.environ.get("OPENLINEAGE_CONFIG") or any(
-        k.startswith("OPENLINEAGE__TRANSPORT") for k in os.environ
+    if os.environ.get("OPENLINEAGE_URL") or os.environ.get("OPENLINEAGE_CONFIG") or os.environ.get(
+        "OPENLINEAGE__TRANSPORT__TYPE"
     ):
         return "client"
     return os.environ.get("FEATUREPIPE_OPENLINEAGE_FILE") or str(Path(data) / LINEAGE_FILE)
@@ -142,7 +142,12 @@ def _client(target: str | None) -> Any:
     from openlineage.client import OpenLineageClient
 
     if target == "client":
-        return OpenLineageClient()
+        before = set(os.environ)
+        client = OpenLineageClient()
+        for alias in set(os.environ) - before:  # it copies OPENLINEAGE_URL into os.environ: leave it as it was
+            if alias.startswith("OPENLINEAGE__TRANSPORT__TRANSPORTS__"):
+                os.environ.pop(alias, None)
+        return client
     from openlineage.client.transport.file import FileConfig, FileTransport
 
     Path(str(target)).parent.mkdir(parents=True, exist_ok=True)

@@ -90,9 +90,10 @@ def resolve(views: list[AggregateView], name: str) -> tuple[AggregateView, str |
 def lineage(data: Path, view: AggregateView, feature: str | None, current_hash: str | None) -> dict[str, Any]:
     """Where the published values of ``view`` (or one ``feature`` of it) came from: per
     published day partition, the last successful run that wrote it, with that run's input
-    files, quarantined rows, definitions hash and code version."""
+    files, quarantined rows, definitions hash and code version; and the last successful
+    materialisation that put its values online."""
     published = sorted(p.name for p in Path(view.offline_path).glob("date=*") if p.is_dir())
-    runs = [r for r in read_runs(data) if r.get("status") == "ok"]
+    runs = [r for r in read_runs(data) if r.get("status") == "ok" and r.get("kind") != "materialize"]
     writer: dict[str, dict[str, Any]] = {}
     for run in runs:  # oldest first: later runs overwrite
         for out in run.get("outputs", []):
@@ -121,6 +122,19 @@ def lineage(data: Path, view: AggregateView, feature: str | None, current_hash: 
             }
         entry["partitions"].append(part)
     agg = next((a for a in view.aggregations if a.name == feature), None)
+    online = None
+    for run in read_runs(data):  # the last successful materialisation of the view
+        out = next((o for o in run.get("outputs", []) if o.get("view") == view.name), None)
+        if run["kind"] == "materialize" and run["status"] == "ok" and out is not None:
+            online = {
+                "run_id": run["run_id"], "finished": run["finished"], "window": run.get("window"),
+                "online_store": out.get("online_store"), "written": out.get("written"),
+                "not_newer": out.get("skipped"), "quarantined": out.get("quarantined"),
+                "newest_event": out.get("newest_event"), "definition_hash": out.get("definition_hash"),
+                "definitions_changed_since": bool(current_hash and out.get("definition_hash")
+                                                  and out.get("definition_hash") != current_hash),
+                "files": len(run["inputs"][0].get("files", [])) if run.get("inputs") else 0,
+            }
     return {
         "view": view.name,
         "feature": feature,
@@ -134,4 +148,73 @@ def lineage(data: Path, view: AggregateView, feature: str | None, current_hash: 
         "published_partitions": len(published),
         "partitions_without_run": unknown,
         "runs": list(by_run.values()),
+        "online": online,
     }
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """The figures of a run record that the status table and the report show."""
+
+    rows_in: int
+    published: int
+    quarantined: int
+    checks: int
+    failed: int
+    views: list[str]
+
+
+def run_summary(run: dict[str, Any]) -> RunSummary:
+    """Rows in, rows published, rows quarantined (at any stage), checks, failed checks and the
+    views written, of one run record."""
+    inputs, outputs = run.get("inputs", []), run.get("outputs", [])
+    checks = run.get("checks", [])
+    if run["kind"] == "materialize":
+        quarantined = sum(int(i.get("quarantined", 0)) for i in inputs)
+        published = sum(int(o.get("rows", 0)) for o in outputs)
+    else:
+        quarantined = sum(int(i.get("quarantined", 0)) for i in inputs) + sum(
+            int(o.get("quarantined", 0) or 0) for o in outputs)
+        published = sum(int(o.get("rows", 0) or 0) for o in outputs)
+    return RunSummary(
+        rows_in=sum(int(i.get("rows", 0)) for i in inputs),
+        published=published,
+        quarantined=quarantined,
+        checks=len(checks),
+        failed=sum(not c["passed"] for c in checks),
+        views=[o["view"] for o in outputs if "rows" in o],
+    )
+
+
+def latest_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The latest backfill, then the latest materialisation of each view (by name)."""
+    backfills = [r for r in runs if r["kind"] != "materialize"]
+    latest = {}
+    for run in runs:
+        if run["kind"] == "materialize" and run.get("outputs"):
+            latest[run["outputs"][0]["view"]] = run
+    return backfills[-1:] + [latest[v] for v in sorted(latest)]
+
+
+@dataclass(frozen=True)
+class OnlineFreshness:
+    """The newest event time a view's last successful materialisation wrote to Redis."""
+
+    view: str
+    newest: datetime
+    age: timedelta
+    run_id: str
+
+
+def online_freshness(runs: list[dict[str, Any]], now: datetime | None = None) -> dict[str, OnlineFreshness]:
+    """Per view, from its last successful materialisation that wrote something."""
+    now = now or datetime.now(timezone.utc)
+    out = {}
+    for run in runs:
+        if run["kind"] != "materialize" or run["status"] != "ok":
+            continue
+        for o in run.get("outputs", []):
+            if o.get("newest_event"):
+                newest = datetime.fromisoformat(o["newest_event"])
+                out[o["view"]] = OnlineFreshness(o["view"], newest, now - newest, run["run_id"])
+    return out
