@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,45 +54,53 @@ class Pipeline:
         )
 
 
-@pytest.fixture(scope="session")
-def pipeline(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Pipeline]:
-    """generate -> feast apply -> backfill -> materialize, on a temporary copy of feature_repo."""
-    from featurepipe.batch.backfill import backfill
+@contextmanager
+def deployed_repo(base: Path, redis_url: str, rows: int, days: int, seed: int = 7) -> Iterator[tuple[Path, Path]]:
+    """A copy of feature_repo under ``base`` with ``rows`` generated transactions and the
+    real ``feast apply`` run on it; ``REDIS_URL``, ``FEATUREPIPE_DATA_DIR`` and
+    ``FEATUREPIPE_REPO`` point at it until the block ends. Yields (repo, data)."""
     from featurepipe.generate import generate_transactions
-    from featurepipe.online.materialize import materialize
 
-    base = tmp_path_factory.mktemp("pipeline")
     repo, data = base / "feature_repo", base / "data"
     shutil.copytree(SOURCE_REPO, repo, ignore=shutil.ignore_patterns("data", "__pycache__"))
     saved = {k: os.environ.get(k) for k in ("REDIS_URL", "FEATUREPIPE_DATA_DIR", "FEATUREPIPE_REPO")}
     os.environ.update(REDIS_URL=redis_url, FEATUREPIPE_DATA_DIR=str(data), FEATUREPIPE_REPO=str(repo))
-    env = os.environ.copy()
     try:
-        generate_transactions(ROWS, data / "raw" / "transactions", days=DAYS)
-        applied = subprocess.run(
-            [str(Path(sys.executable).parent / "feast"), "--chdir", str(repo), "apply"],
-            env={**env, "FEATUREPIPE_REDIS": redis_url_feast(redis_url)},
-            capture_output=True, text=True, timeout=300,
-        )
+        generate_transactions(rows, data / "raw" / "transactions", days=days, seed=seed)
+        applied = feast_cli(repo, redis_url, "apply")
         assert applied.returncode == 0, applied.stderr[-3000:]
-        # before materialisation: Feast counts recorded materialisation intervals as changes
-        plan = subprocess.run(
-            [str(Path(sys.executable).parent / "feast"), "--chdir", str(repo), "plan"],
-            env={**env, "FEATUREPIPE_REDIS": redis_url_feast(redis_url)},
-            capture_output=True, text=True, timeout=300,
-        )
-        from featurepipe.config import load_store
-
-        store = load_store(repo)
-        backfill(store, progress=False)
-        materialize(store)
-        yield Pipeline(repo=repo, data=data, store=store, env=env, plan_after_apply=plan)
+        yield repo, data
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def feast_cli(repo: Path, redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """The real ``feast`` CLI on ``repo``, with the online store at ``redis_url``."""
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "feast"), "--chdir", str(repo), *args],
+        env={**os.environ, "FEATUREPIPE_REDIS": redis_url_feast(redis_url)},
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Pipeline]:
+    """generate -> feast apply -> backfill -> materialize, on a temporary copy of feature_repo."""
+    from featurepipe.batch.backfill import backfill
+    from featurepipe.config import load_store
+    from featurepipe.online.materialize import materialize
+
+    with deployed_repo(tmp_path_factory.mktemp("pipeline"), redis_url, ROWS, DAYS) as (repo, data):
+        # before materialisation: Feast counts recorded materialisation intervals as changes
+        plan = feast_cli(repo, redis_url, "plan")
+        store = load_store(repo)
+        backfill(store, progress=False)
+        materialize(store)
+        yield Pipeline(repo=repo, data=data, store=store, env=os.environ.copy(), plan_after_apply=plan)
 
 
 def redis_url_feast(url: str) -> str:

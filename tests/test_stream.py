@@ -12,7 +12,6 @@ import json
 import multiprocessing
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import pyarrow as pa
 import pytest
 import redis
 
-from tests.conftest import SOURCE_REPO, redis_url_feast
+from tests.conftest import deployed_repo, redis_url_feast
 from tests.kafka_broker import kafka_bootstrap  # noqa: F401  (fixture)
 
 ROWS, DAYS = 6_000, 3
@@ -55,22 +54,9 @@ def stream_repo(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Ite
     """A copy of feature_repo with its own data: generated events, feast apply, batch backfill."""
     from featurepipe.batch.backfill import backfill
     from featurepipe.config import load_store
-    from featurepipe.generate import generate_transactions
 
-    base = tmp_path_factory.mktemp("stream")
-    repo, data = base / "feature_repo", base / "data"
-    shutil.copytree(SOURCE_REPO, repo, ignore=shutil.ignore_patterns("data", "__pycache__"))
-    saved = {k: os.environ.get(k) for k in ("REDIS_URL", "FEATUREPIPE_DATA_DIR", "FEATUREPIPE_REPO")}
     url = _base_url(redis_url) + "/3"
-    os.environ.update(REDIS_URL=url, FEATUREPIPE_DATA_DIR=str(data), FEATUREPIPE_REPO=str(repo))
-    try:
-        generate_transactions(ROWS, data / "raw" / "transactions", days=DAYS, seed=11)
-        applied = subprocess.run(
-            [str(Path(sys.executable).parent / "feast"), "--chdir", str(repo), "apply"],
-            env={**os.environ, "FEATUREPIPE_REDIS": redis_url_feast(url)},
-            capture_output=True, text=True, timeout=300,
-        )
-        assert applied.returncode == 0, applied.stderr[-3000:]
+    with deployed_repo(tmp_path_factory.mktemp("stream"), url, ROWS, DAYS, seed=11) as (repo, data):
         store = load_store(repo)
         backfill(store, progress=False, quality=False)
         con = duckdb.connect()
@@ -83,14 +69,7 @@ def stream_repo(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Ite
             view: _rows(data / "offline" / view, "part-*")
             for view in ("user_transaction_stats", "merchant_activity")
         }
-        # the stream's raw archive lands next to the generated files: keep those apart
         yield StreamRepo(repo, data, store, events, batch, url)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _rows(folder: Path, pattern: str) -> pa.Table:

@@ -69,6 +69,16 @@ def _value_expr(agg: AggregateSpec, columns: SourceColumns) -> str:
     return f"CAST({col} AS DOUBLE)"
 
 
+def _output(agg: AggregateSpec, columns: SourceColumns, over: str) -> str:
+    """One aggregate's output column: the function over its value expression, then ``over``
+    (a window frame or a filter), cast to the output type."""
+    expr = _value_expr(agg, columns)
+    if agg.function == "last":
+        return f"max({expr}) {over} AS {quote(agg.name)}"
+    cast = "BIGINT" if agg.function == "count" else "DOUBLE"
+    return f"CAST({_SQL_FUNCTION[agg.function]}({expr}) {over} AS {cast}) AS {quote(agg.name)}"
+
+
 def _frame(view: AggregateView, window: timedelta | None) -> str:
     keys = ", ".join(quote(k) for k in view.join_keys)
     if window is None:
@@ -112,16 +122,7 @@ def aggregate_sql(
     inputs = f"SELECT {select_cols} FROM {source}"
     if extra_input:
         inputs += f" UNION ALL BY NAME SELECT {select_cols} FROM {extra_input}"
-    outputs = []
-    for agg in view.aggregations:
-        frame = _frame(view, agg.window)
-        expr = _value_expr(agg, columns)
-        if agg.function == "last":
-            outputs.append(f"max({expr}) OVER {frame} AS {quote(agg.name)}")
-        else:
-            fn = _SQL_FUNCTION[agg.function]
-            cast = "BIGINT" if agg.function == "count" else "DOUBLE"
-            outputs.append(f"CAST({fn}({expr}) OVER {frame} AS {cast}) AS {quote(agg.name)}")
+    outputs = [_output(agg, columns, f"OVER {_frame(view, agg.window)}") for agg in view.aggregations]
     outer_where = f"WHERE event_timestamp >= {ts_literal(start)}" if start is not None else ""
     return f"""
 WITH src AS (SELECT * FROM ({inputs}) WHERE {" AND ".join(where)}),
@@ -148,18 +149,12 @@ def latest_sql(view: AggregateView, columns: SourceColumns, source: str) -> str:
     ts = quote(view.timestamp_field)
     outputs = []
     for agg in view.aggregations:
-        expr = _value_expr(agg, columns)
         if agg.window is None:
             cond = f"{ts} = __hi"
         else:
             micros = int(agg.window / timedelta(microseconds=1))
             cond = f"{ts} >= __hi - INTERVAL ({micros}) MICROSECONDS"
-        if agg.function == "last":
-            outputs.append(f"max({expr}) FILTER (WHERE {cond}) AS {quote(agg.name)}")
-        else:
-            fn = _SQL_FUNCTION[agg.function]
-            cast = "BIGINT" if agg.function == "count" else "DOUBLE"
-            outputs.append(f"CAST({fn}({expr}) FILTER (WHERE {cond}) AS {cast}) AS {quote(agg.name)}")
+        outputs.append(_output(agg, columns, f"FILTER (WHERE {cond})"))
     not_null = " AND ".join([f"{ts} IS NOT NULL", *(f"{quote(k)} IS NOT NULL" for k in view.join_keys)])
     max_window = int(view.max_window / timedelta(microseconds=1))
     return f"""
