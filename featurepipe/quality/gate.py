@@ -91,12 +91,14 @@ def _column_metrics(day_stats: list[stats.DayStats]) -> dict[str, dict[str, floa
 
 
 def _newest_event(offline: Path) -> str | None:
-    """The newest event time in a published offline table (for freshness metrics)."""
-    if not any(offline.glob("date=*/*.parquet")):
+    """The newest event time in a published offline table (for freshness metrics): read
+    from its newest day partition only."""
+    days = sorted(p for p in offline.glob("date=*") if any(p.glob("*.parquet")))
+    if not days:
         return None
     with duckdb.connect() as con:
         newest = con.execute(
-            f"SELECT max(event_timestamp) FROM read_parquet({literal(str(offline / '*' / '*.parquet'))})"
+            f"SELECT max(event_timestamp) FROM read_parquet({literal(str(days[-1] / '*.parquet'))})"
         ).fetchone()[0]
     if newest is None:
         return None
