@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -240,7 +241,21 @@ class BatchGate:
                warm_until: date | None = None) -> GateOutcome:
         """Run a table's checks; ``input_newest`` (feature stage): the newest raw event time,
         so a partial backfill of an older range is not called stale; ``warm_until``: days
-        before it are not judged for anomalies (the views' windows are still filling)."""
+        before it are not judged for anomalies (the views' windows are still filling).
+
+        The checks use every core: the backfill's own SQL runs on one thread so that a rerun
+        writes the same bytes, but counts and statistics do not depend on the order rows
+        are read in (float sums only in their last bits, which the detector ignores)."""
+        threads = con.execute("SELECT current_setting('threads')").fetchone()[0]
+        con.execute(f"SET threads = {os.cpu_count() or 1}")
+        try:
+            return self._check_tables(con, stage, contract, files, timestamp, input_newest, warm_until)
+        finally:
+            con.execute(f"SET threads = {int(threads)}")
+
+    def _check_tables(self, con: duckdb.DuckDBPyConnection, stage: str, contract: TableContract,
+                      files: str, timestamp: str, input_newest: datetime | None,
+                      warm_until: date | None) -> GateOutcome:
         t0 = time.perf_counter()
         relation = parquet_relation(files)
         types = checks.describe(con, relation)
