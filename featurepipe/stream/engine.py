@@ -581,6 +581,8 @@ class StreamJob:
         if events.num_rows:
             for v in self.views:
                 self.counters.online_rows += self._update_view(v)
+            for v in self.views:  # Redis runs one view's writes while the next is computed
+                v.writer.flush()
             if o.archive_raw and o.worker == 0:
                 self._raw.append(events.drop_columns([MSG]))
             self._observe_latency(raw, events)
@@ -622,10 +624,8 @@ class StreamJob:
         rows = con.sql(
             f"SELECT *, epoch_us(event_timestamp) AS {EVENT_US} FROM ({latest_sql(spec, v.columns, touched)})"
         ).to_arrow_table()
-        if rows.num_rows:
-            for batch in rows.to_batches(max_chunksize=10_000):
-                v.writer.write(encode(batch, v.plan))
-            v.writer.flush()
+        for batch in rows.to_batches(max_chunksize=10_000):
+            v.writer.write(encode(batch, v.plan))  # flushed once per micro-batch, for every view
         return rows.num_rows
 
     def _observe_latency(self, raw: RawBatch, events: pa.Table) -> None:
