@@ -228,7 +228,7 @@ def load_contracts(repo: Path) -> Contracts:
         return Contracts()
     raw = path.read_bytes()
     try:
-        spec = yaml.safe_load(raw) or {}
+        spec = yaml.load(raw, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}  # libyaml: 10x faster
     except yaml.YAMLError as exc:
         raise InvalidInput(f"{path} is not valid YAML: {exc}") from exc
     unknown = sorted(set(spec) - {"sources", "feature_views"})

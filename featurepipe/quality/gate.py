@@ -148,6 +148,7 @@ class BatchGate:
         self._sources_checked: dict[str, str | None] = {}
         self._input_newest: dict[str, datetime | None] = {}
         self._input_first_day: dict[str, date | None] = {}
+        self._staged_newest: dict[str, datetime | None] = {}
         self.day_stats: list[stats.DayStats] = []
         self._lineage: Any = None
         self._t0 = time.perf_counter()
@@ -208,6 +209,7 @@ class BatchGate:
         warm_until = first + timedelta(days=-(-view.max_window // timedelta(days=1))) if first else None
         outcome = self._check(con, STAGE_FEATURES, contract, files, "event_timestamp",
                               input_newest=self._input_newest.get(view.input_path), warm_until=warm_until)
+        self._staged_newest[view.name] = outcome.newest
         record.update(quarantined=outcome.rows_quarantined, check_seconds=round(outcome.seconds, 4),
                       quarantine_file=str(outcome.quarantine_file) if outcome.quarantine_file else None,
                       schema={k: v for k, v in outcome.types.items() if k != "date"}, columns=outcome.columns)
@@ -231,9 +233,15 @@ class BatchGate:
             if (out / f"date={day:%Y-%m-%d}").exists():
                 partitions.append(f"date={day:%Y-%m-%d}")
             day += timedelta(days=1)
+        newest = self._staged_newest.get(result.view)
+        later = [p for p in out.glob("date=*") if p.name >= f"date={result.end:%Y-%m-%d}"]
+        if newest is None or later or record.get("quarantined"):  # then the staged newest is not the table's
+            newest_event = _newest_event(out)
+        else:
+            newest_event = (newest if newest.tzinfo else newest.replace(tzinfo=timezone.utc)).isoformat()
         record.update(rows=result.rows, entities=result.entities, partitions=partitions,
                       seconds=round(result.seconds, 4), start=result.start.isoformat(),
-                      end=result.end.isoformat(), newest_event=_newest_event(out))
+                      end=result.end.isoformat(), newest_event=newest_event)
 
     # -- shared ------------------------------------------------------------------------------
     def _check(self, con: duckdb.DuckDBPyConnection, stage: str, contract: TableContract,
