@@ -402,8 +402,7 @@ def test_status_prometheus_and_the_metrics_file(pipeline: Pipeline) -> None:
         r for r in runs if r["kind"] == "backfill"][-1]["seconds"]
     age = ("featurepipe_feature_view_freshness_seconds", offline)
     assert 0 < in_file[age] <= printed[age]  # (the file was written when the last run ended)
-    assert {k: v for k, v in in_file.items() if k[0] != age[0]} == {
-        k: v for k, v in printed.items() if k[0] != age[0] and not k[0].startswith("featurepipe_feature_view_freshness_sla")}
+    assert {k: v for k, v in in_file.items() if k[0] != age[0]} == {k: v for k, v in printed.items() if k[0] != age[0]}
 
 
 # ---------------------------------------------------------------- anomaly detection

@@ -164,7 +164,9 @@ class MaterializeGate:
             }],
             "checks": [r.as_dict() for r in self.results],
         }
-        finish_run(self.data, record, self._lineage)
+        sla = {name: c.freshness.max_age.total_seconds() for name, c in self.contracts.feature_views.items()
+               if c.freshness is not None}
+        finish_run(self.data, record, self._lineage, sla)
         return record
 
 
