@@ -165,15 +165,8 @@ def generate_transactions(
     user_id = np.concatenate([legit_user, fraud_user]).astype(np.int64) + 1
     merchant_idx = np.concatenate([legit_merchant, fraud_merchant]).astype(np.int64)
     ts = np.concatenate([legit_ts, fraud_ts]).astype(np.int64)
-    # a merchant that opens during the period takes no purchases before it opens: those
-    # go to merchants open from the start (moving them to the opening instant piled up
-    # to thousands of purchases in one second, and the day's volume with them)
-    early = np.flatnonzero(ts < merchant_open_us[merchant_idx])
-    if early.size:  # (a generator of its own: every other draw stays as it was)
-        always = np.flatnonzero(merchant_open_us == 0)
-        p_always = merchant_w[always] / merchant_w[always].sum()
-        redraw = np.random.default_rng([seed, 1])
-        merchant_idx[early] = always[redraw.choice(always.size, early.size, p=p_always)]
+    # a merchant that opens during the period takes no purchases before it opens
+    ts = np.maximum(ts, merchant_open_us[merchant_idx] + (ts % US_PER_SECOND))
     ts = ts % span_us  # bursts past the end wrap to the start instead of piling up
     amount = np.round(np.concatenate([legit_amount, fraud_amount]), 2)
     country = np.concatenate([legit_country, fraud_country])
