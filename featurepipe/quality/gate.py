@@ -34,8 +34,7 @@ from featurepipe.quality.checks import CheckResult, parquet_relation
 from featurepipe.quality.contracts import Contracts, TableContract, load_contracts
 from featurepipe.quality.publish import finish_run, start_run
 from featurepipe.quality.runlog import (
-    code_version,
-    definitions_hash,
+    record_head,
     view_definition_hashes,
 )
 
@@ -338,20 +337,8 @@ class BatchGate:
     # -- run record -------------------------------------------------------------------------
     def record(self, error: BaseException | None = None) -> dict[str, Any]:
         """The run record as written to the run log."""
-        status = "ok" if error is None else ("blocked" if isinstance(error, InvalidInput)
-                                             and "quality gate" in str(error) else "failed")
-        finished = datetime.now(timezone.utc)
         return {
-            "run_id": self.run_id,
-            "kind": self.kind,
-            "status": status,
-            "error": str(error) if error is not None else None,
-            "started": self.now.isoformat(),
-            "finished": finished.isoformat(),
-            "seconds": round(time.perf_counter() - self._t0, 4),
-            "code_version": code_version(),
-            "definitions_hash": definitions_hash(self.view_hashes, self.contracts.digest),
-            "contracts_hash": self.contracts.digest or None,
+            **record_head(self.run_id, self.kind, error, self.now, self._t0, self.view_hashes, self.contracts.digest),
             "inputs": list(self.inputs.values()),
             "outputs": list(self.outputs.values()),
             "checks": [r.as_dict() for r in self.results],

@@ -26,7 +26,7 @@ from featurepipe.quality import checks
 from featurepipe.quality.checks import CheckResult, parquet_relation
 from featurepipe.quality.contracts import Contracts, TableContract, load_contracts
 from featurepipe.quality.publish import finish_run, start_run
-from featurepipe.quality.runlog import code_version, definitions_hash
+from featurepipe.quality.runlog import record_head
 
 if TYPE_CHECKING:
     from featurepipe.online.latest import RowCondition
@@ -125,20 +125,8 @@ class MaterializeGate:
             if not r.passed and r.severity == "warn":
                 log.warning("quality gate %s/%s (warn): check %r on column %r failed: %s", r.stage, r.table,
                             r.check, r.column, r.detail)
-        status = "ok" if error is None else (
-            "blocked" if isinstance(error, InvalidInput) and "quality gate" in str(error) else "failed")
-        finished = datetime.now(timezone.utc)
         record: dict[str, Any] = {
-            "run_id": self.run_id,
-            "kind": "materialize",
-            "status": status,
-            "error": str(error) if error is not None else None,
-            "started": self.now.isoformat(),
-            "finished": finished.isoformat(),
-            "seconds": round(time.perf_counter() - self._t0, 4),
-            "code_version": code_version(),
-            "definitions_hash": definitions_hash({self.view: self.definition_hash or ""}, self.contracts.digest),
-            "contracts_hash": self.contracts.digest or None,
+            **record_head(self.run_id, "materialize", error, self.now, self._t0, {self.view: self.definition_hash or ""}, self.contracts.digest),
             "window": {"start": self.start.isoformat(), "end": self.end.isoformat()},
             # rows: the latest row per entity plus the window's rows without a join key;
             # rows = passed (written + not newer in Redis) + quarantined when the run is ok

@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import time
 from collections.abc import Iterable
+from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -99,3 +101,28 @@ def definitions_hash(view_hashes: dict[str, str], contracts_digest: str) -> str:
     for name in sorted(view_hashes):
         digest.update(f"{name}={view_hashes[name]}".encode())
     return digest.hexdigest()
+
+
+def record_head(run_id: str, kind: str, error: BaseException | None, started: datetime, t0: float,
+                view_hashes: dict[str, str], contracts_digest: str) -> dict[str, Any]:
+    """The fields every gate's run record starts with: identity, status, times, versions.
+
+    ``t0`` is the run's ``time.perf_counter()`` at its start. A run that a quality gate
+    stopped is ``blocked``, one that failed otherwise ``failed``.
+    """
+    from featurepipe.errors import InvalidInput
+
+    status = "ok" if error is None else (
+        "blocked" if isinstance(error, InvalidInput) and "quality gate" in str(error) else "failed")
+    return {
+        "run_id": run_id,
+        "kind": kind,
+        "status": status,
+        "error": str(error) if error is not None else None,
+        "started": started.isoformat(),
+        "finished": datetime.now(timezone.utc).isoformat(),
+        "seconds": round(time.perf_counter() - t0, 4),
+        "code_version": code_version(),
+        "definitions_hash": definitions_hash(view_hashes, contracts_digest),
+        "contracts_hash": contracts_digest or None,
+    }
