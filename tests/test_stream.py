@@ -284,12 +284,22 @@ def test_sigkill_at_random_points_neither_loses_nor_double_counts(stream_repo: S
     for _attempt in range(60):
         proc = ctx.Process(target=_job_process, args=(*args, "killed", len(messages), 6))
         proc.start()
-        proc.join(rng.uniform(0.3, 0.25 * calm_seconds) if kills < 12 else 240)
-        if proc.exitcode is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.join()
-            kills += 1
-            continue
+        if kills < 12:
+            # each of the first 12 runs lives at most calm/15: together they cannot finish the
+            # job, and some die before their first checkpoint, some mid-checkpoint
+            proc.join(rng.uniform(0.2, max(0.3, calm_seconds / 15)))
+            if proc.exitcode is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.join()
+                kills += 1
+                continue
+        else:
+            proc.join(max(60.0, 4 * calm_seconds))
+            if proc.exitcode is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.join()
+                pytest.fail(f"the restarted job did not finish in {max(60.0, 4 * calm_seconds):.0f} s "
+                            f"(calm run {calm_seconds:.1f} s): messages were lost across a restart?")
         assert proc.exitcode == 0
         break
     assert kills >= 10, f"only {kills} kills before the job finished (calm run {calm_seconds:.1f} s)"

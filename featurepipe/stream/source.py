@@ -92,9 +92,9 @@ class RedisStreamSource:
     """Reads one Redis stream through a consumer group of its own.
 
     ``group`` is this worker's consumer group (created at the start of the stream if it
-    does not exist). On :meth:`open` with checkpointed positions the group is rewound with
-    ``XGROUP SETID`` to the checkpointed entry, so entries read but not checkpointed
-    before a crash are delivered again. Entries are read with ``NOACK``: the checkpoint,
+    does not exist). On :meth:`open` the group is rewound with ``XGROUP SETID`` to the
+    checkpointed entry (or, with no checkpoint yet, to ``start``), so entries read but not
+    checkpointed before a crash are delivered again. Entries are read with ``NOACK``: the checkpoint,
     not the pending-entries list, records what is done.
     """
 
@@ -130,8 +130,10 @@ class RedisStreamSource:
             except redis.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
-                if positions:
-                    self.client.xgroup_setid(self._key, self.group, id=begin)
+                # the group exists: rewind it to the checkpoint, or with no checkpoint to the
+                # start (a run killed before its first checkpoint advanced the group past
+                # entries whose effects were never made durable)
+                self.client.xgroup_setid(self._key, self.group, id=begin)
         except redis.ConnectionError as exc:
             raise BackendUnavailable(f"cannot reach Redis for stream {self.stream!r}: {exc}") from exc
 
