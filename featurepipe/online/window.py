@@ -14,14 +14,11 @@ a failing ``block`` check stops the view before anything is written
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,7 +40,7 @@ from featurepipe.online.latest import (
     open_latest,
 )
 from featurepipe.online.layout import feature_field, timestamp_field
-from featurepipe.online.writer import EncodedRows, HashWriter, PreparedRows
+from featurepipe.online.writer import EncodedRows, HashWriter
 
 
 @dataclass(frozen=True)
@@ -118,14 +115,6 @@ def encode(batch: pa.RecordBatch, plan: ViewPlan) -> EncodedRows:
     micros = np.asarray(batch.column(EVENT_US).to_numpy(zero_copy_only=False), dtype=np.int64)
     values = [codec.encode_values(batch.column(f.name), f.value_type) for f in plan.features]
     return EncodedRows(keys=keys, timestamps=codec.encode_timestamps(micros), values=values)
-
-
-def _prepare(writer: HashWriter, batch: pa.RecordBatch, plan: ViewPlan) -> PreparedRows:
-    return writer.prepare(encode(batch, plan))
-
-
-def _encoder_threads(options: WindowOptions) -> int:
-    return max(1, min(4, options.threads or os.cpu_count() or 1))
 
 
 def prefetch(batches: Iterator[pa.RecordBatch], depth: int = 2) -> Iterator[pa.RecordBatch]:
@@ -241,34 +230,20 @@ def materialize_window(
                   disable=not options.progress, leave=True) as bar, writer, contextlib.closing(batches):
             # (closing: the reading thread stops before the DuckDB connection closes)
             newest = None
-            # encoding and RESTORE payloads (NumPy, mostly without the GIL) run on a pool, a
-            # few batches ahead; this thread sends them in order and reads the replies
-            encoders = _encoder_threads(options)
-            with ThreadPoolExecutor(encoders, thread_name_prefix="encode") as pool:
-                ahead: deque[tuple[Future[PreparedRows], int]] = deque()
-                for batch in batches:
-                    read = batch.num_rows
-                    bad = pc.not_equal(batch.column(REASON), "")
-                    if pc.any(bad).as_py():
-                        rejected = batch.filter(bad)
-                        quarantine.add(rejected)
-                        if CHECK in batch.schema.names:
-                            _count_checks(rejected.column(CHECK), result.check_failures)
-                        batch = batch.filter(pc.invert(bad))
-                    if batch.num_rows:
-                        ahead.append((pool.submit(_prepare, writer, batch, plan), read))
-                        top = pc.max(batch.column(EVENT_US)).as_py()
-                        newest = top if newest is None or top > newest else newest
-                    else:
-                        bar.update(read)
-                    while len(ahead) > encoders:
-                        done, rows_read = ahead.popleft()
-                        writer.write(done.result())
-                        bar.update(rows_read)
-                while ahead:
-                    done, rows_read = ahead.popleft()
-                    writer.write(done.result())
-                    bar.update(rows_read)
+            for batch in batches:
+                read = batch.num_rows
+                bad = pc.not_equal(batch.column(REASON), "")
+                if pc.any(bad).as_py():
+                    rejected = batch.filter(bad)
+                    quarantine.add(rejected)
+                    if CHECK in batch.schema.names:
+                        _count_checks(rejected.column(CHECK), result.check_failures)
+                    batch = batch.filter(pc.invert(bad))
+                if batch.num_rows:
+                    writer.write(encode(batch, plan))
+                    top = pc.max(batch.column(EVENT_US)).as_py()
+                    newest = top if newest is None or top > newest else newest
+                bar.update(read)
         result.written, result.skipped = writer.counts.written, writer.counts.skipped
         result.restored = writer.counts.restored
         if newest is not None:

@@ -100,17 +100,6 @@ class EncodedRows:
         return self.keys.rows
 
 
-@dataclass(frozen=True)
-class PreparedRows:
-    """A batch with its ``RESTORE`` commands built ahead (see :meth:`HashWriter.prepare`):
-    ``restorable`` marks the rows they carry; None when the batch was not prepared for
-    ``RESTORE`` (the writer then decides when it is sent)."""
-
-    batch: EncodedRows
-    restorable: np.ndarray | None = None
-    restore: bytes = b""
-
-
 @dataclass
 class WriteCounts:
     """What the writer did so far."""
@@ -270,28 +259,16 @@ class HashWriter:
 
     # ------------------------------------------------------------ writing
 
-    def prepare(self, batch: EncodedRows) -> PreparedRows:
-        """The CPU work of a batch done ahead, safe to run in other threads while this one
-        writes: its ``RESTORE`` commands, if the writer would use ``RESTORE`` now (the
-        choice is checked again in :meth:`write`)."""
-        if batch.count == 0 or not (self.restore_available and self._prefer_restore):
-            return PreparedRows(batch)
-        ok = self._restorable(batch)
-        part = batch if ok.all() else split_rows(batch, ok)
-        return PreparedRows(batch, ok, self.restore_command(part) if part.count else b"")
-
-    def write(self, batch: EncodedRows | PreparedRows) -> None:
+    def write(self, batch: EncodedRows) -> None:
         """Send ``batch``; replies of earlier batches are read meanwhile."""
-        prepared = batch if isinstance(batch, PreparedRows) else PreparedRows(batch)
-        batch = prepared.batch
         if batch.count == 0:
             return
         if self.restore_available and self._prefer_restore:
-            ok = prepared.restorable if prepared.restorable is not None else self._restorable(batch)
-            every = bool(ok.all())
-            part = batch if every else split_rows(batch, ok)
-            self._send("restore", part, prepared.restore if prepared.restorable is not None else None)
-            if not every:
+            ok = self._restorable(batch)
+            if ok.all():
+                self._send("restore", batch)
+            else:
+                self._send("restore", split_rows(batch, ok))
                 self._send("lua", split_rows(batch, ~ok))
         else:
             self._send("lua", batch)
@@ -302,11 +279,10 @@ class HashWriter:
         """Wait for every batch sent."""
         self._drain(keep=0)
 
-    def _send(self, kind: str, batch: EncodedRows, payload: bytes | None = None) -> None:
+    def _send(self, kind: str, batch: EncodedRows) -> None:
         if batch.count == 0:
             return
-        if payload is None:
-            payload = self.restore_command(batch) if kind == "restore" else self.lua_command(batch)
+        payload = self.restore_command(batch) if kind == "restore" else self.lua_command(batch)
         assert self._sock is not None, "use HashWriter as a context manager"
         self._sock.sendall(payload)
         self._queue.append(_Sent(kind, batch))
