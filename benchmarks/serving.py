@@ -7,6 +7,8 @@ Same Redis, same data, same requests, side by side in one run:
 * ``feast listen``     Feast's Python gRPC server (``/GrpcFeatureServer/GetOnlineFeatures``)
 * ``echo floor``       a trivial Python gRPC server (thread pool, as featurepipe) that returns the request
 * ``redis floor``      the same pipelined HMGETs as one request, in a Python loop (redis-py + hiredis)
+                       closed loop, and paced at each open-loop rate (one call every 1/rate s:
+                       on an idle machine each call also pays for waking redis-server, as a server's does)
 
 Cases: 1 entity and 100 entities x feature service ``fraud_detection_v1`` (16 stored
 features from 3 views + 2 on-demand ones). The load generator is ``h2load`` (nghttp2-client,
@@ -322,9 +324,12 @@ def h2load(server: Server, body: Path, seconds: float, *, rps: float | None, log
     }
 
 
-def redis_floor(repo: Path, rows: dict[str, list[Any]], count: int) -> dict[str, Any]:
+def redis_floor(repo: Path, rows: dict[str, list[Any]], count: int, rate: float | None = None
+                ) -> dict[str, Any]:
     """The HMGETs of one request (the server's plan), written at once and read back,
-    ``count`` times in a loop: the Redis round trip alone."""
+    ``count`` times in a loop: the Redis round trip alone. With ``rate``, one call every
+    1/rate seconds (open loop, as the servers are measured): on an idle machine each call
+    then also pays for waking redis-server and this process, which a closed loop hides."""
     from serving import backend
     from serving.catalog import Catalog
     from serving.client import build_request
@@ -346,7 +351,13 @@ def redis_floor(repo: Path, rows: dict[str, list[Any]], count: int) -> dict[str,
             b"".join([h.key_prefix, *(c[i] for c in columns), h.key_suffix]) for i in range(n))))
     reader = OnlineReader(backend.connect(config.connection_string))
     times = []
+    due = time.perf_counter()
     for _ in range(count):
+        if rate:
+            due += 1 / rate
+            wait = due - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
         t0 = time.perf_counter()
         replies = reader._fetch(plan, keys)
         times.append((time.perf_counter() - t0) * 1000)
@@ -407,9 +418,13 @@ def main(argv: list[str] | None = None) -> int:
         bodies = {(case, kind): (grpc_body if kind == "grpc" else http_body)(rows, work, f"{i}")
                   for i, (case, rows) in enumerate(cases.items()) for kind in ("grpc", "http")}
         floors = {case: redis_floor(repo, rows, 3000) for case, rows in cases.items()}
+        paced = {(case, r): redis_floor(repo, rows, max(200, int(r * min(args.seconds, 3))), rate=r)
+                 for case, rows in cases.items() for r in rates[case]}
         for case, floor in floors.items():
             print(f"redis floor, {case}: p50 {floor['p50']:.3f} ms  p99 {floor['p99']:.3f} ms  "
-                  f"p99.9 {floor['p999']:.3f} ms", file=sys.stderr)
+                  f"p99.9 {floor['p999']:.3f} ms (closed loop); "
+                  + "; ".join(f"at {r:.0f}/s p50 {paced[case, r]['p50']:.3f} p99 {paced[case, r]['p99']:.3f}"
+                              for r in rates[case]), file=sys.stderr)
         selected = {s for s in args.only.split(",") if s}
         chosen = [s for s in servers(repo, selected) if s.name.replace(" ", "-") not in
                   set(args.skip.split(","))]
@@ -458,10 +473,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{cli.name}: {exc}", file=sys.stderr)
         finally:
             cli.stop()
-        report([*chosen, cli], floors, rates)
+        report([*chosen, cli], floors, rates, paced)
         if args.json:
             args.json.write_text(json.dumps({
                 "floors": floors,
+                "paced_floors": {f"{case} at {r:g}/s": v for (case, r), v in paced.items()},
                 "servers": {s.name: {"startup_seconds": s.startup_seconds, **s.results}
                             for s in chosen},
                 "load": os.getloadavg(),
@@ -474,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(chosen: list[Server], floors: dict[str, dict[str, Any]],
-           rates: dict[str, list[float]]) -> None:
+           rates: dict[str, list[float]], paced: dict[tuple[str, float], dict[str, Any]]) -> None:
     print("\n| server | start-up s | case | rate | req/s | p50 ms | p99 ms | p99.9 ms |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for s in chosen:
@@ -489,16 +505,24 @@ def report(chosen: list[Server], floors: dict[str, dict[str, Any]],
     for case, floor in floors.items():
         print(f"| redis floor (Python loop) | - | {case} | closed | {floor['req_s']:.0f} "
               f"| {floor['p50']:.3f} | {floor['p99']:.3f} | {floor['p999']:.3f} |")
+        for r in rates[case]:
+            f = paced[case, r]
+            print(f"| redis floor (Python loop) | - | {case} | {r:.0f}/s | {r:.0f} "
+                  f"| {f['p50']:.3f} | {f['p99']:.3f} | {f['p999']:.3f} |")
     by_name = {s.name: s for s in chosen}
     fp, echo = by_name.get("featurepipe-1"), by_name.get("echo floor")
     print()
-    if fp and echo and "1 entity" in fp.results and "1 entity" in echo.results:
-        rate = rates["1 entity"][-1]
-        ours = fp.results["1 entity"][len(rates["1 entity"]) - 1]
-        base = echo.results["1 entity"][len(rates["1 entity"]) - 1]
-        floor = base["p50"] + floors["1 entity"]["p50"]
-        print(f"1 entity at {rate:.0f} req/s: featurepipe p50 {ours['p50']:.3f} ms vs echo + redis "
-              f"floor {floor:.3f} ms (+{ours['p50'] - floor:.3f} ms); p99 {ours['p99']:.3f} ms")
+    for case in rates:
+        if not (fp and echo and case in fp.results and case in echo.results):
+            continue
+        for i, rate in enumerate(rates[case]):
+            ours, base = fp.results[case][i], echo.results[case][i]
+            closed = base["p50"] + floors[case]["p50"]
+            at_rate = base["p50"] + paced[case, rate]["p50"]
+            print(f"{case} at {rate:.0f} req/s: featurepipe p50 {ours['p50']:.3f} ms vs echo + redis floor "
+                  f"{at_rate:.3f} ms with the floor at the same rate (+{ours['p50'] - at_rate:.3f} ms), "
+                  f"{closed:.3f} ms with it closed-loop (+{ours['p50'] - closed:.3f} ms); "
+                  f"p99 {ours['p99']:.3f} ms")
     for workers in (1, 2):
         ours_s, theirs_s = by_name.get(f"featurepipe-{workers}"), by_name.get(f"feast-serve-{workers}")
         if ours_s and theirs_s:
