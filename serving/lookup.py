@@ -222,6 +222,17 @@ def _read_replies(connection: Any, count: int) -> list[Any]:
     return replies
 
 
+def _framed(raws: list[bytes], tag: bytes, frame: Callable[[bytes], bytes]) -> list[bytes]:
+    """Every value framed as a length-delimited field (``tag`` + length + bytes); when all
+    have one length (doubles, timestamps of one era: the usual), with one prefix."""
+    lengths = set(map(len, raws))
+    if len(lengths) == 1:
+        (length,) = lengths
+        if length < 16384:
+            return list(map((tag + wire.SMALL[length]).__add__, raws))
+    return [frame(raw) for raw in raws]
+
+
 class OnlineReader:
     """Reads the features of a :class:`~serving.catalog.Plan` for a batch of entity rows."""
 
@@ -301,10 +312,11 @@ class OnlineReader:
         ]
         parts = [plan.response_metadata]
         present, no_times = [PRESENT] * n, [wire.EMPTY_TIMESTAMP] * n
-        framed_value = wire.framed_value
         for jk in plan.entity_columns:
-            values = [framed_value(v.SerializeToString()) for v in entities[jk.column].val]
-            parts.append(wire.column(values, present, no_times))
+            # RepeatedValue.val and FeatureVector.values are both field 1 (repeated Value): the
+            # request's column serialized is the response's values, framed (unknown fields
+            # were discarded when the request was parsed)
+            parts.append(wire.column([entities[jk.column].SerializeToString()], present, no_times))
         for out in plan.output:
             if out[0] == OUT_FEATURE:
                 fc = plan.features[out[1]]
@@ -438,7 +450,7 @@ class OnlineReader:
         """Per hash, per field: the column over distinct entity keys, as framed values,
         statuses, framed event times and raw values (see :data:`Column`)."""
         now = time.time()
-        framed_value, framed_ts, small = wire.framed_value, wire.framed_timestamp, wire.SMALL
+        framed_value, framed_ts = wire.framed_value, wire.framed_timestamp
         empty_value, empty_ts = wire.EMPTY_VALUE, wire.EMPTY_TIMESTAMP
         out: list[list[Column]] = []
         offset = 0
@@ -449,24 +461,32 @@ class OnlineReader:
             offset += count
             for vf in h.views:
                 stale_before = now - vf.ttl_seconds if vf.ttl_seconds else None
-                times, stale = [], []
-                for reply in block:
-                    raw_ts = reply[vf.ts_field]
-                    if raw_ts:
-                        times.append(framed_ts(raw_ts))
-                        if stale_before is not None:
-                            ts = Timestamp.FromString(raw_ts)
-                            stale.append(ts.seconds + ts.nanos * 1e-9 < stale_before)
-                        else:
-                            stale.append(False)
+                raw_times = list(map(itemgetter(vf.ts_field), block))
+                if None not in raw_times and b"" not in raw_times:  # every key has the view
+                    times = _framed(raw_times, wire.FIELD_3, framed_ts)
+                    if stale_before is not None:
+                        stale = [t.seconds + t.nanos * 1e-9 < stale_before
+                                 for t in map(Timestamp.FromString, raw_times)]
                     else:
-                        times.append(empty_ts)
-                        stale.append(False)
+                        stale = [False] * count
+                else:
+                    times, stale = [], []
+                    for raw_ts in raw_times:
+                        if raw_ts:
+                            times.append(framed_ts(raw_ts))
+                            if stale_before is not None:
+                                ts = Timestamp.FromString(raw_ts)
+                                stale.append(ts.seconds + ts.nanos * 1e-9 < stale_before)
+                            else:
+                                stale.append(False)
+                        else:
+                            times.append(empty_ts)
+                            stale.append(False)
                 any_stale = any(stale)
                 for fi in vf.feature_fields:
                     raws = list(map(itemgetter(fi), block))
-                    if None not in raws and max(map(len, raws), default=0) < 16384:  # the usual
-                        vals = [b"\n" + small[len(raw)] + raw for raw in raws]  # field 1
+                    if None not in raws:  # the usual
+                        vals = _framed(raws, wire.FIELD_1, framed_value)  # field 1
                         if any_stale:
                             stats = [OUTSIDE_MAX_AGE if old else PRESENT for old in stale]
                         else:

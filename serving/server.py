@@ -76,7 +76,9 @@ def _parse_request(raw: bytes) -> Any:
     """The request message; undecodable bytes are INVALID_ARGUMENT (gRPC's own
     deserializer would answer INTERNAL)."""
     try:
-        return protos.GetOnlineFeaturesRequest.FromString(raw)
+        request = protos.GetOnlineFeaturesRequest.FromString(raw)
+        request.DiscardUnknownFields()  # the entity columns are copied into the response as sent
+        return request
     except Exception as exc:
         raise InvalidInput(
             f"the request is not a feast.serving.GetOnlineFeaturesRequest ({exc}); build it "
@@ -338,8 +340,7 @@ class FeatureServer:
     def get_online_features(self, request: Any) -> Any:
         """Answer one request in-process: a ``GetOnlineFeaturesResponse`` (raises featurepipe
         errors). ``request`` may be Feast's generated message or :mod:`serving.protos`'."""
-        if not isinstance(request, protos.GetOnlineFeaturesRequest):
-            request = protos.GetOnlineFeaturesRequest.FromString(request.SerializeToString())
+        request = _parse_request(request.SerializeToString())  # our own copy, unknown fields dropped
         body, _ = self.get_online_features_serialized(request)
         return protos.GetOnlineFeaturesResponse.FromString(body)
 

@@ -85,5 +85,6 @@ def framed_timestamp(data: bytes) -> bytes:
     return _FIELD_3 + _len(data) + data
 
 
+FIELD_1, FIELD_3 = _FIELD_1, _FIELD_3  # tags of FeatureVector.values and .event_timestamps
 EMPTY_VALUE = framed_value(b"")
 EMPTY_TIMESTAMP = framed_timestamp(b"")

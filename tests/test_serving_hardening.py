@@ -155,6 +155,30 @@ def test_server_survives_the_fuzz(hd_stub: Any, hd_server: FeatureServer,
     assert got.statuses["amount_sum_24h"].count("PRESENT") >= 1
 
 
+def test_unknown_fields_in_entity_columns_do_not_reach_the_response(hd_stub: Any,
+                                                                    hd_ids: dict[str, list[int]]) -> None:
+    """The entity columns are copied into the response as serialized: a field the schema does
+    not know (here field 2, which in a FeatureVector holds the statuses) must not ride along."""
+    from feast.protos.feast.serving.ServingService_pb2 import GetOnlineFeaturesRequest
+
+    from serving.client import build_request
+
+    plain = GetOnlineFeaturesRequest.FromString(
+        build_request(hd_ids, feature_service=SERVICE, request_context=_ctx_rows(hd_ids)).SerializeToString())
+    tampered = GetOnlineFeaturesRequest()
+    tampered.CopyFrom(plain)
+    tampered.entities["user_id"].MergeFromString(b"\x10\x05")  # unknown field 2 = 5
+    assert len(tampered.SerializeToString()) == len(plain.SerializeToString()) + 2
+    want, got = hd_stub.GetOnlineFeatures(plain, timeout=10), hd_stub.GetOnlineFeatures(tampered, timeout=10)
+    assert list(got.results[0].statuses) == list(want.results[0].statuses)
+    assert [r.values for r in got.results] == [r.values for r in want.results]
+
+
+def _ctx_rows(ids: dict[str, list[int]]) -> dict[str, list[float]]:
+    n = len(ids["user_id"])
+    return {k: v * n for k, v in CTX.items()}
+
+
 def test_limits_and_deadlines(pipeline: Any, redis_url: str,
                               hd_ids: dict[str, list[int]]) -> None:
     with FeatureServer(pipeline.repo, port=0, max_rows=10, max_message_bytes=4096) as server, \
