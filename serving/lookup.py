@@ -222,17 +222,6 @@ def _read_replies(connection: Any, count: int) -> list[Any]:
     return replies
 
 
-def _framed(raws: list[bytes], tag: bytes, frame: Callable[[bytes], bytes]) -> list[bytes]:
-    """Every value framed as a length-delimited field (``tag`` + length + bytes); when all
-    have one length (doubles, timestamps of one era: the usual), with one prefix."""
-    lengths = set(map(len, raws))
-    if len(lengths) == 1:
-        (length,) = lengths
-        if length < 16384:
-            return list(map((tag + wire.SMALL[length]).__add__, raws))
-    return [frame(raw) for raw in raws]
-
-
 class OnlineReader:
     """Reads the features of a :class:`~serving.catalog.Plan` for a batch of entity rows."""
 
@@ -304,8 +293,8 @@ class OnlineReader:
                 raws = [None if st == OUTSIDE_MAX_AGE else raw for raw, st in zip(raws, stats, strict=True)]
             return pick(raws, fc.hash_index)
 
-        if plan.on_demand:
-            keys_in = {jk.column: python_column(entities[jk.column].val) for jk in plan.entity_columns}
+        keys_in = {jk.column: python_column(entities[jk.column].val)
+                   for jk in plan.entity_columns} if plan.on_demand else {}
         computed = [
             self._run_on_demand(plan, step, raw_column, keys_in, request, n)
             for step in plan.on_demand
@@ -463,30 +452,19 @@ class OnlineReader:
                 stale_before = now - vf.ttl_seconds if vf.ttl_seconds else None
                 raw_times = list(map(itemgetter(vf.ts_field), block))
                 if None not in raw_times and b"" not in raw_times:  # every key has the view
-                    times = _framed(raw_times, wire.FIELD_3, framed_ts)
-                    if stale_before is not None:
-                        stale = [t.seconds + t.nanos * 1e-9 < stale_before
-                                 for t in map(Timestamp.FromString, raw_times)]
-                    else:
-                        stale = [False] * count
+                    times = wire.framed_timestamps(raw_times)
                 else:
-                    times, stale = [], []
-                    for raw_ts in raw_times:
-                        if raw_ts:
-                            times.append(framed_ts(raw_ts))
-                            if stale_before is not None:
-                                ts = Timestamp.FromString(raw_ts)
-                                stale.append(ts.seconds + ts.nanos * 1e-9 < stale_before)
-                            else:
-                                stale.append(False)
-                        else:
-                            times.append(empty_ts)
-                            stale.append(False)
+                    times = [framed_ts(raw) if raw else empty_ts for raw in raw_times]
+                if stale_before is None:
+                    stale = [False] * count
+                else:
+                    stale = [bool(raw) and (t := Timestamp.FromString(raw)).seconds + t.nanos * 1e-9 < stale_before
+                             for raw in raw_times]
                 any_stale = any(stale)
                 for fi in vf.feature_fields:
                     raws = list(map(itemgetter(fi), block))
                     if None not in raws:  # the usual
-                        vals = _framed(raws, wire.FIELD_1, framed_value)  # field 1
+                        vals = wire.framed_values(raws)  # field 1
                         if any_stale:
                             stats = [OUTSIDE_MAX_AGE if old else PRESENT for old in stale]
                         else:

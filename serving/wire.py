@@ -85,6 +85,24 @@ def framed_timestamp(data: bytes) -> bytes:
     return _FIELD_3 + _len(data) + data
 
 
-FIELD_1, FIELD_3 = _FIELD_1, _FIELD_3  # tags of FeatureVector.values and .event_timestamps
+def _framed_all(tag: bytes, items: list[bytes]) -> list[bytes]:
+    """Every item framed as field ``tag``; when all have one length (doubles, timestamps of
+    one era: the usual), with one shared prefix."""
+    lengths = set(map(len, items))
+    if len(lengths) == 1:
+        return list(map((tag + _len(items[0])).__add__, items))
+    return [tag + _len(item) + item for item in items]
+
+
+def framed_values(values: list[bytes]) -> list[bytes]:
+    """:func:`framed_value` of every serialized Value."""
+    return _framed_all(_FIELD_1, values)
+
+
+def framed_timestamps(timestamps: list[bytes]) -> list[bytes]:
+    """:func:`framed_timestamp` of every serialized Timestamp."""
+    return _framed_all(_FIELD_3, timestamps)
+
+
 EMPTY_VALUE = framed_value(b"")
 EMPTY_TIMESTAMP = framed_timestamp(b"")
