@@ -502,10 +502,16 @@ def test_timestamp_and_key_bytes_equal_feasts() -> None:
         Value(int64_val=u), Value(string_val=s)]), 3) + b"p" for u, s in zip(users, names)]
 
 
+def test_compiled_restore_writer_is_built() -> None:
+    """``make install`` compiles the C writer (the NumPy one is only a fallback)."""
+    assert dump.compiled is not None, "featurepipe/online/_restore.c was not compiled: reinstall with a C compiler"
+
+
 def test_crc64_is_redis_checksum() -> None:
     flat = np.frombuffer(b"123456789" + b"x" * 100, dtype=np.uint8)
     crc = dump.crc64(flat, np.array([0, 9, 109]))
     assert int(crc[0]) == 0xE9C6D914C4B8D9CA  # CRC-64/Redis check value
+    assert dump.compiled.crc64(b"123456789") == 0xE9C6D914C4B8D9CA
     ref = 0
     table = [0] * 256
     for i in range(256):
@@ -557,19 +563,20 @@ def _reference_restore(key: bytes, items: list[bytes], ttl_ms: int) -> bytes:
         len(key), key, len(ttl), ttl, len(payload), payload)
 
 
-def test_restore_commands_equal_a_plain_python_reference() -> None:
-    """The vectorised RESTORE writer (every listpack header and backlen size, empty values,
-    the CRC) against a plain-Python construction from the specs; Redis itself checks the
-    same bytes in the content tests above (DUMP equality with Feast's HSETs)."""
-    rng = np.random.default_rng(1)
+@pytest.mark.parametrize("use_compiled", [True, False], ids=["C", "numpy"])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_restore_commands_equal_a_plain_python_reference(use_compiled: bool, seed: int) -> None:
+    """Both RESTORE writers, C and NumPy (every listpack header and backlen size, empty
+    values, the CRC), against a plain-Python construction from the specs; Redis itself
+    checks the same bytes in the content tests above (DUMP equality with Feast's HSETs)."""
+    rng = np.random.default_rng(seed)
     n = 12
     values = [rows.Piece(rng.integers(0, 256, (n, w), dtype=np.uint8), rng.integers(0, w + 1, n))
               for w in (0, 1, 63, 64, 200, 5000)]
     keys = rows.Piece(rng.integers(0, 256, (n, 30), dtype=np.uint8), rng.integers(1, 31, n))
     ts = rows.Piece(rng.integers(0, 256, (n, 11), dtype=np.uint8), rng.integers(0, 12, n))
     fields = [bytes([65 + j]) * (3 + 20 * j) for j in range(len(values))]
-    entries = [dump.field_and_value(b"_ts:x", ts)] + [dump.field_and_value(f, v) for f, v in zip(fields, values)]
-    got = dump.restore_commands(keys, entries, 2 * len(entries), 3_600_000).tobytes()
+    got = dump.restore_commands(keys, [b"_ts:x", *fields], [ts, *values], 3_600_000, use_compiled=use_compiled)
     key_rows, ts_rows, value_rows = _split(keys), _split(ts), [_split(v) for v in values]
     expected = b"".join(
         _reference_restore(key_rows[i], [b"_ts:x", ts_rows[i], *(x for f, v in zip(fields, value_rows)

@@ -245,9 +245,8 @@ class HashWriter:
 
     def restore_command(self, batch: EncodedRows) -> bytes:
         """One ``RESTORE key ttl payload`` per row (no ``REPLACE``: existing keys are refused)."""
-        entries = [dump.field_and_value(self.ts_field, batch.timestamps)]
-        entries += [dump.field_and_value(f, v) for f, v in zip(self.feature_fields, batch.values)]
-        return dump.restore_commands(batch.keys, entries, 2 * len(entries), self.ttl_seconds * 1000).tobytes()
+        return dump.restore_commands(batch.keys, [self.ts_field, *self.feature_fields],
+                                     [batch.timestamps, *batch.values], self.ttl_seconds * 1000)
 
     def _restorable(self, batch: EncodedRows) -> np.ndarray:
         """Rows whose hash RESTORE can carry exactly as HSET would build it."""

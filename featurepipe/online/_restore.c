@@ -1,0 +1,250 @@
+/* RESTORE commands of whole Redis hashes, one per row: the hot loop of materialisation.
+ *
+ * featurepipe.online.dump builds the same bytes with NumPy (the fallback when this module
+ * is not compiled, and the tests' second opinion); the layout is documented there. This
+ * file only walks rows: it sizes every command, then writes the RESP framing, the listpack
+ * and the CRC-64/Redis of each payload into one bytes object. The GIL is released while it
+ * runs, so DuckDB keeps scanning in its own thread.
+ *
+ *   restore_commands(kdata, klen, fields, foff, vdata, vcol, vlen, ttl) -> bytes
+ *
+ *   kdata  uint8[n, kw]  row i's key is kdata[i, :klen[i]]
+ *   klen   int64[n]
+ *   fields uint8[]       field j's name is fields[foff[j]:foff[j+1]]
+ *   foff   int64[m+1]
+ *   vdata  uint8[n, vw]  row i's value j is vdata[i, vcol[j]:vcol[j]+vlen[i, j]]
+ *   vcol   int64[m+1]
+ *   vlen   int64[n, m]
+ *   ttl    bytes         the TTL argument in milliseconds, as decimal digits
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+static uint64_t crc_table[8][256];  /* slicing-by-8 */
+
+static void crc_init(void) {
+    for (int i = 0; i < 256; i++) {
+        uint64_t c = (uint64_t)i;
+        for (int k = 0; k < 8; k++) c = (c >> 1) ^ ((c & 1) ? 0x95AC9329AC4BC9B5ULL : 0);
+        crc_table[0][i] = c;
+    }
+    for (int i = 0; i < 256; i++)
+        for (int k = 1; k < 8; k++)
+            crc_table[k][i] = crc_table[0][crc_table[k - 1][i] & 0xFF] ^ (crc_table[k - 1][i] >> 8);
+}
+
+/* CRC-64/Redis: Jones polynomial, reflected, initial value 0, no final XOR. */
+static uint64_t crc64(const uint8_t *p, Py_ssize_t n) {
+    uint64_t crc = 0;
+    while (n >= 8) {
+        uint64_t x = crc;
+        for (int k = 0; k < 8; k++) x ^= (uint64_t)p[k] << (8 * k);  /* little-endian load */
+        crc = crc_table[7][x & 0xFF] ^ crc_table[6][(x >> 8) & 0xFF] ^ crc_table[5][(x >> 16) & 0xFF]
+              ^ crc_table[4][(x >> 24) & 0xFF] ^ crc_table[3][(x >> 32) & 0xFF]
+              ^ crc_table[2][(x >> 40) & 0xFF] ^ crc_table[1][(x >> 48) & 0xFF] ^ crc_table[0][x >> 56];
+        p += 8;
+        n -= 8;
+    }
+    while (n-- > 0) crc = crc_table[0][(crc ^ *p++) & 0xFF] ^ (crc >> 8);
+    return crc;
+}
+
+static int backlen_size(int64_t n) {
+    if (n <= 127) return 1;
+    if (n < 16383) return 2;
+    if (n < 2097151) return 3;
+    if (n < 268435455) return 4;
+    return 5;
+}
+
+static int64_t entry_size(int64_t n) {
+    int64_t head = n < 64 ? 1 : n < 4096 ? 2 : 5;
+    return head + n + backlen_size(head + n);
+}
+
+static int digits(int64_t n) {
+    int d = 1;
+    while (n >= 10) { n /= 10; d++; }
+    return d;
+}
+
+static uint8_t *put_bulk_head(uint8_t *out, int64_t n) {
+    int d = digits(n);
+    *out++ = '$';
+    for (int k = d - 1; k >= 0; k--) { out[k] = (uint8_t)('0' + n % 10); n /= 10; }
+    out += d;
+    *out++ = '\r';
+    *out++ = '\n';
+    return out;
+}
+
+static uint8_t *put_entry(uint8_t *out, const uint8_t *src, int64_t n) {
+    int head;
+    if (n < 64) {
+        out[0] = (uint8_t)(0x80 | n);
+        head = 1;
+    } else if (n < 4096) {
+        out[0] = (uint8_t)(0xE0 | (n >> 8));
+        out[1] = (uint8_t)(n & 0xFF);
+        head = 2;
+    } else {
+        out[0] = 0xF0;
+        for (int k = 0; k < 4; k++) out[1 + k] = (uint8_t)((n >> (8 * k)) & 0xFF);
+        head = 5;
+    }
+    out += head;
+    memcpy(out, src, (size_t)n);
+    out += n;
+    int64_t total = head + n;
+    int size = backlen_size(total);
+    for (int j = 0; j < size; j++)  /* big-endian 7-bit groups, high bit on all but the first */
+        out[j] = (uint8_t)(((total >> (7 * (size - 1 - j))) & 0x7F) | (j > 0 ? 0x80 : 0));
+    return out + size;
+}
+
+static const char HEAD[] = "*4\r\n$7\r\nRESTORE\r\n";
+
+static int get(PyObject *obj, Py_buffer *view, const char *name, int ndim, Py_ssize_t itemsize) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return -1;
+    if (view->ndim != ndim || view->itemsize != itemsize) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a C-contiguous %d-d array of %zd-byte items",
+                     name, ndim, itemsize);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *restore_commands(PyObject *self, PyObject *args) {
+    PyObject *o[8];
+    if (!PyArg_ParseTuple(args, "OOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7]))
+        return NULL;
+    static const char *names[8] = {"kdata", "klen", "fields", "foff", "vdata", "vcol", "vlen", "ttl"};
+    static const int ndims[8] = {2, 1, 1, 1, 2, 1, 2, 1};
+    static const Py_ssize_t sizes[8] = {1, 8, 1, 8, 1, 8, 8, 1};
+    Py_buffer b[8];
+    int got = 0;
+    PyObject *result = NULL;
+    for (; got < 8; got++)
+        if (get(o[got], &b[got], names[got], ndims[got], sizes[got]) < 0) goto done;
+
+    Py_ssize_t n = b[0].shape[0], kw = b[0].shape[1], m = b[3].shape[0] - 1, vw = b[4].shape[1];
+    if (b[1].shape[0] != n || b[4].shape[0] != n || b[6].shape[0] != n || b[6].shape[1] != m
+        || b[5].shape[0] != m + 1 || m < 0) {
+        PyErr_SetString(PyExc_ValueError, "restore_commands: row or column counts disagree");
+        goto done;
+    }
+    const uint8_t *kdata = b[0].buf, *fields = b[2].buf, *vdata = b[4].buf, *ttl = b[7].buf;
+    const int64_t *klen = b[1].buf, *foff = b[3].buf, *vcol = b[5].buf, *vlen = b[6].buf;
+    Py_ssize_t ttl_len = b[7].shape[0], head_len = (Py_ssize_t)(sizeof HEAD - 1);
+    for (Py_ssize_t j = 0; j < m; j++) {
+        if (foff[j] < 0 || foff[j + 1] < foff[j] || foff[j + 1] > b[2].shape[0] || vcol[j] < 0
+            || vcol[j + 1] < vcol[j] || vcol[j + 1] > vw) {
+            PyErr_SetString(PyExc_ValueError, "restore_commands: field or value columns out of range");
+            goto done;
+        }
+    }
+    int64_t fixed = 0;
+    for (Py_ssize_t j = 0; j < m; j++) fixed += entry_size(foff[j + 1] - foff[j]);
+    int count = (int)(2 * m < 65535 ? 2 * m : 65535);
+
+    int64_t total = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (klen[i] < 0 || klen[i] > kw) {
+            PyErr_SetString(PyExc_ValueError, "restore_commands: key length out of range");
+            goto done;
+        }
+        int64_t lp = 7 + fixed;
+        for (Py_ssize_t j = 0; j < m; j++) {
+            int64_t len = vlen[i * m + j];
+            if (len < 0 || len > vcol[j + 1] - vcol[j]) {
+                PyErr_SetString(PyExc_ValueError, "restore_commands: value length out of range");
+                goto done;
+            }
+            lp += entry_size(len);
+        }
+        int rdb = lp < 64 ? 1 : lp < 16384 ? 2 : 5;
+        int64_t plen = 1 + rdb + lp + 2 + 8;
+        total += head_len + 1 + digits(klen[i]) + 2 + klen[i] + 2 + 1 + digits(ttl_len) + 2 + ttl_len + 2
+                 + 1 + digits(plen) + 2 + plen + 2;
+    }
+    result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+    if (result == NULL) goto done;
+    uint8_t *out = (uint8_t *)PyBytes_AS_STRING(result);
+
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const int64_t *len = vlen + i * m;
+        const uint8_t *row = vdata + i * vw;
+        int64_t lp = 7 + fixed;
+        for (Py_ssize_t j = 0; j < m; j++) lp += entry_size(len[j]);
+        int rdb = lp < 64 ? 1 : lp < 16384 ? 2 : 5;
+
+        memcpy(out, HEAD, (size_t)head_len);
+        out = put_bulk_head(out + head_len, klen[i]);
+        memcpy(out, kdata + i * kw, (size_t)klen[i]);
+        out += klen[i];
+        *out++ = '\r';
+        *out++ = '\n';
+        out = put_bulk_head(out, ttl_len);
+        memcpy(out, ttl, (size_t)ttl_len);
+        out += ttl_len;
+        *out++ = '\r';
+        *out++ = '\n';
+        out = put_bulk_head(out, 1 + rdb + lp + 2 + 8);
+
+        uint8_t *payload = out;
+        *out++ = 16;  /* RDB_TYPE_HASH_LISTPACK */
+        if (rdb == 1) {
+            *out++ = (uint8_t)lp;
+        } else if (rdb == 2) {
+            *out++ = (uint8_t)(0x40 | (lp >> 8));
+            *out++ = (uint8_t)(lp & 0xFF);
+        } else {
+            *out++ = 0x80;
+            for (int k = 3; k >= 0; k--) *out++ = (uint8_t)((lp >> (8 * k)) & 0xFF);
+        }
+        for (int k = 0; k < 4; k++) *out++ = (uint8_t)((lp >> (8 * k)) & 0xFF);
+        *out++ = (uint8_t)(count & 0xFF);
+        *out++ = (uint8_t)(count >> 8);
+        for (Py_ssize_t j = 0; j < m; j++) {
+            out = put_entry(out, fields + foff[j], foff[j + 1] - foff[j]);
+            out = put_entry(out, row + vcol[j], len[j]);
+        }
+        *out++ = 0xFF;
+        *out++ = 10;  /* RDB version 10, little-endian */
+        *out++ = 0;
+        uint64_t crc = crc64(payload, out - payload);
+        for (int k = 0; k < 8; k++) *out++ = (uint8_t)((crc >> (8 * k)) & 0xFF);
+        *out++ = '\r';
+        *out++ = '\n';
+    }
+    Py_END_ALLOW_THREADS
+
+done:
+    for (int k = 0; k < got; k++) PyBuffer_Release(&b[k]);
+    return result;
+}
+
+static PyObject *py_crc64(PyObject *self, PyObject *args) {
+    Py_buffer data;
+    if (!PyArg_ParseTuple(args, "y*", &data)) return NULL;
+    uint64_t crc = crc64(data.buf, data.len);
+    PyBuffer_Release(&data);
+    return PyLong_FromUnsignedLongLong(crc);
+}
+
+static PyMethodDef methods[] = {
+    {"restore_commands", restore_commands, METH_VARARGS, "RESTORE commands of whole hashes, one per row."},
+    {"crc64", py_crc64, METH_VARARGS, "CRC-64/Redis of a bytes-like object."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_restore", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__restore(void) {
+    crc_init();
+    return PyModule_Create(&module);
+}
