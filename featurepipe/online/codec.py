@@ -12,8 +12,10 @@ built with NumPy from the protobuf wire format instead of one protobuf object pe
 * a ``Timestamp`` is ``seconds`` (0x08 + varint) then ``nanos`` (0x10 + varint), each
   left out when zero.
 
-Types without a fast encoder (lists, maps, JSON, ...) go through Feast's own converter,
-one value at a time. ``tests/test_materialize.py`` checks every encoder against Feast's.
+Numbers and timestamps are encoded by the compiled part (``_native.c``) when it was built
+at install time, by NumPy otherwise. Types without a fast encoder (lists, maps, JSON, ...)
+go through Feast's own converter, one value at a time. ``tests/test_materialize.py``
+checks every encoder, both ways, against Feast's.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ import pyarrow.compute as pc
 from featurepipe.online import rows
 from featurepipe.online.layout import KEY_TYPE_IDS, entity_key_prefix, key_suffix
 from featurepipe.online.rows import Piece
+
+try:
+    from featurepipe.online import _native as compiled
+except ImportError:  # not compiled (no C compiler at install time): NumPy only
+    compiled = None
 
 # Feast ValueType names with a vectorised encoder, and their Value proto tag byte.
 SCALAR_TAGS = {
@@ -73,9 +80,24 @@ def epoch_seconds(array: pa.Array) -> np.ndarray:
     return np.floor_divide(micros, 1_000_000)
 
 
-def encode_values(array: pa.Array, value_type: str) -> Piece:
+# ValueType -> (kind of the compiled encoder, NumPy dtype it reads)
+_COMPILED_KINDS = {"DOUBLE": (0, np.float64), "FLOAT": (1, np.float32), "INT64": (2, np.int64), "INT32": (2, np.int64)}
+
+
+def _compiled_rows(result: tuple[bytes, bytes], n: int) -> Piece:
+    data, lengths = result
+    return Piece(np.frombuffer(data, dtype=np.uint8).reshape(n, len(data) // n if n else 0),
+                 np.frombuffer(lengths, dtype=np.int64))
+
+
+def encode_values(array: pa.Array, value_type: str, use_compiled: bool = True) -> Piece:
     """Serialized ``feast.types.Value`` of every element, for a Feast ValueType name."""
     n = len(array)
+    if use_compiled and compiled is not None and value_type in _COMPILED_KINDS:
+        kind, dtype = _COMPILED_KINDS[value_type]
+        valid = _valid(array) if array.null_count else None
+        values = np.ascontiguousarray(_numbers(array, dtype))
+        return _compiled_rows(compiled.scalar_values(SCALAR_TAGS[value_type], kind, values, valid), n)
     if value_type == "DOUBLE":
         v = _numbers(array, np.float64)
         present = _valid(array) & ~np.isnan(v)
@@ -111,10 +133,12 @@ def _encode_with_feast(array: pa.Array, value_type: str) -> Piece:
     return rows.from_flat(np.frombuffer(b"".join(blobs), dtype=np.uint8), offsets)
 
 
-def encode_timestamps(micros: np.ndarray) -> Piece:
+def encode_timestamps(micros: np.ndarray, use_compiled: bool = True) -> Piece:
     """Serialized ``google.protobuf.Timestamp`` of epoch microseconds."""
-    micros = np.asarray(micros, dtype=np.int64)
+    micros = np.ascontiguousarray(micros, dtype=np.int64)
     n = len(micros)
+    if use_compiled and compiled is not None:
+        return _compiled_rows(compiled.timestamps(micros), n)
     seconds = np.floor_divide(micros, 1_000_000)
     nanos = (micros - seconds * 1_000_000) * 1000
     sec = _tagged(0x08, rows.varint(seconds.view(np.uint64)), seconds != 0)

@@ -15,7 +15,7 @@ server before using it, and falls back to ``HSET`` if not):
 * wrapped as ``<type 16 = hash listpack><RDB length><listpack><u16 RDB version 10><u64
   CRC-64/Redis>`` (Jones polynomial, reflected, init 0), as Redis 7.0+ loads it.
 
-The commands are built by ``featurepipe/online/_restore.c`` (compiled when featurepipe is
+The commands are built by ``featurepipe/online/_native.c`` (compiled when featurepipe is
 installed: one C loop per row, the GIL released) and, where it is not compiled, by the NumPy
 code below, column by column (about 15x slower; the tests check both against a plain-Python
 construction from the specs).
@@ -35,7 +35,7 @@ from featurepipe.online import rows
 from featurepipe.online.rows import Piece
 
 try:
-    from featurepipe.online import _restore as compiled
+    from featurepipe.online import _native as compiled
 except ImportError:  # not compiled (no C compiler at install time): the NumPy path
     compiled = None
 

@@ -201,6 +201,8 @@ class FeaturepipeMaterializationEngine(ComputeEngine):
         super().__init__(repo_config=repo_config, offline_store=offline_store, online_store=online_store)
         self.config = FeaturepipeMaterializationEngineConfig(**config)
         self._fallback: ComputeEngine | None = None
+        if self.config.quality:  # imported now, not in the middle of the first run
+            import featurepipe.quality.online_gate  # noqa: F401
 
     def update(
         self,

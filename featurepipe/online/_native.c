@@ -1,10 +1,25 @@
-/* RESTORE commands of whole Redis hashes, one per row: the hot loop of materialisation.
+/* The hot loops of materialisation, one pass per row, the GIL released (DuckDB keeps
+ * scanning in its own thread meanwhile).
  *
- * featurepipe.online.dump builds the same bytes with NumPy (the fallback when this module
- * is not compiled, and the tests' second opinion); the layout is documented there. This
- * file only walks rows: it sizes every command, then writes the RESP framing, the listpack
- * and the CRC-64/Redis of each payload into one bytes object. The GIL is released while it
- * runs, so DuckDB keeps scanning in its own thread.
+ * featurepipe.online.codec and featurepipe.online.dump build the same bytes with NumPy:
+ * that is the fallback when this module is not compiled, and the tests' second opinion
+ * (where the formats are documented too).
+ *
+ *   scalar_values(tag, kind, values, valid) -> (data, lengths)
+ *
+ *   Serialized feast Value protos of a numeric column: ``tag`` then 8 bytes (kind 0,
+ *   float64; NaN is null), 4 bytes (kind 1, float32; NaN is null) or a varint (kind 2,
+ *   int64). ``valid`` is a bool array or None (all valid); a null is the empty Value.
+ *   Returns row i as data[i * width : i * width + lengths[i]] (width 9, 5 or 11).
+ *
+ *   timestamps(micros) -> (data, lengths)
+ *
+ *   Serialized google.protobuf.Timestamp of epoch microseconds (width 17).
+ *
+ *   restore_commands(...) -> bytes
+ *
+ *   RESTORE commands of whole Redis hashes, one per row: it sizes every command, then
+ *   writes the RESP framing, the listpack and the CRC-64/Redis of each payload.
  *
  *   restore_commands(kdata, klen, fields, foff, vdata, vcol, vlen, ttl) -> bytes
  *
@@ -21,6 +36,11 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <math.h>
+
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "featurepipe's C part assumes a little-endian machine (the NumPy fallback does not)"
+#endif
 
 static uint64_t crc_table[8][256];  /* slicing-by-8 */
 
@@ -115,6 +135,127 @@ static int get(PyObject *obj, Py_buffer *view, const char *name, int ndim, Py_ss
         return -1;
     }
     return 0;
+}
+
+static uint8_t *put_varint(uint8_t *out, uint64_t u) {
+    while (u >= 0x80) {
+        *out++ = (uint8_t)((u & 0x7F) | 0x80);
+        u >>= 7;
+    }
+    *out++ = (uint8_t)u;
+    return out;
+}
+
+/* Two new bytes objects of n rows: a padded matrix (width bytes a row) and int64 lengths. */
+static int new_rows(Py_ssize_t n, Py_ssize_t width, PyObject **data, PyObject **lengths) {
+    *data = PyBytes_FromStringAndSize(NULL, n * width);
+    *lengths = PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(int64_t));
+    if (*data == NULL || *lengths == NULL) {
+        Py_XDECREF(*data);
+        Py_XDECREF(*lengths);
+        return -1;
+    }
+    memset(PyBytes_AS_STRING(*data), 0, (size_t)(n * width));
+    return 0;
+}
+
+static PyObject *scalar_values(PyObject *self, PyObject *args) {
+    int tag, kind;
+    PyObject *vo, *mo;
+    if (!PyArg_ParseTuple(args, "iiOO", &tag, &kind, &vo, &mo)) return NULL;
+    if (kind < 0 || kind > 2 || tag < 0 || tag > 255) {
+        PyErr_SetString(PyExc_ValueError, "scalar_values: unknown kind or tag");
+        return NULL;
+    }
+    Py_buffer v, m;
+    int have_mask = mo != Py_None;
+    if (get(vo, &v, "values", 1, kind == 1 ? 4 : 8) < 0) return NULL;
+    if (have_mask && get(mo, &m, "valid", 1, 1) < 0) {
+        PyBuffer_Release(&v);
+        return NULL;
+    }
+    Py_ssize_t n = v.shape[0], width = kind == 0 ? 9 : kind == 1 ? 5 : 11;
+    PyObject *data = NULL, *lengths = NULL, *result = NULL;
+    if (have_mask && m.shape[0] != n) {
+        PyErr_SetString(PyExc_ValueError, "scalar_values: values and valid differ in length");
+        goto done;
+    }
+    if (new_rows(n, width, &data, &lengths) < 0) goto done;
+    uint8_t *out = (uint8_t *)PyBytes_AS_STRING(data);
+    int64_t *len = (int64_t *)PyBytes_AS_STRING(lengths);
+    const uint8_t *valid = have_mask ? m.buf : NULL;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++, out += width) {
+        int present = valid == NULL || valid[i];
+        if (kind == 0) {
+            double x;
+            memcpy(&x, (const uint8_t *)v.buf + 8 * i, 8);
+            if (present && !isnan(x)) {
+                out[0] = (uint8_t)tag;
+                memcpy(out + 1, &x, 8);
+                len[i] = 9;
+            } else len[i] = 0;
+        } else if (kind == 1) {
+            float x;
+            memcpy(&x, (const uint8_t *)v.buf + 4 * i, 4);
+            if (present && !isnan(x)) {
+                out[0] = (uint8_t)tag;
+                memcpy(out + 1, &x, 4);
+                len[i] = 5;
+            } else len[i] = 0;
+        } else {
+            if (present) {
+                out[0] = (uint8_t)tag;
+                len[i] = put_varint(out + 1, (uint64_t)((const int64_t *)v.buf)[i]) - out;
+            } else len[i] = 0;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("(OO)", data, lengths);
+done:
+    Py_XDECREF(data);
+    Py_XDECREF(lengths);
+    PyBuffer_Release(&v);
+    if (have_mask) PyBuffer_Release(&m);
+    return result;
+}
+
+static PyObject *timestamps(PyObject *self, PyObject *args) {
+    PyObject *vo;
+    if (!PyArg_ParseTuple(args, "O", &vo)) return NULL;
+    Py_buffer v;
+    if (get(vo, &v, "micros", 1, 8) < 0) return NULL;
+    Py_ssize_t n = v.shape[0], width = 17;
+    PyObject *data = NULL, *lengths = NULL, *result = NULL;
+    if (new_rows(n, width, &data, &lengths) < 0) goto done;
+    uint8_t *out = (uint8_t *)PyBytes_AS_STRING(data);
+    int64_t *len = (int64_t *)PyBytes_AS_STRING(lengths);
+    const int64_t *micros = v.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++, out += width) {
+        int64_t sec = micros[i] / 1000000, rest = micros[i] % 1000000;
+        if (rest < 0) {  /* floor division, as NumPy's */
+            sec -= 1;
+            rest += 1000000;
+        }
+        uint8_t *p = out;
+        if (sec != 0) {
+            *p++ = 0x08;
+            p = put_varint(p, (uint64_t)sec);
+        }
+        if (rest != 0) {
+            *p++ = 0x10;
+            p = put_varint(p, (uint64_t)(rest * 1000));
+        }
+        len[i] = p - out;
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("(OO)", data, lengths);
+done:
+    Py_XDECREF(data);
+    Py_XDECREF(lengths);
+    PyBuffer_Release(&v);
+    return result;
 }
 
 static PyObject *restore_commands(PyObject *self, PyObject *args) {
@@ -237,14 +378,16 @@ static PyObject *py_crc64(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
+    {"scalar_values", scalar_values, METH_VARARGS, "Serialized feast Value protos of a numeric column."},
+    {"timestamps", timestamps, METH_VARARGS, "Serialized protobuf Timestamps of epoch microseconds."},
     {"restore_commands", restore_commands, METH_VARARGS, "RESTORE commands of whole hashes, one per row."},
     {"crc64", py_crc64, METH_VARARGS, "CRC-64/Redis of a bytes-like object."},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_restore", NULL, -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__restore(void) {
+PyMODINIT_FUNC PyInit__native(void) {
     crc_init();
     return PyModule_Create(&module);
 }
