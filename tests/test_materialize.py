@@ -614,6 +614,23 @@ def test_restore_commands_equal_a_plain_python_reference(use_compiled: bool, see
     assert got == expected
 
 
+def test_compiled_writer_refuses_inconsistent_input() -> None:
+    """The C writer checks its arrays instead of reading past them."""
+    keys = rows.Piece(np.zeros((2, 4), np.uint8), np.array([4, 4]))
+    good = rows.Piece(np.zeros((2, 3), np.uint8), np.array([3, 1]))
+    assert dump.restore_commands(keys, [b"a"], [good], 0).startswith(b"*4\r\n$7\r\nRESTORE\r\n")
+    for bad, message in [
+        (rows.Piece(np.zeros((2, 3), np.uint8), np.array([4, 1])), "value length out of range"),
+        (rows.Piece(np.zeros((3, 3), np.uint8), np.array([1, 1, 1])), "one row per key"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            dump.restore_commands(keys, [b"a"], [bad], 0)
+    with pytest.raises(ValueError, match="key length out of range"):
+        dump.restore_commands(rows.Piece(np.zeros((2, 4), np.uint8), np.array([5, 4])), [b"a"], [good], 0)
+    with pytest.raises(ValueError, match="as many fields as values"):
+        dump.restore_commands(keys, [b"a", b"b"], [good], 0)
+
+
 def test_redis_connection_forms() -> None:
     assert redis_connection_kwargs("10.0.0.5:6380,db=2,password=s3cret,ssl=true") == {
         "host": "10.0.0.5", "port": 6380, "db": 2, "password": "s3cret", "ssl": True}

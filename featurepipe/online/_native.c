@@ -16,21 +16,13 @@
  *
  *   Serialized google.protobuf.Timestamp of epoch microseconds (width 17).
  *
- *   restore_commands(...) -> bytes
+ *   restore_commands(keys, key_lengths, fields, values, ttl) -> bytes
  *
  *   RESTORE commands of whole Redis hashes, one per row: it sizes every command, then
- *   writes the RESP framing, the listpack and the CRC-64/Redis of each payload.
- *
- *   restore_commands(kdata, klen, fields, foff, vdata, vcol, vlen, ttl) -> bytes
- *
- *   kdata  uint8[n, kw]  row i's key is kdata[i, :klen[i]]
- *   klen   int64[n]
- *   fields uint8[]       field j's name is fields[foff[j]:foff[j+1]]
- *   foff   int64[m+1]
- *   vdata  uint8[n, vw]  row i's value j is vdata[i, vcol[j]:vcol[j]+vlen[i, j]]
- *   vcol   int64[m+1]
- *   vlen   int64[n, m]
- *   ttl    bytes         the TTL argument in milliseconds, as decimal digits
+ *   writes the RESP framing, the listpack and the CRC-64/Redis of each payload. Row i's
+ *   key is keys[i, :key_lengths[i]] (uint8 matrix, int64 lengths); its hash holds
+ *   fields[j] (bytes) = values[j][0][i, :values[j][1][i]] for each (matrix, lengths)
+ *   pair, in that order; ttl is the TTL argument in milliseconds, as decimal digits.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -259,36 +251,66 @@ done:
 }
 
 static PyObject *restore_commands(PyObject *self, PyObject *args) {
-    PyObject *o[8];
-    if (!PyArg_ParseTuple(args, "OOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7]))
-        return NULL;
-    static const char *names[8] = {"kdata", "klen", "fields", "foff", "vdata", "vcol", "vlen", "ttl"};
-    static const int ndims[8] = {2, 1, 1, 1, 2, 1, 2, 1};
-    static const Py_ssize_t sizes[8] = {1, 8, 1, 8, 1, 8, 8, 1};
-    Py_buffer b[8];
-    int got = 0;
-    PyObject *result = NULL;
-    for (; got < 8; got++)
-        if (get(o[got], &b[got], names[got], ndims[got], sizes[got]) < 0) goto done;
+    PyObject *ko, *lo, *fo, *vo;
+    Py_buffer ttl_view;
+    if (!PyArg_ParseTuple(args, "OOOOy*", &ko, &lo, &fo, &vo, &ttl_view)) return NULL;
+    PyObject *result = NULL, *fseq = NULL, *vseq = NULL;
+    Py_buffer kb, lb;
+    int have_k = 0, have_l = 0;
+    Py_ssize_t m = 0, got_v = 0;
+    Py_buffer *vdata = NULL, *vlens = NULL;   /* per feature: matrix, lengths (or none) */
+    const uint8_t **fptr = NULL;
+    int64_t *flen = NULL;
 
-    Py_ssize_t n = b[0].shape[0], kw = b[0].shape[1], m = b[3].shape[0] - 1, vw = b[4].shape[1];
-    if (b[1].shape[0] != n || b[4].shape[0] != n || b[6].shape[0] != n || b[6].shape[1] != m
-        || b[5].shape[0] != m + 1 || m < 0) {
-        PyErr_SetString(PyExc_ValueError, "restore_commands: row or column counts disagree");
+    if (get(ko, &kb, "keys", 2, 1) < 0) goto done;
+    have_k = 1;
+    if (get(lo, &lb, "key lengths", 1, 8) < 0) goto done;
+    have_l = 1;
+    fseq = PySequence_Fast(fo, "fields: expected a sequence of bytes");
+    vseq = PySequence_Fast(vo, "values: expected a sequence of (matrix, lengths) pairs");
+    if (fseq == NULL || vseq == NULL) goto done;
+    m = PySequence_Fast_GET_SIZE(fseq);
+    Py_ssize_t n = kb.shape[0], kw = kb.shape[1];
+    if (PySequence_Fast_GET_SIZE(vseq) != m || lb.shape[0] != n) {
+        PyErr_SetString(PyExc_ValueError, "restore_commands: as many fields as values, as many key lengths as keys");
         goto done;
     }
-    const uint8_t *kdata = b[0].buf, *fields = b[2].buf, *vdata = b[4].buf, *ttl = b[7].buf;
-    const int64_t *klen = b[1].buf, *foff = b[3].buf, *vcol = b[5].buf, *vlen = b[6].buf;
-    Py_ssize_t ttl_len = b[7].shape[0], head_len = (Py_ssize_t)(sizeof HEAD - 1);
+    vdata = PyMem_Calloc((size_t)m + 1, sizeof(Py_buffer));
+    vlens = PyMem_Calloc((size_t)m + 1, sizeof(Py_buffer));
+    fptr = PyMem_Calloc((size_t)m + 1, sizeof(uint8_t *));
+    flen = PyMem_Calloc((size_t)m + 1, sizeof(int64_t));
+    if (!vdata || !vlens || !fptr || !flen) {
+        PyErr_NoMemory();
+        goto done;
+    }
     for (Py_ssize_t j = 0; j < m; j++) {
-        if (foff[j] < 0 || foff[j + 1] < foff[j] || foff[j + 1] > b[2].shape[0] || vcol[j] < 0
-            || vcol[j + 1] < vcol[j] || vcol[j + 1] > vw) {
-            PyErr_SetString(PyExc_ValueError, "restore_commands: field or value columns out of range");
+        PyObject *f = PySequence_Fast_GET_ITEM(fseq, j), *pair = PySequence_Fast_GET_ITEM(vseq, j);
+        if (!PyBytes_Check(f)) {
+            PyErr_SetString(PyExc_TypeError, "restore_commands: field names must be bytes");
+            goto done;
+        }
+        fptr[j] = (const uint8_t *)PyBytes_AS_STRING(f);
+        flen[j] = PyBytes_GET_SIZE(f);
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            PyErr_SetString(PyExc_TypeError, "restore_commands: each value is a (matrix, lengths) tuple");
+            goto done;
+        }
+        if (get(PyTuple_GET_ITEM(pair, 0), &vdata[j], "value matrix", 2, 1) < 0) goto done;
+        if (get(PyTuple_GET_ITEM(pair, 1), &vlens[j], "value lengths", 1, 8) < 0) {
+            PyBuffer_Release(&vdata[j]);
+            goto done;
+        }
+        got_v = j + 1;
+        if (vdata[j].shape[0] != n || vlens[j].shape[0] != n) {
+            PyErr_SetString(PyExc_ValueError, "restore_commands: every value column needs one row per key");
             goto done;
         }
     }
+    const uint8_t *kdata = kb.buf, *ttl = ttl_view.buf;
+    const int64_t *klen = lb.buf;
+    Py_ssize_t ttl_len = ttl_view.len, head_len = (Py_ssize_t)(sizeof HEAD - 1);
     int64_t fixed = 0;
-    for (Py_ssize_t j = 0; j < m; j++) fixed += entry_size(foff[j + 1] - foff[j]);
+    for (Py_ssize_t j = 0; j < m; j++) fixed += entry_size(flen[j]);
     int count = (int)(2 * m < 65535 ? 2 * m : 65535);
 
     int64_t total = 0;
@@ -299,8 +321,8 @@ static PyObject *restore_commands(PyObject *self, PyObject *args) {
         }
         int64_t lp = 7 + fixed;
         for (Py_ssize_t j = 0; j < m; j++) {
-            int64_t len = vlen[i * m + j];
-            if (len < 0 || len > vcol[j + 1] - vcol[j]) {
+            int64_t len = ((const int64_t *)vlens[j].buf)[i];
+            if (len < 0 || len > vdata[j].shape[1]) {
                 PyErr_SetString(PyExc_ValueError, "restore_commands: value length out of range");
                 goto done;
             }
@@ -317,10 +339,8 @@ static PyObject *restore_commands(PyObject *self, PyObject *args) {
 
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++) {
-        const int64_t *len = vlen + i * m;
-        const uint8_t *row = vdata + i * vw;
         int64_t lp = 7 + fixed;
-        for (Py_ssize_t j = 0; j < m; j++) lp += entry_size(len[j]);
+        for (Py_ssize_t j = 0; j < m; j++) lp += entry_size(((const int64_t *)vlens[j].buf)[i]);
         int rdb = lp < 64 ? 1 : lp < 16384 ? 2 : 5;
 
         memcpy(out, HEAD, (size_t)head_len);
@@ -351,8 +371,9 @@ static PyObject *restore_commands(PyObject *self, PyObject *args) {
         *out++ = (uint8_t)(count & 0xFF);
         *out++ = (uint8_t)(count >> 8);
         for (Py_ssize_t j = 0; j < m; j++) {
-            out = put_entry(out, fields + foff[j], foff[j + 1] - foff[j]);
-            out = put_entry(out, row + vcol[j], len[j]);
+            out = put_entry(out, fptr[j], flen[j]);
+            out = put_entry(out, (const uint8_t *)vdata[j].buf + i * vdata[j].shape[1],
+                            ((const int64_t *)vlens[j].buf)[i]);
         }
         *out++ = 0xFF;
         *out++ = 10;  /* RDB version 10, little-endian */
@@ -365,7 +386,20 @@ static PyObject *restore_commands(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS
 
 done:
-    for (int k = 0; k < got; k++) PyBuffer_Release(&b[k]);
+    if (PyErr_Occurred()) Py_CLEAR(result);
+    for (Py_ssize_t j = 0; j < got_v; j++) {
+        PyBuffer_Release(&vdata[j]);
+        PyBuffer_Release(&vlens[j]);
+    }
+    PyMem_Free(vdata);
+    PyMem_Free(vlens);
+    PyMem_Free(fptr);
+    PyMem_Free(flen);
+    Py_XDECREF(fseq);
+    Py_XDECREF(vseq);
+    if (have_k) PyBuffer_Release(&kb);
+    if (have_l) PyBuffer_Release(&lb);
+    PyBuffer_Release(&ttl_view);
     return result;
 }
 

@@ -198,19 +198,12 @@ def restore_commands(keys: Piece, fields: Sequence[bytes], values: Sequence[Piec
     if compiled is None or not use_compiled:
         entries = [field_and_value(f, v) for f, v in zip(fields, values)]
         return restore_commands_numpy(keys, entries, 2 * len(entries), ttl_ms).tobytes()
-    n = keys.rows
-    vcol = np.zeros(len(values) + 1, dtype=np.int64)
-    np.cumsum([v.width for v in values], out=vcol[1:])
-    vdata = np.empty((n, int(vcol[-1])), dtype=np.uint8)
-    vlen = np.empty((n, len(values)), dtype=np.int64)
-    for j, v in enumerate(values):
-        vdata[:, vcol[j]:vcol[j + 1]] = v.data
-        vlen[:, j] = v.row_lengths()
-    foff = np.zeros(len(fields) + 1, dtype=np.int64)
-    np.cumsum([len(f) for f in fields], out=foff[1:])
     return compiled.restore_commands(
         np.ascontiguousarray(keys.data, dtype=np.uint8), np.ascontiguousarray(keys.row_lengths(), dtype=np.int64),
-        np.frombuffer(b"".join(fields), dtype=np.uint8), foff, vdata, vcol, vlen, str(int(ttl_ms)).encode(),
+        list(fields),
+        [(np.ascontiguousarray(v.data, dtype=np.uint8), np.ascontiguousarray(v.row_lengths(), dtype=np.int64))
+         for v in values],
+        str(int(ttl_ms)).encode(),
     )
 
 
