@@ -19,7 +19,9 @@ and the timed part is the ``FeatureStore.materialize`` call (process start-up an
 twice as long (same entities) to show that its memory does not grow with the table.
 After each run the Redis content is digested (every key's ``DUMP``), so the table shows
 whether the engines wrote identical bytes. ``redis-benchmark -t hset -P 64`` gives the
-server's pipelined single-field HSET rate as a ceiling.
+server's pipelined single-field HSET rate as a ceiling, and replaying featurepipe's result
+as ready-made ``RESTORE`` commands (every key ``DUMP``-ed, flushed, restored on one
+pipelined connection) gives Redis's own time for this content: the floor for any client.
 
     .venv/bin/python benchmarks/materialize.py                  # 100k entities x 20 features, 3M rows
     .venv/bin/python benchmarks/materialize.py --entities 20000 --skip feast-default   # quick
@@ -145,7 +147,7 @@ def worker(repo: Path, action: str) -> None:
         return
     # Build the engine (Feast's or featurepipe's; Feast builds it lazily on the first
     # materialize) before the clock starts: imports are start-up, like ``import feast``.
-    store._get_provider().batch_engine
+    _ = store._get_provider().batch_engine
     ready = time.perf_counter() - t_import
     t0 = time.perf_counter()
     store.materialize(START - timedelta(days=1), START + timedelta(days=DAYS + 1), [VIEW])
@@ -178,6 +180,54 @@ def digest(port: int) -> tuple[int, str]:
             h.update(k)
             h.update(d)
     return len(keys), h.hexdigest()[:16]
+
+
+def restore_floor(port: int, repeats: int = 3) -> dict[str, float]:
+    """Redis alone: the keys in Redis now, ``DUMP``-ed, flushed, and restored again from
+    ready-made ``RESTORE`` commands sent on one pipelined connection (batches of 5,000 as
+    featurepipe sends them). Median wall time and redis-server CPU (``INFO cpu``): what no
+    client can beat for this content on this server."""
+    import socket
+
+    import redis
+
+    client = redis.Redis(port=port)
+    keys = list(client.scan_iter(count=5000))
+    dumps = []
+    for i in range(0, len(keys), 5000):
+        pipe = client.pipeline(transaction=False)
+        for k in keys[i:i + 5000]:
+            pipe.dump(k)
+        dumps.extend(pipe.execute())
+    batches = []
+    for i in range(0, len(keys), 5000):
+        parts = [b"*4\r\n$7\r\nRESTORE\r\n$%d\r\n%s\r\n$1\r\n0\r\n$%d\r\n%s\r\n" % (len(k), k, len(d), d)
+                 for k, d in zip(keys[i:i + 5000], dumps[i:i + 5000])]
+        batches.append((len(parts), b"".join(parts)))
+
+    def cpu() -> float:
+        info = client.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+    walls, cpus = [], []
+    for _ in range(repeats):
+        client.flushall()
+        sock = socket.create_connection(("127.0.0.1", port))
+        reader = sock.makefile("rb")
+        c0, t0 = cpu(), time.perf_counter()
+        pending = 0
+        for count, payload in batches:
+            sock.sendall(payload)
+            for _ in range(pending):
+                if not reader.readline().startswith(b"+OK"):
+                    raise SystemExit("RESTORE replay failed")
+            pending = count
+        for _ in range(pending):
+            reader.readline()
+        walls.append(time.perf_counter() - t0)
+        cpus.append(cpu() - c0)
+        sock.close()
+    return {"rows": len(keys), "seconds": statistics.median(walls), "server_cpu": statistics.median(cpus)}
 
 
 def redis_benchmark(port: int) -> float | None:
@@ -215,6 +265,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-materialize-"))
     results: list[dict[str, object]] = []
+    floor: dict[str, float] | None = None
     try:
         with RedisServer(workdir=tmp / "redis") as server:
             import redis
@@ -251,6 +302,11 @@ def main() -> None:
                         client.flushall()
                         runs[engine].append(run_worker(repos[engine], "materialize"))
                         digests[engine] = digest(server.port)
+                if size == sizes[0] and "featurepipe" in engines:  # its content is still in Redis
+                    floor = restore_floor(server.port)
+                    print(f"  Redis alone, RESTORE of the same {floor['rows']:,} hashes, ready-made: "
+                          f"{floor['seconds']:.2f}s ({floor['rows'] / floor['seconds']:,.0f} rows/s), "
+                          f"redis-server CPU {floor['server_cpu']:.2f}s", flush=True)
                 for engine in engines:
                     keys, dig = digests[engine]
                     seconds = statistics.median(r["seconds"] for r in runs[engine])
@@ -268,10 +324,11 @@ def main() -> None:
             print(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    report(results, ceiling, args)
+    report(results, ceiling, args, floor)
 
 
-def report(results: list[dict[str, object]], ceiling: float | None, args: argparse.Namespace) -> None:
+def report(results: list[dict[str, object]], ceiling: float | None, args: argparse.Namespace,
+           floor: dict[str, float] | None = None) -> None:
     by = {(r["engine"], r["offline_rows"]): r for r in results}
     base_rows = args.entities * args.rows_per_entity
     ours = by.get(("featurepipe", base_rows))
@@ -294,6 +351,11 @@ def report(results: list[dict[str, object]], ceiling: float | None, args: argpar
     if ceiling:
         print(f"redis-benchmark -t hset -P 64 -n 200000: {ceiling:,.0f} single-field HSETs/s "
               f"(a row here is one hash of {args.features + 1} fields)")
+    if floor:
+        print(f"Redis alone restoring the same {floor['rows']:,} hashes from ready-made RESTORE commands: "
+              f"{floor['seconds']:.2f}s = {floor['rows'] / floor['seconds']:,.0f} rows/s "
+              f"(redis-server CPU {floor['server_cpu']:.2f}s)"
+              + (f"; featurepipe reaches {floor['seconds'] / ours['seconds']:.0%} of it" if ours else ""))
     print(f"process start-up (import feast, open the store) is not timed: "
           f"{statistics.median(float(r['startup']) for r in results):.1f}s median")
 
