@@ -17,7 +17,7 @@ server before using it, and falls back to ``HSET`` if not):
 
 The commands are built by ``featurepipe/online/_native.c`` (compiled when featurepipe is
 installed: one C loop per row, the GIL released) and, where it is not compiled, by the NumPy
-code below, column by column (about 15x slower; the tests check both against a plain-Python
+code below, column by column (about 6x slower; the tests check both against a plain-Python
 construction from the specs).
 
 Redis stores a string that reads as a 64-bit integer (``"123"``) as an integer entry;
@@ -232,14 +232,6 @@ def restore_commands_numpy(keys: Piece, entries: Sequence[Piece], count: int, tt
     buf[:, last:last + 8] = crc.astype("<u8").view(np.uint8).reshape(n, 8)
     flat, _ = rows.compact(buf, mask, lengths)
     return flat
-
-
-def hash_payloads(entries: Sequence[Piece], count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Complete ``RESTORE`` payloads (with CRC) as a flat buffer and offsets."""
-    pieces = unsigned_payload(entries, count)
-    flat, offsets = rows.join(pieces)
-    crc = crc64(flat, offsets).astype("<u8").view(np.uint8).reshape(-1, 8)
-    return rows.join([*pieces, rows.fixed(crc)])
 
 
 def integer_like(piece: Piece) -> np.ndarray:
