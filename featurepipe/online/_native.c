@@ -166,7 +166,7 @@ static PyObject *scalar_values(PyObject *self, PyObject *args) {
         PyBuffer_Release(&v);
         return NULL;
     }
-    Py_ssize_t n = v.shape[0], width = kind == 0 ? 9 : kind == 1 ? 5 : 11;
+    Py_ssize_t n = v.shape[0], size = kind == 0 ? 8 : 4, width = kind == 2 ? 11 : 1 + size;
     PyObject *data = NULL, *lengths = NULL, *result = NULL;
     if (have_mask && m.shape[0] != n) {
         PyErr_SetString(PyExc_ValueError, "scalar_values: values and valid differ in length");
@@ -179,21 +179,21 @@ static PyObject *scalar_values(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++, out += width) {
         int present = valid == NULL || valid[i];
-        if (kind == 0) {
-            double x;
-            memcpy(&x, (const uint8_t *)v.buf + 8 * i, 8);
-            if (present && !isnan(x)) {
+        if (kind != 2) {  /* fixed width: the bytes as they are, NaN is null */
+            const uint8_t *src = (const uint8_t *)v.buf + size * i;
+            if (present && kind == 0) {
+                double x;
+                memcpy(&x, src, 8);
+                present = !isnan(x);
+            } else if (present) {
+                float x;
+                memcpy(&x, src, 4);
+                present = !isnan(x);
+            }
+            if (present) {
                 out[0] = (uint8_t)tag;
-                memcpy(out + 1, &x, 8);
-                len[i] = 9;
-            } else len[i] = 0;
-        } else if (kind == 1) {
-            float x;
-            memcpy(&x, (const uint8_t *)v.buf + 4 * i, 4);
-            if (present && !isnan(x)) {
-                out[0] = (uint8_t)tag;
-                memcpy(out + 1, &x, 4);
-                len[i] = 5;
+                memcpy(out + 1, src, (size_t)size);
+                len[i] = 1 + size;
             } else len[i] = 0;
         } else {
             if (present) {
@@ -260,7 +260,7 @@ static PyObject *restore_commands(PyObject *self, PyObject *args) {
     Py_ssize_t m = 0, got_v = 0;
     Py_buffer *vdata = NULL, *vlens = NULL;   /* per feature: matrix, lengths (or none) */
     const uint8_t **fptr = NULL;
-    int64_t *flen = NULL;
+    int64_t *flen = NULL, *lps = NULL;
 
     if (get(ko, &kb, "keys", 2, 1) < 0) goto done;
     have_k = 1;
@@ -314,6 +314,11 @@ static PyObject *restore_commands(PyObject *self, PyObject *args) {
     int count = (int)(2 * m < 65535 ? 2 * m : 65535);
 
     int64_t total = 0;
+    lps = PyMem_Malloc(((size_t)n + 1) * sizeof(int64_t));  /* each row's listpack size */
+    if (lps == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
         if (klen[i] < 0 || klen[i] > kw) {
             PyErr_SetString(PyExc_ValueError, "restore_commands: key length out of range");
@@ -328,6 +333,7 @@ static PyObject *restore_commands(PyObject *self, PyObject *args) {
             }
             lp += entry_size(len);
         }
+        lps[i] = lp;
         int rdb = lp < 64 ? 1 : lp < 16384 ? 2 : 5;
         int64_t plen = 1 + rdb + lp + 2 + 8;
         total += head_len + 1 + digits(klen[i]) + 2 + klen[i] + 2 + 1 + digits(ttl_len) + 2 + ttl_len + 2
@@ -339,8 +345,7 @@ static PyObject *restore_commands(PyObject *self, PyObject *args) {
 
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++) {
-        int64_t lp = 7 + fixed;
-        for (Py_ssize_t j = 0; j < m; j++) lp += entry_size(((const int64_t *)vlens[j].buf)[i]);
+        int64_t lp = lps[i];
         int rdb = lp < 64 ? 1 : lp < 16384 ? 2 : 5;
 
         memcpy(out, HEAD, (size_t)head_len);
@@ -395,6 +400,7 @@ done:
     PyMem_Free(vlens);
     PyMem_Free(fptr);
     PyMem_Free(flen);
+    PyMem_Free(lps);
     Py_XDECREF(fseq);
     Py_XDECREF(vseq);
     if (have_k) PyBuffer_Release(&kb);
