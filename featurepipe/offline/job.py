@@ -8,7 +8,6 @@ through Python.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,6 @@ class QueryPlan:
         from featurepipe.offline.store import connect
 
         con = connect(self.config)
-        spill = con.execute("SELECT current_setting('temp_directory')").fetchall()[0][0]
         try:
             query = self.plan(con)
             try:
@@ -49,7 +47,6 @@ class QueryPlan:
                 raise InvalidInput(f"offline query failed in DuckDB: {exc}") from exc
         finally:
             con.close()
-            shutil.rmtree(spill, ignore_errors=True)
 
 
 class FeaturepipeRetrievalJob(RetrievalJob):
@@ -85,6 +82,13 @@ class FeaturepipeRetrievalJob(RetrievalJob):
 
     def _to_arrow_internal(self, timeout: int | None = None) -> pa.Table:
         return self._query.run(lambda con, plan: plan.to_arrow(con))
+
+    def to_df(self, validation_reference: Any = None, timeout: int | None = None) -> pd.DataFrame:
+        """Feast's ``to_df`` without its ``reset_index`` copy: Arrow gives a RangeIndex already."""
+        frame = self.to_arrow(validation_reference=validation_reference, timeout=timeout).to_pandas()
+        if not isinstance(frame.index, pd.RangeIndex) or frame.index.start != 0 or frame.index.step != 1:
+            frame = frame.reset_index(drop=True)
+        return frame
 
     def _to_df_internal(self, timeout: int | None = None) -> pd.DataFrame:
         return self._to_arrow_internal(timeout).to_pandas()

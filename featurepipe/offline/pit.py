@@ -17,8 +17,11 @@ and slower, and only used when asked for.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import duckdb
@@ -28,6 +31,7 @@ import pyarrow as pa
 from featurepipe.batch.sql import literal, quote
 from featurepipe.errors import InvalidInput
 from featurepipe.offline.entity import ROW, EntityFrame, check_join_key_types
+from featurepipe.offline.index import SortedIndex, entity_sort_keys, open_or_build, verify_keys
 
 if TYPE_CHECKING:
     from feast.feature_view import FeatureView
@@ -158,16 +162,29 @@ def _ttl_condition(view: ViewRequest, as_of: str) -> str | None:
     return f"f.__fp_ts >= {as_of} - INTERVAL ({_micros(view.ttl)}) MICROSECONDS"
 
 
+# above this many entity rows the result is assembled in DuckDB (it can stream and spill)
+# rather than from the sorted index in memory
+INDEX_MAX_ENTITY_ROWS = 4_000_000
+# below this many entity rows the views are looked up one after the other (threads cost more)
+PARALLEL_LOOKUPS_ABOVE = 50_000
+
+
 def build_join(
     con: duckdb.DuckDBPyConnection,
     frame: EntityFrame,
     views: list[ViewRequest],
     filter_by_created_timestamp: bool = False,
+    index_directory: Path | None = None,
 ) -> JoinPlan:
-    """Create one temp table per view in ``con`` and return the plan that assembles them.
+    """Match every view and return the plan that assembles the result.
 
+    With ``index_directory``, a view is matched through its sorted index
+    (:mod:`featurepipe.offline.index`, built there when missing or stale); otherwise, or when
+    the index cannot serve the request, by an ASOF join over the files into a temp table.
     ``frame.table`` must be registered in ``con`` as ``__fp_entity``.
     """
+    use_index = index_directory is not None and frame.table.num_rows <= INDEX_MAX_ENTITY_ROWS
+    lookups: list[tuple[str, SortedIndex, ViewRequest, np.ndarray, np.ndarray]] = []
     as_of = f"e.{quote(frame.timestamp_column)}"
     lo_scalar, hi_scalar = frame.time_range()
     if not lo_scalar.is_valid:  # no entity rows: any bound works
@@ -193,6 +210,16 @@ def build_join(
             )
         taken |= set(view.features.values())
         alias = f"__fp_v{i}"
+        index = None
+        if use_index and not (filter_by_created_timestamp and view.created):
+            index = open_or_build(con, view, types, index_directory)
+        if index is not None:
+            keys, known = entity_sort_keys(con, frame, view, types)
+            lookups.append((alias, index, view, keys, known))
+            selects += [f"{alias}.{quote(o)}" for o in view.features.values()]
+            joins.append(f"LEFT JOIN {alias} ON {alias}.{ROW} = e.{ROW}")
+            matched.append((alias, list(view.features.values())))
+            continue
         key_match = [f"e.{quote(ent)} = f.__k{j}" for j, ent in enumerate(view.join_keys.values())]
         ttl = _ttl_condition(view, as_of)
         if filter_by_created_timestamp and view.created:
@@ -233,11 +260,38 @@ def build_join(
         selects += [f"{alias}.{quote(o)}" for o in view.features.values()]
         joins.append(f"{join_kind} {alias} ON {alias}.{ROW} = e.{ROW}")
         matched.append((alias, list(view.features.values())))
+    aligned = _look_up(frame, lookups)
+    for alias, part in aligned.items():
+        con.register(alias, part.append_column(ROW, pa.array(np.arange(frame.table.num_rows, dtype=np.int64))))
     return JoinPlan(
         frame=frame,
         views=matched,
+        aligned=aligned,
         final_sql=f"SELECT {', '.join(selects)} FROM {ENTITY} e {' '.join(joins)} ORDER BY e.{ROW}",
     )
+
+
+def _look_up(
+    frame: EntityFrame, lookups: list[tuple[str, SortedIndex, ViewRequest, np.ndarray, np.ndarray]]
+) -> dict[str, pa.Table]:
+    """Each indexed view's features aligned with the entity rows, the views in parallel threads.
+
+    The searches (C) and takes (Arrow) release the GIL, so the views share the cores.
+    """
+    as_of = frame.table.column(frame.timestamp_column).cast(pa.int64()).to_numpy()
+
+    def one(item: tuple[str, SortedIndex, ViewRequest, np.ndarray, np.ndarray]) -> pa.Table:
+        _, index, view, keys, known = item
+        rows = index.lookup(keys, known, as_of, _micros(view.ttl) if view.ttl else None)
+        rows = verify_keys(index, frame, view, rows)
+        return index.take(rows, list(view.features)).rename_columns(list(view.features.values()))
+
+    if len(lookups) > 1 and frame.table.num_rows >= PARALLEL_LOOKUPS_ABOVE:
+        with ThreadPoolExecutor(max_workers=min(len(lookups), os.cpu_count() or 1)) as pool:
+            parts = list(pool.map(one, lookups))
+    else:
+        parts = [one(item) for item in lookups]
+    return {item[0]: part for item, part in zip(lookups, parts)}
 
 
 @dataclass(frozen=True)
@@ -265,12 +319,17 @@ class JoinPlan(SqlPlan):
 
     frame: EntityFrame | None = None
     views: list[tuple[str, list[str]]] = field(default_factory=list)
+    aligned: dict[str, pa.Table] = field(default_factory=dict)  # views matched through an index
 
     def to_arrow(self, con: duckdb.DuckDBPyConnection) -> pa.Table:
         assert self.frame is not None
         n = self.frame.table.num_rows
         result = self.frame.table.drop_columns([ROW])
         for alias, outputs in self.views:
+            if alias in self.aligned:
+                for name in outputs:
+                    result = result.append_column(name, self.aligned[alias].column(name))
+                continue
             part = con.sql(f"SELECT {ROW}, {', '.join(quote(o) for o in outputs)} FROM {alias}").to_arrow_table()
             index = np.full(n, -1, dtype=np.int64)
             index[part.column(ROW).to_numpy()] = np.arange(part.num_rows, dtype=np.int64)

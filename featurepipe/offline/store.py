@@ -17,8 +17,11 @@ feature row of its key before filtering: quadratic in the rows per key.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -57,22 +60,57 @@ class FeaturepipeOfflineStoreConfig(DuckDBOfflineStoreConfig):
     """Where DuckDB spills; default a fresh folder in the system temp directory."""
     threads: int | None = None
     """DuckDB threads; default all cores."""
+    index: bool = True
+    """Match through a sorted copy of each view's rows, built once per version of its files
+    (see :mod:`featurepipe.offline.index`); False: scan the files on every retrieval."""
+    index_directory: str | None = None
+    """Where the sorted copies live; default ``<repo>/.featurepipe/offline-index``."""
+
+
+def index_directory(config: RepoConfig | None) -> Path | None:
+    """Where the offline index lives, or None when it is switched off."""
+    options = getattr(config, "offline_store", None)
+    if not getattr(options, "index", True):
+        return None
+    if getattr(options, "index_directory", None):
+        return Path(options.index_directory)
+    repo = getattr(config, "repo_path", None)
+    base = Path(repo) if repo else Path(tempfile.gettempdir())
+    return base / ".featurepipe" / "offline-index"
+
+
+_DATABASES: dict[tuple[object, ...], duckdb.DuckDBPyConnection] = {}
+_DATABASES_LOCK = threading.Lock()
 
 
 def connect(config: RepoConfig | None = None) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection in UTC, with the store's memory and spill settings."""
-    con = duckdb.connect()
-    con.execute("SET TimeZone = 'UTC'")
+    """A DuckDB connection in UTC, with the store's memory and spill settings.
+
+    Opening a DuckDB database costs about 30 ms here, more than a whole small retrieval, so
+    each process keeps one in-memory database per setting and hands out cursors: each cursor
+    is its own session (its temp tables and registered Arrow tables are its own). Close it
+    when done.
+    """
     options = getattr(config, "offline_store", None)
     spill = getattr(options, "temp_directory", None) or os.path.join(
         tempfile.gettempdir(), f"featurepipe-duckdb-{os.getpid()}"
     )
-    con.execute(f"SET temp_directory = {literal(spill)}")
-    if getattr(options, "memory_limit", None):
-        con.execute(f"SET memory_limit = {literal(options.memory_limit)}")
-    if getattr(options, "threads", None):
-        con.execute(f"SET threads = {int(options.threads)}")
-    con.execute("SET preserve_insertion_order = false")
+    settings = (spill, getattr(options, "memory_limit", None), getattr(options, "threads", None))
+    with _DATABASES_LOCK:
+        database = _DATABASES.get(settings)
+        if database is None:
+            database = duckdb.connect()
+            database.execute(f"SET temp_directory = {literal(spill)}")
+            if settings[1]:
+                database.execute(f"SET memory_limit = {literal(settings[1])}")
+            if settings[2]:
+                database.execute(f"SET threads = {int(settings[2])}")
+            database.execute("SET preserve_insertion_order = false")
+            _DATABASES[settings] = database
+            if not getattr(options, "temp_directory", None):
+                atexit.register(shutil.rmtree, spill, True)
+    con = database.cursor()
+    con.execute("SET TimeZone = 'UTC'")
     return con
 
 
@@ -125,7 +163,7 @@ class FeaturepipeOfflineStore(DuckDBOfflineStore):
         def plan(con: duckdb.DuckDBPyConnection) -> SqlPlan:
             frame = read_entity_frame(entity_df, con)
             con.register(ENTITY, frame.table)
-            return build_join(con, frame, views, filter_by_created_timestamp)
+            return build_join(con, frame, views, filter_by_created_timestamp, index_directory(config))
 
         return FeaturepipeRetrievalJob(
             QueryPlan(config=config, plan=plan),

@@ -1,5 +1,6 @@
 /* The hot loops of materialisation, one pass per row, the GIL released (DuckDB keeps
- * scanning in its own thread meanwhile).
+ * scanning in its own thread meanwhile), and the offline index's lookup (asof_rows, at the
+ * end of this file).
  *
  * featurepipe.online.codec and featurepipe.online.dump build the same bytes with NumPy:
  * that is the fallback when this module is not compiled, and the tests' second opinion
@@ -417,7 +418,86 @@ static PyObject *py_crc64(PyObject *self, PyObject *args) {
     return PyLong_FromUnsignedLongLong(crc);
 }
 
+/* asof_rows(keys, starts, ts, qkeys, known, qts, ttl, out): the offline index's lookup
+ * (featurepipe.offline.index, which has the NumPy fallback). keys: distinct uint64 sort
+ * keys, ascending; starts: int64, len(keys) + 1, where each key's rows start; ts: int64 event
+ * times, ascending within a key. For query i (skipped where known[i] is 0): the last row r of
+ * key qkeys[i] with ts[r] <= qts[i], and, if ttl >= 0, ts[r] >= qts[i] - ttl; out[i] = r or -1.
+ */
+static PyObject *asof_rows(PyObject *self, PyObject *args) {
+    PyObject *ko, *so, *to, *qko, *kno, *qto, *oo;
+    long long ttl;
+    if (!PyArg_ParseTuple(args, "OOOOOOLO", &ko, &so, &to, &qko, &kno, &qto, &ttl, &oo)) return NULL;
+    Py_buffer kb, sb, tb, qkb, knb, qtb, ob;
+    int got = 0;
+    PyObject *result = NULL;
+    if (get(ko, &kb, "keys", 1, 8) < 0) goto done;
+    got = 1;
+    if (get(so, &sb, "starts", 1, 8) < 0) goto done;
+    got = 2;
+    if (get(to, &tb, "ts", 1, 8) < 0) goto done;
+    got = 3;
+    if (get(qko, &qkb, "qkeys", 1, 8) < 0) goto done;
+    got = 4;
+    if (get(kno, &knb, "known", 1, 1) < 0) goto done;
+    got = 5;
+    if (get(qto, &qtb, "qts", 1, 8) < 0) goto done;
+    got = 6;
+    if (PyObject_GetBuffer(oo, &ob, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) < 0) goto done;
+    got = 7;
+    Py_ssize_t nk = kb.len / 8, nrows = tb.len / 8, n = qkb.len / 8;
+    if (sb.len / 8 != nk + 1 || knb.len != n || qtb.len / 8 != n || ob.len / 8 != n || ob.itemsize != 8) {
+        PyErr_SetString(PyExc_ValueError, "asof_rows: array lengths do not match");
+        goto done;
+    }
+    const uint64_t *keys = kb.buf, *qkeys = qkb.buf;
+    const int64_t *starts = sb.buf, *ts = tb.buf, *qts = qtb.buf;
+    const uint8_t *known = knb.buf;
+    int64_t *out = ob.buf;
+    int bad = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        out[i] = -1;
+        if (!known[i]) continue;
+        uint64_t q = qkeys[i];
+        Py_ssize_t lo = 0, hi = nk;  /* first key >= q */
+        while (lo < hi) {
+            Py_ssize_t mid = lo + ((hi - lo) >> 1);
+            if (keys[mid] < q) lo = mid + 1; else hi = mid;
+        }
+        if (lo == nk || keys[lo] != q) continue;
+        int64_t first = starts[lo], end = starts[lo + 1];
+        if (first < 0 || end < first || end > nrows) { bad = 1; break; }
+        int64_t t = qts[i], a = first, b = end;  /* first row with ts > t */
+        while (a < b) {
+            int64_t mid = a + ((b - a) >> 1);
+            if (ts[mid] <= t) a = mid + 1; else b = mid;
+        }
+        int64_t r = a - 1;
+        if (r < first) continue;
+        if (ttl >= 0 && ts[r] < t - ttl) continue;
+        out[i] = r;
+    }
+    Py_END_ALLOW_THREADS
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "asof_rows: starts out of range (a damaged index?)");
+        goto done;
+    }
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    if (got >= 7) PyBuffer_Release(&ob);
+    if (got >= 6) PyBuffer_Release(&qtb);
+    if (got >= 5) PyBuffer_Release(&knb);
+    if (got >= 4) PyBuffer_Release(&qkb);
+    if (got >= 3) PyBuffer_Release(&tb);
+    if (got >= 2) PyBuffer_Release(&sb);
+    if (got >= 1) PyBuffer_Release(&kb);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"asof_rows", asof_rows, METH_VARARGS, "The offline index's point-in-time lookup, one binary search pair a row."},
     {"scalar_values", scalar_values, METH_VARARGS, "Serialized feast Value protos of a numeric column."},
     {"timestamps", timestamps, METH_VARARGS, "Serialized protobuf Timestamps of epoch microseconds."},
     {"restore_commands", restore_commands, METH_VARARGS, "RESTORE commands of whole hashes, one per row."},
