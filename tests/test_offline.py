@@ -109,13 +109,28 @@ def edge_entity_df() -> pd.DataFrame:
     return frame.sample(frac=1.0, random_state=3).reset_index(drop=True)  # order is the caller's
 
 
-@pytest.mark.parametrize("prune_keys", [True, False], ids=["semi-join", "no-semi-join"])
-def test_edge_cases_match_the_reference(
-    repo: Path, stores: tuple[Any, Any], prune_keys: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def use_engine(monkeypatch: pytest.MonkeyPatch, engine: str) -> None:
+    """``index``: match through the sorted index; ``scan``/``scan-no-semi-join``: ASOF over the files."""
     from featurepipe.offline import pit
 
-    monkeypatch.setattr(pit, "SEMI_JOIN_MAX_ENTITY_ROWS", 10**9 if prune_keys else 0)
+    if engine.startswith("scan"):
+        monkeypatch.setattr(pit, "INDEX_MAX_ENTITY_ROWS", -1)
+    monkeypatch.setattr(pit, "SEMI_JOIN_MAX_ENTITY_ROWS", 0 if engine == "scan-no-semi-join" else 10**9)
+
+
+def index_folders(repo: Path) -> list[str]:
+    root = repo / ".featurepipe" / "offline-index"
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) if root.exists() else []
+
+
+ENGINES = ["index", "scan", "scan-no-semi-join"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_edge_cases_match_the_reference(
+    repo: Path, stores: tuple[Any, Any], engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_engine(monkeypatch, engine)
     ours_store, _ = stores
     tables = tables_from(EDGE_USER, EDGE_PAIR, [])  # the merchant view is empty
     write_tables(repo, tables)
@@ -133,6 +148,8 @@ def test_edge_cases_match_the_reference(
     assert by_row.loc[5, ["amount", "score"]].isna().all()
     assert by_row.loc[7, "score"] == 0.3
     assert ours["rating"].isna().all()
+    if engine == "index":  # one index per view, the empty one included
+        assert len(index_folders(repo)) == 3
 
 
 def test_naive_and_aware_timestamps_agree(repo: Path, stores: tuple[Any, Any]) -> None:
@@ -200,10 +217,19 @@ random_case = st.composite(lambda draw: _tables_and_entities(draw))()
 RANDOM_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], derandomize=True)
 
 
+@pytest.mark.parametrize("engine", ["index", "scan"])
 @pytest.mark.parametrize("created_cutoff", [False, True], ids=["asof", "filter_by_created_timestamp"])
 @settings(max_examples=40, **RANDOM_SETTINGS)
 @given(case=random_case)
-def test_random_cases_match_the_reference(repo: Path, stores: tuple[Any, Any], created_cutoff: bool, case: Any) -> None:
+def test_random_cases_match_the_reference(
+    repo: Path, stores: tuple[Any, Any], created_cutoff: bool, engine: str, case: Any
+) -> None:
+    with pytest.MonkeyPatch.context() as monkeypatch:  # hypothesis runs many examples per test call
+        use_engine(monkeypatch, engine)
+        _check_random_case(repo, stores, created_cutoff, case)
+
+
+def _check_random_case(repo: Path, stores: tuple[Any, Any], created_cutoff: bool, case: Any) -> None:
     ours_store, _ = stores
     tables, entity_df = case
     write_tables(repo, tables)
@@ -329,3 +355,120 @@ def test_unknown_feature_is_named(stores: tuple[Any, Any]) -> None:
     ours_store, _ = stores
     with pytest.raises(Exception, match="no_such_feature"):
         retrieve(ours_store, edge_entity_df(), ["user_stats:no_such_feature"])
+
+
+# --- the sorted index: its other code paths, staleness, fallbacks -----------------------------
+
+def _medium_case(seed: int) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
+    """A few thousand feature rows, many per key, ties on event time broken by created time."""
+    rng = np.random.default_rng(seed)
+
+    def stamps(n: int) -> pd.Series:
+        # whole seconds (ties) plus the odd microsecond (TTL edges)
+        micros = rng.integers(0, 200, n) * 1_000_000 + rng.choice([0, 0, 0, 1, 999_999], n)
+        return pd.Series(pd.Timestamp(T0) + pd.to_timedelta(micros, unit="us"))
+
+    user = pd.DataFrame({"user_id": rng.integers(1, 40, 3000), "event_ts": stamps(3000),
+                         "created_ts": pd.Timestamp(T0) + pd.to_timedelta(rng.integers(0, 4, 3000), unit="s"),
+                         "amt": rng.normal(size=3000), "cnt": rng.integers(-5, 5, 3000)})
+    pair = pd.DataFrame({"user_id": rng.integers(1, 40, 2000), "merchant_id": rng.integers(1, 6, 2000),
+                         "ts": stamps(2000) - pd.to_timedelta(rng.integers(0, 3, 2000), unit="D"), "score": rng.random(2000)})
+    merchant = pd.DataFrame({"merchant_id": rng.integers(1, 6, 500), "event_ts": stamps(500),
+                             "created_ts": pd.Timestamp(T0) + pd.to_timedelta(rng.integers(0, 4, 500), unit="s"),
+                             "rating": rng.random(500) * 5})
+    tables = tables_from(user.to_dict("records"), pair.to_dict("records"), merchant.to_dict("records"))
+    tables["user_stats"] = tables["user_stats"].drop_duplicates(["user_id", "event_ts", "created_ts"])
+    tables["merchant_stats"] = tables["merchant_stats"].drop_duplicates(["merchant_id", "event_ts", "created_ts"])
+    tables["pair_stats"] = tables["pair_stats"].drop_duplicates(["user_id", "merchant_id", "ts"])
+    n = 400
+    entity_df = pd.DataFrame({"row_id": np.arange(n), "user_id": rng.integers(0, 42, n),
+                              "merchant_id": rng.integers(0, 7, n), "event_timestamp": stamps(n)})
+    return tables, entity_df
+
+
+@pytest.mark.parametrize("path", ["c-sorted-parallel-batched", "numpy-batched", "c-small"])
+def test_index_code_paths_match_the_reference(
+    repo: Path, stores: tuple[Any, Any], path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sorted-query search, parallel views, several record batches and the NumPy fallback."""
+    from featurepipe.offline import index, pit
+
+    use_engine(monkeypatch, "index")
+    if path != "c-small":
+        monkeypatch.setattr(index, "BATCH_ROWS", 97)  # several record batches per view
+    if path.startswith("c-sorted"):
+        monkeypatch.setattr(index, "SORT_QUERIES_ABOVE", 0)
+        monkeypatch.setattr(pit, "PARALLEL_LOOKUPS_ABOVE", 0)
+    if path.startswith("numpy"):
+        monkeypatch.setattr(index, "compiled", None)
+    else:
+        assert index.compiled is not None, "the C part is not compiled: run `make install` with a C compiler"
+    tables, entity_df = _medium_case(seed=len(path))
+    write_tables(repo, tables)
+    ours = retrieve(stores[0], entity_df, ALL)
+    expected = reference(entity_df, tables, ALL_REQUESTS)
+    assert_same(ours, expected, ["row_id", "user_id", "merchant_id", "event_timestamp", *FEATURE_COLUMNS])
+    assert ours[FEATURE_COLUMNS].notna().sum().min() > 20  # the case has matches in every view
+    if path != "c-small":
+        opened = [index.SortedIndex.open(repo / ".featurepipe" / "offline-index" / f) for f in index_folders(repo)]
+        assert max(len(o.batches) for o in opened) > 1
+
+
+def test_index_is_rebuilt_when_the_files_change(repo: Path, stores: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    use_engine(monkeypatch, "index")
+    tables = tables_from(EDGE_USER, EDGE_PAIR, [])
+    write_tables(repo, tables)
+    entity_df = edge_entity_df()
+    retrieve(stores[0], entity_df, ALL)
+    before = index_folders(repo)
+    tables["user_stats"]["amt"] = tables["user_stats"]["amt"] + 100  # same size, new values
+    write_tables(repo, tables)
+    ours = retrieve(stores[0], entity_df, ALL)
+    assert_same(ours, reference(entity_df, tables, ALL_REQUESTS), ["row_id", *FEATURE_COLUMNS])
+    after = index_folders(repo)
+    assert len(after) == 3 and after != before  # new versions; the old ones are gone
+
+
+def test_hash_clash_falls_back_to_the_scan(repo: Path, stores: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two compound keys with one 64-bit hash cannot share an index: the view is scanned instead."""
+    import json
+
+    from featurepipe.offline import index
+
+    use_engine(monkeypatch, "index")
+    monkeypatch.setattr(index, "hash_clashes", lambda con, view: True)
+    tables = tables_from(EDGE_USER, EDGE_PAIR, [])
+    write_tables(repo, tables)
+    entity_df = edge_entity_df()
+    ours = retrieve(stores[0], entity_df, ALL)
+    assert_same(ours, reference(entity_df, tables, ALL_REQUESTS), ["row_id", *FEATURE_COLUMNS])
+    root = repo / ".featurepipe" / "offline-index"
+    metas = [json.loads((root / f / "meta.json").read_text()) for f in index_folders(repo)]
+    assert [m["view"] for m in metas if m.get("usable") is False] == ["pair_stats"]
+
+
+def test_hashed_keys_are_checked_on_every_match(repo: Path, stores: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key absent from the view that shares a hash with a present one must not match it."""
+    import json
+
+    from featurepipe.offline import index
+    from featurepipe.offline.entity import read_entity_frame
+    from featurepipe.offline.pit import ViewRequest
+    from featurepipe.offline.store import connect
+
+    use_engine(monkeypatch, "index")
+    write_tables(repo, tables_from(EDGE_USER, EDGE_PAIR, []))
+    retrieve(stores[0], edge_entity_df(), ALL)
+    root = repo / ".featurepipe" / "offline-index"
+    folder = next(root / f for f in index_folders(repo) if json.loads((root / f / "meta.json").read_text())["view"] == "pair_stats")
+    opened = index.SortedIndex.open(folder)
+    assert not opened.direct
+    stored = opened.take(np.array([0]), ["user_id", "merchant_id"]).to_pylist()[0]
+    view = ViewRequest("pair_stats", "", {"user_id": "user_id", "merchant_id": "merchant_id"}, "ts", None, {"score": "score"}, None)
+    con = connect()
+    try:
+        for keys, kept in [(stored, True), ({"user_id": 9, "merchant_id": 9}, False)]:
+            frame = read_entity_frame(pd.DataFrame([{**keys, "event_timestamp": T0}]), con)
+            assert index.verify_keys(opened, frame, view, np.array([0])).tolist() == ([0] if kept else [-1])
+    finally:
+        con.close()

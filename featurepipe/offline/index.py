@@ -262,6 +262,17 @@ def verify_keys(index: SortedIndex, frame: EntityFrame, view: ViewRequest, rows:
     return rows
 
 
+def hash_clashes(con: duckdb.DuckDBPyConnection, view: ViewRequest) -> bool:
+    """Whether two distinct join keys of the view share a 64-bit hash."""
+    keys = [quote(k) for k in view.join_keys]
+    return bool(
+        con.execute(
+            f"SELECT count(DISTINCT hash({', '.join(keys)})) <> count(DISTINCT ({', '.join(keys)})) "
+            f"FROM {view.scan()} WHERE {' AND '.join(f'{k} IS NOT NULL' for k in keys)}"
+        ).fetchall()[0][0]
+    )
+
+
 def open_or_build(
     con: duckdb.DuckDBPyConnection, view: ViewRequest, types: dict[str, str], directory: Path
 ) -> SortedIndex | None:
@@ -299,11 +310,7 @@ def _build(
     try:
         if not direct:
             # two distinct keys with one hash would interleave their rows: then no index
-            clashes = con.execute(
-                f"SELECT count(DISTINCT hash({', '.join(keys)})) <> count(DISTINCT ({', '.join(keys)})) "
-                f"FROM {view.scan()} WHERE {' AND '.join(f'{k} IS NOT NULL' for k in keys)}"
-            ).fetchall()[0][0]
-            if clashes:
+            if hash_clashes(con, view):
                 log.warning("offline index for view %r: two join keys share a 64-bit hash; scanning instead", view.name)
                 meta["usable"] = False
                 (tmp / "meta.json").write_text(json.dumps(meta))
