@@ -386,14 +386,36 @@ def _medium_case(seed: int) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
     return tables, entity_df
 
 
-@pytest.mark.parametrize("path", ["c-sorted-parallel-batched", "numpy-batched", "c-small"])
+def _spread_keys(tables: dict[str, pd.DataFrame], entity_df: pd.DataFrame) -> None:
+    """Ids spread over most of int64: a single key packs into 63 bits, the pair needs a hash."""
+    def user(v: pd.Series) -> pd.Series:
+        return v * 2**57 - 2**62
+
+    def merchant(v: pd.Series) -> pd.Series:
+        return v * 2**59 - 2**61
+
+    for frame in [*tables.values(), entity_df]:
+        if "user_id" in frame:
+            frame["user_id"] = user(frame["user_id"])
+        if "merchant_id" in frame:
+            frame["merchant_id"] = merchant(frame["merchant_id"])
+
+
+@pytest.mark.parametrize(
+    "path", ["c-sorted-parallel-batched", "numpy-batched", "c-small", "hashed-keys", "spread-keys"]
+)
 def test_index_code_paths_match_the_reference(
     repo: Path, stores: tuple[Any, Any], path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The sorted-query search, parallel views, several record batches and the NumPy fallback."""
+    """The sorted-query search, parallel views, several record batches, the NumPy fallback,
+    hashed keys, and integer keys packed over most of the int64 range."""
+    import json
+
     from featurepipe.offline import index, pit
 
     use_engine(monkeypatch, "index")
+    if path == "hashed-keys":  # as for string keys, or integers too far apart to pack
+        monkeypatch.setattr(index, "_packing", lambda con, view, types: None)
     if path != "c-small":
         monkeypatch.setattr(index, "BATCH_ROWS", 97)  # several record batches per view
     if path.startswith("c-sorted"):
@@ -404,11 +426,17 @@ def test_index_code_paths_match_the_reference(
     else:
         assert index.compiled is not None, "the C part is not compiled: run `make install` with a C compiler"
     tables, entity_df = _medium_case(seed=len(path))
+    if path == "spread-keys":
+        _spread_keys(tables, entity_df)
     write_tables(repo, tables)
     ours = retrieve(stores[0], entity_df, ALL)
     expected = reference(entity_df, tables, ALL_REQUESTS)
     assert_same(ours, expected, ["row_id", "user_id", "merchant_id", "event_timestamp", *FEATURE_COLUMNS])
     assert ours[FEATURE_COLUMNS].notna().sum().min() > 20  # the case has matches in every view
+    root = repo / ".featurepipe" / "offline-index"
+    packed = {m["view"]: m["packing"] is not None for m in (json.loads((root / f / "meta.json").read_text()) for f in index_folders(repo))}
+    expected_packed = {"hashed-keys": {False}, "spread-keys": {True, False}}.get(path, {True})
+    assert set(packed.values()) == expected_packed, packed
     if path != "c-small":
         opened = [index.SortedIndex.open(repo / ".featurepipe" / "offline-index" / f) for f in index_folders(repo)]
         assert max(len(o.batches) for o in opened) > 1
@@ -430,12 +458,13 @@ def test_index_is_rebuilt_when_the_files_change(repo: Path, stores: tuple[Any, A
 
 
 def test_hash_clash_falls_back_to_the_scan(repo: Path, stores: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two compound keys with one 64-bit hash cannot share an index: the view is scanned instead."""
+    """Two keys with one 64-bit hash cannot share an index: the view is scanned instead."""
     import json
 
     from featurepipe.offline import index
 
     use_engine(monkeypatch, "index")
+    monkeypatch.setattr(index, "_packing", lambda con, view, types: None)  # hash every key
     monkeypatch.setattr(index, "hash_clashes", lambda con, view: True)
     tables = tables_from(EDGE_USER, EDGE_PAIR, [])
     write_tables(repo, tables)
@@ -444,7 +473,7 @@ def test_hash_clash_falls_back_to_the_scan(repo: Path, stores: tuple[Any, Any], 
     assert_same(ours, reference(entity_df, tables, ALL_REQUESTS), ["row_id", *FEATURE_COLUMNS])
     root = repo / ".featurepipe" / "offline-index"
     metas = [json.loads((root / f / "meta.json").read_text()) for f in index_folders(repo)]
-    assert [m["view"] for m in metas if m.get("usable") is False] == ["pair_stats"]
+    assert sorted(m["view"] for m in metas if m.get("usable") is False) == ["merchant_stats", "pair_stats", "user_stats"]
 
 
 def test_hashed_keys_are_checked_on_every_match(repo: Path, stores: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -457,12 +486,13 @@ def test_hashed_keys_are_checked_on_every_match(repo: Path, stores: tuple[Any, A
     from featurepipe.offline.store import connect
 
     use_engine(monkeypatch, "index")
+    monkeypatch.setattr(index, "_packing", lambda con, view, types: None)  # hash every key
     write_tables(repo, tables_from(EDGE_USER, EDGE_PAIR, []))
     retrieve(stores[0], edge_entity_df(), ALL)
     root = repo / ".featurepipe" / "offline-index"
     folder = next(root / f for f in index_folders(repo) if json.loads((root / f / "meta.json").read_text())["view"] == "pair_stats")
     opened = index.SortedIndex.open(folder)
-    assert not opened.direct
+    assert opened.packing is None
     stored = opened.take(np.array([0]), ["user_id", "merchant_id"]).to_pylist()[0]
     view = ViewRequest("pair_stats", "", {"user_id": "user_id", "merchant_id": "merchant_id"}, "ts", None, {"score": "score"}, None)
     con = connect()

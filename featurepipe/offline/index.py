@@ -60,25 +60,50 @@ SORT_QUERIES_ABOVE = 50_000
 # rows per record batch of rows.arrow: one batch (one take, no sort) up to this many rows;
 # building holds one batch in memory
 BATCH_ROWS = 1 << 23
-SIGN = np.uint64(1 << 63)
-# join-key types a single key can be sorted by directly (as int64)
+# join-key types whose values fit in an int64: keys made of these sort by their packed values
 INTEGER_TYPES = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT", "UINTEGER"}
 
 
-def _direct(view: ViewRequest, types: dict[str, str]) -> bool:
-    """A single integer key: the key itself is the sort key (no hash, nothing to verify)."""
-    return len(view.join_keys) == 1 and types[next(iter(view.join_keys))].upper() in INTEGER_TYPES
+def _integer_keys(view: ViewRequest, types: dict[str, str]) -> bool:
+    return all(types[k].upper() in INTEGER_TYPES for k in view.join_keys)
 
 
-def _sort_key_sql(view: ViewRequest, types: dict[str, str], alias: str = "") -> str:
-    """The DuckDB expression of the sort key of a feature row (``alias.`` prefixes columns)."""
-    cols = [f"{alias}{quote(k)}" for k in view.join_keys]
-    if _direct(view, types):
-        return f"CAST({cols[0]} AS BIGINT)"
-    return f"hash({', '.join(cols)})"
+def _packing(con: duckdb.DuckDBPyConnection, view: ViewRequest, types: dict[str, str]) -> dict[str, list[int]] | None:
+    """How integer keys pack into one uint64 sort key, or None (hash them instead).
+
+    Key i becomes ``(value - min_i) << shift_i``; the later keys take the low bits, so the
+    packed order is the keys' lexicographic order, and the packing is exact (no hash, nothing
+    to verify) whenever the keys' ranges fit in 64 bits together.
+    """
+    if not _integer_keys(view, types):
+        return None
+    keys = [quote(k) for k in view.join_keys]
+    bounds = con.execute(
+        f"SELECT {', '.join(f'min({k}), max({k})' for k in keys)} FROM {view.scan()} "
+        f"WHERE {' AND '.join(f'{k} IS NOT NULL' for k in keys)}"
+    ).fetchall()[0]
+    mins = [int(v) if v is not None else 0 for v in bounds[0::2]]
+    maxs = [int(v) if v is not None else 0 for v in bounds[1::2]]
+    bits = [(hi - lo).bit_length() for lo, hi in zip(mins, maxs)]
+    if sum(bits) > 64:
+        return None
+    shifts = [sum(bits[i + 1 :]) for i in range(len(bits))]
+    return {"mins": mins, "maxs": maxs, "shifts": shifts}
 
 
-def digest(view: ViewRequest, types: dict[str, str]) -> tuple[str, str]:
+def _sort_key_sql(view: ViewRequest, packing: dict[str, list[int]] | None) -> str:
+    """The DuckDB expression of a feature row's uint64 sort key."""
+    cols = [quote(k) for k in view.join_keys]
+    if packing is None:
+        return f"hash({', '.join(cols)})"
+    parts = [
+        f"((CAST({c} AS HUGEINT) - ({lo})) << {shift})"
+        for c, lo, shift in zip(cols, packing["mins"], packing["shifts"])
+    ]
+    return f"CAST({' + '.join(parts)} AS UBIGINT)"
+
+
+def digest(view: ViewRequest) -> tuple[str, str]:
     """(family, version): the family names what the index is of, the version its content."""
     family = hashlib.sha1(
         json.dumps([view.path, sorted(view.join_keys), view.timestamp, view.created, FORMAT]).encode()
@@ -87,10 +112,17 @@ def digest(view: ViewRequest, types: dict[str, str]) -> tuple[str, str]:
     for f in view.files:
         st = os.stat(f)
         files.append([f, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
-    version = hashlib.sha1(
-        json.dumps([files, sorted(types.items()), duckdb.__version__]).encode()
-    ).hexdigest()[:16]
+    version = hashlib.sha1(json.dumps([files, duckdb.__version__]).encode()).hexdigest()[:16]
     return family, version
+
+
+def cached_meta(view: ViewRequest, directory: Path) -> dict | None:
+    """The metadata of the view's index if it is built for the current files (no DuckDB needed)."""
+    family, version = digest(view)
+    try:
+        return json.loads((directory / f"{family}-{version}" / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass
@@ -98,7 +130,7 @@ class SortedIndex:
     """An open index: memory-mapped arrays and record batches."""
 
     folder: Path
-    direct: bool
+    packing: dict[str, list[int]] | None  # None: the keys are hashed
     key_columns: list[str]
     keys: np.ndarray  # distinct sort keys, ascending as uint64 (int64 keys have their sign bit flipped)
     starts: np.ndarray  # int64, len(keys) + 1: where each key's rows start
@@ -115,7 +147,7 @@ class SortedIndex:
         sizes = np.array([b.num_rows for b in batches], dtype=np.int64)
         return cls(
             folder=folder,
-            direct=meta["direct"],
+            packing=meta["packing"],
             key_columns=meta["key_columns"],
             keys=np.load(folder / "keys.npy", mmap_mode="r"),
             starts=np.load(folder / "starts.npy", mmap_mode="r"),
@@ -209,23 +241,25 @@ class SortedIndex:
 
 
 def entity_sort_keys(
-    con: duckdb.DuckDBPyConnection, frame: EntityFrame, view: ViewRequest, types: dict[str, str]
+    con: duckdb.DuckDBPyConnection, frame: EntityFrame, view: ViewRequest, index: SortedIndex, types: dict[str, str]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(uint64 sort keys, known mask) of the entity rows for ``view``'s index."""
+    """(uint64 sort keys, known mask) of the entity rows for ``view``'s index.
+
+    ``known`` is False where the row's key cannot be in the index: a null, or a value
+    outside the stored keys' range (packed keys) or not of the stored type (hashed keys).
+    """
     n = frame.table.num_rows
-    if _direct(view, types):
-        column = frame.table.column(next(iter(view.join_keys.values())))
-        known = ~np.asarray(column.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-        values = column.fill_null(0)
-        if pa.types.is_unsigned_integer(values.type):  # keys past int64 cannot be in an integer column
-            too_big = pc.greater(values, np.iinfo(np.int64).max).to_numpy(zero_copy_only=False)
-            known &= ~np.asarray(too_big, dtype=bool)
-            values = pc.if_else(too_big, 0, values)
-        keys = np.asarray(values.cast(pa.int64()).to_numpy(zero_copy_only=False), dtype=np.int64)
-        return keys.view(np.uint64) ^ SIGN, known
-    casts = [
-        f"TRY_CAST(e.{quote(ent)} AS {types[src]})" for src, ent in view.join_keys.items()
-    ]
+    if index.packing is not None:
+        keys = np.zeros(n, dtype=np.uint64)
+        known = np.ones(n, dtype=bool)
+        packing = index.packing
+        for ent, lo, hi, shift in zip(view.join_keys.values(), packing["mins"], packing["maxs"], packing["shifts"]):
+            values, valid = _int64_values(frame.table.column(ent))
+            known &= valid & (values >= lo) & (values <= hi)
+            offset = values.view(np.uint64) - np.uint64(lo % (1 << 64))  # exact where known (wraps elsewhere)
+            keys |= offset << np.uint64(shift)
+        return keys, known
+    casts = [f"TRY_CAST(e.{quote(ent)} AS {types[src]})" for src, ent in view.join_keys.items()]
     nulls = " OR ".join(f"{c} IS NULL" for c in casts)
     result = con.sql(
         f"SELECT {ROW}, hash({', '.join(casts)}) AS h, NOT ({nulls}) AS known FROM __fp_entity e"
@@ -238,9 +272,18 @@ def entity_sort_keys(
     return keys, known
 
 
+def _int64_values(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """An integer column as int64 values and a validity mask (nulls and uint64 past int64 invalid)."""
+    valid = ~np.asarray(column.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    raw = np.asarray(column.fill_null(0).to_numpy(zero_copy_only=False))
+    if raw.dtype == np.uint64:
+        valid &= raw <= np.uint64(np.iinfo(np.int64).max)
+    return raw.astype(np.int64, copy=False), valid
+
+
 def verify_keys(index: SortedIndex, frame: EntityFrame, view: ViewRequest, rows: np.ndarray) -> np.ndarray:
     """Hashed keys: keep only matches whose stored key equals the entity row's key."""
-    if index.direct:
+    if index.packing is not None:
         return rows
     hit = np.flatnonzero(rows >= 0)
     if len(hit) == 0:
@@ -277,52 +320,52 @@ def open_or_build(
     con: duckdb.DuckDBPyConnection, view: ViewRequest, types: dict[str, str], directory: Path
 ) -> SortedIndex | None:
     """The view's index for its current files, built if needed; None when it cannot be used."""
-    family, version = digest(view, types)
+    family, version = digest(view)
     folder = directory / f"{family}-{version}"
     if not (folder / "meta.json").exists():
         try:
-            built = _build(con, view, types, directory, folder)
+            _build(con, view, types, directory, folder)
         except OSError as exc:
             log.warning("offline index for view %r not built (%s); scanning the files instead", view.name, exc)
-            return None
-        if not built:
             return None
         for old in directory.glob(f"{family}-*"):
             if old != folder and not old.name.startswith("."):
                 shutil.rmtree(old, ignore_errors=True)
-    meta = json.loads((folder / "meta.json").read_text())
-    if not meta.get("usable", True):
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        return SortedIndex.open(folder) if meta.get("usable", True) else None
+    except (OSError, ValueError, pa.ArrowException) as exc:  # removed meanwhile by a newer build, or damaged
+        log.warning("offline index for view %r unreadable (%s); scanning the files instead", view.name, exc)
         return None
-    return SortedIndex.open(folder)
 
 
 def _build(
     con: duckdb.DuckDBPyConnection, view: ViewRequest, types: dict[str, str], directory: Path, folder: Path
-) -> bool:
+) -> None:
     started = time.perf_counter()
-    direct = _direct(view, types)
+    packing = _packing(con, view, types)
     keys = [quote(k) for k in view.join_keys]
-    meta: dict[str, object] = {"view": view.name, "files": list(view.files), "direct": direct,
-                               "key_columns": list(view.join_keys)}
+    meta: dict[str, object] = {"view": view.name, "files": list(view.files), "packing": packing,
+                               "key_columns": list(view.join_keys), "types": types}
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
-        if not direct:
+        if packing is None:
             # two distinct keys with one hash would interleave their rows: then no index
             if hash_clashes(con, view):
                 log.warning("offline index for view %r: two join keys share a 64-bit hash; scanning instead", view.name)
                 meta["usable"] = False
                 (tmp / "meta.json").write_text(json.dumps(meta))
                 os.replace(tmp, folder)
-                return True
+                return
         ts = f"CAST({quote(view.timestamp)} AS TIMESTAMPTZ)"
-        order = ["__fp_k", *([] if direct else keys), "__fp_ts"]
+        order = ["__fp_k", *(keys if packing is None else []), "__fp_ts"]
         if view.created:
             order.append(f"CAST({quote(view.created)} AS TIMESTAMPTZ) NULLS FIRST")
         where = [f"{k} IS NOT NULL" for k in keys] + [f"{quote(view.timestamp)} IS NOT NULL"]
         reader = con.sql(
-            f"SELECT {_sort_key_sql(view, types)} AS __fp_k, epoch_us({ts}) AS __fp_ts, * "
+            f"SELECT {_sort_key_sql(view, packing)} AS __fp_k, epoch_us({ts}) AS __fp_ts, * "
             f"FROM {view.scan()} WHERE {' AND '.join(where)} ORDER BY {', '.join(order)}"
         ).to_arrow_reader(BATCH_ROWS)
         writer = None
@@ -342,7 +385,7 @@ def _build(
         with open(tmp / "k.bin", "wb") as kf, open(tmp / "ts.bin", "wb") as tf, pa.OSFile(str(tmp / "rows.arrow"), "wb") as sink:
             for batch in reader:
                 k = batch.column(0).to_numpy(zero_copy_only=False)
-                kf.write((k.view(np.uint64) ^ SIGN).tobytes() if direct else k.astype(np.uint64).tobytes())
+                kf.write(np.asarray(k, dtype=np.uint64).tobytes())
                 tf.write(np.asarray(batch.column(1).to_numpy(zero_copy_only=False), dtype=np.int64).tobytes())
                 pending.append(batch.drop_columns(["__fp_k", "__fp_ts"]))
                 rows += batch.num_rows
@@ -367,7 +410,6 @@ def _build(
         except OSError:  # another process built it first
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("offline index for view %r: %d rows in %.2f s", view.name, rows, time.perf_counter() - started)
-        return True
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

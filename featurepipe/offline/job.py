@@ -36,9 +36,7 @@ class QueryPlan:
     plan: Callable[[duckdb.DuckDBPyConnection], SqlPlan]
 
     def run(self, consume: Callable[[duckdb.DuckDBPyConnection, SqlPlan], Any]) -> Any:
-        from featurepipe.offline.store import connect
-
-        con = connect(self.config)
+        con = LazyConnection(self.config)
         try:
             query = self.plan(con)
             try:
@@ -47,6 +45,28 @@ class QueryPlan:
                 raise InvalidInput(f"offline query failed in DuckDB: {exc}") from exc
         finally:
             con.close()
+
+
+class LazyConnection:
+    """A DuckDB cursor (:func:`featurepipe.offline.store.connect`) opened on first use.
+
+    A warm retrieval through the offline index with integer keys needs no DuckDB at all.
+    """
+
+    def __init__(self, config: RepoConfig | None) -> None:
+        self._config = config
+        self._con: duckdb.DuckDBPyConnection | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._con is None:
+            from featurepipe.offline.store import connect
+
+            self._con = connect(self._config)
+        return getattr(self._con, name)
+
+    def close(self) -> None:
+        if self._con is not None:
+            self._con.close()
 
 
 class FeaturepipeRetrievalJob(RetrievalJob):
@@ -99,6 +119,7 @@ class FeaturepipeRetrievalJob(RetrievalJob):
         target.parent.mkdir(parents=True, exist_ok=True)
 
         def copy(con: duckdb.DuckDBPyConnection, plan: SqlPlan) -> int:
+            plan.prepare(con)
             con.execute(f"COPY ({plan.sql()}) TO {literal(str(target))} (FORMAT parquet)")
             return int(con.execute(f"SELECT count(*) FROM read_parquet({literal(str(target))})").fetchone()[0])
 

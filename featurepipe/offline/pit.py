@@ -17,6 +17,7 @@ and slower, and only used when asked for.
 
 from __future__ import annotations
 
+import glob
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -31,7 +32,13 @@ import pyarrow as pa
 from featurepipe.batch.sql import literal, quote
 from featurepipe.errors import InvalidInput
 from featurepipe.offline.entity import ROW, EntityFrame, check_join_key_types
-from featurepipe.offline.index import SortedIndex, entity_sort_keys, open_or_build, verify_keys
+from featurepipe.offline.index import (
+    SortedIndex,
+    cached_meta,
+    entity_sort_keys,
+    open_or_build,
+    verify_keys,
+)
 
 if TYPE_CHECKING:
     from feast.feature_view import FeatureView
@@ -89,7 +96,11 @@ class ViewRequest:
         Both passes of a join (match, then fetch by position) must see the same files in the
         same order, even if a backfill adds a day in between.
         """
-        files = tuple(row[0] for row in con.execute("SELECT file FROM glob(?) ORDER BY file", [self.path]).fetchall())
+        if "://" in self.path:  # remote (s3://, gs://...): DuckDB's file systems
+            files = tuple(row[0] for row in con.execute("SELECT file FROM glob(?) ORDER BY file", [self.path]).fetchall())
+        else:  # local: no need to open DuckDB for it
+            matches = glob.glob(self.path, recursive=True) if glob.has_magic(self.path) else [self.path]
+            files = tuple(sorted(f for f in matches if os.path.isfile(f)))
         if not files:
             raise InvalidInput(
                 f"feature view {self.name!r}: no offline table files at {self.path}; run "
@@ -181,8 +192,16 @@ def build_join(
     With ``index_directory``, a view is matched through its sorted index
     (:mod:`featurepipe.offline.index`, built there when missing or stale); otherwise, or when
     the index cannot serve the request, by an ASOF join over the files into a temp table.
-    ``frame.table`` must be registered in ``con`` as ``__fp_entity``.
+    ``con`` is opened on first use: a warm indexed retrieval with integer keys needs no DuckDB.
     """
+    entity_registered = False
+
+    def register_entity() -> None:
+        nonlocal entity_registered
+        if not entity_registered:
+            con.register(ENTITY, frame.table)
+            entity_registered = True
+
     use_index = index_directory is not None and frame.table.num_rows <= INDEX_MAX_ENTITY_ROWS
     lookups: list[tuple[str, SortedIndex, ViewRequest, np.ndarray, np.ndarray]] = []
     as_of = f"e.{quote(frame.timestamp_column)}"
@@ -199,7 +218,8 @@ def build_join(
     joins = []
     for i, view in enumerate(views):
         view = view.pinned(con)
-        types = source_types(con, view)
+        cached = cached_meta(view, index_directory) if use_index else None
+        types = cached["types"] if cached else source_types(con, view)
         _check_columns(view, types)
         check_join_key_types(frame, {ent: types[src] for src, ent in view.join_keys.items()}, view.name)
         clash = sorted(taken & set(view.features.values()))
@@ -214,12 +234,15 @@ def build_join(
         if use_index and not (filter_by_created_timestamp and view.created):
             index = open_or_build(con, view, types, index_directory)
         if index is not None:
-            keys, known = entity_sort_keys(con, frame, view, types)
+            if index.packing is None:  # hashed keys: DuckDB hashes the entity keys too
+                register_entity()
+            keys, known = entity_sort_keys(con, frame, view, index, types)
             lookups.append((alias, index, view, keys, known))
             selects += [f"{alias}.{quote(o)}" for o in view.features.values()]
             joins.append(f"LEFT JOIN {alias} ON {alias}.{ROW} = e.{ROW}")
             matched.append((alias, list(view.features.values())))
             continue
+        register_entity()
         key_match = [f"e.{quote(ent)} = f.__k{j}" for j, ent in enumerate(view.join_keys.values())]
         ttl = _ttl_condition(view, as_of)
         if filter_by_created_timestamp and view.created:
@@ -260,13 +283,10 @@ def build_join(
         selects += [f"{alias}.{quote(o)}" for o in view.features.values()]
         joins.append(f"{join_kind} {alias} ON {alias}.{ROW} = e.{ROW}")
         matched.append((alias, list(view.features.values())))
-    aligned = _look_up(frame, lookups)
-    for alias, part in aligned.items():
-        con.register(alias, part.append_column(ROW, pa.array(np.arange(frame.table.num_rows, dtype=np.int64))))
     return JoinPlan(
         frame=frame,
         views=matched,
-        aligned=aligned,
+        aligned=_look_up(frame, lookups),
         final_sql=f"SELECT {', '.join(selects)} FROM {ENTITY} e {' '.join(joins)} ORDER BY e.{ROW}",
     )
 
@@ -303,6 +323,9 @@ class SqlPlan:
     def sql(self) -> str:
         return self.final_sql
 
+    def prepare(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Make ``sql()`` runnable in ``con`` (nothing to do for one SELECT)."""
+
     def to_arrow(self, con: duckdb.DuckDBPyConnection) -> pa.Table:
         return con.sql(self.final_sql).to_arrow_table()
 
@@ -320,6 +343,14 @@ class JoinPlan(SqlPlan):
     frame: EntityFrame | None = None
     views: list[tuple[str, list[str]]] = field(default_factory=list)
     aligned: dict[str, pa.Table] = field(default_factory=dict)  # views matched through an index
+
+    def prepare(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Register the indexed views' results, which ``sql()`` joins like the scanned ones."""
+        assert self.frame is not None
+        con.register(ENTITY, self.frame.table)
+        rows = pa.array(np.arange(self.frame.table.num_rows, dtype=np.int64))
+        for alias, part in self.aligned.items():
+            con.register(alias, part.append_column(ROW, rows))
 
     def to_arrow(self, con: duckdb.DuckDBPyConnection) -> pa.Table:
         assert self.frame is not None

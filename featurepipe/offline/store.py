@@ -45,7 +45,7 @@ from featurepipe.batch.sql import literal, quote
 from featurepipe.errors import InvalidInput
 from featurepipe.offline.entity import read_entity_frame
 from featurepipe.offline.job import FeaturepipeRetrievalJob, QueryPlan
-from featurepipe.offline.pit import ENTITY, SqlPlan, ViewRequest, build_join
+from featurepipe.offline.pit import SqlPlan, ViewRequest, build_join
 
 
 class FeaturepipeOfflineStoreConfig(DuckDBOfflineStoreConfig):
@@ -162,7 +162,6 @@ class FeaturepipeOfflineStore(DuckDBOfflineStore):
 
         def plan(con: duckdb.DuckDBPyConnection) -> SqlPlan:
             frame = read_entity_frame(entity_df, con)
-            con.register(ENTITY, frame.table)
             return build_join(con, frame, views, filter_by_created_timestamp, index_directory(config))
 
         return FeaturepipeRetrievalJob(
