@@ -57,9 +57,10 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 SORT_QUERIES_ABOVE = 50_000
-# rows per record batch of rows.arrow: one batch (one take, no sort) up to this many rows;
-# building holds one batch in memory
+# rows and bytes per record batch of rows.arrow: one batch (one take, no sort) up to either;
+# building holds a batch twice in memory (DuckDB's pieces, then the batch they make)
 BATCH_ROWS = 1 << 23
+BATCH_BYTES = 1 << 30
 # join-key types whose values fit in an int64: keys made of these sort by their packed values
 INTEGER_TYPES = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT", "UINTEGER"}
 
@@ -389,7 +390,7 @@ def _build(
                 tf.write(np.asarray(batch.column(1).to_numpy(zero_copy_only=False), dtype=np.int64).tobytes())
                 pending.append(batch.drop_columns(["__fp_k", "__fp_ts"]))
                 rows += batch.num_rows
-                if sum(b.num_rows for b in pending) >= BATCH_ROWS:
+                if sum(b.num_rows for b in pending) >= BATCH_ROWS or sum(b.nbytes for b in pending) >= BATCH_BYTES:
                     flush()
             flush()
             if writer is None:
