@@ -214,26 +214,26 @@ def main() -> None:
               f"peak RSS {r['rss_mb']:.0f} MB, rows {r.get('rows')} {r.get('error', '')}")
         return
 
-    header = f"{'entities':>10}  {'store':<12} {'seconds':>8} {'peak RSS MB':>12} {'rows':>10}  {'vs featurepipe':>14}  checksum"
+    header = f"{'entities':>10}  {'store':<16} {'seconds':>8} {'peak RSS MB':>12} {'rows':>10}  {'vs featurepipe':>14}  checksum"
     print(header)
     print("-" * len(header))
     for size in (int(s) for s in args.sizes.split(",")):
         results: dict[str, dict[str, object]] = {}
         for store in stores:
             if store == "file" and size > args.file_max:
-                print(f"{size:>10,}  {store:<12} {'skipped (--file-max)':>20}")
+                print(f"{size:>10,}  {store:<16} {'skipped (--file-max)':>20}")
                 continue
             runs = [run_one(store, size, repo, args.timeout, extra if store.startswith("featurepipe") else [])
                     for _ in range(args.repeat)]
             ok = [r for r in runs if "error" not in r]
             if not ok:
-                print(f"{size:>10,}  {store:<12} failed: {runs[-1]['error']}")
+                print(f"{size:>10,}  {store:<16} failed: {runs[-1]['error']}")
                 continue
             secs = statistics.median(float(r["seconds"]) for r in ok)
             rss = statistics.median(float(r["rss_mb"]) for r in ok)
             results[store] = {"seconds": secs, "rss": rss, "rows": ok[-1]["rows"], "checksum": ok[-1]["checksum"]}
             ratio = secs / results["featurepipe"]["seconds"] if "featurepipe" in results else float("nan")
-            print(f"{size:>10,}  {store:<12} {secs:>8.2f} {rss:>12.0f} {ok[-1]['rows']:>10,}  {ratio:>13.1f}x  {ok[-1]['checksum']}")
+            print(f"{size:>10,}  {store:<16} {secs:>8.2f} {rss:>12.0f} {ok[-1]['rows']:>10,}  {ratio:>13.1f}x  {ok[-1]['checksum']}")
         sums = {s: r["checksum"] for s, r in results.items() if r["checksum"] is not None}
         if len(set(map(str, sums.values()))) > 1:
             print(f"{'':>10}  !! stores disagree on the feature values: {sums}")
