@@ -64,7 +64,7 @@ def main() -> None:
     Typical flow (each step reads what the previous one wrote):
       featurepipe generate      synthetic card transactions -> feature_repo/data/raw
       featurepipe apply         feast apply: register the definitions in feature_repo/
-      featurepipe backfill      DuckDB feature tables -> feature_repo/data/offline
+      featurepipe backfill      DuckDB feature tables -> feature_repo/data/offline (+ index)
       featurepipe materialize   latest feature values -> Redis (Feast layout, resumable)
       featurepipe train         point-in-time training set -> model in feature_repo/data/models
       featurepipe serve         gRPC feast.serving.ServingService on 127.0.0.1
@@ -131,21 +131,57 @@ def feast(repo: Path | None, args: tuple[str, ...]) -> None:
 @click.option("--start", callback=_date, default=None, help="First day to (re)compute, YYYY-MM-DD (default: first day of data).")
 @click.option("--end", callback=_date, default=None, help="Day after the last one, YYYY-MM-DD (default: after the last day of data).")
 @click.option("--view", "views", multiple=True, help="Only this feature view (repeatable).")
+@click.option("--index/--no-index", default=True, show_default=True,
+              help="Then build the offline index of the backfilled views (see `featurepipe index`).")
 @REPO_OPTION
-def backfill(start: date | None, end: date | None, views: tuple[str, ...], repo: Path | None) -> None:
+def backfill(start: date | None, end: date | None, views: tuple[str, ...], index: bool, repo: Path | None) -> None:
     """Compute the offline feature tables with DuckDB over the raw Parquet.
 
-    Only the day partitions in [start, end) are replaced, so reruns are idempotent.
+    Only the day partitions in [start, end) are replaced, so reruns are idempotent. The
+    offline index of each backfilled view is rebuilt afterwards (--no-index: leave it to
+    the first retrieval).
     """
     from featurepipe.batch.backfill import backfill as run
     from featurepipe.config import load_store
     from featurepipe.report import table
 
-    results = run(load_store(repo), views or None, start, end)
+    store = load_store(repo)
+    results = run(store, views or None, start, end)
     click.echo(table(
         ["view", "rows", "entities", "days", "seconds"],
         [[r.view, f"{r.rows:,}", f"{r.entities:,}", r.partitions, f"{r.seconds:.1f}"] for r in results],
     ))
+    if index and results:
+        _echo_indexes(store, [r.view for r in results])
+
+
+def _echo_indexes(store: object, views: list[str] | None) -> None:
+    from featurepipe.offline.index import build_indexes
+    from featurepipe.report import table
+
+    summaries = build_indexes(store, views)
+    click.echo(table(
+        ["view", "offline index", "rows", "keys", "key", "MB", "seconds"],
+        [[s.view, s.status, f"{s.rows:,}", f"{s.keys:,}", s.key_kind, f"{s.megabytes:,.0f}", f"{s.seconds:.1f}"]
+         for s in summaries],
+    ))
+
+
+@main.command()
+@click.option("--view", "views", multiple=True, help="Only this feature view (repeatable).")
+@REPO_OPTION
+def index(views: tuple[str, ...], repo: Path | None) -> None:
+    """Build the offline index of each feature view (point-in-time joins without a scan).
+
+    The index is a sorted copy of a view's offline rows, kept under
+    <repo>/.featurepipe/offline-index/ (or offline_store: index_directory). The first
+    get_historical_features after a view's files change builds it anyway; this command
+    does it now, so a training-set query does not wait for it, and shows what it holds.
+    Views already indexed for their current files are only checked.
+    """
+    from featurepipe.config import load_store
+
+    _echo_indexes(load_store(repo), list(views) or None)
 
 
 @main.command()

@@ -502,3 +502,29 @@ def test_hashed_keys_are_checked_on_every_match(repo: Path, stores: tuple[Any, A
             assert index.verify_keys(opened, frame, view, np.array([0])).tolist() == ([0] if kept else [-1])
     finally:
         con.close()
+
+
+def test_index_command_builds_then_checks(repo: Path) -> None:
+    """`featurepipe index` (the real CLI) builds every view's index, then finds it up to date."""
+    import subprocess
+    import sys
+
+    tables, _ = _medium_case(seed=11)
+    write_tables(repo, tables)
+    cli = str(Path(sys.executable).parent / "featurepipe")
+
+    def run() -> dict[str, list[str]]:
+        done = subprocess.run([cli, "index", "--repo", str(repo)], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        lines = [line.split() for line in done.stdout.splitlines()]
+        return {cells[0]: cells[1:] for cells in lines if cells and cells[0] in tables}
+
+    first = run()
+    assert {v: cells[0] for v, cells in first.items()} == dict.fromkeys(tables, "built")
+    for name, table in tables.items():  # every row indexed (no null keys or times in this data)
+        assert int(first[name][1].replace(",", "")) == len(table)
+    second = run()
+    assert all(cells[:2] == ["up", "to"] for cells in second.values())
+    assert len(index_folders(repo)) == 3
+    bad = subprocess.run([cli, "index", "--repo", str(repo), "--view", "nope"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "no feature view(s) ['nope']" in bad.stderr
