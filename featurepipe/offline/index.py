@@ -11,17 +11,18 @@ however few entity rows ask. The index does that sort once per version of the fi
   ``ts.npy``: the event time of every row in microseconds.
 
 A lookup is two binary searches per entity row (the key, then the newest time at or before
-the as-of time); the newest created time wins ties because it sorts last. A single integer
-join key is its own sort key; other keys (compound, strings) sort by DuckDB's 64-bit
-``hash`` of the key values, checked when the index is built (two keys with one hash: no
-index, the scan is used) and again on every match (a key that is absent can share a hash
-with one that is present).
+the as-of time); the newest created time wins ties because it sorts last. Integer join
+keys pack exactly into one uint64 sort key when their ranges fit in 64 bits together (a
+single integer key always does); other keys (strings, integers too far apart) sort by
+DuckDB's 64-bit ``hash`` of the key values, checked when the index is built (two keys with
+one hash: no index, the scan is used) and again on every match (a key that is absent can
+share a hash with one that is present).
 
 The index lives in a folder named after the files (path, size, modification and change
-times, inode), the
-columns that define it and the DuckDB version; any change of the files gives a new folder,
-built on the next retrieval, and the old one is removed. Building is atomic (a temp folder
-renamed into place), so concurrent readers and builders are safe.
+times, inode), the columns that define it and the DuckDB version; any change of the files
+gives a new folder, built on the next retrieval (or by ``featurepipe index``), and the old
+one is removed. Building is atomic (a temp folder renamed into place), so concurrent
+readers and builders are safe.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ class SortedIndex:
     folder: Path
     packing: dict[str, list[int]] | None  # None: the keys are hashed
     key_columns: list[str]
-    keys: np.ndarray  # distinct sort keys, ascending as uint64 (int64 keys have their sign bit flipped)
+    keys: np.ndarray  # distinct uint64 sort keys, ascending
     starts: np.ndarray  # int64, len(keys) + 1: where each key's rows start
     ts: np.ndarray  # int64 microseconds, one per row
     schema: pa.Schema

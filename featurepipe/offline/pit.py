@@ -1,4 +1,7 @@
-"""Point-in-time join SQL: one DuckDB ASOF join per feature view.
+"""Point-in-time joins: through each view's sorted index, or one DuckDB ASOF join per view.
+
+:func:`build_join` uses the index (:mod:`featurepipe.offline.index`) where it can; the
+rest of this docstring is about the scan, used where it cannot.
 
 For every entity row and view, the matching feature row is the newest one with the same
 join keys and event time at or before the row's as-of time; among rows with the same
