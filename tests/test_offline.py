@@ -6,6 +6,8 @@ friends) on a repo deployed with the real ``feast apply``.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -455,6 +457,15 @@ def test_index_is_rebuilt_when_the_files_change(repo: Path, stores: tuple[Any, A
     assert_same(ours, reference(entity_df, tables, ALL_REQUESTS), ["row_id", *FEATURE_COLUMNS])
     after = index_folders(repo)
     assert len(after) == 3 and after != before  # new versions; the old ones are gone
+    # a build that died two hours ago left its temp folder: the next build removes it
+    root = repo / ".featurepipe" / "offline-index"
+    abandoned = root / ".tmp-abandoned"
+    abandoned.mkdir()
+    os.utime(abandoned, (time.time() - 7200, time.time() - 7200))
+    tables["user_stats"]["amt"] = tables["user_stats"]["amt"] + 1
+    write_tables(repo, tables)
+    retrieve(stores[0], entity_df, ALL)
+    assert not abandoned.exists()
 
 
 def test_hash_clash_falls_back_to_the_scan(repo: Path, stores: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -325,6 +325,7 @@ def open_or_build(
     family, version = digest(view)
     folder = directory / f"{family}-{version}"
     if not (folder / "meta.json").exists():
+        _remove_abandoned(directory)
         try:
             _build(con, view, types, directory, folder)
         except OSError as exc:
@@ -339,6 +340,16 @@ def open_or_build(
     except (OSError, ValueError, pa.ArrowException) as exc:  # removed meanwhile by a newer build, or damaged
         log.warning("offline index for view %r unreadable (%s); scanning the files instead", view.name, exc)
         return None
+
+
+def _remove_abandoned(directory: Path, older_than_s: float = 3600.0) -> None:
+    """Temp folders of builds that died (a build renames its own away when it ends)."""
+    for tmp in directory.glob(".tmp-*"):
+        try:
+            if time.time() - tmp.stat().st_mtime > older_than_s:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _build(
