@@ -95,7 +95,8 @@ def connect(config: RepoConfig | None = None) -> duckdb.DuckDBPyConnection:
     spill = getattr(options, "temp_directory", None) or os.path.join(
         tempfile.gettempdir(), f"featurepipe-duckdb-{os.getpid()}"
     )
-    settings = (spill, getattr(options, "memory_limit", None), getattr(options, "threads", None))
+    # keyed by process too: a database inherited through fork() has lost its threads
+    settings = (spill, getattr(options, "memory_limit", None), getattr(options, "threads", None), os.getpid())
     with _DATABASES_LOCK:
         database = _DATABASES.get(settings)
         if database is None:
