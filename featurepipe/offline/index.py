@@ -118,13 +118,25 @@ def digest(view: ViewRequest) -> tuple[str, str]:
     return family, version
 
 
-def cached_meta(view: ViewRequest, directory: Path) -> dict | None:
-    """The metadata of the view's index if it is built for the current files (no DuckDB needed)."""
+@dataclass(frozen=True)
+class Location:
+    """Where the view's index for its current files is, and its metadata if it is built."""
+
+    directory: Path
+    family: str
+    folder: Path
+    meta: dict | None
+
+
+def locate(view: ViewRequest, directory: Path) -> Location:
+    """Find the view's index for its current files (one stat per file, no DuckDB)."""
     family, version = digest(view)
+    folder = directory / f"{family}-{version}"
     try:
-        return json.loads((directory / f"{family}-{version}" / "meta.json").read_text())
+        meta = json.loads((folder / "meta.json").read_text())
     except (OSError, ValueError):
-        return None
+        meta = None
+    return Location(directory, family, folder, meta)
 
 
 @dataclass
@@ -142,8 +154,9 @@ class SortedIndex:
     offsets: np.ndarray  # int64, first row of each batch, then the row count
 
     @classmethod
-    def open(cls, folder: Path) -> SortedIndex:
-        meta = json.loads((folder / "meta.json").read_text())
+    def open(cls, folder: Path, meta: dict | None = None) -> SortedIndex:
+        if meta is None:
+            meta = json.loads((folder / "meta.json").read_text())
         reader = pa.ipc.open_file(pa.memory_map(str(folder / "rows.arrow")))
         batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
         sizes = np.array([b.num_rows for b in batches], dtype=np.int64)
@@ -319,24 +332,23 @@ def hash_clashes(con: duckdb.DuckDBPyConnection, view: ViewRequest) -> bool:
 
 
 def open_or_build(
-    con: duckdb.DuckDBPyConnection, view: ViewRequest, types: dict[str, str], directory: Path
+    con: duckdb.DuckDBPyConnection, view: ViewRequest, types: dict[str, str], where: Location
 ) -> SortedIndex | None:
-    """The view's index for its current files, built if needed; None when it cannot be used."""
-    family, version = digest(view)
-    folder = directory / f"{family}-{version}"
-    if not (folder / "meta.json").exists():
-        _remove_abandoned(directory)
-        try:
-            _build(con, view, types, directory, folder)
-        except OSError as exc:
-            log.warning("offline index for view %r not built (%s); scanning the files instead", view.name, exc)
-            return None
-        for old in directory.glob(f"{family}-*"):
-            if old != folder and not old.name.startswith("."):
-                shutil.rmtree(old, ignore_errors=True)
+    """The view's index at ``where`` (see :func:`locate`), built if needed; None when it cannot be used."""
+    meta = where.meta
     try:
-        meta = json.loads((folder / "meta.json").read_text())
-        return SortedIndex.open(folder) if meta.get("usable", True) else None
+        if meta is None:
+            _remove_abandoned(where.directory)
+            try:
+                _build(con, view, types, where.directory, where.folder)
+            except OSError as exc:
+                log.warning("offline index for view %r not built (%s); scanning the files instead", view.name, exc)
+                return None
+            for old in where.directory.glob(f"{where.family}-*"):
+                if old != where.folder and not old.name.startswith("."):
+                    shutil.rmtree(old, ignore_errors=True)
+            meta = json.loads((where.folder / "meta.json").read_text())
+        return SortedIndex.open(where.folder, meta) if meta.get("usable", True) else None
     except (OSError, ValueError, pa.ArrowException) as exc:  # removed meanwhile by a newer build, or damaged
         log.warning("offline index for view %r unreadable (%s); scanning the files instead", view.name, exc)
         return None
@@ -485,15 +497,16 @@ def build_indexes(store: object, views: list[str] | None = None, progress: bool 
             except InvalidInput as exc:
                 summaries.append(IndexSummary(fv.name, f"scan ({exc})", 0, 0, "", 0.0, 0.0))
                 continue
-            fresh = cached_meta(view, directory) is None
-            index = open_or_build(con, view, source_types(con, view), directory)
+            where = locate(view, directory)
+            types = where.meta["types"] if where.meta else source_types(con, view)
+            index = open_or_build(con, view, types, where)
             seconds = time.perf_counter() - started
             if index is None:
                 summaries.append(IndexSummary(view.name, "scan (no usable index: see the log)", 0, 0, "", 0.0, seconds))
                 continue
             size = sum(f.stat().st_size for f in index.folder.iterdir()) / 1e6
             summaries.append(IndexSummary(
-                view.name, "built" if fresh else "up to date", index.num_rows, len(index.keys),
+                view.name, "built" if where.meta is None else "up to date", index.num_rows, len(index.keys),
                 "packed" if index.packing is not None else "hashed", size, seconds,
             ))
     finally:

@@ -37,8 +37,8 @@ from featurepipe.errors import InvalidInput
 from featurepipe.offline.entity import ROW, EntityFrame, check_join_key_types
 from featurepipe.offline.index import (
     SortedIndex,
-    cached_meta,
     entity_sort_keys,
+    locate,
     open_or_build,
     verify_keys,
 )
@@ -221,8 +221,8 @@ def build_join(
     joins = []
     for i, view in enumerate(views):
         view = view.pinned(con)
-        cached = cached_meta(view, index_directory) if use_index else None
-        types = cached["types"] if cached else source_types(con, view)
+        where = locate(view, index_directory) if use_index else None
+        types = where.meta["types"] if where and where.meta else source_types(con, view)
         _check_columns(view, types)
         check_join_key_types(frame, {ent: types[src] for src, ent in view.join_keys.items()}, view.name)
         clash = sorted(taken & set(view.features.values()))
@@ -234,8 +234,8 @@ def build_join(
         taken |= set(view.features.values())
         alias = f"__fp_v{i}"
         index = None
-        if use_index and not (filter_by_created_timestamp and view.created):
-            index = open_or_build(con, view, types, index_directory)
+        if where is not None and not (filter_by_created_timestamp and view.created):
+            index = open_or_build(con, view, types, where)
         if index is not None:
             if index.packing is None:  # hashed keys: DuckDB hashes the entity keys too
                 register_entity()
