@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTHON ?= python3
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo notebooks redis-stop test test-fast lint clean
 
 $(STAMP): pyproject.toml constraints.txt setup.py featurepipe/online/_native.c
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -19,8 +19,18 @@ $(STAMP): pyproject.toml constraints.txt setup.py featurepipe/online/_native.c
 
 install: $(STAMP)
 
+# Without REDIS_URL the online store is the repo's own redis-server (feature_repo/.redis/),
+# started on demand and left running: `featurepipe redis status|stop`, or `make redis-stop`.
 demo: install
-	$(PY) -m featurepipe.redis_server -- $(VENV)/bin/featurepipe demo $(DEMO_ARGS)
+	$(PY) -m featurepipe.redis_server --ensure-binary >/dev/null
+	$(VENV)/bin/featurepipe demo $(DEMO_ARGS)
+
+# Jupyter on 127.0.0.1 with the repo and its online store set (run `make demo` first).
+notebooks: install
+	$(VENV)/bin/featurepipe notebooks $(NOTEBOOK_ARGS)
+
+redis-stop: install
+	$(VENV)/bin/featurepipe redis stop
 
 test: install
 	$(PY) -m featurepipe.redis_server --ensure-binary
@@ -34,4 +44,5 @@ lint: install
 	$(VENV)/bin/ruff check featurepipe serving training tests
 
 clean:
-	rm -rf .redis .pytest_cache feature_repo/data
+	-[ -x $(VENV)/bin/featurepipe ] && $(VENV)/bin/featurepipe redis stop
+	rm -rf .redis feature_repo/.redis .pytest_cache feature_repo/data

@@ -6,6 +6,7 @@ the streaming path computes the same declaration.
 """
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from feast import Entity, FeatureService, Field, FileSource, RequestSource, ValueType
@@ -13,10 +14,12 @@ from feast.aggregation import Aggregation
 from feast.on_demand_feature_view import on_demand_feature_view
 from feast.types import Float64
 
-from featurepipe.config import data_dir, find_repo
+from featurepipe.config import data_dir, find_repo, registered_path
 from featurepipe.definitions import WindowedFeatures
 
-DATA = data_dir(find_repo(__file__.rsplit("/", 1)[0]))
+REPO = find_repo(Path(__file__).parent)
+# Registered relative to the repo (``data/...``), so a copied or moved repo reads its own data.
+DATA = Path(registered_path(REPO, data_dir(REPO)))
 RAW_TRANSACTIONS = str(DATA / "raw" / "transactions" / "**" / "*.parquet")
 HOUR, DAY = timedelta(hours=1), timedelta(days=1)
 

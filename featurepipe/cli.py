@@ -106,7 +106,7 @@ def generate(rows: int, out: Path | None, days: int, end: date | None, seed: int
 def _feast(args: list[str], repo: Path | None) -> int:
     from featurepipe.config import export_redis_env, find_repo
 
-    export_redis_env()
+    export_redis_env(repo)
     feast_bin = Path(sys.executable).parent / "feast"
     cmd = [str(feast_bin) if feast_bin.exists() else "feast", "--chdir", str(find_repo(repo)), *args]
     return subprocess.call(cmd, env=os.environ.copy())
@@ -208,13 +208,14 @@ def materialize(start: datetime | None, end: datetime | None, incremental: bool,
     completes it. Rows with a null join key or a value that does not fit its type are
     quarantined to Parquet files (listed at the end), never written.
     """
-    from featurepipe.config import load_store, redis_connection_string
+    from featurepipe.config import load_store, online_connection_string
     from featurepipe.online.materialize import materialize as run
     from featurepipe.report import table
 
     if incremental and start is not None:
         raise click.UsageError("--incremental starts where the last run ended; drop --start")
-    result = run(load_store(repo), start, end, list(views) or None, incremental=incremental,
+    store = load_store(repo)
+    result = run(store, start, end, list(views) or None, incremental=incremental,
                  max_rows_per_second=max_rows_per_second, batch_rows=batch_rows, progress=progress)
     if result.per_view:
         click.echo(table(
@@ -226,7 +227,7 @@ def materialize(start: datetime | None, end: datetime | None, incremental: bool,
             for path in r.quarantine_files:
                 click.echo(f"quarantined rows of {r.view}: {path}")
     click.echo(
-        f"materialized {', '.join(result.views)} into Redis {redis_connection_string().split(',')[0]} "
+        f"materialized {', '.join(result.views)} into Redis {online_connection_string(store.config).split(',')[0]} "
         f"in {result.seconds:.1f}s"
     )
 
@@ -256,12 +257,12 @@ def train(
     service, feature list and types and the definitions' fingerprint, and writes an
     evaluation report (plots + report.md) beside it.
     """
-    from featurepipe.config import load_store
+    from featurepipe.config import load_store, source_path
     from training.dataset import build_training_set, labelled_transactions
     from training.train import train_model
 
     store = load_store(repo)
-    entity_df, cutoff = labelled_transactions(store.get_data_source("transactions").path, limit=limit)
+    entity_df, cutoff = labelled_transactions(source_path(store, "transactions"), limit=limit)
     click.echo(f"training set: {len(entity_df):,} labelled transactions (labels known by {cutoff:%Y-%m-%d %H:%M})")
     ts = build_training_set(store, entity_df, feature_service, cutoff)
     result = train_model(ts, out or _models_dir(repo, feature_service), holdout)
@@ -355,6 +356,16 @@ def _register_stream_commands() -> None:
 
 
 _register_stream_commands()
+
+
+def _register_local_commands() -> None:
+    from featurepipe.cli_local import notebooks, redis
+
+    main.add_command(redis)
+    main.add_command(notebooks)
+
+
+_register_local_commands()
 
 if __name__ == "__main__":
     main()

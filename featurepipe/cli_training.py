@@ -33,7 +33,7 @@ def evaluate(model: Path | None, repo: Path | None) -> None:
     """
     import pandas as pd
 
-    from featurepipe.config import load_store
+    from featurepipe.config import load_store, source_path
     from training.dataset import build_training_set, labelled_transactions
     from training.evaluate import write_report
     from training.train import FraudModel
@@ -43,7 +43,7 @@ def evaluate(model: Path | None, repo: Path | None) -> None:
     fraud_model.check_definitions(store)
     meta = fraud_model.metadata
     entity_df, cutoff = labelled_transactions(
-        store.get_data_source("transactions").path, cutoff=pd.Timestamp(meta["label_cutoff"]).to_pydatetime()
+        source_path(store, "transactions"), cutoff=pd.Timestamp(meta["label_cutoff"]).to_pydatetime()
     )
     lo, hi = (pd.Timestamp(t) for t in meta["holdout_range"])
     test = entity_df[(entity_df["transaction_time"] >= lo) & (entity_df["transaction_time"] <= hi)]
@@ -68,12 +68,12 @@ def leakage(limit: int | None, out: Path | None, repo: Path | None) -> None:
     Both models train on the same older transactions and are evaluated on the same newer
     ones with the features a model service really gets.
     """
-    from featurepipe.config import data_dir, find_repo, load_store
+    from featurepipe.config import data_dir, find_repo, load_store, source_path
     from training.dataset import build_training_set, labelled_transactions
     from training.leakage import compare
 
     store = load_store(repo)
-    entity_df, cutoff = labelled_transactions(store.get_data_source("transactions").path, limit=limit)
+    entity_df, cutoff = labelled_transactions(source_path(store, "transactions"), limit=limit)
     pit = build_training_set(store, entity_df, cutoff=cutoff)
     result = compare(store, entity_df, pit, out or data_dir(find_repo(repo)) / "reports")
     click.echo(table(["training features", "PR AUC", "ROC AUC"], result.table()))
@@ -94,13 +94,13 @@ def skew(sample: int, server: str | None, feature_service: str, repo: Path | Non
     import sys
     from contextlib import ExitStack
 
-    from featurepipe.config import export_redis_env, find_repo, load_store
+    from featurepipe.config import export_redis_env, find_repo, load_store, source_path
     from serving.client import FeatureClient
     from training.skew import check_skew, sample_entities
 
-    export_redis_env()
+    export_redis_env(repo)
     store = load_store(repo)
-    entities = sample_entities(store.get_data_source("transactions").path, sample)
+    entities = sample_entities(source_path(store, "transactions"), sample)
     with ExitStack() as stack:
         if server is None:
             from serving.server import FeatureServer

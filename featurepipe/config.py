@@ -5,18 +5,23 @@ Every command resolves these the same way:
 * feature repo: ``--repo`` option, else ``$FEATUREPIPE_REPO``, else ``./feature_repo``
   (or the current folder if it holds a ``feature_store.yaml``);
 * data folder: ``$FEATUREPIPE_DATA_DIR``, else ``<repo>/data``;
-* Redis: ``$REDIS_URL`` (``redis://[:password@]host:port[/db]``, ``rediss://`` for TLS),
-  else ``$FEATUREPIPE_REDIS`` (Feast's ``host:port,db=0,...`` form), else ``127.0.0.1:6379``.
+* Redis (the online store): ``$REDIS_URL`` (``redis://[:password@]host:port[/db]``,
+  ``rediss://`` for TLS), else the ``connection_string`` of ``feature_store.yaml``, else the
+  repo's own local ``redis-server`` (:class:`featurepipe.redis_server.LocalRedis`, files under
+  ``<repo>/.redis/``), started on demand and left running between commands.
 
-``feature_store.yaml`` reads the Redis connection from ``${FEATUREPIPE_REDIS}``; call
-:func:`export_redis_env` (every featurepipe command does) before Feast loads the repo.
+The demo repo's ``feature_store.yaml`` names featurepipe's online store type
+(:class:`featurepipe.feast.online_store.FeaturepipeRedisOnlineStore`, Feast's Redis store
+with that resolution), so the Feast SDK and CLI reach the same Redis with no variables set.
+Repos whose ``feature_store.yaml`` still reads ``${FEATUREPIPE_REDIS}`` keep working:
+:func:`export_redis_env` (every featurepipe command calls it) sets it for them.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 from featurepipe.errors import InvalidInput, NotFound
@@ -24,7 +29,7 @@ from featurepipe.errors import InvalidInput, NotFound
 if TYPE_CHECKING:
     from feast import FeatureStore
 
-DEFAULT_REDIS = "127.0.0.1:6379"
+ONLINE_STORE_TYPE = "featurepipe.feast.online_store.FeaturepipeRedisOnlineStore"
 
 
 def find_repo(repo: str | os.PathLike[str] | None = None) -> Path:
@@ -79,16 +84,46 @@ def redis_url_to_feast(url: str) -> str:
     return ",".join(parts)
 
 
-def redis_connection_string() -> str:
-    """The Redis connection in Feast's form, from the environment (see module doc)."""
+def redis_connection_string(repo: str | os.PathLike[str] | None = None, configured: str = "") -> str:
+    """The online store's Redis in Feast's form (``host:port,db=N,...``).
+
+    ``$REDIS_URL`` first, then ``configured`` (the ``connection_string`` of
+    ``feature_store.yaml``), then ``$FEATUREPIPE_REDIS`` (older repos), then the repo's local
+    server, started now if it is not running.
+    """
     if os.environ.get("REDIS_URL"):
         return redis_url_to_feast(os.environ["REDIS_URL"])
-    return os.environ.get("FEATUREPIPE_REDIS") or DEFAULT_REDIS
+    if configured and "${" not in configured:
+        return configured
+    if os.environ.get("FEATUREPIPE_REDIS"):
+        return os.environ["FEATUREPIPE_REDIS"]
+    from featurepipe.redis_server import LocalRedis
+
+    return LocalRedis(find_repo(repo)).ensure().feast_form
 
 
-def export_redis_env() -> str:
-    """Set ``$FEATUREPIPE_REDIS`` (read by feature_store.yaml) and return it."""
-    conn = redis_connection_string()
+def online_connection_string(repo_config: Any) -> str:
+    """The Redis of a Feast ``RepoConfig``'s online store, in Feast's form.
+
+    featurepipe's own online store type resolves as :func:`redis_connection_string`; Feast's
+    ``redis`` type means exactly its ``connection_string``, as in Feast.
+    """
+    online = repo_config.online_store
+    if getattr(online, "type", None) == ONLINE_STORE_TYPE:
+        return redis_connection_string(repo_config.repo_path, online.connection_string)
+    return str(online.connection_string)
+
+
+def export_redis_env(repo: str | os.PathLike[str] | None = None) -> str | None:
+    """For repos whose ``feature_store.yaml`` reads ``${FEATUREPIPE_REDIS}``: set it (from
+    ``$REDIS_URL`` or the local server) and return it; None for every other repo."""
+    try:
+        text = (find_repo(repo) / "feature_store.yaml").read_text(encoding="utf-8")
+    except (NotFound, OSError):
+        return None
+    if "${FEATUREPIPE_REDIS}" not in text:
+        return None
+    conn = redis_connection_string(repo)
     os.environ["FEATUREPIPE_REDIS"] = conn
     return conn
 
@@ -143,8 +178,88 @@ def redis_connection_kwargs(connection_string: str) -> dict[str, object]:
 
 
 def load_store(repo: str | os.PathLike[str] | None = None) -> FeatureStore:
-    """Open the Feast ``FeatureStore`` of the repo, with Redis taken from the environment."""
-    export_redis_env()
+    """Open the Feast ``FeatureStore`` of the repo (Redis resolved as the module doc says)."""
+    export_redis_env(repo)
     from feast import FeatureStore
 
     return FeatureStore(repo_path=str(find_repo(repo)))
+
+
+def registered_path(repo: str | os.PathLike[str], path: str | os.PathLike[str]) -> str:
+    """How a data path is written into a source declaration: relative to the repo when it is
+    inside the repo's parent folder (the project), so a copied or moved project reads its own
+    copy; absolute otherwise (a shared lake folder, say).
+
+    >>> registered_path("/p/feature_repo", "/p/feature_repo/data/raw/**/*.parquet")
+    'data/raw/**/*.parquet'
+    >>> registered_path("/p/feature_repo", "/p/data/raw")
+    '../data/raw'
+    >>> registered_path("/p/feature_repo", "/lake/raw")
+    '/lake/raw'
+    """
+    repo_path, target = Path(repo).resolve(), Path(path)
+    if "://" in str(path) or not target.is_absolute():
+        return str(path)
+    if target.is_relative_to(repo_path.parent):
+        return os.path.relpath(target, repo_path)
+    return str(target)
+
+
+def _project_of(repo: Path) -> str | None:
+    """The ``project:`` of a repo's ``feature_store.yaml`` (None: no such file)."""
+    try:
+        text = (repo / "feature_store.yaml").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("project:"):
+            return line.partition(":")[2].split("#")[0].strip().strip("'\"")
+    return ""
+
+
+def _foreign_copy(path: Path, repo: Path) -> Path | None:
+    """Another checkout of the same project (a feature repo elsewhere with the same
+    ``project:``) whose folder holds ``path``, if any: a registry applied there."""
+    mine = {repo, repo.parent}
+    project = None
+    for folder in path.parents:
+        if folder in mine:
+            return None
+        for candidate in (folder, folder / "feature_repo"):
+            other = _project_of(candidate) if candidate != repo else None
+            if other is not None:
+                project = _project_of(repo) if project is None else project
+                return candidate if other == project else None
+    return None
+
+
+def resolve_source_path(repo: str | os.PathLike[str] | None, path: str) -> str:
+    """The path (or glob) a registered source ``path`` means for the feature repo ``repo``.
+
+    Relative paths are relative to the repo, as Feast resolves them. An absolute path inside
+    another checkout of the same project (a feature repo elsewhere with the same ``project:``)
+    is what a copied or moved repo with a stale registry holds: reading it would silently use
+    the other folder's data, so this stops instead.
+    """
+    if repo is None or "://" in path:
+        return path
+    repo_path = Path(repo).resolve()
+    target = Path(path)
+    if not target.is_absolute():
+        return str(repo_path / target)
+    head = Path(path.split("*", 1)[0])
+    other = _foreign_copy(head, repo_path)
+    if other is not None:
+        raise InvalidInput(
+            f"the registry of {repo_path} points a source at {path}, inside another feature repo "
+            f"({other}): it was applied in another folder (a copied or moved repo). Run "
+            f"`featurepipe apply --repo {repo_path}` to register this repo's own paths"
+        )
+    return path
+
+
+def source_path(store: FeatureStore, source: Any) -> str:
+    """The resolved path (or glob) of a registered ``FileSource`` (by name or object)."""
+    if isinstance(source, str):
+        source = store.get_data_source(source)
+    return resolve_source_path(store.repo_path, source.path)

@@ -28,6 +28,7 @@ from feast import Entity, FeatureView, Field, FileSource, PushSource
 from feast.aggregation import Aggregation
 from feast.types import Float64, Int64, from_value_type
 
+from featurepipe.config import resolve_source_path
 from featurepipe.errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -188,12 +189,12 @@ def _parse_view(store: FeatureStore, fv: FeatureView) -> AggregateView:
         )
     batch = fv.batch_source
     assert isinstance(batch, FileSource)
-    offline = Path(batch.path.split("/**")[0])
+    offline = Path(resolve_source_path(store.repo_path, batch.path).split("/**")[0])
     join_keys = tuple(sorted(c.name for c in fv.entity_columns))
     return AggregateView(
         name=fv.name,
         join_keys=join_keys,
-        input_path=source.path,
+        input_path=resolve_source_path(store.repo_path, source.path),
         timestamp_field=tags[TAG_TIMESTAMP],
         aggregations=tuple(
             AggregateSpec(

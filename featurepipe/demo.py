@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from featurepipe.config import source_path
 from featurepipe.errors import FeaturepipeError
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ def random_events(store: FeatureStore, count: int, seed: int | None = None) -> p
     """``count`` new transactions happening now, for users and merchants already in the data."""
     import duckdb
 
-    raw = store.get_data_source("transactions").path
+    raw = source_path(store, "transactions")
     con = duckdb.connect()
     ids = con.execute(
         f"SELECT user_id, merchant_id, max(transaction_id) OVER () AS top FROM read_parquet('{raw}') "
@@ -65,13 +66,13 @@ def _stream_live(store: FeatureStore, data: Path, events: pa.Table) -> Any:
 
     stream = "transactions-live"
     shutil.rmtree(data / "stream" / "demo", ignore_errors=True)  # a new job each demo run
-    client = redis_client()
+    client = redis_client(store=store)
     client.delete(stream)
     publish_redis(client, stream, event_payloads(events))
     options = StreamOptions(job="demo", bootstrap=True, max_events=events.num_rows, idle_seconds=5.0,
                             progress=False, latency_samples=events.num_rows)
-    job = StreamJob(store, RedisStreamSource(redis_client(), stream, "featurepipe-demo-w0"),
-                    redis_client(socket_timeout=60), options)
+    job = StreamJob(store, RedisStreamSource(redis_client(store=store), stream, "featurepipe-demo-w0"),
+                    redis_client(store=store, socket_timeout=60), options)
     try:
         return job.run()
     finally:
@@ -86,7 +87,7 @@ def _percentile(values: list[float], q: float) -> float:
 def run_demo(repo: Path | None, rows: int, score: int, keep_running: bool) -> dict[str, Any]:
     """Run the demo; return the summary figures."""
     from featurepipe.batch.backfill import backfill
-    from featurepipe.config import data_dir, export_redis_env, find_repo, load_store
+    from featurepipe.config import data_dir, find_repo, load_store, online_connection_string
     from featurepipe.generate import generate_transactions
     from featurepipe.online.materialize import materialize
     from featurepipe.report import table
@@ -102,7 +103,6 @@ def run_demo(repo: Path | None, rows: int, score: int, keep_running: bool) -> di
     timings: dict[str, float] = {}
     repo_path = find_repo(repo)
     data = data_dir(repo_path)
-    redis = export_redis_env()
 
     _step(f"1/10 generate {rows:,} transactions")
     t = time.perf_counter()
@@ -127,14 +127,14 @@ def run_demo(repo: Path | None, rows: int, score: int, keep_running: bool) -> di
     print(table(["view", "rows", "entities", "seconds"],
                 [[r.view, f"{r.rows:,}", f"{r.entities:,}", f"{r.seconds:.1f}"] for r in results]))
 
-    _step(f"4/10 materialize into Redis ({redis.split(',')[0]})")
+    _step(f"4/10 materialize into Redis ({online_connection_string(store.config).split(',')[0]})")
     t = time.perf_counter()
     materialize(store)
     timings["materialize"] = time.perf_counter() - t
 
     _step("5/10 train on a point-in-time training set (report: ROC, PR, calibration, importance)")
     t = time.perf_counter()
-    entity_df, cutoff = labelled_transactions(store.get_data_source("transactions").path)
+    entity_df, cutoff = labelled_transactions(source_path(store, "transactions"))
     ts = build_training_set(store, entity_df, "fraud_detection_v1", cutoff)
     trained = train_model(ts, data / "models" / "fraud_detection_v1")
     timings["train"] = time.perf_counter() - t
@@ -172,7 +172,7 @@ def run_demo(repo: Path | None, rows: int, score: int, keep_running: bool) -> di
                   f"mean fraud score {np.mean(scores):.4f}")
 
             _step("9/10 online/offline skew check (gRPC vs point-in-time offline, same instant)")
-            skew = check_skew(store, client, sample_entities(store.get_data_source("transactions").path, 300))
+            skew = check_skew(store, client, sample_entities(source_path(store, "transactions"), 300))
             inconsistent = [f.feature for f in skew.features if f.mismatches or f.missing_online or f.extra_online]
             print(f"{skew.rows} entity pairs, {len(skew.features)} features: "
                   + ("online and offline agree" if skew.clean else f"inconsistent: {inconsistent}"))

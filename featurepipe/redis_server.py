@@ -1,26 +1,35 @@
-"""A private, throw-away ``redis-server`` on a free loopback port.
+"""redis-server processes featurepipe starts itself, always on 127.0.0.1.
 
-Used by ``make demo`` / ``make test`` and by the test fixtures::
+Two kinds:
 
-    python -m featurepipe.redis_server -- featurepipe demo   # run a command with REDIS_URL set
-    python -m featurepipe.redis_server --ensure-binary       # install redis-server if missing
+* :class:`LocalRedis`, the project's own online store when ``REDIS_URL`` is not set: one
+  ``redis-server`` per feature repo, its files (RDB snapshot, log, pid and port) under
+  ``<repo>/.redis/``, started on demand by any command that needs Redis and left running
+  between commands, so what ``make demo`` materialised is still there for ``featurepipe
+  serve``, the notebooks and the Feast SDK. ``featurepipe redis status|start|stop``.
+* :class:`RedisServer`, a throw-away server on a free port (persistence off, files in a
+  temporary folder), stopped by PID when the block ends: the tests' fixtures and
+  ``python -m featurepipe.redis_server -- COMMAND`` (runs COMMAND with ``REDIS_URL`` set).
 
-If ``REDIS_URL`` is already set, the command runs against that server and nothing is
-started. Otherwise a ``redis-server`` (installed with apt-get when it is missing and we are
-root on Debian/Ubuntu) is started on 127.0.0.1 with persistence off and its files under
-``.redis/``, and stopped, by PID, when the command ends.
+``python -m featurepipe.redis_server --ensure-binary`` installs ``redis-server`` with
+apt-get when it is missing and we are root on Debian/Ubuntu.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 
@@ -124,6 +133,173 @@ class RedisServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+LOCAL_DIR = ".redis"
+STATE_FILE = "server.json"
+# Redis 7's own snapshot points: a lost process loses at most minutes of writes, and a clean
+# stop (`featurepipe redis stop`, SIGTERM) saves everything.
+SAVE_POINTS = "3600 1 300 100 60 10000"
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
+def _ping(port: int, timeout: float = 0.3) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _pid_is_redis(pid: int) -> bool:
+    """True if ``pid`` runs redis-server (so a recycled pid is never signalled)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return _pid_alive(pid)  # no /proc (macOS): trust the pid
+    return b"redis-server" in cmdline
+
+
+@dataclass(frozen=True)
+class LocalRedisState:
+    """What ``<repo>/.redis/server.json`` records of the running server."""
+
+    pid: int
+    port: int
+    dir: str
+    started: str
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def feast_form(self) -> str:
+        """The connection in Feast's ``host:port,db=0`` form."""
+        return f"127.0.0.1:{self.port},db=0"
+
+
+class LocalRedis:
+    """The project-local ``redis-server`` of one feature repo (files under ``<repo>/.redis/``).
+
+    :meth:`ensure` returns the running server, starting it when needed (under a file lock, so
+    two commands starting at once share one server); it keeps running after the command
+    ends, and a later start reuses its port and loads its snapshot. A copied repo never
+    talks to the original's server: the server must report its own ``dir`` as ours.
+
+    >>> LocalRedis(Path("feature_repo")).ensure().url     # doctest: +SKIP
+    'redis://127.0.0.1:41873/0'
+    """
+
+    def __init__(self, repo: Path) -> None:
+        self.dir = (Path(repo) / LOCAL_DIR).resolve()
+
+    @property
+    def state_path(self) -> Path:
+        return self.dir / STATE_FILE
+
+    def _read_state(self) -> LocalRedisState | None:
+        try:
+            raw = json.loads(self.state_path.read_text(encoding="utf-8"))
+            return LocalRedisState(int(raw["pid"]), int(raw["port"]), str(raw["dir"]), str(raw["started"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def status(self) -> LocalRedisState | None:
+        """The server of this repo if it is running and answering, else None."""
+        state = self._read_state()
+        if state is None or state.dir != str(self.dir) or not _pid_alive(state.pid):
+            return None
+        if not _pid_is_redis(state.pid) or not _ping(state.port):
+            return None
+        return state
+
+    def ensure(self, timeout: float = 10.0) -> LocalRedisState:
+        """The running server, started now if it is not running."""
+        state = self.status()
+        if state is not None:
+            return state
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with (self.dir / "lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            state = self.status()  # another command may have started it meanwhile
+            if state is None:
+                state = self._start(timeout)
+            return state
+
+    def _start(self, timeout: float) -> LocalRedisState:
+        binary = ensure_binary()
+        previous = self._read_state()
+        port = previous.port if previous is not None and _port_free(previous.port) else free_port()
+        log = (self.dir / "redis.log").open("ab")
+        process = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--protected-mode", "yes",
+             "--dir", str(self.dir), "--dbfilename", "dump.rdb", "--save", SAVE_POINTS,
+             "--appendonly", "no", "--daemonize", "no"],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # outlives the command (and its Ctrl-C)
+        )
+        log.close()
+        _STARTED.append(process)  # kept referenced: it is meant to outlive this object
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise BackendUnavailable(
+                    f"the local redis-server exited with code {process.returncode} on port {port}; "
+                    f"see {self.dir / 'redis.log'}"
+                )
+            if _ping(port, 0.2):
+                state = LocalRedisState(process.pid, port, str(self.dir),
+                                        datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                tmp = self.state_path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(asdict(state)) + "\n", encoding="utf-8")
+                os.replace(tmp, self.state_path)
+                print(f"started the local redis-server for this repo at {state.url} (pid {state.pid}, "
+                      f"files in {self.dir}); stop it with `featurepipe redis stop`", file=sys.stderr)
+                return state
+            time.sleep(0.02)
+        process.kill()
+        process.wait()
+        raise BackendUnavailable(f"the local redis-server did not answer on port {port} in {timeout}s; "
+                                 f"see {self.dir / 'redis.log'}")
+
+    def stop(self, timeout: float = 30.0) -> LocalRedisState | None:
+        """Stop the server (SIGTERM: Redis saves its snapshot first); the one stopped, or None."""
+        state = self.status()
+        if state is None:
+            return None
+        os.kill(state.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _pid_alive(state.pid):
+            try:  # our own child (a test's process) must be reaped, not left a zombie
+                if os.waitpid(state.pid, os.WNOHANG)[0] == state.pid:
+                    break
+            except ChildProcessError:
+                pass
+            time.sleep(0.05)
+        if _pid_alive(state.pid) and _pid_is_redis(state.pid):
+            raise BackendUnavailable(f"the local redis-server (pid {state.pid}) did not stop in {timeout}s")
+        return state
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

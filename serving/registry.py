@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from featurepipe.config import ONLINE_STORE_TYPE
 from featurepipe.errors import BackendUnavailable, InvalidInput
 from serving import protos
 
@@ -138,13 +139,19 @@ def read_repo_config(repo: Path) -> RepoConfig:
     online = raw.get("online_store", {})
     if isinstance(online, str):
         online = {"type": online}
+    online_type = str(online.get("type", "sqlite"))
+    connection = str(online.get("connection_string", "localhost:6379"))
+    if online_type == ONLINE_STORE_TYPE:  # $REDIS_URL, the configured string, the local server
+        from featurepipe.config import redis_connection_string
+
+        connection = redis_connection_string(repo, str(online.get("connection_string", "")))
     return RepoConfig(
         repo=repo,
         project=str(raw["project"]),
         registry_file=registry_file,
-        online_type=str(online.get("type", "sqlite")),
+        online_type=online_type,
         redis_type=str(online.get("redis_type", "redis")),
-        connection_string=str(online.get("connection_string", "localhost:6379")),
+        connection_string=connection,
     )
 
 

@@ -37,6 +37,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from featurepipe.config import ONLINE_STORE_TYPE
 from featurepipe.errors import BackendUnavailable, FeaturepipeError, InvalidInput
 from serving import backend, protos
 from serving.auth import TokenPolicy
@@ -281,9 +282,9 @@ class FeatureServer:
     def _open_backends(self) -> None:
         from featurepipe.config import export_redis_env, find_repo
 
-        export_redis_env()
+        export_redis_env(self.repo)
         self.config = config = read_repo_config(find_repo(self.repo))
-        if config.online_type != "redis":
+        if config.online_type not in ("redis", ONLINE_STORE_TYPE):
             raise InvalidInput(
                 f"online_store type {config.online_type!r} in feature_store.yaml is not "
                 "supported; featurepipe serve reads the redis online store"

@@ -9,6 +9,7 @@ own copy of the registry, so the shared ``pipeline`` state is left alone.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import subprocess
@@ -78,6 +79,9 @@ def repo_copy(base: Path, name: str, registry: Path, server: Server, db: int, *,
     folder = base / name
     shutil.rmtree(folder, ignore_errors=True)
     (folder / "data").mkdir(parents=True)
+    shared = base / "data"  # the registry's sources are relative to its repo (../data/...)
+    if not shared.exists():
+        shared.symlink_to(registry.parent.parent.parent / "data", target_is_directory=True)
     shutil.copy(registry, folder / "data" / "registry.db")
     engine_yaml = (
         f"batch_engine:\n  type: {ENGINE}\n  progress: false\n  quarantine_dir: {folder / 'quarantine'}\n"
@@ -134,7 +138,8 @@ def demo(pipeline: Pipeline, server: Server, tmp_path_factory: pytest.TempPathFa
     end = datetime.now(timezone.utc)
     feast_store = store_at(repo_copy(base, "feast", registry, server, DB_FEAST, engine="local"))
     server.client(DB_FEAST, flush=True)
-    feast_store.materialize(EPOCH, end)
+    with contextlib.chdir(base / "feast"):  # Feast's duckdb store reads relative paths from the cwd
+        feast_store.materialize(EPOCH, end)
     ours_store = store_at(repo_copy(base, "ours", registry, server, DB_OURS, engine="featurepipe"))
     server.client(DB_OURS, flush=True)
     result = materialize(ours_store, EPOCH, end)

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from featurepipe.config import source_path
 from tests.conftest import Pipeline
 
 pytestmark = pytest.mark.slow
@@ -133,7 +134,7 @@ def test_training_rows_only_see_the_past(pipeline: Pipeline) -> None:
     from training.dataset import build_training_set, labelled_transactions
 
     raw = raw_frame(pipeline)
-    entity_df, cutoff = labelled_transactions(pipeline.store.get_data_source("transactions").path)
+    entity_df, cutoff = labelled_transactions(source_path(pipeline.store, "transactions"))
     sample = entity_df.sample(300, random_state=5)
     ts = build_training_set(pipeline.store, sample, cutoff=cutoff)
     frame = ts.frame.set_index("transaction_id")

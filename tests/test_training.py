@@ -10,12 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from featurepipe.config import source_path
 from featurepipe.errors import InvalidInput
 from tests.conftest import Pipeline
 
 
 def _raw(pipeline: Pipeline) -> str:
-    return pipeline.store.get_data_source("transactions").path
+    return source_path(pipeline.store, "transactions")
 
 
 @pytest.fixture(scope="module")

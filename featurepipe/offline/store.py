@@ -42,6 +42,7 @@ from feast.infra.registry.base_registry import BaseRegistry
 from feast.repo_config import RepoConfig
 
 from featurepipe.batch.sql import literal, quote
+from featurepipe.config import resolve_source_path
 from featurepipe.errors import InvalidInput
 from featurepipe.offline.entity import read_entity_frame
 from featurepipe.offline.job import FeaturepipeRetrievalJob, QueryPlan
@@ -122,7 +123,7 @@ def source_path(config: RepoConfig, source: DataSource, view: str = "") -> str:
             f"{'feature view ' + repr(view) + ': ' if view else ''}the featurepipe offline store reads "
             f"Parquet FileSource sources, got {type(source).__name__} {source.name!r}"
         )
-    return FileSource.get_uri_for_file_path(repo_path=config.repo_path, uri=source.path)
+    return resolve_source_path(config.repo_path, source.path)
 
 
 def _utc(value: datetime) -> str:

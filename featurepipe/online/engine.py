@@ -41,6 +41,7 @@ from feast.infra.registry.base_registry import BaseRegistry
 from feast.repo_config import FeastConfigBaseModel
 from pydantic import StrictBool, StrictInt
 
+from featurepipe.config import resolve_source_path
 from featurepipe.online.latest import Column, LatestQuery
 from featurepipe.online.layout import ENTITY_KEY_SERIALIZATION_VERSION, KEY_TYPE_IDS
 from featurepipe.online.window import (
@@ -170,7 +171,7 @@ def view_plan(view: FeatureView, repo_config: Any, project: str) -> ViewPlan:
     source = view.batch_source
     assert isinstance(source, FileSource)
     reverse = {v: k for k, v in (source.field_mapping or {}).items()}
-    path = FileSource.get_uri_for_file_path(repo_config.repo_path, source.path)
+    path = resolve_source_path(repo_config.repo_path, source.path)
     versioning = bool(getattr(repo_config.registry, "enable_online_feature_view_versioning", False))
     query = LatestQuery(
         path=path,
@@ -265,7 +266,7 @@ class FeaturepipeMaterializationEngine(ComputeEngine):
         the view's contract checks, recorded in the run log)."""
         import redis
 
-        from featurepipe.config import redis_connection_kwargs
+        from featurepipe.config import online_connection_string, redis_connection_kwargs
 
         plan = view_plan(view, self.repo_config, project)
         options = self.options()
@@ -275,7 +276,7 @@ class FeaturepipeMaterializationEngine(ComputeEngine):
 
             gate = open_materialize_gate(self.repo_config, view, project, registry, start, end)
         client = redis.Redis(
-            **redis_connection_kwargs(self.repo_config.online_store.connection_string),  # type: ignore[arg-type]
+            **redis_connection_kwargs(online_connection_string(self.repo_config)),  # type: ignore[arg-type]
             socket_timeout=300,
         )
         try:

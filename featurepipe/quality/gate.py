@@ -364,12 +364,12 @@ def open_gate(store: FeatureStore, views: list[str] | None = None, kind: str = "
     FileSources, and the definition hashes of ``views`` (default: every aggregate view)."""
     from feast import FileSource
 
-    from featurepipe.config import data_dir
+    from featurepipe.config import data_dir, resolve_source_path
     from featurepipe.definitions import aggregate_views
 
     repo = Path(store.repo_path)
     sources = [
-        SourceRef(s.name, s.path, s.timestamp_field)
+        SourceRef(s.name, resolve_source_path(repo, s.path), s.timestamp_field)
         for s in store.list_data_sources() if isinstance(s, FileSource)
     ]
     names = views or [v.name for v in aggregate_views(store)]

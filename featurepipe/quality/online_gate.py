@@ -163,7 +163,7 @@ def open_materialize_gate(repo_config: Any, view: Any, project: str, registry: A
                           start: datetime, end: datetime) -> MaterializeGate:
     """The gate of one view's materialisation by the featurepipe engine: the repo's
     contracts, its data folder, the view's definition hash and the Redis it writes to."""
-    from featurepipe.config import data_dir, redis_connection_kwargs
+    from featurepipe.config import data_dir, online_connection_string, redis_connection_kwargs
     from featurepipe.definitions import TAG_INPUT
     from featurepipe.quality.runlog import feature_view_hash
 
@@ -174,7 +174,7 @@ def open_materialize_gate(repo_config: Any, view: Any, project: str, registry: A
             source = registry.get_data_source(view.tags[TAG_INPUT], project)
         except Exception:  # a missing source only leaves it out of the hash
             source = None
-    kw = redis_connection_kwargs(repo_config.online_store.connection_string)
+    kw = redis_connection_kwargs(online_connection_string(repo_config))
     online = f"redis://{kw['host']}:{kw['port']}/{kw.get('db', 0)}"
     return MaterializeGate(load_contracts(repo), data_dir(repo), view.name, feature_view_hash(view, source),
                            online, start, end)

@@ -64,6 +64,7 @@ from featurepipe.batch.sql import (
     quote,
     ts_literal,
 )
+from featurepipe.config import resolve_source_path
 from featurepipe.definitions import AggregateView, aggregate_views
 from featurepipe.errors import InvalidInput, NotFound
 from featurepipe.stream.decode import MSG, Decoder, arrow_schema
@@ -242,8 +243,9 @@ class StreamJob:
             source = self.store.get_data_source(o.source)
         except Exception as exc:  # feast raises DataSourceObjectNotFoundException
             raise InvalidInput(f"the registry has no data source {o.source!r}; check --source or run feast apply") from exc
+        source_glob = resolve_source_path(repo, source.path) if hasattr(source, "path") else None
         views = [v for v in aggregate_views(self.store, o.views)
-                 if v.input_path == getattr(source, "path", None)
+                 if v.input_path == source_glob
                  and v.timestamp_field == source.timestamp_field]
         if not views:
             raise InvalidInput(
@@ -251,9 +253,10 @@ class StreamJob:
                 "nothing to compute from this stream"
             )
         self.source_ref = source
+        self.source_glob = str(source_glob)
         self.timestamp = source.timestamp_field
-        self.input_root = Path(source.path.split("/**")[0])
-        types = self._source_types(source.path, load_contracts(repo).sources.get(o.source))
+        self.input_root = Path(self.source_glob.split("/**")[0])
+        types = self._source_types(self.source_glob, load_contracts(repo).sources.get(o.source))
         self.types = types
         self.decoder = Decoder(arrow_schema(types))
         contract = load_contracts(repo).sources.get(o.source)
@@ -361,7 +364,7 @@ class StreamJob:
         source contract's checks are left out, as the batch gate leaves them out."""
         con = self.con
         ts = quote(self.timestamp)
-        source = f"read_parquet({literal(self.source_ref.path)}, hive_partitioning = true, union_by_name = true)"
+        source = f"read_parquet({literal(self.source_glob)}, hive_partitioning = true, union_by_name = true)"
         try:
             (newest,) = con.execute(f"SELECT max({ts}) FROM {source}").fetchall()[0]
         except duckdb.IOException:
@@ -382,7 +385,7 @@ class StreamJob:
             loaded += con.execute(f"SELECT count(*) FROM {v.table}").fetchall()[0][0]
         self.finalised_to = newest_us + 1
         log.info("stream %s: bootstrapped %d state rows from %s (history up to %s)",
-                 self.options.job, loaded, self.source_ref.path, newest)
+                 self.options.job, loaded, self.source_glob, newest)
 
     def _fingerprint(self) -> str:
         import hashlib

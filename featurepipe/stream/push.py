@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from featurepipe.batch.backfill import connect, source_columns
 from featurepipe.batch.sql import aggregate_sql, quote
+from featurepipe.config import source_path
 from featurepipe.definitions import aggregate_views
 from featurepipe.errors import InvalidInput
 
@@ -54,7 +55,7 @@ def push_events(store: FeatureStore, events: pa.Table, source: str = "transactio
     ts = events.column("event_timestamp").cast(pa.timestamp("us", tz="UTC"))
     events = events.set_column(events.schema.get_field_index("event_timestamp"), "event_timestamp", ts)
     views = [v for v in aggregate_views(store) if v.timestamp_field == "event_timestamp"
-             and store.get_data_source(source).path == v.input_path]
+             and source_path(store, source) == v.input_path]
     if not views:
         raise InvalidInput(f"no aggregate view reads source {source!r}")
     raw_root = _raw_root(views[0].input_path)

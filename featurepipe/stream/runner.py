@@ -12,17 +12,24 @@ import pyarrow as pa
 from featurepipe.stream.engine import StreamJob, StreamOptions, StreamResult
 
 
-def redis_client(url: str | None = None, **kwargs: Any) -> Any:
-    """A redis-py client for ``url`` (default: the online store's Redis, from $REDIS_URL)."""
+def redis_client(url: str | None = None, store: Any = None, **kwargs: Any) -> Any:
+    """A redis-py client for ``url`` (default: the online store's Redis of ``store``, or of
+    the repo found as :func:`featurepipe.config.find_repo` does)."""
     import redis
 
     from featurepipe.config import (
+        online_connection_string,
         redis_connection_kwargs,
         redis_connection_string,
         redis_url_to_feast,
     )
 
-    conn = redis_url_to_feast(url) if url else redis_connection_string()
+    if url:
+        conn = redis_url_to_feast(url)
+    elif store is not None:
+        conn = online_connection_string(store.config)
+    else:
+        conn = redis_connection_string()
     return redis.Redis(**redis_connection_kwargs(conn), **kwargs)  # type: ignore[arg-type]
 
 
@@ -46,8 +53,9 @@ def run_job(repo: str | Path | None, options: StreamOptions, *, stream: str = "t
     from featurepipe.config import load_store
 
     store = load_store(repo)
-    source = open_source(options, stream=stream, stream_url=stream_url, bootstrap=bootstrap, topic=topic)
-    job = StreamJob(store, source, redis_client(socket_timeout=60), options)
+    source = open_source(options, stream=stream, stream_url=stream_url or _online_url(store),
+                         bootstrap=bootstrap, topic=topic)
+    job = StreamJob(store, source, redis_client(store=store, socket_timeout=60), options)
     if metrics_port is not None:
         port = job.metrics.serve(metrics_port)
         print(f"metrics: http://127.0.0.1:{port}/metrics", flush=True)
@@ -61,6 +69,14 @@ def run_job(repo: str | Path | None, options: StreamOptions, *, stream: str = "t
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         job.close()
+
+
+def _online_url(store: Any) -> str:
+    """The online store's Redis as a URL (where the Redis stream lives by default)."""
+    from featurepipe.config import online_connection_string, redis_connection_kwargs
+
+    kw = redis_connection_kwargs(online_connection_string(store.config))
+    return f"redis://{kw['host']}:{kw['port']}/{kw.get('db', 0)}"
 
 
 def event_payloads(table: pa.Table) -> Iterator[bytes]:
@@ -79,10 +95,11 @@ def publish_parquet(repo: str | Path | None, events: Path | None, *, stream: str
     import duckdb
 
     from featurepipe.batch.sql import literal
-    from featurepipe.config import load_store
+    from featurepipe.config import load_store, source_path
 
     if events is None:
-        path = load_store(repo).get_data_source(source).path
+        store = load_store(repo)
+        path = source_path(store, source)
     else:
         path = str(events / "**" / "*.parquet") if events.is_dir() else str(events)
     con = duckdb.connect()

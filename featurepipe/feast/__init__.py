@@ -1,0 +1,1 @@
+"""featurepipe's adapters at Feast's edge: the classes ``feature_store.yaml`` names."""
