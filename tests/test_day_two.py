@@ -1,0 +1,249 @@
+"""Day two: what a user meets after `make demo`, run as separate processes with no variables set.
+
+* the repo's local redis-server (no ``REDIS_URL``) is shared by separate commands, keeps its
+  files under ``<repo>/.redis/``, and keeps its data over a stop and a start;
+* the Feast SDK reads the same online values with no environment variables at all;
+* a copied project reads its own data, and a registry applied in another checkout stops the
+  command with a message that says to run ``featurepipe apply``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+
+from featurepipe.redis_server import LocalRedis, _pid_alive, free_port
+from tests.conftest import Pipeline
+
+SERVICE = "fraud_detection_v1"
+CLEAN_ENV = {k: v for k, v in os.environ.items()
+             if k not in ("REDIS_URL", "FEATUREPIPE_REDIS", "FEATUREPIPE_REPO", "FEATUREPIPE_DATA_DIR")}
+
+
+def cli(repo: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "featurepipe.cli", *args, "--repo", str(repo)],
+                          env=env if env is not None else CLEAN_ENV, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def project(pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A copy of the pipeline's whole project (repo, its data beside it, registry) in a new
+    folder; the local redis-server it may start is stopped, by PID, at the end."""
+    base = tmp_path_factory.mktemp("daytwo") / "project"
+    shutil.copytree(pipeline.repo.parent, base, symlinks=True,
+                    ignore=shutil.ignore_patterns(".redis", ".featurepipe", "__pycache__"))
+    repo = base / "feature_repo"
+    yield repo
+    state = LocalRedis(repo).status()
+    if state is not None:
+        LocalRedis(repo).stop()
+
+
+def _sample_rows(pipeline: Pipeline, n: int = 5) -> list[dict[str, int]]:
+    table = ds.dataset(pipeline.data / "raw" / "transactions", partitioning="hive").to_table(
+        columns=["user_id", "merchant_id"])
+    rows = table.slice(0, 2_000).to_pylist()
+    seen: dict[int, dict[str, int]] = {}
+    for row in rows:
+        seen.setdefault(row["user_id"], row)
+    return list(seen.values())[:n]
+
+
+def _grpc_values(address: str, rows: list[dict[str, int]]) -> dict[str, list[object]]:
+    from serving.client import FeatureClient
+
+    with FeatureClient(address) as client:
+        got = client.get_features({"user_id": [r["user_id"] for r in rows],
+                                   "merchant_id": [r["merchant_id"] for r in rows]},
+                                  feature_service=SERVICE,
+                                  request_context={"amount": [10.0] * len(rows), "txn_epoch": [1.8e9] * len(rows)})
+    assert all(s == "PRESENT" for name, statuses in got.statuses.items() for s in statuses
+               if not name.startswith(("amount_to", "seconds_since"))), got.statuses
+    return {name: list(values) for name, values in got.values.items()}
+
+
+@pytest.mark.slow
+def test_separate_processes_share_the_local_online_store(pipeline: Pipeline, project: Path) -> None:
+    """No REDIS_URL: one process materialises, the next serves over gRPC, a third reads with
+    Feast's SDK; all see what the session's own Redis (the oracle, filled by the same
+    materialisation) holds. The server keeps its files under .redis/ and its data over a
+    restart."""
+    repo = project
+    local = LocalRedis(repo)
+    assert local.status() is None
+    done = cli(repo, "materialize")
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = local.status()
+    assert state is not None, "materialize should have started the repo's local redis-server"
+    assert f"127.0.0.1:{state.port}" in done.stdout
+
+    # a second, separate process serves what the first wrote
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "featurepipe.cli", "serve", "--repo", str(repo),
+                               "--port", str(port)],
+                              env=CLEAN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        address = _wait_serving(server, f"127.0.0.1:{port}")
+        rows = _sample_rows(pipeline)
+        served = _grpc_values(address, rows)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    # the oracle: the same rows served from the session's Redis, materialised from the same data
+    from serving.server import FeatureServer
+
+    with FeatureServer(pipeline.repo, port=0) as reference:
+        expected = _grpc_values(reference.address, rows)
+    assert served == expected
+
+    # the Feast SDK, in a process with no featurepipe variables, from another folder
+    script = (
+        "import json, sys\nfrom feast import FeatureStore\n"
+        f"store = FeatureStore(repo_path={str(repo)!r})\n"
+        f"rows = {json.dumps([{'user_id': r['user_id']} for r in rows])}\n"
+        "got = store.get_online_features(features=['user_transaction_stats:txn_count_24h',"
+        "'user_transaction_stats:amount_sum_7d'], entity_rows=rows).to_dict()\n"
+        "print(json.dumps(got))\n"
+    )
+    sdk = subprocess.run([sys.executable, "-c", script], env=CLEAN_ENV, cwd="/", capture_output=True,
+                         text=True, timeout=120)
+    assert sdk.returncode == 0, sdk.stderr[-3000:]
+    got = json.loads(sdk.stdout.strip().splitlines()[-1])
+    assert got["txn_count_24h"] == expected["txn_count_24h"]
+    assert got["amount_sum_7d"] == pytest.approx(expected["amount_sum_7d"])
+
+    # its files stay under <repo>/.redis/, and nowhere else in the project
+    assert Path(state.dir) == (repo / ".redis").resolve()
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=state.port)
+    assert client.config_get("dir")["dir"] == str((repo / ".redis").resolve())
+    keys = client.dbsize()
+    client.close()
+    assert keys > 0
+    assert not [p for p in repo.parent.rglob("dump.rdb") if ".redis" not in p.parts]
+
+    # a stop saves, a start loads: the online store survives
+    stopped = cli(repo, "redis", "stop")
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stderr
+    assert not _pid_alive(state.pid) or local.status() is None
+    assert (repo / ".redis" / "dump.rdb").is_file()
+    status = cli(repo, "redis", "status")
+    assert status.returncode == 1 and "not running" in status.stdout
+    started = cli(repo, "redis", "start")
+    assert started.returncode == 0, started.stderr
+    after = local.status()
+    assert after is not None
+    client = redis.Redis(host="127.0.0.1", port=after.port)
+    assert client.dbsize() == keys
+    client.close()
+    status = cli(repo, "redis", "status")
+    assert status.returncode == 0 and f"{keys:,} keys" in status.stdout
+
+
+def _wait_serving(process: subprocess.Popen[str], address: str, timeout: float = 60) -> str:
+    """Wait until the server process answers the standard gRPC health check."""
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise AssertionError(f"featurepipe serve exited: {process.stderr.read() if process.stderr else ''}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return address
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise AssertionError(f"featurepipe serve did not answer on {address} in {timeout}s")
+
+
+def _raw_rows(data: Path) -> int:
+    return ds.dataset(data / "raw" / "transactions", partitioning="hive").count_rows()
+
+
+def _offline_days(data: Path, view: str) -> dict[str, int]:
+    """Rows per day partition of a view's offline table."""
+    return {day.name: ds.dataset(day).count_rows()
+            for day in sorted((data / "offline" / view).glob("date=*"))}
+
+
+@pytest.mark.slow
+def test_a_copied_project_reads_its_own_data(pipeline: Pipeline, tmp_path: Path) -> None:
+    """Copy the project, drop the first days of raw data in the copy only, and backfill there
+    from scratch: the copy's tables hold exactly the kept days (one row per transaction, as
+    the original's tables have for those days), the original's are untouched."""
+    base = tmp_path / "copy"
+    shutil.copytree(pipeline.repo.parent, base, ignore=shutil.ignore_patterns(".redis", ".featurepipe"))
+    data = base / "data"
+    days = sorted((data / "raw" / "transactions").glob("date=*"))
+    dropped = days[: len(days) // 2]
+    for day in dropped:
+        shutil.rmtree(day)
+    shutil.rmtree(data / "offline")
+    assert _raw_rows(data) < _raw_rows(pipeline.data)
+    original = _offline_days(pipeline.data, "user_transaction_stats")
+    env = {**CLEAN_ENV, "FEATUREPIPE_DATA_DIR": str(data)}
+    done = cli(base / "feature_repo", "backfill", "--no-index", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    copied = _offline_days(data, "user_transaction_stats")
+    kept = {day.name for day in days} - {day.name for day in dropped}
+    assert set(copied) == kept
+    assert copied == {day: n for day, n in original.items() if day in kept}
+    assert sum(copied.values()) <= _raw_rows(data)
+    assert _offline_days(pipeline.data, "user_transaction_stats") == original
+
+
+def _absolute_registry(registry: Path, repo: Path) -> None:
+    """Rewrite a registry's file sources to absolute paths, as earlier versions stored them."""
+    from feast.protos.feast.core.Registry_pb2 import Registry
+
+    proto = Registry()
+    proto.ParseFromString(registry.read_bytes())
+    sources = [s for s in proto.data_sources]
+    for fv in proto.feature_views:
+        sources += [fv.spec.batch_source, fv.spec.stream_source]
+    for source in sources:
+        uri = source.file_options.uri
+        if uri and not uri.startswith("/"):
+            source.file_options.uri = os.path.normpath(repo / uri)
+        if source.batch_source.file_options.uri and not source.batch_source.file_options.uri.startswith("/"):
+            source.batch_source.file_options.uri = os.path.normpath(repo / source.batch_source.file_options.uri)
+    registry.write_bytes(proto.SerializeToString())
+
+
+@pytest.mark.slow
+def test_a_registry_applied_in_another_checkout_stops_with_a_message(pipeline: Pipeline, tmp_path: Path) -> None:
+    """A copy whose registry holds absolute paths into the original checkout (what earlier
+    versions stored) would backfill from the original's data: it stops instead, naming the
+    way out; after `featurepipe apply` the copy works."""
+    base = tmp_path / "stale"
+    shutil.copytree(pipeline.repo.parent, base, ignore=shutil.ignore_patterns(".redis", ".featurepipe"))
+    repo, data = base / "feature_repo", base / "data"
+    _absolute_registry(repo / "data" / "registry.db", pipeline.repo)
+    env = {**CLEAN_ENV, "FEATUREPIPE_DATA_DIR": str(data), "REDIS_URL": pipeline.env["REDIS_URL"]}
+    before = sorted(p.name for p in (pipeline.data / "offline" / "user_transaction_stats").glob("date=*/*"))
+    stopped = cli(repo, "backfill", "--no-index", env=env)
+    assert stopped.returncode != 0
+    assert "Traceback" not in stopped.stderr
+    assert "featurepipe apply" in stopped.stderr and str(pipeline.repo.parent) in stopped.stderr
+    assert sorted(p.name for p in (pipeline.data / "offline" / "user_transaction_stats").glob("date=*/*")) == before
+    applied = cli(repo, "apply", env=env)
+    assert applied.returncode == 0, applied.stderr[-3000:]
+    done = cli(repo, "backfill", "--no-index", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
