@@ -127,6 +127,8 @@ def notebooks(port: int, no_browser: bool, execute: bool, repo: Path | None) -> 
            f"--ServerApp.root_dir={folder}"]
     if no_browser:
         cmd.append("--no-browser")
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cmd.append("--allow-root")  # containers and CI machines often run as root
     click.echo(f"Jupyter on http://127.0.0.1:{port}/ (notebooks in {folder}); Ctrl-C stops it")
     sys.exit(subprocess.call(cmd, env=env, cwd=folder))
 
