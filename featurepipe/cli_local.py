@@ -94,8 +94,10 @@ def redis_stop(repo: Path | None) -> None:
 @click.option("--no-browser", is_flag=True, help="Do not open a browser.")
 @click.option("--execute", "execute", is_flag=True,
               help="Run every notebook top to bottom in place of opening Jupyter (exit 1 on an error).")
+@click.option("--dir", "folder", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Notebooks folder (default: notebooks/ beside the repo, else ./notebooks).")
 @REPO_OPTION
-def notebooks(port: int, no_browser: bool, execute: bool, repo: Path | None) -> None:
+def notebooks(port: int, no_browser: bool, execute: bool, folder: Path | None, repo: Path | None) -> None:
     """Open the data-science notebooks in Jupyter on 127.0.0.1, with the repo set.
 
     Run `make demo` first: the notebooks read its training data and its online store. The
@@ -105,9 +107,12 @@ def notebooks(port: int, no_browser: bool, execute: bool, repo: Path | None) -> 
     from featurepipe.config import find_repo, load_store, online_connection_string
 
     repo_path = find_repo(repo)
-    folder = repo_path.parent / "notebooks"
+    if folder is None:
+        folder = next((f for f in (repo_path.parent / "notebooks", Path.cwd() / "notebooks") if f.is_dir()),
+                      repo_path.parent / "notebooks")
+    folder = folder.resolve()
     if not folder.is_dir():
-        raise click.ClickException(f"no notebooks folder beside the repo ({folder})")
+        raise click.ClickException(f"no notebooks folder at {folder}; pass --dir")
     store = load_store(repo_path)
     if not store.list_feature_views():
         raise click.ClickException("the registry is empty: run `make demo` (or `featurepipe apply` "
@@ -139,7 +144,6 @@ def _execute_all(paths: list[Path], env: dict[str, str]) -> int:
 
     import nbformat
     from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
 
     failed = 0
     saved = dict(os.environ)
@@ -152,9 +156,10 @@ def _execute_all(paths: list[Path], env: dict[str, str]) -> int:
                 NotebookClient(notebook, timeout=600, kernel_name="python3",
                                resources={"metadata": {"path": str(path.parent)}}).execute()
                 click.echo(f"ok      {path.name} ({time.perf_counter() - t0:.0f}s)")
-            except CellExecutionError as exc:
+            except Exception as exc:  # a failing cell, a dead kernel, a timeout: report, go on
                 failed += 1
-                click.echo(f"FAILED  {path.name}: {str(exc).strip().splitlines()[-1]}")
+                lines = str(exc).strip().splitlines() or [type(exc).__name__]
+                click.echo(f"FAILED  {path.name}: {lines[-1]}")
     finally:
         os.environ.clear()
         os.environ.update(saved)

@@ -1,8 +1,10 @@
-"""The notebooks run top to bottom on the test pipeline's data, as a data scientist runs them."""
+"""The notebooks run top to bottom on the test pipeline's data, through the documented command
+(`featurepipe notebooks --execute`), as a data scientist runs them after `make demo`."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import subprocess
+import sys
 
 import pytest
 
@@ -12,13 +14,13 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_runs(path: Path, pipeline: Pipeline) -> None:
-    import nbformat
-    from nbclient import NotebookClient
-
-    notebook = nbformat.read(path, as_version=4)
-    # FEATUREPIPE_REPO / FEATUREPIPE_DATA_DIR / REDIS_URL point at the pipeline fixture's copy
-    NotebookClient(notebook, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
-    errors = [o for c in notebook.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
-    assert not errors
+def test_every_notebook_runs_through_the_notebooks_command(pipeline: Pipeline) -> None:
+    # FEATUREPIPE_DATA_DIR / REDIS_URL in pipeline.env point at the pipeline fixture's copy
+    done = subprocess.run(
+        [sys.executable, "-m", "featurepipe.cli", "notebooks", "--execute", "--dir", str(ROOT / "notebooks"),
+         "--repo", str(pipeline.repo)],
+        env=pipeline.env, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ok = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("ok ")]
+    assert ok == [p.name for p in NOTEBOOKS], done.stdout
