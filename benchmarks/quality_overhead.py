@@ -65,7 +65,7 @@ def main() -> None:
                 backfill(store, progress=False, quality=quality)
                 times[quality].append(time.perf_counter() - t)
         run = read_runs(data)[-1]
-        checks = sum(i["check_seconds"] for i in run["inputs"]) + sum(o["check_seconds"] for o in run["outputs"])
+        checks = sum(i.check_seconds for i in run.inputs) + sum(o.check_seconds for o in run.outputs)
         plain, gated = statistics.median(times[False]), statistics.median(times[True])
         print(f"rows {args.rows:,}, rounds {args.repeat} (median seconds)")
         print(f"backfill without gates: {plain:.2f}s  {[round(t, 2) for t in times[False]]}")
@@ -75,13 +75,13 @@ def main() -> None:
         print(f"fastest with/without:   {fastest:.3f}  (overhead {100 * (fastest - 1):+.1f}%; on a noisy machine "
               "the check time below is the steadier figure)")
         print(f"checks inside the last gated run: {checks:.2f}s = {100 * checks / plain:.1f}% of the ungated median "
-              f"(raw {sum(i['check_seconds'] for i in run['inputs']):.2f}s, "
-              f"features {sum(o['check_seconds'] for o in run['outputs']):.2f}s), "
-              f"{len(run['checks'])} checks, {sum(not c['passed'] for c in run['checks'])} failed")
-        anomalies = [c for c in run["checks"] if c["check"].startswith("anomaly")]
+              f"(raw {sum(i.check_seconds for i in run.inputs):.2f}s, "
+              f"features {sum(o.check_seconds for o in run.outputs):.2f}s), "
+              f"{len(run.checks)} checks, {sum(not c.passed for c in run.checks)} failed")
+        anomalies = [c for c in run.checks if c.check.startswith("anomaly")]
         print(f"anomaly checks: {len(anomalies)} (columns and tables), days judged "
-              f"{sum(int(c['detail'].split(' day(s) judged')[0].rsplit(' ', 1)[-1]) for c in anomalies if c['passed'])}"
-              f", failed: {[(c['table'], c['column'], c['detail'][:160]) for c in anomalies if not c['passed']]}")
+              f"{sum(int(c.detail.split(' day(s) judged')[0].rsplit(' ', 1)[-1]) for c in anomalies if c.passed)}"
+              f", failed: {[(c.table, c.column, c.detail[:160]) for c in anomalies if not c.passed]}")
 
 
 if __name__ == "__main__":

@@ -65,24 +65,23 @@ def status(last: int, prometheus: bool, repo: Path | None) -> None:
     rows = []
     for run in runs[-last:][::-1]:
         s = run_summary(run)
-        rows.append([run["run_id"], run["kind"], run["status"], run["finished"][:19].replace("T", " "),
-                     f"{run['seconds']:.1f}", f"{s.rows_in:,}", f"{s.quarantined:,}",
+        rows.append([run.run_id, run.kind, run.status, run.finished[:19].replace("T", " "),
+                     f"{run.seconds:.1f}", f"{s.rows_in:,}", f"{s.quarantined:,}",
                      f"{s.checks - s.failed}/{s.checks}", ", ".join(s.views) or "-"])
     click.echo(table(["run", "kind", "status", "finished (UTC)", "seconds", "rows in", "quarantined",
                       "checks passed", "views written"], rows))
     for run in latest_runs(runs):
-        checks = run.get("checks", [])
-        failed = [c for c in checks if not c["passed"]]
-        what = run["kind"] + (f" {run['outputs'][0]['view']}" if run["kind"] == "materialize" and run["outputs"] else "")
-        click.echo(f"\nchecks of run {run['run_id']} ({what}, {run['status']}): {len(checks) - len(failed)} passed, "
+        failed = [c for c in run.checks if not c.passed]
+        what = run.kind + (f" {run.outputs[0].view}" if run.kind == "materialize" and run.outputs else "")
+        click.echo(f"\nchecks of run {run.run_id} ({what}, {run.status}): {len(run.checks) - len(failed)} passed, "
                    f"{len(failed)} failed")
         if failed:
             click.echo(table(["stage", "table", "check", "column", "severity", "failed rows", "detail"], [
-                [c["stage"], c["table"], c["check"], c["column"] or "-", c["severity"],
-                 f"{c['failed_rows']:,}", c["detail"]] for c in failed
+                [c.stage, c.table, c.check, c.column or "-", c.severity, f"{c.failed_rows:,}", c.detail]
+                for c in failed
             ]))
-        if run.get("error"):
-            click.echo(f"error: {run['error']}")
+        if run.error:
+            click.echo(f"error: {run.error}")
 
 
 @click.command()
@@ -127,7 +126,7 @@ def lineage(name: str, as_json: bool, repo: Path | None) -> None:
         click.echo(f"  rows written {run['rows_written']:,}, feature rows quarantined {run['rows_quarantined']:,}")
         for inp in run["inputs"]:
             files = inp.get("files", [])
-            click.echo(f"  input {inp['source']}: {len(files)} files, {inp['rows']:,} rows, "
+            click.echo(f"  input {inp['name']}: {len(files)} files, {inp['rows']:,} rows, "
                        f"{inp['passed']:,} passed, {inp['quarantined']:,} quarantined"
                        + (f" ({inp['quarantine_file']})" if inp.get("quarantine_file") else ""))
             for f in files[:3]:
@@ -142,6 +141,11 @@ def lineage(name: str, as_json: bool, repo: Path | None) -> None:
                    f"{o['quarantined']:,} quarantined; newest value {str(o['newest_event'])[:19]}{changed}")
     else:
         click.echo("\nonline: no successful materialisation recorded (run `featurepipe materialize`)")
+    if info["stream"]:
+        st = info["stream"]
+        click.echo(f"\nstream: last checkpoint {st['run_id']} of job {st['job']} (worker {st['worker']}, source "
+                   f"{st['source']}, finished {st['finished'][:19]} UTC): {st['offline_rows']:,} offline rows, "
+                   f"watermark {str(st['watermark'])[:19]}")
     if info["partitions_without_run"]:
         click.echo(f"\n{len(info['partitions_without_run'])} partitions written by no recorded run "
                    "(backfilled without the quality gates, or before run logging)")

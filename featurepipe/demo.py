@@ -69,8 +69,10 @@ def _stream_live(store: FeatureStore, data: Path, events: pa.Table) -> Any:
     client = redis_client(store=store)
     client.delete(stream)
     publish_redis(client, stream, event_payloads(events))
+    # the demo's live events are all published up front: at the stop the input is complete, so the
+    # job finalises them into the offline tables too (`featurepipe skew` then agrees after the demo)
     options = StreamOptions(job="demo", bootstrap=True, max_events=events.num_rows, idle_seconds=5.0,
-                            progress=False, latency_samples=events.num_rows)
+                            progress=False, latency_samples=events.num_rows, final=True)
     job = StreamJob(store, RedisStreamSource(redis_client(store=store), stream, "featurepipe-demo-w0"),
                     redis_client(store=store, socket_timeout=60), options)
     try:

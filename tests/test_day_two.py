@@ -247,3 +247,120 @@ def test_a_registry_applied_in_another_checkout_stops_with_a_message(pipeline: P
     assert applied.returncode == 0, applied.stderr[-3000:]
     done = cli(repo, "backfill", "--no-index", env=env)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+# -- after `make demo`: every read-only command of the README -----------------------------------
+
+VIEWS = ("merchant_activity", "merchant_fraud", "user_transaction_stats")
+
+
+@pytest.fixture(scope="module")
+def demo_project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """`featurepipe demo` on small data (streaming step included) in a fresh copy of
+    feature_repo, with no REDIS_URL: the repo's own redis-server, stopped by PID at the end."""
+    from tests.conftest import SOURCE_REPO
+
+    repo = tmp_path_factory.mktemp("demo") / "feature_repo"
+    shutil.copytree(SOURCE_REPO, repo, ignore=shutil.ignore_patterns("data", ".redis", "__pycache__"))
+    try:
+        done = cli(repo, "demo", "--rows", "10000", "--score", "20", timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "stream live events" in done.stdout and "online and offline agree" in done.stdout
+        yield repo
+    finally:
+        if LocalRedis(repo).status() is not None:
+            LocalRedis(repo).stop()
+
+
+def _ok(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_every_read_only_command_works_after_the_demo(demo_project: Path) -> None:
+    """The README's next steps after `make demo`: status, status --prometheus, report,
+    lineage of a view and of a feature, index and skew all exit 0 and show the demo's runs,
+    the streaming checkpoint among them."""
+    from featurepipe.quality.records import KIND_STREAM
+    from featurepipe.quality.runlog import read_runs
+
+    repo = demo_project
+    runs = read_runs(repo / "data")
+    kinds = [r.kind for r in runs]
+    assert kinds.count("backfill") == 1 and kinds.count("materialize") == len(VIEWS) and KIND_STREAM in kinds
+    stream = next(r for r in runs if r.kind == KIND_STREAM)
+    assert stream.ok and stream.stream is not None and stream.inputs[0].rows == 2_000
+
+    status = _ok(cli(repo, "status"))
+    for view in VIEWS:
+        assert view in status
+    assert stream.run_id in status and "stream_checkpoint" in status and "checks of run" in status
+
+    prometheus = _ok(cli(repo, "status", "--prometheus"))
+    assert 'featurepipe_runs_total{job="stream_checkpoint",status="ok"} 1.0' in prometheus
+    assert 'featurepipe_runs_total{job="materialize",status="ok"} 3.0' in prometheus
+    for view in VIEWS:
+        assert f'featurepipe_feature_view_newest_event_timestamp_seconds{{feature_view="{view}",store="online"}}' \
+            in prometheus
+
+    report = _ok(cli(repo, "report"))
+    page = repo / "data" / "reports" / "quality.html"
+    assert f"wrote {page}" in report and f"({len(runs)} runs," in report
+    html = page.read_text()
+    assert all(r.run_id in html for r in runs)
+
+    view = _ok(cli(repo, "lineage", "user_transaction_stats"))
+    assert view.startswith("feature view user_transaction_stats")
+    assert "online: materialised by run" in view and f"stream: last checkpoint {stream.run_id}" in view
+    feature = _ok(cli(repo, "lineage", "amount_sum_1h"))
+    assert feature.startswith("feature amount_sum_1h of view user_transaction_stats")
+    assert "computed as sum(amount) over 1.0h" in feature and "input transactions:" in feature
+    info = json.loads(_ok(cli(repo, "lineage", "user_transaction_stats:txn_count_1h", "--json")))
+    assert info["feature"] == "txn_count_1h" and info["runs"] and info["online"] and info["stream"]
+
+    index = _ok(cli(repo, "index"))
+    for view_name in VIEWS:
+        assert view_name in index
+
+    skew = _ok(cli(repo, "skew", "--sample", "200"))
+    assert "online and offline agree" in skew
+
+
+OLD_RUN_LOG = [  # what featurepipe 0.1 wrote: a stream checkpoint whose inputs is a dict, ...
+    {"kind": "stream_checkpoint", "run_id": "demo-w0-00000001", "job": "demo", "worker": 0,
+     "source": "redis:transactions-live", "inputs": {"positions": {"transactions-live": "1-0"}},
+     "outputs": ["/old/data/offline/user_transaction_stats/date=2026-01-01/demo-w0-00000001.parquet"],
+     "views": ["user_transaction_stats"], "definitions_hash": "x", "code_version": {"featurepipe": "0.1.0"},
+     "counters": {"messages": 5}, "watermark": None, "lag": 0, "seconds": 0.1,
+     "finished_at": "2026-01-01T00:00:00+00:00"},
+    # ... a materialisation with `online_store` and a window dict,
+    {"run_id": "20260101T000000-aaaaaa", "kind": "materialize", "status": "ok", "error": None,
+     "started": "2026-01-01T00:00:00+00:00", "finished": "2026-01-01T00:00:01+00:00", "seconds": 1.0,
+     "window": {"start": "1970-01-01T00:00:00+00:00", "end": "2026-01-01T00:00:00+00:00"},
+     "inputs": [{"view": "user_transaction_stats", "path": "/old/offline", "files": ["a"], "rows": 3,
+                 "passed": 3, "quarantined": 0, "window_rows": 3}],
+     "outputs": [{"view": "user_transaction_stats", "online_store": "redis://127.0.0.1:1/0", "rows": 3,
+                  "written": 3, "skipped": 0, "quarantine_files": [],
+                  "newest_event": "2025-12-31T23:00:00+00:00"}],
+     "checks": []},
+]
+
+
+@pytest.mark.slow
+def test_an_old_run_log_does_not_crash_the_commands(demo_project: Path, tmp_path: Path) -> None:
+    """Run records of featurepipe 0.1 (and a torn line) in front of the demo's: status, report,
+    lineage and the metrics still work; the line that is not a run record is named."""
+    repo = tmp_path / "feature_repo"
+    shutil.copytree(demo_project, repo, symlinks=True, ignore=shutil.ignore_patterns(".redis"))
+    log = repo / "data" / "runs" / "runs.jsonl"
+    current = log.read_text()
+    log.write_text("".join(json.dumps(r) + "\n" for r in OLD_RUN_LOG) + '{"run_id": "torn\n' + current)
+    env = {**CLEAN_ENV, "REDIS_URL": "redis://127.0.0.1:1/0"}  # read-only commands need no Redis
+    for args in (("status", "--runs", "20"), ("status", "--prometheus"), ("report",), ("lineage", "amount_sum_1h")):
+        done = cli(repo, *args, env=env)
+        out = _ok(done)
+        assert f"{log} line 3 is not a run record" in done.stderr, (args, done.stderr[-2000:])
+        if args[0] == "status" and len(args) == 3:
+            assert "demo-w0-00000001" in out and "20260101T000000-aaaaaa" in out

@@ -28,6 +28,7 @@ from featurepipe.definitions import AggregateView, aggregate_views
 from featurepipe.errors import InvalidInput, NotFound
 from featurepipe.quality.contracts import load_contracts
 from featurepipe.quality.gate import BatchGate, SourceRef, passed_rows
+from featurepipe.quality.records import CheckResult, RunRecord
 from featurepipe.quality.runlog import read_runs
 from featurepipe.quality.status import resolve
 from tests.conftest import SOURCE_REPO, Pipeline
@@ -130,19 +131,19 @@ def test_clean_data_passes_and_gives_the_same_files(make_case: Callable[..., Cas
     ungated = {p.relative_to(case.root): p.read_bytes() for p in (case.root / "offline").rglob("*.parquet")}
     assert gated == ungated and len(gated) >= 2 * BASE_DAYS
     (run,) = read_runs(case.data)
-    assert run["status"] == "ok" and not (case.data / "quarantine").exists()
-    others = [c for c in run["checks"] if not c["check"].startswith("anomaly")]
-    assert all(c["passed"] for c in others), [c for c in others if not c["passed"]]
+    assert run.status == "ok" and not (case.data / "quarantine").exists()
+    others = [c for c in run.checks if not c.check.startswith("anomaly")]
+    assert all(c.passed for c in others), [c for c in others if not c.passed]
     assert flagged_days(anomaly_checks(run)) <= pileup_days(case.raw)  # (the generator's bursts: see below)
-    assert {c["stage"] for c in run["checks"]} == {"raw", "features"}
-    (inp,) = run["inputs"]
-    assert inp["rows"] == inp["passed"] == BASE_ROWS and len(inp["files"]) == BASE_DAYS
-    assert sorted(inp["views"]) == list(VIEWS)
-    assert {o["view"] for o in run["outputs"]} == set(VIEWS)
-    for out in run["outputs"]:
-        days = sorted(p.name for p in Path(out["path"]).glob("date=*"))
-        assert out["partitions"] == days and len(days) >= BASE_DAYS - 3 and out["rows"] > 0, out
-    assert run["code_version"]["featurepipe"] and len(run["definitions_hash"]) == 64
+    assert {c.stage for c in run.checks} == {"raw", "features"}
+    (inp,) = run.inputs
+    assert inp.rows == inp.passed == BASE_ROWS and len(inp.files) == BASE_DAYS
+    assert sorted(inp.views) == list(VIEWS)
+    assert {o.view for o in run.outputs} == set(VIEWS)
+    for out in run.outputs:
+        days = sorted(p.name for p in Path(out.path).glob("date=*"))
+        assert list(out.partitions) == days and len(days) >= BASE_DAYS - 3 and out.rows > 0, out
+    assert run.code_version["featurepipe"] and len(run.definitions_hash) == 64
 
 
 BAD_ROWS = """
@@ -182,10 +183,10 @@ def test_bad_rows_are_quarantined_with_reasons_and_reconcile(make_case: Callable
     passed = case.count(passed_rows(case.raw, Path(q.split("'")[1])))
     assert rows_in == BASE_ROWS + 5 == passed + case.count(q)
     (run,) = read_runs(case.data)
-    assert run["inputs"][0]["rows"] == rows_in and run["inputs"][0]["passed"] == passed
-    failed = {c["check"]: c for c in run["checks"] if not c["passed"]}
-    assert failed["user_id.not_null"]["failed_rows"] == len(null_users) and failed["user_id.not_null"]["sample"]
-    assert failed["amount.range"]["failed_rows"] == len(bad_amount)  # counted per check
+    assert run.inputs[0].rows == rows_in and run.inputs[0].passed == passed
+    failed = {c.check: c for c in run.checks if not c.passed}
+    assert failed["user_id.not_null"].failed_rows == len(null_users) and failed["user_id.not_null"].sample
+    assert failed["amount.range"].failed_rows == len(bad_amount)  # counted per check
     # the features saw the passed rows only: equal to an ungated backfill over the clean rows
     clean = make_case_clean(case, q)
     for view in VIEWS:
@@ -224,7 +225,7 @@ def test_blocking_check_stops_the_batch_with_a_precise_message(make_case: Callab
     assert not (case.root / "offline").exists() or not any((case.root / "offline").rglob("*.parquet"))
     assert case.count(quarantine(case, "raw", "transactions")) == 4  # kept for inspection
     (run,) = read_runs(case.data)
-    assert run["status"] == "blocked" and "amount.range" in run["error"]
+    assert run.status == "blocked" and "amount.range" in run.error
 
 
 @pytest.mark.parametrize("select, check, words", [
@@ -249,9 +250,9 @@ def test_volume_collapse(make_case: Callable[..., Case]) -> None:
                      "AND transaction_id % 20 <> 0)")
     case.backfill(case.gate(), views=("merchant_activity",))  # warn: recorded, the batch goes on
     (run,) = read_runs(case.data)
-    vol = next(c for c in run["checks"] if c["check"] == "volume" and c["stage"] == "raw")
-    assert not vol["passed"] and "1 day(s) below 20% of the median day" in vol["detail"]
-    assert run["status"] == "ok"
+    vol = next(c for c in run.checks if c.check == "volume" and c.stage == "raw")
+    assert not vol.passed and "1 day(s) below 20% of the median day" in vol.detail
+    assert run.status == "ok"
 
     def block(spec: dict) -> None:
         spec["sources"]["transactions"]["volume"]["severity"] = "block"
@@ -284,8 +285,8 @@ def test_stale_features_block_but_an_older_range_is_not_stale(make_case: Callabl
     case.backfill(case.gate(strict), ("user_transaction_stats",), first, first + timedelta(days=1))
     case.backfill(case.gate(strict), ("user_transaction_stats",))  # the whole range: fresh
     runs = read_runs(case.data)
-    fresh = [c for r in runs for c in r["checks"] if c["check"] == "freshness" and c["stage"] == "features"]
-    assert [c["passed"] for c in fresh] == [True, True] and "not checked" in fresh[0]["detail"]
+    fresh = [c for r in runs for c in r.checks if c.check == "freshness" and c.stage == "features"]
+    assert [c.passed for c in fresh] == [True, True] and "not checked" in fresh[0].detail
 
     def stricter(spec: dict) -> None:
         spec["feature_views"]["user_transaction_stats"]["freshness"] = {"max_age": "1m", "severity": "block"}
@@ -314,7 +315,7 @@ def test_feature_stage_quarantines_and_blocks_before_publishing(make_case: Calla
     assert query(f"SELECT max(amount_max_24h) FROM {offline(case, 'user_transaction_stats')}")[0][0] <= 500
     assert query(f"SELECT DISTINCT quality_check FROM {q}") == [("amount_max_24h.range",)]
     (run,) = read_runs(case.data)
-    assert run["outputs"][0]["quarantined"] == quarantined
+    assert run.outputs[0].quarantined == quarantined
     before = sorted(p.read_bytes() for p in (case.root / "offline").rglob("*.parquet"))
     with pytest.raises(InvalidInput, match="quality gate features/user_transaction_stats blocked"):
         case.backfill(case.gate(cap("block")), views=("user_transaction_stats",))
@@ -337,17 +338,17 @@ def test_status_and_lineage_on_a_real_run(pipeline: Pipeline) -> None:
     lineage maps every published partition of the view to the run that last wrote it, and
     names the materialisation that put it online."""
     runs = [r for r in read_runs(pipeline.data)  # (other modules materialise repo copies of their own here too)
-            if r["kind"] == "backfill" or r["outputs"][0]["view"] in VIEWS]
-    assert runs and all(r["status"] == "ok" for r in runs)
-    assert all(c["passed"] for r in runs for c in r["checks"]), [
-        c for r in runs for c in r["checks"] if not c["passed"]]
-    backfills = [r for r in runs if r["kind"] == "backfill"]
-    materialised = [r for r in runs if r["kind"] == "materialize"]
-    assert backfills and {r["outputs"][0]["view"] for r in materialised} == set(VIEWS)
+            if r.kind == "backfill" or r.outputs[0].view in VIEWS]
+    assert runs and all(r.status == "ok" for r in runs)
+    assert all(c.passed for r in runs for c in r.checks), [
+        c for r in runs for c in r.checks if not c.passed]
+    backfills = [r for r in runs if r.kind == "backfill"]
+    materialised = [r for r in runs if r.kind == "materialize"]
+    assert backfills and {r.outputs[0].view for r in materialised} == set(VIEWS)
     status = pipeline.run("status")
     assert status.returncode == 0, status.stderr[-2000:]
     for word in ("freshness", "user_transaction_stats", "merchant_fraud", "OK", "online newest",
-                 f"checks of run {backfills[-1]['run_id']} (backfill, ok): ", "materialize user_transaction_stats, ok",
+                 f"checks of run {backfills[-1].run_id} (backfill, ok): ", "materialize user_transaction_stats, ok",
                  " 0 failed"):
         assert word in status.stdout, status.stdout
     shown = pipeline.run("lineage", "amount_sum_1h", "--json")
@@ -357,8 +358,8 @@ def test_status_and_lineage_on_a_real_run(pipeline: Pipeline) -> None:
     assert info["declaration"] == {"function": "sum", "column": "amount", "window_seconds": 3600.0}
     assert not info["partitions_without_run"] and info["published_partitions"] > 0
     assert sum(len(r["partitions"]) for r in info["runs"]) == info["published_partitions"]
-    writers = [r for r in backfills if any(o["view"] == "user_transaction_stats" for o in r["outputs"])]
-    assert info["runs"][-1]["run_id"] in {r["run_id"] for r in writers}
+    writers = [r for r in backfills if any(o.view == "user_transaction_stats" for o in r.outputs)]
+    assert info["runs"][-1]["run_id"] in {r.run_id for r in writers}
     for run in info["runs"]:
         assert run["definition_hash"] == info["current_definition_hash"] and not run["definitions_changed_since"]
         files = run["inputs"][0]["files"]
@@ -388,20 +389,20 @@ def test_status_prometheus_and_the_metrics_file(pipeline: Pipeline) -> None:
     printed = samples(shown.stdout)
     in_file = samples((pipeline.data / "metrics" / "featurepipe.prom").read_text())
     runs = read_runs(pipeline.data)
-    ok_backfills = [r for r in runs if r["kind"] == "backfill" and r["status"] == "ok"]
+    ok_backfills = [r for r in runs if r.kind == "backfill" and r.status == "ok"]
     assert printed[("featurepipe_runs_total", (("job", "backfill"), ("status", "ok")))] == len(ok_backfills)
     raw = (("job", "backfill"), ("stage", "raw"), ("table", "transactions"))
-    assert printed[("featurepipe_rows_processed_total", raw)] == sum(r["inputs"][0]["rows"] for r in ok_backfills)
+    assert printed[("featurepipe_rows_processed_total", raw)] == sum(r.inputs[0].rows for r in ok_backfills)
     assert printed[("featurepipe_rows_quarantined_total", raw)] == 0
     users = (("job", "backfill"), ("stage", "features"), ("table", "user_transaction_stats"))
     assert printed[("featurepipe_rows_published_total", users)] == sum(
-        o["rows"] for r in ok_backfills for o in r["outputs"] if o["view"] == "user_transaction_stats")
+        o.rows for r in ok_backfills for o in r.outputs if o.view == "user_transaction_stats")
     newest = query(f"SELECT epoch(max(event_timestamp)) FROM read_parquet('{pipeline.data}/offline/user_transaction_stats/*/*.parquet')")
     offline = (("feature_view", "user_transaction_stats"), ("store", "offline"))
     assert printed[("featurepipe_feature_view_newest_event_timestamp_seconds", offline)] == newest[0][0]
     assert printed[("featurepipe_feature_view_freshness_sla_seconds", (("feature_view", "merchant_fraud"),))] == 72 * 3600
     assert printed[("featurepipe_last_run_duration_seconds", (("job", "backfill"),))] == [
-        r for r in runs if r["kind"] == "backfill"][-1]["seconds"]
+        r for r in runs if r.kind == "backfill"][-1].seconds
     age = ("featurepipe_feature_view_freshness_seconds", offline)
     assert 0 < in_file[age] <= printed[age]  # (the file was written when the last run ended)
     assert {k: v for k, v in in_file.items() if k[0] != age[0]} == {k: v for k, v in printed.items() if k[0] != age[0]}
@@ -422,20 +423,20 @@ def long_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def anomaly_checks(run: dict, stage: str | None = None) -> list[dict]:
-    return [c for c in run["checks"] if c["check"].startswith("anomaly") and (stage is None or c["stage"] == stage)]
+def anomaly_checks(run: RunRecord, stage: str | None = None) -> list[CheckResult]:
+    return [c for c in run.checks if c.check.startswith("anomaly") and (stage is None or c.stage == stage)]
 
 
-def judged(check: dict) -> int:
+def judged(check: CheckResult) -> int:
     """How many days a check judged (``N day(s) judged`` or ``k of N day(s) deviate``)."""
-    if not check["passed"]:
-        return int(check["detail"].split(" day(s) deviate")[0].split(" of ")[-1])
-    return int(check["detail"].split(" day(s) judged")[0].rsplit(" ", 1)[-1])
+    if not check.passed:
+        return int(check.detail.split(" day(s) deviate")[0].split(" of ")[-1])
+    return int(check.detail.split(" day(s) judged")[0].rsplit(" ", 1)[-1])
 
 
-def flagged_days(checks: list[dict]) -> set[str]:
+def flagged_days(checks: list[CheckResult]) -> set[str]:
     """The days (ISO) that failed anomaly checks name."""
-    return {s["day"] for c in checks if not c["passed"] for s in c["sample"]}
+    return {s["day"] for c in checks if not c.passed for s in c.sample}
 
 
 def pileup_days(raw_glob: str, share: float = 0.1) -> set[str]:
@@ -469,17 +470,17 @@ def test_anomalies_ordinary_noise_is_not_flagged(make_case: Callable[..., Case],
     (run,) = read_runs(case.data)
     pileups = pileup_days(case.raw)
     raw_flagged, features_flagged = flagged_days(anomaly_checks(run, "raw")), flagged_days(anomaly_checks(run, "features"))
-    assert raw_flagged <= pileups, [c["detail"] for c in anomaly_checks(run, "raw") if not c["passed"]]
+    assert raw_flagged <= pileups, [c.detail for c in anomaly_checks(run, "raw") if not c.passed]
     assert after_a_pileup(features_flagged, pileups), [
-        c["detail"] for c in anomaly_checks(run, "features") if not c["passed"]]
-    raw = {c["column"]: c for c in anomaly_checks(run, "raw")}
+        c.detail for c in anomaly_checks(run, "features") if not c.passed]
+    raw = {c.column: c for c in anomaly_checks(run, "raw")}
     assert set(raw) == {None, "amount"}  # the contract's columns (ids and late labels left out)
     assert judged(raw["amount"]) == LONG_DAYS - 7 and judged(raw[None]) == LONG_DAYS - 7
-    users = {c["column"]: c for c in anomaly_checks(run, "features") if c["table"] == "user_transaction_stats"}
+    users = {c.column: c for c in anomaly_checks(run, "features") if c.table == "user_transaction_stats"}
     assert len(users) == 1 + 13 and judged(users["amount_sum_7d"]) >= LONG_DAYS - 7 - 7 - 1  # after warm-up
-    fraud = [c for c in anomaly_checks(run, "features") if c["table"] == "merchant_fraud"]
+    fraud = [c for c in anomaly_checks(run, "features") if c.table == "merchant_fraud"]
     assert fraud and all(judged(c) == 0 for c in fraud)  # 30-day windows never full in 20 days
-    stored = pq_rows(run["stats_file"])
+    stored = pq_rows(run.stats_file)
     assert {r["stage"] for r in stored} == {"raw", "features"} and len({r["day"] for r in stored}) == LONG_DAYS
 
 
@@ -502,16 +503,16 @@ def test_anomalies_flag_a_shifted_distribution(make_case: Callable[..., Case], l
     with caplog.at_level("WARNING", logger="featurepipe.quality.gate"):
         case.backfill(case.gate())  # warn: recorded and logged, the batch goes on
     (run,) = read_runs(case.data)
-    assert run["status"] == "ok"
-    failed = {(c["stage"], c["table"], c["column"]): c for c in anomaly_checks(run)
-              if not c["passed"] and f"{last}" in flagged_days([c])}  # (the last day's, not a burst's)
+    assert run.status == "ok"
+    failed = {(c.stage, c.table, c.column): c for c in anomaly_checks(run)
+              if not c.passed and f"{last}" in flagged_days([c])}  # (the last day's, not a burst's)
     assert flagged_days(anomaly_checks(run)) <= {f"{last}"} | {d for d in flagged_days(anomaly_checks(run))
                                                              if after_a_pileup({d}, pileup_days(case.raw))}
     raw = failed[("raw", "transactions", "amount")]
-    assert f"1 of {LONG_DAYS - 7} day(s) deviate" in raw["detail"]
-    assert "mean = " in raw["detail"] and f"on {last:%Y-%m-%d}, expected " in raw["detail"]
-    assert "p50 = " in raw["detail"] and "of the 14 days before; robust z" in raw["detail"]
-    mean = next(s for s in raw["sample"] if s["statistic"] == "mean")
+    assert f"1 of {LONG_DAYS - 7} day(s) deviate" in raw.detail
+    assert "mean = " in raw.detail and f"on {last:%Y-%m-%d}, expected " in raw.detail
+    assert "p50 = " in raw.detail and "of the 14 days before; robust z" in raw.detail
+    mean = next(s for s in raw.sample if s["statistic"] == "mean")
     assert mean["median"] == pytest.approx(median_mean) and mean["value"] > mean["high"] > mean["median"]
     assert mean["value"] == pytest.approx(3 * query(
         f"SELECT avg(amount) / 3 FROM read_parquet('{case.raw}', hive_partitioning = true) WHERE date = DATE '{last}'")[0][0])
@@ -542,32 +543,32 @@ def test_anomalies_use_earlier_runs_as_history(make_case: Callable[..., Case], l
     case.backfill(case.gate(), views, end=last)  # every day but the last
     first, = read_runs(case.data)
     assert after_a_pileup(flagged_days(anomaly_checks(first, "features")), pileup_days(case.raw))
-    assert Path(first["stats_file"]).is_file()
+    assert Path(first.stats_file).is_file()
     case.backfill(case.gate(), views, start=last, end=last + timedelta(days=1))
     second = read_runs(case.data)[-1]
-    features = {c["column"]: c for c in anomaly_checks(second, "features")}
-    assert not features["amount_sum_24h"]["passed"] and "1 of 1 day(s) deviate" in features["amount_sum_24h"]["detail"]
-    assert features["txn_count_24h"]["passed"] and features["txn_count_24h"]["detail"] == "1 day(s) judged"
+    features = {c.column: c for c in anomaly_checks(second, "features")}
+    assert not features["amount_sum_24h"].passed and "1 of 1 day(s) deviate" in features["amount_sum_24h"].detail
+    assert features["txn_count_24h"].passed and features["txn_count_24h"].detail == "1 day(s) judged"
     # a rerun over unchanged figures judges nothing again (the warning was given once)
     case.backfill(case.gate(), views, start=last, end=last + timedelta(days=1))
     third = read_runs(case.data)[-1]
-    assert all(c["passed"] and c["detail"] == "0 day(s) judged" for c in anomaly_checks(third, "features"))
+    assert all(c.passed and c.detail == "0 day(s) judged" for c in anomaly_checks(third, "features"))
 
 
 def test_anomalies_need_history_and_catch_a_volume_collapse(make_case: Callable[..., Case], long_raw: Path) -> None:
     case = make_case("SELECT * FROM raw WHERE date >= (SELECT max(date) - 4 FROM raw)", source=long_raw)
     case.backfill(case.gate(), views=("merchant_activity",))
     (run,) = read_runs(case.data)
-    raw = {c["column"]: c for c in anomaly_checks(run, "raw")}
-    assert raw["amount"]["passed"] and raw["amount"]["detail"] == (
+    raw = {c.column: c for c in anomaly_checks(run, "raw")}
+    assert raw["amount"].passed and raw["amount"].detail == (
         "0 day(s) judged; 5 day(s) not judged (fewer than 7 days of history)")
     collapsed = make_case("SELECT * FROM raw WHERE date <> (SELECT max(date) - 2 FROM raw) OR transaction_id % 20 = 0",
                           source=long_raw)
     collapsed.backfill(collapsed.gate(), views=("merchant_activity",))
     (run,) = read_runs(collapsed.data)
-    rows = next(c for c in anomaly_checks(run, "raw") if c["check"] == "anomaly.rows")
+    rows = next(c for c in anomaly_checks(run, "raw") if c.check == "anomaly.rows")
     day = query(f"SELECT max(date) - 2 FROM read_parquet('{collapsed.raw}', hive_partitioning = true)")[0][0]
-    assert not rows["passed"] and f"rows = {collapsed.count(f'''read_parquet('{collapsed.raw}', hive_partitioning = true) WHERE date = DATE '{day}' ''')}" in rows["detail"]
+    assert not rows.passed and f"rows = {collapsed.count(f'''read_parquet('{collapsed.raw}', hive_partitioning = true) WHERE date = DATE '{day}' ''')}" in rows.detail
     assert f"{day}" in flagged_days([rows]) and flagged_days([rows]) <= {f"{day}"} | pileup_days(collapsed.raw)
 
 
@@ -689,21 +690,21 @@ def test_materialisation_quarantines_failing_rows_and_writes_the_rest(online_cas
                                             entity_rows=[{"user_id": u} for u in (25, 50, 26)]).to_dict()
     assert online["amount_sum_1h"][:2] == [None, None] and online["amount_sum_1h"][2] is not None
     (run,) = read_runs(case.data)
-    assert run["kind"] == "materialize" and run["status"] == "ok" and len(run["definitions_hash"]) == 64
-    (inp,), (out,) = run["inputs"], run["outputs"]
-    assert inp["rows"] == inp["passed"] + inp["quarantined"] == users + null_rows
-    assert out["rows"] == result.written + result.skipped and inp["files"] and inp["path"].startswith(str(case.offline))
-    checks = {c["check"]: c for c in run["checks"]}
-    assert checks["amount_sum_1h.range"]["failed_rows"] == bad_users and not checks["amount_sum_1h.range"]["passed"]
-    assert checks["user_id.not_null"]["failed_rows"] == null_rows
-    assert checks["txn_count_1h.range"]["passed"] and checks["amount_max_7d.range"]["passed"]
+    assert run.kind == "materialize" and run.status == "ok" and len(run.definitions_hash) == 64
+    (inp,), (out,) = run.inputs, run.outputs
+    assert inp.rows == inp.passed + inp.quarantined == users + null_rows
+    assert out.rows == result.written + result.skipped and inp.files and inp.path.startswith(str(case.offline))
+    checks = {c.check: c for c in run.checks}
+    assert checks["amount_sum_1h.range"].failed_rows == bad_users and not checks["amount_sum_1h.range"].passed
+    assert checks["user_id.not_null"].failed_rows == null_rows
+    assert checks["txn_count_1h.range"].passed and checks["amount_max_7d.range"].passed
     start, done = lineage_events(case.data / "lineage" / "openlineage.jsonl")
     assert (start["eventType"], done["eventType"]) == ("START", "COMPLETE")
     assert done["job"]["name"] == "featurepipe.materialize.user_transaction_stats"
     assert [i["name"] for i in done["inputs"]] == [str(case.offline)]
     (output,) = done["outputs"]
     assert output["namespace"].startswith("redis://127.0.0.1:") and output["name"] == MAT_VIEW
-    assert output["outputFacets"]["outputStatistics"]["rowCount"] == out["rows"]
+    assert output["outputFacets"]["outputStatistics"]["rowCount"] == out.rows
     assertions = {a["assertion"]: a["success"] for a in done["inputs"][0]["inputFacets"]["dataQualityAssertions"]["assertions"]}
     assert assertions["amount_sum_1h.range"] is False and assertions["txn_count_1h.range"] is True
 
@@ -733,8 +734,8 @@ def test_materialisation_blocks_and_writes_nothing(online_case: Callable[..., On
         assert w in msg, msg
     assert "Nothing of this view was written to Redis" in msg and case.client.dbsize() == 0
     (run,) = read_runs(case.data)
-    assert run["status"] == "blocked" and run["error"] == msg
-    assert [c for c in run["checks"] if not c["passed"] and c["severity"] == "block"]
+    assert run.status == "blocked" and run.error == msg
+    assert [c for c in run.checks if not c.passed and c.severity == "block"]
 
 
 # ---------------------------------------------------------------- lineage events, metrics, report
@@ -751,27 +752,27 @@ def test_backfill_emits_openlineage_events(make_case: Callable[..., Case]) -> No
     (run,) = read_runs(case.data)
     events = lineage_events(case.data / "lineage" / "openlineage.jsonl")
     assert [e["eventType"] for e in events] == ["START", "COMPLETE"]
-    assert {e["run"]["runId"] for e in events} == {run_uuid(run["run_id"])}
+    assert {e["run"]["runId"] for e in events} == {run_uuid(run.run_id)}
     assert {e["job"]["name"] for e in events} == {"featurepipe.backfill"}
     done = events[1]
     tags = {t["key"]: t["value"] for t in done["run"]["facets"]["tags"]["tags"]}
-    assert tags["featurepipe.run_id"] == run["run_id"] and tags["featurepipe.definitions_hash"] == run["definitions_hash"]
+    assert tags["featurepipe.run_id"] == run.run_id and tags["featurepipe.definitions_hash"] == run.definitions_hash
     (inp,) = done["inputs"]
     assert (inp["namespace"], inp["name"]) == ("file", str(case.root / "raw"))
     fields = {f["name"]: f["type"] for f in inp["facets"]["schema"]["fields"]}
     assert fields["amount"] == "DOUBLE" and fields["user_id"] == "BIGINT"
     metrics = inp["inputFacets"]["dataQualityMetrics"]
-    assert metrics["rowCount"] == run["inputs"][0]["rows"] == BASE_ROWS + 5 and metrics["fileCount"] == BASE_DAYS
-    assert metrics["columnMetrics"]["amount"]["count"] == run["inputs"][0]["passed"]
+    assert metrics["rowCount"] == run.inputs[0].rows == BASE_ROWS + 5 and metrics["fileCount"] == BASE_DAYS
+    assert metrics["columnMetrics"]["amount"]["count"] == run.inputs[0].passed
     assertions = {a["assertion"]: a for a in inp["inputFacets"]["dataQualityAssertions"]["assertions"]}
     assert assertions["user_id.not_null"]["success"] is False and assertions["user_id.not_null"]["column"] == "user_id"
     assert assertions["schema"]["success"] is True and assertions["anomaly"]["column"] == "amount"
     outputs = {o["name"]: o for o in done["outputs"]}
     assert set(outputs) == {str(case.views[v].offline_path) for v in VIEWS}
-    for out in run["outputs"]:
-        stats = outputs[out["path"]]["outputFacets"]["outputStatistics"]
-        assert stats["rowCount"] == out["rows"] and stats["fileCount"] == len(out["partitions"])
-        assert {f["name"] for f in outputs[out["path"]]["facets"]["schema"]["fields"]} >= {"event_timestamp"}
+    for out in run.outputs:
+        stats = outputs[out.path]["outputFacets"]["outputStatistics"]
+        assert stats["rowCount"] == out.rows and stats["fileCount"] == len(out.partitions)
+        assert {f["name"] for f in outputs[out.path]["facets"]["schema"]["fields"]} >= {"event_timestamp"}
 
     def block_amount(spec: dict) -> None:
         spec["sources"]["transactions"]["columns"]["amount"]["severity"] = "block"
@@ -857,16 +858,16 @@ def test_metrics_file_counts_what_a_run_quarantined(make_case: Callable[..., Cas
     got = {(s.name, tuple(sorted(s.labels.items()))): s.value
            for family in text_string_to_metric_families(text) for s in family.samples}
     raw = (("job", "backfill"), ("stage", "raw"), ("table", "transactions"))
-    inp = run["inputs"][0]
-    assert got[("featurepipe_rows_processed_total", raw)] == inp["rows"] == BASE_ROWS + 5
-    assert got[("featurepipe_rows_quarantined_total", raw)] == inp["quarantined"] > 0
-    assert got[("featurepipe_rows_published_total", raw)] == inp["passed"] == inp["rows"] - inp["quarantined"]
-    failed = {c["check"] for c in run["checks"] if not c["passed"]}
+    inp = run.inputs[0]
+    assert got[("featurepipe_rows_processed_total", raw)] == inp.rows == BASE_ROWS + 5
+    assert got[("featurepipe_rows_quarantined_total", raw)] == inp.quarantined > 0
+    assert got[("featurepipe_rows_published_total", raw)] == inp.passed == inp.rows - inp.quarantined
+    failed = {c.check for c in run.checks if not c.passed}
     for check in failed:
         labels = (("check", check), ("job", "backfill"), ("severity", "warn"), ("stage", "raw"), ("table", "transactions"))
         assert got[("featurepipe_check_failures_total", labels)] == 1
     assert not any(k[0] == "featurepipe_check_failures_total" and ("stage", "features") in k[1] for k in got)
-    assert got[("featurepipe_last_run_duration_seconds", (("job", "backfill"),))] == run["seconds"]
+    assert got[("featurepipe_last_run_duration_seconds", (("job", "backfill"),))] == run.seconds
     for view in VIEWS:
         newest = query(f"SELECT epoch(max(event_timestamp)) FROM {offline(case, view)}")[0][0]
         assert got[("featurepipe_feature_view_newest_event_timestamp_seconds",
@@ -919,17 +920,17 @@ def test_html_report_renders_with_the_run_log_numbers(make_case: Callable[..., C
         image = matplotlib.image.imread(io.BytesIO(png), format="png")
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and image.shape[0] > 100 and image.shape[1] > 500
     for run in runs:  # every run listed, with its rows and quarantined rows as the run log has them
-        assert run["run_id"] in page.cells
+        assert run.run_id in page.cells
     first = runs[0]
-    quarantined = first["inputs"][0]["quarantined"]
-    assert f"{first['inputs'][0]['rows']:,}" in page.cells and f"{quarantined:,}" in page.cells
-    assert str(first["inputs"][0]["quarantine_file"]) in page.cells
-    failed = [c for c in runs[-1]["checks"] if not c["passed"]]
+    quarantined = first.inputs[0].quarantined
+    assert f"{first.inputs[0].rows:,}" in page.cells and f"{quarantined:,}" in page.cells
+    assert str(first.inputs[0].quarantine_file) in page.cells
+    failed = [c for c in runs[-1].checks if not c.passed]
     assert page.cells.count("FAILED") == len(failed) + sum(
-        not c["passed"] for r in latest_of(runs) if r is not runs[-1] for c in r["checks"])
+        not c.passed for r in latest_of(runs) if r is not runs[-1] for c in r.checks)
 
 
-def latest_of(runs: list[dict]) -> list[dict]:
+def latest_of(runs: list[RunRecord]) -> list[RunRecord]:
     from featurepipe.quality.status import latest_runs
 
     return latest_runs(runs)
@@ -941,6 +942,6 @@ def test_report_command_on_the_pipeline(pipeline: Pipeline, tmp_path: Path) -> N
     runs = read_runs(pipeline.data)
     assert shown.stdout.startswith(f"wrote {tmp_path / 'quality.html'} ({len(runs)} runs, ")
     page = (tmp_path / "quality.html").read_text()
-    last_backfill = [r for r in runs if r["kind"] == "backfill"][-1]
-    assert 'id="distributions"' in page and last_backfill["run_id"] in page
+    last_backfill = [r for r in runs if r.kind == "backfill"][-1]
+    assert 'id="distributions"' in page and last_backfill.run_id in page
     assert page.count("data:image/png;base64,") == int(shown.stdout.split(", ")[1].split()[0]) >= 4 + 13

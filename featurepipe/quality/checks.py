@@ -18,38 +18,12 @@ import duckdb
 from featurepipe.batch.sql import literal, quote
 from featurepipe.quality import stats
 from featurepipe.quality.contracts import TableContract
+from featurepipe.quality.records import CheckResult
 from featurepipe.quality.stats import DayStats
 
 ROW_ID = ("__source_file", "file_row_number")
 _EPOCH = date(1970, 1, 1)
 _NUMERIC = ("INT", "DOUBLE", "FLOAT", "DECIMAL", "REAL", "NUMERIC")
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """The outcome of one check on one table at one stage."""
-
-    stage: str
-    table: str
-    check: str
-    column: str | None
-    severity: str
-    passed: bool
-    failed_rows: int = 0
-    rows: int = 0
-    detail: str = ""
-    sample: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def blocking(self) -> bool:
-        return not self.passed and self.severity == "block"
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "stage": self.stage, "table": self.table, "check": self.check, "column": self.column,
-            "severity": self.severity, "passed": self.passed, "failed_rows": self.failed_rows,
-            "rows": self.rows, "detail": self.detail, "sample": self.sample,
-        }
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from featurepipe.quality import anomaly, checks, stats
 from featurepipe.quality.checks import CheckResult, parquet_relation
 from featurepipe.quality.contracts import Contracts, TableContract, load_contracts
 from featurepipe.quality.publish import finish_run, start_run
+from featurepipe.quality.records import RunInput, RunOutput, RunRecord
 from featurepipe.quality.runlog import (
     record_head,
     view_definition_hashes,
@@ -195,7 +196,7 @@ class BatchGate:
         contract = self.contracts.feature_views.get(view.name)
         record: dict[str, Any] = {"view": view.name, "input_path": view.input_path,
                                   "path": str(view.offline_path), "quarantined": 0,
-                                  "quarantine_file": None, "check_seconds": 0.0,
+                                  "quarantine_files": (), "check_seconds": 0.0,
                                   "definition_hash": self.view_hashes.get(view.name)}
         self.outputs[view.name] = record
         if contract is None or not staging.exists():
@@ -210,7 +211,7 @@ class BatchGate:
                               input_newest=self._input_newest.get(view.input_path), warm_until=warm_until)
         self._staged_newest[view.name] = outcome.newest
         record.update(quarantined=outcome.rows_quarantined, check_seconds=round(outcome.seconds, 4),
-                      quarantine_file=str(outcome.quarantine_file) if outcome.quarantine_file else None,
+                      quarantine_files=(str(outcome.quarantine_file),) if outcome.quarantine_file else (),
                       schema={k: v for k, v in outcome.types.items() if k != "date"}, columns=outcome.columns)
         if outcome.quarantine_file is None:
             return staging
@@ -335,14 +336,14 @@ class BatchGate:
         )
 
     # -- run record -------------------------------------------------------------------------
-    def record(self, error: BaseException | None = None) -> dict[str, Any]:
+    def record(self, error: BaseException | None = None) -> RunRecord:
         """The run record as written to the run log."""
-        return {
+        return RunRecord(
             **record_head(self.run_id, self.kind, error, self.now, self._t0, self.view_hashes, self.contracts.digest),
-            "inputs": list(self.inputs.values()),
-            "outputs": list(self.outputs.values()),
-            "checks": [r.as_dict() for r in self.results],
-        }
+            inputs=tuple(RunInput.from_dict(i) for i in self.inputs.values()),
+            outputs=tuple(RunOutput.from_dict(o) for o in self.outputs.values()),
+            checks=tuple(self.results),
+        )
 
     def __enter__(self) -> BatchGate:
         self._lineage = start_run(self.data, self.kind, self.run_id, self.now)
@@ -351,9 +352,9 @@ class BatchGate:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         record = self.record(exc)
-        if record["status"] == "ok":  # a blocked run's figures are not history: it published nothing
+        if record.ok:  # a blocked run's figures are not history: it published nothing
             written = stats.write_stats(self.data, self.run_id, self.day_stats)
-            record["stats_file"] = str(written) if written else None
+            record = dataclasses.replace(record, stats_file=str(written) if written else None)
         sla = {name: c.freshness.max_age.total_seconds() for name, c in self.contracts.feature_views.items()
                if c.freshness is not None}
         finish_run(self.data, record, self._lineage, sla)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from featurepipe.quality.contracts import Contracts
+from featurepipe.quality.records import KIND_BACKFILL, KIND_MATERIALIZE, KIND_STREAM, RunRecord
 from featurepipe.quality.runlog import read_runs
 from featurepipe.quality.stats import TABLE, DayStats, stats_dir
 from featurepipe.quality.status import (
@@ -89,14 +90,14 @@ def _all_stats(data: Path) -> list[dict[str, Any]]:
         return [dict(zip(names, r)) for r in cur.fetchall()]
 
 
-def _flagged_days(runs: list[dict[str, Any]]) -> dict[tuple[str, str, str], set[date]]:
+def _flagged_days(runs: list[RunRecord]) -> dict[tuple[str, str, str], set[date]]:
     """Days the anomaly detector flagged, per (stage, table, column)."""
     out: dict[tuple[str, str, str], set[date]] = defaultdict(set)
     for run in runs:
-        for c in run.get("checks", []):
-            if c["check"].startswith("anomaly") and not c["passed"]:
-                for s in c.get("sample", []):
-                    out[(c["stage"], c["table"], c["column"] or TABLE)].add(date.fromisoformat(s["day"]))
+        for c in run.checks:
+            if c.check.startswith("anomaly") and not c.passed:
+                for s in c.sample:
+                    out[(c.stage, c.table, c.column or TABLE)].add(date.fromisoformat(s["day"]))
     return out
 
 
@@ -180,10 +181,10 @@ def write_report(data: Path, out: Path, views: list[AggregateView], contracts: C
     parts.append('<h2 id="summary">Summary</h2>')
     if latest:
         parts.append(_table(["run", "kind", "status", "finished (UTC)", "checks passed", "error"], [
-            [r["run_id"], r["kind"] + (f" {r['outputs'][0]['view']}" if r["kind"] == "materialize" else ""),
-             r["status"], r["finished"][:19].replace("T", " "),
-             f"{run_summary(r).checks - run_summary(r).failed}/{run_summary(r).checks}", r.get("error") or ""]
-            for r in latest], failing=[r["status"] != "ok" for r in latest]))
+            [r.run_id, r.kind + (f" {r.outputs[0].view}" if r.kind == KIND_MATERIALIZE and r.outputs else ""),
+             r.status, r.finished[:19].replace("T", " "),
+             f"{run_summary(r).checks - run_summary(r).failed}/{run_summary(r).checks}", r.error or ""]
+            for r in latest], failing=[not r.ok for r in latest]))
     else:
         parts.append("<p>No runs recorded yet: run <code>featurepipe backfill</code>.</p>")
     # freshness
@@ -202,41 +203,39 @@ def write_report(data: Path, out: Path, views: list[AggregateView], contracts: C
     parts.append(_table(
         ["run", "kind", "status", "finished (UTC)", "seconds", "rows in", "published", "quarantined", "checks passed",
          "views"],
-        [[r["run_id"], r["kind"], r["status"], r["finished"][:19].replace("T", " "), f"{r['seconds']:.1f}",
+        [[r.run_id, r.kind, r.status, r.finished[:19].replace("T", " "), f"{r.seconds:.1f}",
           f"{s.rows_in:,}", f"{s.published:,}", f"{s.quarantined:,}", f"{s.checks - s.failed}/{s.checks}",
           ", ".join(s.views)] for r, s in zip(shown, summaries)],
-        numeric={4, 5, 6, 7}, failing=[r["status"] != "ok" or s.failed > 0 for r, s in zip(shown, summaries)]))
+        numeric={4, 5, 6, 7}, failing=[not r.ok or s.failed > 0 for r, s in zip(shown, summaries)]))
     # checks
     parts.append('<h2 id="checks">Check results</h2>')
     for r in latest:
-        checks = r.get("checks", [])
-        parts.append(f"<h3>run {_e(r['run_id'])} ({_e(r['kind'])})</h3>")
+        checks = r.checks
+        parts.append(f"<h3>run {_e(r.run_id)} ({_e(r.kind)})</h3>")
         parts.append(_table(["stage", "table", "check", "column", "severity", "result", "failed rows", "detail"], [
-            [c["stage"], c["table"], c["check"], c["column"] or "-", c["severity"], "passed" if c["passed"] else "FAILED",
-             f"{c['failed_rows']:,}", c["detail"]] for c in checks], numeric={6},
-            failing=[not c["passed"] for c in checks]))
-    failed_before = [(r, c) for r in shown if r not in latest for c in r.get("checks", []) if not c["passed"]]
+            [c.stage, c.table, c.check, c.column or "-", c.severity, "passed" if c.passed else "FAILED",
+             f"{c.failed_rows:,}", c.detail] for c in checks], numeric={6},
+            failing=[not c.passed for c in checks]))
+    failed_before = [(r, c) for r in shown if r not in latest for c in r.checks if not c.passed]
     if failed_before:
         parts.append("<h3>failed checks of the earlier runs listed</h3>")
         parts.append(_table(["run", "stage", "table", "check", "column", "severity", "detail"], [
-            [r["run_id"], c["stage"], c["table"], c["check"], c["column"] or "-", c["severity"], c["detail"]]
+            [r.run_id, c.stage, c.table, c.check, c.column or "-", c.severity, c.detail]
             for r, c in failed_before], failing=[True] * len(failed_before)))
     # quarantine
     parts.append('<h2 id="quarantine">Quarantine</h2>')
     q_rows = []
     for r in shown:
-        for i in r.get("inputs", []):
-            if i.get("quarantined"):
-                stage = "materialize" if r["kind"] == "materialize" else "raw"
-                files = i.get("quarantine_file") or ", ".join(
-                    f for o in r.get("outputs", []) for f in o.get("quarantine_files", []))
-                q_rows.append([r["run_id"], stage, i.get("source") or i.get("view"), f"{i['quarantined']:,}",
-                               f"{i.get('rows', 0):,}", files])
-        if r["kind"] != "materialize":
-            for o in r.get("outputs", []):
-                if o.get("quarantined"):
-                    q_rows.append([r["run_id"], "features", o["view"], f"{o['quarantined']:,}",
-                                   f"{(o.get('rows') or 0) + o['quarantined']:,}", o.get("quarantine_file") or ""])
+        for i in r.inputs:
+            if i.quarantined:
+                stage = {KIND_MATERIALIZE: "materialize", KIND_STREAM: "stream"}.get(r.kind, "raw")
+                files = i.quarantine_file or ", ".join(f for o in r.outputs for f in o.quarantine_files)
+                q_rows.append([r.run_id, stage, i.name, f"{i.quarantined:,}", f"{i.rows:,}", files])
+        if r.kind == KIND_BACKFILL:
+            for o in r.outputs:
+                if o.quarantined:
+                    q_rows.append([r.run_id, "features", o.view, f"{o.quarantined:,}", f"{o.rows + o.quarantined:,}",
+                                   ", ".join(o.quarantine_files)])
     parts.append(_table(["run", "stage", "table", "rows quarantined", "rows in", "file"], q_rows, numeric={3, 4})
                  if q_rows else "<p>No rows quarantined in the runs listed.</p>")
     # distributions and drift
@@ -256,7 +255,7 @@ def write_report(data: Path, out: Path, views: list[AggregateView], contracts: C
             acc[0] += s["mean"] * s["count"]
             acc[1] += s["count"]
     flagged = _flagged_days(runs)
-    sources = {i["source"]: i["path"] for r in runs if r["kind"] != "materialize" for i in r.get("inputs", [])}
+    sources = {i.name: i.path for r in runs if r.kind == KIND_BACKFILL for i in r.inputs}
     offline = {v.name: str(Path(v.offline_path) / "*" / "*.parquet") for v in views}
     for key in sorted(latest_day, key=lambda k: (k[0] != "raw", k[1], k[2] != TABLE, k[2])):
         stage, table, column = key

@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from featurepipe.quality.records import KIND_MATERIALIZE, KIND_STREAM, RunRecord
 from featurepipe.quality.runlog import read_runs
 
 log = logging.getLogger(__name__)
@@ -38,20 +39,14 @@ def metrics_path(data: Path) -> Path:
     return Path(env) if env else Path(data) / METRICS_FILE
 
 
-def _stage_rows(run: dict[str, Any]) -> list[tuple[str, str, int, int, int]]:
+def _stage_rows(run: RunRecord) -> list[tuple[str, str, int, int, int]]:
     """(stage, table, rows in, rows published, rows quarantined) of a run record."""
-    out = []
-    if run["kind"] == "materialize":
-        for i, o in zip(run.get("inputs", []), run.get("outputs", [])):
-            out.append(("materialize", o["view"], int(i.get("rows", 0)), int(o.get("rows", 0)),
-                        int(o.get("quarantined", 0))))
-        return out
-    for i in run.get("inputs", []):
-        out.append(("raw", i["source"], int(i.get("rows", 0)), int(i.get("passed", 0)), int(i.get("quarantined", 0))))
-    for o in run.get("outputs", []):
-        published = int(o.get("rows", 0) or 0)
-        quarantined = int(o.get("quarantined", 0) or 0)
-        out.append(("features", o["view"], published + quarantined, published, quarantined))
+    if run.kind == KIND_MATERIALIZE:
+        return [("materialize", o.view, i.rows, o.rows, o.quarantined) for i, o in zip(run.inputs, run.outputs)]
+    if run.kind == KIND_STREAM:
+        return [("stream", o.view, o.rows, o.rows, 0) for o in run.outputs]
+    out = [("raw", i.name, i.rows, i.passed, i.quarantined) for i in run.inputs]
+    out += [("features", o.view, o.rows + o.quarantined, o.rows, o.quarantined) for o in run.outputs]
     return out
 
 
@@ -65,23 +60,23 @@ def families(data: Path, now: datetime | None = None, sla: dict[str, float] | No
     last: dict[tuple[str, tuple[str, ...]], float] = {}
     newest_seen: dict[tuple[str, str], datetime] = {}
     for run in read_runs(data):
-        job, status = run["kind"], run["status"]
+        job, status = run.kind, run.status
         totals[("runs", (job, status))] += 1
-        totals[("seconds", (job,))] += float(run.get("seconds") or 0)
-        last[("seconds", (job,))] = float(run.get("seconds") or 0)
-        last[("time", (job, status))] = datetime.fromisoformat(run["finished"]).timestamp()
+        totals[("seconds", (job,))] += run.seconds
+        last[("seconds", (job,))] = run.seconds
+        last[("time", (job, status))] = datetime.fromisoformat(run.finished).timestamp()
         for stage, table, n_in, n_out, n_q in _stage_rows(run):
             totals[("in", (job, stage, table))] += n_in
             totals[("out", (job, stage, table))] += n_out if status == "ok" else 0
             totals[("q", (job, stage, table))] += n_q
-        for c in run.get("checks", []):
-            if not c["passed"]:
-                totals[("fail", (job, c["stage"], c["table"], c["check"], c["severity"]))] += 1
-        if status == "ok":
-            for o in run.get("outputs", []):
-                if o.get("newest_event"):
-                    store = "online" if job == "materialize" else "offline"
-                    newest_seen[(o["view"], store)] = datetime.fromisoformat(o["newest_event"])
+        for c in run.checks:
+            if not c.passed:
+                totals[("fail", (job, c.stage, c.table, c.check, c.severity))] += 1
+        if run.ok:
+            for o in run.outputs:
+                if o.newest_event:
+                    store = "online" if job == KIND_MATERIALIZE else "offline"
+                    newest_seen[(o.view, store)] = datetime.fromisoformat(o.newest_event)
     stage_labels = ["job", "stage", "table"]
     specs: list[tuple[str, str, Any, str, list[str], dict[tuple[str, tuple[str, ...]], float]]] = [
         ("runs", "featurepipe_runs", CounterMetricFamily, "Pipeline runs by outcome", ["job", "status"], totals),

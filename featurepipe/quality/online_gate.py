@@ -26,6 +26,7 @@ from featurepipe.quality import checks
 from featurepipe.quality.checks import CheckResult, parquet_relation
 from featurepipe.quality.contracts import Contracts, TableContract, load_contracts
 from featurepipe.quality.publish import finish_run, start_run
+from featurepipe.quality.records import RunInput, RunOutput, RunRecord
 from featurepipe.quality.runlog import record_head
 
 if TYPE_CHECKING:
@@ -112,7 +113,7 @@ class MaterializeGate:
                                    detail=f"{n:,} of {result.entities:,} latest rows: {verb}" if n else ""))
         return out
 
-    def finish(self, result: ViewMaterialization | None, error: BaseException | None = None) -> dict[str, Any]:
+    def finish(self, result: ViewMaterialization | None, error: BaseException | None = None) -> RunRecord:
         """Append the run record (and publish metrics and lineage events); return it."""
         from featurepipe.online.window import MaterializationBlocked
 
@@ -125,33 +126,33 @@ class MaterializeGate:
             if not r.passed and r.severity == "warn":
                 log.warning("quality gate %s/%s (warn): check %r on column %r failed: %s", r.stage, r.table,
                             r.check, r.column, r.detail)
-        record: dict[str, Any] = {
-            **record_head(self.run_id, "materialize", error, self.now, self._t0, {self.view: self.definition_hash or ""}, self.contracts.digest),
-            "window": {"start": self.start.isoformat(), "end": self.end.isoformat()},
+        record = RunRecord(
+            **record_head(self.run_id, "materialize", error, self.now, self._t0,
+                          {self.view: self.definition_hash or ""}, self.contracts.digest),
+            window=(self.start.isoformat(), self.end.isoformat()),
             # rows: the latest row per entity plus the window's rows without a join key;
             # rows = passed (written + not newer in Redis) + quarantined when the run is ok
-            "inputs": [{
-                "view": self.view, "path": self.offline_path,
-                "files": result.files if result else [],
-                "window_rows": (result.window_rows + result.null_key_rows) if result else 0,
-                "rows": (result.entities + result.null_key_rows) if result else 0,
-                "passed": (result.written + result.skipped) if result else 0,
-                "quarantined": result.quarantined if result else 0,
-            }],
-            "outputs": [{
-                "view": self.view, "online_store": self.online_store,
-                "definition_hash": self.definition_hash,
-                "entities": result.entities if result else 0,
-                "rows": (result.written + result.skipped) if result else 0,
-                "written": result.written if result else 0,
-                "skipped": result.skipped if result else 0,
-                "quarantined": result.quarantined if result else 0,
-                "quarantine_files": result.quarantine_files if result else [],
-                "newest_event": result.newest_event.isoformat() if result and result.newest_event else None,
-                "seconds": round(result.seconds, 4) if result else None,
-            }],
-            "checks": [r.as_dict() for r in self.results],
-        }
+            inputs=(RunInput(
+                name=self.view, path=self.offline_path,
+                files=tuple(result.files) if result else (),
+                window_rows=(result.window_rows + result.null_key_rows) if result else 0,
+                rows=(result.entities + result.null_key_rows) if result else 0,
+                passed=(result.written + result.skipped) if result else 0,
+                quarantined=result.quarantined if result else 0,
+            ),),
+            outputs=(RunOutput(
+                view=self.view, path=self.online_store, definition_hash=self.definition_hash,
+                entities=result.entities if result else 0,
+                rows=(result.written + result.skipped) if result else 0,
+                written=result.written if result else 0,
+                skipped=result.skipped if result else 0,
+                quarantined=result.quarantined if result else 0,
+                quarantine_files=tuple(result.quarantine_files) if result else (),
+                newest_event=result.newest_event.isoformat() if result and result.newest_event else None,
+                seconds=round(result.seconds, 4) if result else None,
+            ),),
+            checks=tuple(self.results),
+        )
         sla = {name: c.freshness.max_age.total_seconds() for name, c in self.contracts.feature_views.items()
                if c.freshness is not None}
         finish_run(self.data, record, self._lineage, sla)

@@ -26,9 +26,12 @@ import logging
 import os
 import threading
 import uuid
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from featurepipe.quality.records import KIND_MATERIALIZE, RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +77,11 @@ class LineageRun:
     def _start(self) -> None:
         try:
             self._client = _client(self.target)
-            self._emit("START", self.started, [], [], {})
+            self._emit("START", self.started, [], [], None)
         except Exception as exc:  # lineage never stops a pipeline
             log.warning("OpenLineage START event of run %s not emitted: %s", self.run_id, exc)
 
-    def finish(self, record: dict[str, Any]) -> None:
+    def finish(self, record: RunRecord) -> None:
         """Emit ``COMPLETE`` or ``FAIL`` for the finished run's record."""
         if self._thread is None:
             return
@@ -87,12 +90,12 @@ class LineageRun:
             return
         try:
             inputs, outputs = _datasets(record)
-            state = "COMPLETE" if record["status"] == "ok" else "FAIL"
-            self._emit(state, datetime.fromisoformat(record["finished"]), inputs, outputs, record)
+            state = "COMPLETE" if record.ok else "FAIL"
+            self._emit(state, datetime.fromisoformat(record.finished), inputs, outputs, record)
         except Exception as exc:
-            log.warning("OpenLineage %s event of run %s not emitted: %s", record.get("status"), self.run_id, exc)
+            log.warning("OpenLineage %s event of run %s not emitted: %s", record.status, self.run_id, exc)
 
-    def _emit(self, state: str, when: datetime, inputs: list[Any], outputs: list[Any], record: dict[str, Any]) -> None:
+    def _emit(self, state: str, when: datetime, inputs: list[Any], outputs: list[Any], record: RunRecord | None) -> None:
         from openlineage.client.event_v2 import Job, Run, RunEvent, RunState
         from openlineage.client.facet_v2 import (
             error_message_run,
@@ -108,13 +111,13 @@ class LineageRun:
                 version=featurepipe.__version__, name="featurepipe"),
             "tags": tags_run.TagsRunFacet(tags=[
                 tags_run.TagsRunFacetFields(key="featurepipe.run_id", value=self.run_id, source="featurepipe"),
-                *([tags_run.TagsRunFacetFields(key="featurepipe.definitions_hash", value=record["definitions_hash"],
-                                               source="featurepipe")] if record.get("definitions_hash") else []),
+                *([tags_run.TagsRunFacetFields(key="featurepipe.definitions_hash", value=record.definitions_hash,
+                                               source="featurepipe")] if record and record.definitions_hash else []),
             ]),
         }
-        if record.get("error"):
+        if record and record.error:
             run_facets["errorMessage"] = error_message_run.ErrorMessageRunFacet(
-                message=record["error"], programmingLanguage="python")
+                message=record.error, programmingLanguage="python")
         job_facets = {"jobType": job_type_job.JobTypeJobFacet(
             processingType="BATCH", integration="FEATUREPIPE", jobType=self.kind.upper())}
         self._client.emit(RunEvent(
@@ -164,24 +167,23 @@ def dataset_name(path: str) -> str:
     return str(Path(*parts)) if parts else path
 
 
-def _schema(types: dict[str, str] | None) -> Any:
+def _schema(types: Mapping[str, str] | None) -> Any:
     from openlineage.client.facet_v2 import schema_dataset
 
     return schema_dataset.SchemaDatasetFacet(fields=[
         schema_dataset.SchemaDatasetFacetFields(name=n, type=t) for n, t in (types or {}).items()])
 
 
-def _assertions(record: dict[str, Any], stage: str, table: str) -> Any:
+def _assertions(record: RunRecord, stage: str, table: str) -> Any:
     from openlineage.client.facet_v2 import data_quality_assertions_dataset as dq
 
     return dq.DataQualityAssertionsDatasetFacet(assertions=[
-        dq.Assertion(assertion=c["check"], success=bool(c["passed"]), column=c.get("column"),
-                     severity=c.get("severity"), actual=str(c.get("failed_rows", 0)) if c.get("failed_rows") else None,
-                     description=c.get("detail") or None)
-        for c in record.get("checks", []) if c["stage"] == stage and c["table"] == table])
+        dq.Assertion(assertion=c.check, success=c.passed, column=c.column, severity=c.severity,
+                     actual=str(c.failed_rows) if c.failed_rows else None, description=c.detail or None)
+        for c in record.checks if c.stage == stage and c.table == table])
 
 
-def _metrics(rows: int | None, columns: dict[str, dict[str, Any]] | None, files: int | None) -> Any:
+def _metrics(rows: int | None, columns: Mapping[str, Mapping[str, Any]] | None, files: int | None) -> Any:
     from openlineage.client.facet_v2 import data_quality_metrics_input_dataset as dm
 
     return dm.DataQualityMetricsInputDatasetFacet(
@@ -190,39 +192,41 @@ def _metrics(rows: int | None, columns: dict[str, dict[str, Any]] | None, files:
                        for name, m in (columns or {}).items()})
 
 
-def _datasets(record: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+def _datasets(record: RunRecord) -> tuple[list[Any], list[Any]]:
     from openlineage.client.event_v2 import InputDataset, OutputDataset
     from openlineage.client.facet_v2 import output_statistics_output_dataset as out_stats
 
     inputs, outputs = [], []
-    if record["kind"] == "materialize":
-        for i in record.get("inputs", []):
+    if record.kind == KIND_MATERIALIZE:
+        for i in record.inputs:
             inputs.append(InputDataset(
-                namespace="file", name=dataset_name(i["path"]),
-                facets={"schema": _schema(i.get("schema"))},
-                inputFacets={"dataQualityMetrics": _metrics(i.get("rows"), None, len(i.get("files", []))),
-                             "dataQualityAssertions": _assertions(record, "materialize", i["view"])},
+                namespace="file", name=dataset_name(i.path),
+                facets={"schema": _schema(i.schema)},
+                inputFacets={"dataQualityMetrics": _metrics(i.rows, None, len(i.files)),
+                             "dataQualityAssertions": _assertions(record, "materialize", i.name)},
             ))
-        for o in record.get("outputs", []):
+        for o in record.outputs:
             outputs.append(OutputDataset(
-                namespace=o["online_store"], name=o["view"],
-                outputFacets={"outputStatistics": out_stats.OutputStatisticsOutputDatasetFacet(rowCount=o.get("rows"))},
+                namespace=o.path, name=o.view,
+                outputFacets={"outputStatistics": out_stats.OutputStatisticsOutputDatasetFacet(rowCount=o.rows)},
             ))
         return inputs, outputs
-    for i in record.get("inputs", []):
+    for i in record.inputs:
+        if not i.path:
+            continue
         inputs.append(InputDataset(
-            namespace="file", name=dataset_name(i["path"]),
-            facets={"schema": _schema(i.get("schema"))},
-            inputFacets={"dataQualityMetrics": _metrics(i.get("rows"), i.get("columns"), len(i.get("files", []))),
-                         "dataQualityAssertions": _assertions(record, "raw", i["source"])},
+            namespace="file", name=dataset_name(i.path),
+            facets={"schema": _schema(i.schema)},
+            inputFacets={"dataQualityMetrics": _metrics(i.rows, i.columns, len(i.files)),
+                         "dataQualityAssertions": _assertions(record, "raw", i.name)},
         ))
-    for o in record.get("outputs", []):
-        if "path" not in o:
+    for o in record.outputs:
+        if not o.path:
             continue
         outputs.append(OutputDataset(
-            namespace="file", name=o["path"],
-            facets={"schema": _schema(o.get("schema"))},
+            namespace="file", name=o.path,
+            facets={"schema": _schema(o.schema)},
             outputFacets={"outputStatistics": out_stats.OutputStatisticsOutputDatasetFacet(
-                rowCount=o.get("rows"), fileCount=len(o.get("partitions", [])))},
+                rowCount=o.rows, fileCount=len(o.partitions))},
         ))
     return inputs, outputs

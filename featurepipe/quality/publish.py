@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from featurepipe.quality.openlineage import LineageRun
+from featurepipe.quality.records import RunRecord
 from featurepipe.quality.runlog import append_run
 
 log = logging.getLogger(__name__)
@@ -18,7 +18,7 @@ def start_run(data: Path, kind: str, run_id: str, started: datetime, view: str |
     return LineageRun(data, kind, run_id, started, view)
 
 
-def finish_run(data: Path, record: dict[str, Any], lineage: LineageRun | None = None,
+def finish_run(data: Path, record: RunRecord, lineage: LineageRun | None = None,
                sla: dict[str, float] | None = None) -> None:
     """End a run: append its record to the run log, rewrite the Prometheus metrics and emit
     its OpenLineage ``COMPLETE`` / ``FAIL`` event. Only the run log may raise."""

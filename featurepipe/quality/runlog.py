@@ -9,7 +9,7 @@ result. ``featurepipe status`` and ``featurepipe lineage`` read it back.
 from __future__ import annotations
 
 import hashlib
-import json
+import logging
 import subprocess
 import time
 from collections.abc import Iterable
@@ -18,10 +18,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from featurepipe.quality.records import BadRunRecord, RunRecord
+
 if TYPE_CHECKING:
     from feast import FeatureStore
 
 RUNS_FILE = "runs.jsonl"
+log = logging.getLogger(__name__)
 
 
 def runs_path(data: Path) -> Path:
@@ -29,27 +32,37 @@ def runs_path(data: Path) -> Path:
     return Path(data) / "runs" / RUNS_FILE
 
 
-def append_run(data: Path, record: dict[str, Any]) -> Path:
+def append_run(data: Path, record: RunRecord) -> Path:
     """Append one run record (one line, written with a single call)."""
+    if not isinstance(record, RunRecord):  # a producer's bug, caught where it is made
+        raise TypeError(f"append_run takes a RunRecord, got {type(record).__name__}")
     path = runs_path(data)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, separators=(",", ":"), default=str) + "\n"
+    line = record.to_json() + "\n"
     with path.open("a", encoding="utf-8") as f:
         f.write(line)
     return path
 
 
-def read_runs(data: Path) -> list[dict[str, Any]]:
-    """Every run record, oldest first (a torn last line from a crashed writer is skipped)."""
+def read_runs(data: Path) -> list[RunRecord]:
+    """Every run record, oldest first.
+
+    Records of earlier versions load as well (see :mod:`featurepipe.quality.records`). A line
+    that is not a run record (a torn last line from a crashed writer, a hand edit) is skipped
+    with a warning that names the file and the line; it never stops a command.
+    """
     path = runs_path(data)
     if not path.is_file():
         return []
     runs = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            runs.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                runs.append(RunRecord.from_json(line))
+            except BadRunRecord as exc:
+                log.warning("%s line %d is not a run record and was skipped: %s", path, number, exc)
     return runs
 
 
@@ -103,21 +116,23 @@ def definitions_hash(view_hashes: dict[str, str], contracts_digest: str) -> str:
     return digest.hexdigest()
 
 
-def record_head(run_id: str, kind: str, error: BaseException | None, started: datetime, t0: float,
-                view_hashes: dict[str, str], contracts_digest: str) -> dict[str, Any]:
-    """The fields every gate's run record starts with: identity, status, times, versions.
-
-    ``t0`` is the run's ``time.perf_counter()`` at its start. A run that a quality gate
-    stopped is ``blocked``, one that failed otherwise ``failed``.
-    """
+def run_status(error: BaseException | None) -> str:
+    """``ok``; ``blocked`` when a quality gate stopped the run; else ``failed``."""
     from featurepipe.errors import InvalidInput
 
-    status = "ok" if error is None else (
-        "blocked" if isinstance(error, InvalidInput) and "quality gate" in str(error) else "failed")
+    if error is None:
+        return "ok"
+    return "blocked" if isinstance(error, InvalidInput) and "quality gate" in str(error) else "failed"
+
+
+def record_head(run_id: str, kind: str, error: BaseException | None, started: datetime, t0: float,
+                view_hashes: dict[str, str], contracts_digest: str) -> dict[str, Any]:
+    """The fields every gate's :class:`RunRecord` starts with (keyword arguments): identity,
+    status, times, versions. ``t0`` is the run's ``time.perf_counter()`` at its start."""
     return {
         "run_id": run_id,
         "kind": kind,
-        "status": status,
+        "status": run_status(error),
         "error": str(error) if error is not None else None,
         "started": started.isoformat(),
         "finished": datetime.now(timezone.utc).isoformat(),

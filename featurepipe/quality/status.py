@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from featurepipe.errors import NotFound
 from featurepipe.quality.contracts import Contracts
+from featurepipe.quality.records import (
+    KIND_BACKFILL,
+    KIND_MATERIALIZE,
+    KIND_STREAM,
+    RunOutput,
+    RunRecord,
+)
 from featurepipe.quality.runlog import read_runs
 
 if TYPE_CHECKING:
@@ -93,48 +100,51 @@ def lineage(data: Path, view: AggregateView, feature: str | None, current_hash: 
     files, quarantined rows, definitions hash and code version; and the last successful
     materialisation that put its values online."""
     published = sorted(p.name for p in Path(view.offline_path).glob("date=*") if p.is_dir())
-    runs = [r for r in read_runs(data) if r.get("status") == "ok" and r.get("kind") != "materialize"]
-    writer: dict[str, dict[str, Any]] = {}
-    for run in runs:  # oldest first: later runs overwrite
-        for out in run.get("outputs", []):
-            if out.get("view") == view.name:
-                for part in out.get("partitions", []):
-                    writer[part] = run
+    all_runs = read_runs(data)
+    writer: dict[str, tuple[RunRecord, RunOutput]] = {}
+    for run in all_runs:  # oldest first: later runs overwrite
+        out = run.output(view.name)
+        if run.ok and run.kind == KIND_BACKFILL and out is not None:
+            for part in out.partitions:
+                writer[part] = (run, out)
     by_run: dict[str, dict[str, Any]] = {}
     unknown = [p for p in published if p not in writer]
     for part in published:
-        run = writer.get(part)
-        if run is None:
+        if part not in writer:
             continue
-        entry = by_run.get(run["run_id"])
+        run, out = writer[part]
+        entry = by_run.get(run.run_id)
         if entry is None:
-            out = next(o for o in run["outputs"] if o.get("view") == view.name)
-            inputs = [i for i in run.get("inputs", []) if i.get("path") == out.get("input_path")]
-            entry = by_run[run["run_id"]] = {
-                "run_id": run["run_id"], "finished": run["finished"], "kind": run["kind"],
-                "definition_hash": out.get("definition_hash"),
-                "definitions_hash": run.get("definitions_hash"),
-                "definitions_changed_since": bool(current_hash and out.get("definition_hash")
-                                                  and out.get("definition_hash") != current_hash),
-                "code_version": run.get("code_version"),
-                "inputs": inputs, "rows_written": out.get("rows"),
-                "rows_quarantined": out.get("quarantined", 0), "partitions": [],
+            entry = by_run[run.run_id] = {
+                "run_id": run.run_id, "finished": run.finished, "kind": run.kind,
+                "definition_hash": out.definition_hash,
+                "definitions_hash": run.definitions_hash,
+                "definitions_changed_since": _changed(out.definition_hash, current_hash),
+                "code_version": dict(run.code_version),
+                "inputs": [asdict(i) for i in run.inputs if i.path == out.input_path],
+                "rows_written": out.rows, "rows_quarantined": out.quarantined, "partitions": [],
             }
         entry["partitions"].append(part)
     agg = next((a for a in view.aggregations if a.name == feature), None)
     online = None
-    for run in read_runs(data):  # the last successful materialisation of the view
-        out = next((o for o in run.get("outputs", []) if o.get("view") == view.name), None)
-        if run["kind"] == "materialize" and run["status"] == "ok" and out is not None:
+    for run in all_runs:  # the last successful materialisation of the view
+        out = run.output(view.name)
+        if run.kind == KIND_MATERIALIZE and run.ok and out is not None:
             online = {
-                "run_id": run["run_id"], "finished": run["finished"], "window": run.get("window"),
-                "online_store": out.get("online_store"), "written": out.get("written"),
-                "not_newer": out.get("skipped"), "quarantined": out.get("quarantined"),
-                "newest_event": out.get("newest_event"), "definition_hash": out.get("definition_hash"),
-                "definitions_changed_since": bool(current_hash and out.get("definition_hash")
-                                                  and out.get("definition_hash") != current_hash),
-                "files": len(run["inputs"][0].get("files", [])) if run.get("inputs") else 0,
+                "run_id": run.run_id, "finished": run.finished, "window": run.window,
+                "online_store": out.path, "written": out.written, "not_newer": out.skipped,
+                "quarantined": out.quarantined, "newest_event": out.newest_event,
+                "definition_hash": out.definition_hash,
+                "definitions_changed_since": _changed(out.definition_hash, current_hash),
+                "files": sum(len(i.files) for i in run.inputs),
             }
+    stream = None
+    for run in all_runs:  # the last stream checkpoint that wrote the view
+        out = run.output(view.name)
+        if run.kind == KIND_STREAM and run.ok and out is not None and run.stream is not None:
+            stream = {"run_id": run.run_id, "finished": run.finished, "job": run.stream.job,
+                      "worker": run.stream.worker, "source": run.stream.source,
+                      "watermark": run.stream.watermark, "offline_rows": out.rows}
     return {
         "view": view.name,
         "feature": feature,
@@ -149,7 +159,12 @@ def lineage(data: Path, view: AggregateView, feature: str | None, current_hash: 
         "partitions_without_run": unknown,
         "runs": list(by_run.values()),
         "online": online,
+        "stream": stream,
     }
+
+
+def _changed(written: str | None, current: str | None) -> bool:
+    return bool(current and written and written != current)
 
 
 @dataclass(frozen=True)
@@ -164,35 +179,29 @@ class RunSummary:
     views: list[str]
 
 
-def run_summary(run: dict[str, Any]) -> RunSummary:
+def run_summary(run: RunRecord) -> RunSummary:
     """Rows in, rows published, rows quarantined (at any stage), checks, failed checks and the
     views written, of one run record."""
-    inputs, outputs = run.get("inputs", []), run.get("outputs", [])
-    checks = run.get("checks", [])
-    if run["kind"] == "materialize":
-        quarantined = sum(int(i.get("quarantined", 0)) for i in inputs)
-        published = sum(int(o.get("rows", 0)) for o in outputs)
-    else:
-        quarantined = sum(int(i.get("quarantined", 0)) for i in inputs) + sum(
-            int(o.get("quarantined", 0) or 0) for o in outputs)
-        published = sum(int(o.get("rows", 0) or 0) for o in outputs)
+    quarantined = sum(i.quarantined for i in run.inputs)
+    if run.kind == KIND_BACKFILL:  # feature rows quarantined after the transformation too
+        quarantined += sum(o.quarantined for o in run.outputs)
     return RunSummary(
-        rows_in=sum(int(i.get("rows", 0)) for i in inputs),
-        published=published,
+        rows_in=sum(i.rows for i in run.inputs),
+        published=sum(o.rows for o in run.outputs),
         quarantined=quarantined,
-        checks=len(checks),
-        failed=sum(not c["passed"] for c in checks),
-        views=[o["view"] for o in outputs if "rows" in o],
+        checks=len(run.checks),
+        failed=sum(not c.passed for c in run.checks),
+        views=[o.view for o in run.outputs if o.rows or o.partitions or o.written or o.skipped],
     )
 
 
-def latest_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def latest_runs(runs: list[RunRecord]) -> list[RunRecord]:
     """The latest backfill, then the latest materialisation of each view (by name)."""
-    backfills = [r for r in runs if r["kind"] != "materialize"]
+    backfills = [r for r in runs if r.kind == KIND_BACKFILL]
     latest = {}
     for run in runs:
-        if run["kind"] == "materialize" and run.get("outputs"):
-            latest[run["outputs"][0]["view"]] = run
+        if run.kind == KIND_MATERIALIZE and run.outputs:
+            latest[run.outputs[0].view] = run
     return backfills[-1:] + [latest[v] for v in sorted(latest)]
 
 
@@ -206,15 +215,15 @@ class OnlineFreshness:
     run_id: str
 
 
-def online_freshness(runs: list[dict[str, Any]], now: datetime | None = None) -> dict[str, OnlineFreshness]:
+def online_freshness(runs: list[RunRecord], now: datetime | None = None) -> dict[str, OnlineFreshness]:
     """Per view, from its last successful materialisation that wrote something."""
     now = now or datetime.now(timezone.utc)
     out = {}
     for run in runs:
-        if run["kind"] != "materialize" or run["status"] != "ok":
+        if run.kind != KIND_MATERIALIZE or not run.ok:
             continue
-        for o in run.get("outputs", []):
-            if o.get("newest_event"):
-                newest = datetime.fromisoformat(o["newest_event"])
-                out[o["view"]] = OnlineFreshness(o["view"], newest, now - newest, run["run_id"])
+        for o in run.outputs:
+            if o.newest_event:
+                newest = datetime.fromisoformat(o.newest_event)
+                out[o.view] = OnlineFreshness(o.view, newest, now - newest, run.run_id)
     return out

@@ -411,6 +411,7 @@ class StreamJob:
 
         o = self.options
         self._restore()
+        self._recorded_counters: dict[str, int] | None = asdict(self.counters)
         self.source.open(self.positions or None)
         started = time.monotonic()
         run_messages = 0
@@ -766,31 +767,54 @@ class StreamJob:
         except Exception:  # lag is advisory: a broker that cannot say is not an error
             lag = None
         self.metrics.checkpoint(job.seconds, lag, self._watermark(), self.counters)
-        self._record(job.manifest, job.written, job.seconds, lag)
+        self._record(job, lag)
 
     def _checkpoint_done(self) -> bool:
         return self._pending is None or (self._pending.thread is not None and not self._pending.thread.is_alive())
 
-    def _record(self, manifest: dict[str, Any], written: list[Path], seconds: float, lag: int | None) -> None:
+    def _record(self, job: _Checkpoint, lag: int | None) -> None:
+        """Append the checkpoint's :class:`RunRecord`: the messages it admitted since the
+        previous checkpoint, the dead letters, the offline rows per view, the positions."""
+        from featurepipe.quality.records import (
+            KIND_STREAM,
+            RunInput,
+            RunOutput,
+            RunRecord,
+            StreamInfo,
+        )
         from featurepipe.quality.runlog import append_run, code_version
 
-        append_run(self.data, {
-            "kind": "stream_checkpoint",
-            "run_id": f"{self.options.job}-w{self.options.worker}-{manifest['seq']:08d}",
-            "job": self.options.job,
-            "worker": self.options.worker,
-            "source": self.source.name,
-            "inputs": {"positions": manifest["positions"]},
-            "outputs": [str(p) for p in written],
-            "views": [v.spec.name for v in self.views],
-            "definitions_hash": manifest["fingerprint"],
-            "code_version": code_version(),
-            "counters": manifest["counters"],
-            "watermark": None if (w := _dt(self._watermark())) is None else w.isoformat(),
-            "lag": lag,
-            "seconds": round(seconds, 4),
-            "finished_at": manifest["written_at"],
-        })
+        manifest, counters = job.manifest, job.manifest["counters"]
+        before = self._recorded_counters or {}
+        delta = {k: int(v) - int(before.get(k, 0)) for k, v in counters.items()}
+        self._recorded_counters = dict(counters)
+        dead_files = [str(p) for p in job.written if Path(p).is_relative_to(self.dead_dir)]
+        raw_files = [str(p) for p in job.written if Path(p).is_relative_to(self.input_root)]
+        finished = manifest["written_at"]
+        started = (datetime.fromisoformat(finished) - timedelta(seconds=job.seconds)).isoformat()
+        append_run(self.data, RunRecord(
+            run_id=f"{self.options.job}-w{self.options.worker}-{manifest['seq']:08d}",
+            kind=KIND_STREAM, status="ok", started=started, finished=finished, seconds=round(job.seconds, 4),
+            code_version=code_version(), definitions_hash=manifest["fingerprint"],
+            inputs=(RunInput(
+                name=self.source.name, path=str(self.input_root), files=tuple(raw_files),
+                rows=delta.get("messages", 0), passed=delta.get("accepted", 0), quarantined=delta.get("dead", 0),
+                quarantine_file=dead_files[0] if dead_files else None,
+                views=tuple(v.spec.name for v in self.views), positions=dict(manifest["positions"]),
+            ),),
+            outputs=tuple(RunOutput(
+                view=v.spec.name, path=str(v.spec.offline_path), input_path=v.spec.input_path,
+                rows=job.offline.get(v.spec.name, 0),
+                files=tuple(str(p) for p in job.written if Path(p).is_relative_to(v.spec.offline_path)),
+                partitions=tuple(sorted({Path(p).parent.name for p in job.written
+                                         if Path(p).is_relative_to(v.spec.offline_path)})),
+            ) for v in self.views),
+            stream=StreamInfo(
+                job=self.options.job, worker=self.options.worker, source=self.source.name,
+                counters=dict(counters), lag=lag,
+                watermark=None if (w := _dt(self._watermark())) is None else w.isoformat(),
+            ),
+        ))
 
     def _progress(self, run_messages: int, seconds: float, end: str = "\r") -> None:
         c = self.counters
