@@ -195,22 +195,33 @@ def test_stream_equals_batch_out_of_order_with_bad_messages(stream_repo: StreamR
 
 
 def _assert_online_matches_latest(sr: StreamRepo, sink_db: int, expected: dict[str, pa.Table] | None = None) -> None:
-    """Every feature of every entity, read back through Feast, is the entity's newest batch row."""
+    """Every feature of every entity, read back through Feast, is the entity's newest batch row.
+
+    Feast reads the job's sink database ``sink_db``: featurepipe's online store takes
+    ``$REDIS_URL`` before ``connection_string`` (as documented), and ``deployed_repo`` set
+    ``REDIS_URL`` to the fixture's database, so the sink is chosen through ``REDIS_URL``
+    (setting ``connection_string`` alone would silently read the fixture's database).
+    """
     from feast import FeatureStore
 
-    store = FeatureStore(repo_path=str(sr.repo))
-    store.config.online_store.connection_string = redis_url_feast(_base_url(sr.redis_url) + f"/{sink_db}")
-    for view, batch_rows in (expected or sr.batch).items():
-        key = batch_rows.schema.names[0]
-        features = batch_rows.schema.names[2:]
-        rows = batch_rows.to_pandas()
-        last = rows.sort_values("event_timestamp").groupby(key).tail(1).sort_values(key)
-        got = store.get_online_features(
-            features=[f"{view}:{f}" for f in features],
-            entity_rows=[{key: int(k)} for k in last[key]],
-        ).to_df()
-        for f in features:
-            assert got[f].tolist() == last[f].tolist(), (view, f)
+    from featurepipe.config import online_connection_string
+
+    with pytest.MonkeyPatch.context() as mp:
+        sink = _base_url(sr.redis_url) + f"/{sink_db}"
+        mp.setenv("REDIS_URL", sink)
+        store = FeatureStore(repo_path=str(sr.repo))
+        assert online_connection_string(store.config) == redis_url_feast(sink)  # the sink, not the fixture's db
+        for view, batch_rows in (expected or sr.batch).items():
+            key = batch_rows.schema.names[0]
+            features = batch_rows.schema.names[2:]
+            rows = batch_rows.to_pandas()
+            last = rows.sort_values("event_timestamp").groupby(key).tail(1).sort_values(key)
+            got = store.get_online_features(
+                features=[f"{view}:{f}" for f in features],
+                entity_rows=[{key: int(k)} for k in last[key]],
+            ).to_df()
+            for f in features:
+                assert got[f].tolist() == last[f].tolist(), (view, f)
 
 
 def test_two_workers_split_the_keys(stream_repo: StreamRepo) -> None:
