@@ -73,6 +73,147 @@ def schema_checks(stage: str, contract: TableContract, types: dict[str, str]) ->
     return results
 
 
+_NAMED_FILES = 3  # files a per-file schema message names before "and N more"
+
+
+def file_schemas(con: duckdb.DuckDBPyConnection, glob: str) -> dict[str, dict[str, str]]:
+    """Each Parquet file's own top-level columns and DuckDB types, from the footers only
+    (one ``parquet_schema`` query over the glob, no data read). No file matching: ``{}``."""
+    try:
+        rows = con.execute(
+            f"SELECT file_name, name, num_children, duckdb_type FROM parquet_schema({literal(glob)})"
+        ).fetchall()
+    except duckdb.IOException:  # nothing matches the glob: the caller's scan says so
+        return {}
+    except duckdb.BinderException:  # DuckDB before 1.4: no duckdb_type column, ask per file
+        files = con.execute(f"SELECT DISTINCT file_name FROM parquet_schema({literal(glob)})").fetchall()
+        return {f: describe(con, f"read_parquet({literal(f)}, hive_partitioning = false)") for (f,) in sorted(files)}
+    per_file: dict[str, list[tuple[str, int, str | None]]] = {}
+    for file, name, children, duckdb_type in rows:  # each file's schema tree, in order
+        per_file.setdefault(file, []).append((name, int(children or 0), duckdb_type))
+    return {file: _top_level(nodes) for file, nodes in sorted(per_file.items())}
+
+
+def _top_level(nodes: list[tuple[str, int, str | None]]) -> dict[str, str]:
+    """The root's direct children of a flattened Parquet schema tree (a struct's fields
+    follow their struct and are skipped, however deep)."""
+    out: dict[str, str] = {}
+    i = 1
+    for _ in range(nodes[0][1]):
+        name, _children, duckdb_type = nodes[i]
+        out[name] = str(duckdb_type).upper()
+        pending = nodes[i][1]
+        i += 1
+        while pending:
+            pending += nodes[i][1] - 1
+            i += 1
+    return out
+
+
+def _hive_keys(file: str) -> set[str]:
+    """Columns a file's folder names give it (``date=2024-01-01/``), absent from the file."""
+    return {part.split("=", 1)[0] for part in Path(file).parent.parts if "=" in part}
+
+
+@dataclass(frozen=True)
+class _FileDrift:
+    """One way some files differ from the contract: a check, a column, the type found
+    (``""``: missing) and the files."""
+
+    check: str
+    column: str | None
+    found: str
+    files: list[str]
+    hint: str = ""
+
+
+def _file_drifts(contract: TableContract, schemas: dict[str, dict[str, str]]) -> list[_FileDrift]:
+    declared = {c.name for c in contract.columns}
+    by_schema: dict[tuple[tuple[tuple[str, str], ...], frozenset[str]], list[str]] = {}
+    for file, types in schemas.items():  # one comparison per distinct schema, not per file
+        by_schema.setdefault((tuple(types.items()), frozenset(_hive_keys(file))), []).append(file)
+    drifts: dict[tuple[str, str | None, str], _FileDrift] = {}
+    for (items, hive), files in by_schema.items():
+        types = dict(items)
+        for r in schema_checks("", contract, types):  # the contract's comparison, per file
+            if r.passed or (r.column in hive and r.column not in types):
+                continue  # a hive partition column: the combined schema's to check
+            found = types.get(r.column or "", "")
+            extra = sorted(set(types) - declared - {"date"})
+            hint = f" (the file has new column(s) {extra}: renamed?)" if r.check == "schema.missing" and extra else ""
+            drift = drifts.setdefault((r.check, r.column, found), _FileDrift(r.check, r.column, found, [], hint))
+            drift.files.extend(files)
+    return [_FileDrift(d.check, d.column, d.found, sorted(d.files), d.hint)
+            for _, d in sorted(drifts.items(), key=lambda kv: (kv[0][1] or "", kv[0][0], kv[0][2]))]
+
+
+def _drift_result(stage: str, contract: TableContract, d: _FileDrift) -> CheckResult:
+    spec = contract.column(d.column or "")
+    what = (f"is {d.found}, expected {spec.type}" if d.check == "schema.type" and spec is not None
+            else f"is missing{d.hint}")
+    if len(d.files) == 1:
+        which = f"`{d.files[0]}`"
+    else:
+        more = f" and {len(d.files) - _NAMED_FILES} more" if len(d.files) > _NAMED_FILES else ""
+        which = f"{len(d.files)} files ({', '.join(f'`{f}`' for f in d.files[:_NAMED_FILES])}{more})"
+    return CheckResult(stage, contract.name, d.check, d.column, contract.schema_severity, False,
+                       detail=f"the schema of {which} does not match: column `{d.column}` {what}")
+
+
+def _unreadable(stage: str, contract: TableContract, glob: str, exc: duckdb.Error) -> CheckResult:
+    """A file that is not Parquet blocks whatever the contract's schema severity: nothing
+    can read past it."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return CheckResult(stage, contract.name, "schema.file", None, "block", False,
+                       detail=f"a file of {glob} cannot be read as Parquet: {first}")
+
+
+def file_schema_checks(con: duckdb.DuckDBPyConnection, stage: str, contract: TableContract,
+                       glob: str) -> list[CheckResult]:
+    """The contract's schema checks on EACH file's own schema, read from the Parquet footers
+    in one query (DuckDB's combined schema over the glob hides a retyped column in one file:
+    an INT64 ``event_timestamp`` among TIMESTAMPTZ files still reads as TIMESTAMPTZ, and a
+    scan then fails). Only failures, one per check, column and type found, each naming its
+    files; ``[]`` when every file matches (or none exists). A file DuckDB cannot read as
+    Parquet fails ``schema.file``."""
+    try:
+        schemas = file_schemas(con, glob)
+    except duckdb.Error as exc:  # not Parquet, truncated: DuckDB's message names the file
+        return [_unreadable(stage, contract, glob, exc)]
+    return [_drift_result(stage, contract, d) for d in _file_drifts(contract, schemas)]
+
+
+def table_schema_checks(con: duckdb.DuckDBPyConnection, stage: str, contract: TableContract,
+                        glob: str) -> tuple[dict[str, str] | None, list[CheckResult]]:
+    """The combined schema of the files of ``glob`` (for the row checks) and the schema
+    results of the table: the contract's checks on the combined schema and on each file's
+    own (see :func:`file_schema_checks`), in one pass over the footers.
+
+    A drift of every file is said once, as before, of the table; a drift of some files only
+    replaces the combined result of that column (which would describe DuckDB's widened
+    type, not the data) with one naming the files. The combined schema is None when DuckDB
+    cannot combine the files and a file check says why."""
+    try:
+        schemas = file_schemas(con, glob)
+    except duckdb.Error as exc:
+        return None, [_unreadable(stage, contract, glob, exc)]
+    drifts = _file_drifts(contract, schemas)
+    try:
+        types = describe(con, parquet_relation(glob))
+    except duckdb.Error:  # the files do not combine at all: blocking, whatever the severity
+        if not drifts:
+            raise
+        return None, [CheckResult(r.stage, r.table, r.check, r.column, "block", False, detail=r.detail)
+                      for r in (_drift_result(stage, contract, d) for d in drifts)]
+    combined = schema_checks(stage, contract, types)
+    failed = {(r.check, r.column) for r in combined if not r.passed}
+    whole = {(d.check, d.column) for d in drifts if len(d.files) == len(schemas) and (d.check, d.column) in failed}
+    partial = [d for d in drifts if (d.check, d.column) not in whole]
+    replaced = {(d.check, d.column) for d in partial}
+    results = [r for r in combined if (r.check, r.column) not in replaced and not (r.passed and partial)]
+    return types, results + [_drift_result(stage, contract, d) for d in partial]
+
+
 def _value(v: Any) -> str:
     return literal(v) if isinstance(v, str) else repr(v)
 

@@ -266,11 +266,13 @@ class BatchGate:
                       warm_until: date | None) -> GateOutcome:
         t0 = time.perf_counter()
         relation = parquet_relation(files)
-        types = checks.describe(con, relation)
-        results = checks.schema_checks(stage, contract, types)
-        if any(r.blocking for r in results):
+        # the combined schema and each file's own (footers only): the combined one hides a
+        # file whose column DuckDB cannot cast, and the scan below would stop on it
+        described, results = checks.table_schema_checks(con, stage, contract, files)
+        if described is None or any(r.blocking for r in results):
             self._record(results)
             self._raise(stage, contract.name, results)
+        types = described or {}
         row_checks = checks.row_checks(contract, types)
         ts = timestamp if timestamp in types else None
         stat_columns = stats.stats_columns(contract, types, ts) if contract.anomalies and ts else None

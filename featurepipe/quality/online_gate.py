@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from featurepipe.errors import InvalidInput
 from featurepipe.quality import checks
-from featurepipe.quality.checks import CheckResult, parquet_relation
+from featurepipe.quality.checks import CheckResult
 from featurepipe.quality.contracts import Contracts, TableContract, load_contracts
 from featurepipe.quality.publish import finish_run, start_run
 from featurepipe.quality.records import RunInput, RunOutput, RunRecord
@@ -66,13 +66,13 @@ class MaterializeGate:
         self.offline_path = plan.query.path
         if self.contract is None:
             return plan
-        types = self._describe(plan.query.path)
-        results = checks.schema_checks(STAGE, self.contract, types)
+        results = self._describe(plan.query.path)
         self.results += results
         if any(r.blocking for r in results):
             raise InvalidInput(
                 f"quality gate {STAGE}/{self.view} blocked the view (run {self.run_id}): "
-                + "; ".join(f"check {r.check!r} on column {r.column!r} failed ({r.detail})" for r in results if r.blocking)
+                + "; ".join(f"check {r.check!r}{f' on column {r.column!r}' if r.column else ''} failed ({r.detail})"
+                            for r in results if r.blocking)
                 + f". Nothing of this view was written to Redis. Fix the offline table, or the contract in "
                 f"{self.contracts.path or 'contracts.yaml'}, and rerun"
             )
@@ -86,11 +86,15 @@ class MaterializeGate:
         block_keys = any(spec is not None and not spec.nullable and spec.severity == "block" for _, spec in keys)
         return replace(plan, query=replace(plan.query, conditions=tuple(self.conditions)), block_null_keys=block_keys)
 
-    def _describe(self, path: str) -> dict[str, str]:
+    def _describe(self, path: str) -> list[CheckResult]:
+        """The contract's schema checks on the offline table's combined schema and on each
+        file's own (footers only, one query): the combined schema hides a file whose column
+        DuckDB cannot cast, and the latest-row scan would then stop on it."""
         import duckdb
 
+        assert self.contract is not None
         with duckdb.connect() as con:
-            return checks.describe(con, parquet_relation(path))
+            return checks.table_schema_checks(con, STAGE, self.contract, path)[1]
 
     def _row_results(self, result: ViewMaterialization, blocked: dict[str, int] | None) -> list[CheckResult]:
         """One result per contract check that applied: the join keys' not-null checks and the
