@@ -83,11 +83,33 @@ def main() -> None:
               help="Output folder (default: <repo>/data/raw/transactions, where the repo reads).")
 @click.option("--days", type=click.IntRange(min=1), default=30, show_default=True,
               help="Length of the period, ending at --end.")
-@click.option("--end", callback=_date, default=None, help="Last day (exclusive), YYYY-MM-DD; default today (UTC).")
+@click.option("--end", callback=_date, default=None,
+              help="Last day (exclusive), YYYY-MM-DD; default today (UTC), with --append the day after the "
+                   "new days, which follow the data set's last day.")
 @click.option("--seed", type=int, default=7, show_default=True, help="Random seed; same seed, same data.")
+@click.option("--append", is_flag=True, default=False,
+              help="Add the days to the data set in the output folder instead of replacing it; refused "
+                   "(nothing written) if it already has any of them.")
 @REPO_OPTION
-def generate(rows: int, out: Path | None, days: int, end: date | None, seed: int, repo: Path | None) -> None:
-    """Write synthetic card transactions as Parquet partitioned by day."""
+def generate(rows: int, out: Path | None, days: int, end: date | None, seed: int, append: bool,
+             repo: Path | None) -> None:
+    """Write synthetic card transactions as Parquet partitioned by day: one data set.
+
+    The output folder holds one data set. By default it is replaced as a whole: the new
+    data set is written to a hidden folder next to it and swapped in once complete, so no
+    day of an earlier run is left behind (nor rows that push or a stream job archived
+    there), and an interrupted run leaves the previous data set as it was. The folder may
+    hold only day partitions (date=YYYY-MM-DD/); if it holds anything else, generate
+    stops instead of deleting it.
+
+    --append adds the days to the data set instead: without --end they are the --days
+    days after its last day (they may reach past today); if it already has any of them,
+    that is an error and nothing is written. Transaction ids continue after the data
+    set's greatest; user and merchant ids are reused (the same --rows and --seed make the
+    same users and merchants).
+
+    The output line says what the folder held before and what it holds now.
+    """
     import time
 
     from featurepipe.config import data_dir, find_repo
@@ -95,11 +117,21 @@ def generate(rows: int, out: Path | None, days: int, end: date | None, seed: int
 
     target = out or data_dir(find_repo(repo)) / "raw" / "transactions"
     t0 = time.perf_counter()
-    s = generate_transactions(rows, target, days=days, end=end, seed=seed)
+    s = generate_transactions(rows, target, days=days, end=end, seed=seed, append=append)
+    new = f"{s.days:,} day{'s' if s.days != 1 else ''}, {s.rows:,} rows"
+    if s.appended:
+        assert s.previous is not None
+        total = s.previous.rows + s.rows
+        what = (f"added {new} to {s.out} ({s.previous.describe()}): now {s.previous.days + s.days:,} days, "
+                f"{total:,} rows")
+    elif s.previous is not None:
+        what = f"replaced {s.out} ({s.previous.describe()}) with {new}"
+    else:
+        what = f"wrote {new} to {s.out} (a new data set)"
     click.echo(
-        f"wrote {s.rows:,} transactions ({s.fraud_rows:,} fraud, {s.labelled_rows:,} labelled) "
-        f"for {s.users:,} users and {s.merchants:,} merchants, {s.start:%Y-%m-%d} .. {s.end:%Y-%m-%d}, "
-        f"to {s.out} in {time.perf_counter() - t0:.1f}s"
+        f"{what}: {s.rows:,} transactions ({s.fraud_rows:,} fraud, {s.labelled_rows:,} labelled) "
+        f"for {s.users:,} users and {s.merchants:,} merchants, {s.start:%Y-%m-%d} .. {s.end:%Y-%m-%d} "
+        f"(exclusive), in {time.perf_counter() - t0:.1f}s"
     )
 
 
