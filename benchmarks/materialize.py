@@ -23,8 +23,15 @@ server's pipelined single-field HSET rate as a ceiling, and replaying featurepip
 as ready-made ``RESTORE`` commands (every key ``DUMP``-ed, flushed, restored on one
 pipelined connection) gives Redis's own time for this content: the floor for any client.
 
+``--demo-repo PATH`` runs the same comparison on a real repo instead: every online view of a
+feature repo after ``make demo`` (its offline tables, registry and contracts as they are),
+``FeatureStore.materialize`` over all views, featurepipe's engine (quality gate, run log,
+metrics and lineage on, as configured in the repo) against Feast's ``local`` engine with the
+best settings above, each run from the same copy of the repo's registry and run log.
+
     .venv/bin/python benchmarks/materialize.py                  # 100k entities x 20 features, 3M rows
     .venv/bin/python benchmarks/materialize.py --entities 20000 --skip feast-default   # quick
+    .venv/bin/python benchmarks/materialize.py --demo-repo feature_repo --skip feast-default --runs 5
 """
 
 from __future__ import annotations
@@ -141,6 +148,9 @@ def worker(repo: Path, action: str) -> None:
     from feast import FeatureStore
 
     store = FeatureStore(repo_path=str(repo))
+    if action == "materialize-demo":
+        demo_worker(store, t_import)
+        return
     spec = json.loads((repo / "bench.json").read_text())
     if action == "apply":
         store.apply(definitions(spec["data"], spec["features"]))
@@ -155,9 +165,25 @@ def worker(repo: Path, action: str) -> None:
     print("RESULT " + json.dumps({"seconds": seconds, "startup": ready, "rss_mb": peak_rss_mb()}))
 
 
-def run_worker(repo: Path, action: str) -> dict[str, float]:
+def demo_worker(store: object, t_import: float) -> None:
+    """Materialise every online view of a demo repo copy (see :func:`demo_case`)."""
+    from feast import FeatureStore
+
+    assert isinstance(store, FeatureStore)
+    spec = json.loads((Path(store.repo_path) / DEMO_SPEC).read_text())
+    views = sorted(fv.name for fv in store.list_feature_views() if fv.online)
+    _ = store._get_provider().batch_engine
+    ready = time.perf_counter() - t_import
+    t0 = time.perf_counter()
+    store.materialize(datetime.fromisoformat(spec["start"]), datetime.fromisoformat(spec["end"]), views)
+    seconds = time.perf_counter() - t0
+    print("RESULT " + json.dumps({"seconds": seconds, "startup": ready, "rss_mb": peak_rss_mb(), "views": views}))
+
+
+def run_worker(repo: Path, action: str, env: dict[str, str] | None = None) -> dict[str, float]:
     proc = subprocess.run([sys.executable, __file__, "--worker", action, "--repo", str(repo)],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                          capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
     if proc.returncode != 0:
         raise SystemExit(f"{action} in {repo} failed:\n{proc.stderr[-4000:]}")
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -240,6 +266,147 @@ def redis_benchmark(port: int) -> float | None:
     return float(found[-1]) if found else None
 
 
+# ---------------------------------------------------------------- the demo repo case
+
+DEMO_SPEC = "bench-demo.json"
+# what a materialisation writes under the data folder: restored from the demo repo (or
+# removed) before every run, so each starts from the same state; the rest is linked
+DEMO_WRITTEN = ("runs", "metrics", "lineage", "quarantine")
+
+
+def demo_config(source: Path, engine: str, port: int) -> dict[str, object]:
+    """The demo repo's ``feature_store.yaml`` for one engine, on the private Redis."""
+    import yaml
+
+    config = yaml.safe_load((source / "feature_store.yaml").read_text())
+    online = dict(config.get("online_store") or {})
+    online["connection_string"] = f"127.0.0.1:{port},db=0"
+    online.pop("skip_dedup", None)
+    engine_config = dict(config.pop("batch_engine", None) or {})
+    if engine != "featurepipe":  # featurepipe's engine ignores it; the demo's is Feast's best
+        config.pop("materialization_config", None)
+    if engine == "feast-best":
+        online["skip_dedup"] = True
+        config["materialization_config"] = {"pull_latest_features": True, "online_write_batch_size": 10000}
+    if engine == "featurepipe":
+        if engine_config.get("type") != "featurepipe.online.engine.FeaturepipeMaterializationEngine":
+            engine_config = {"type": "featurepipe.online.engine.FeaturepipeMaterializationEngine"}
+        config["batch_engine"] = {**engine_config, "progress": False}
+    config["online_store"] = online
+    return config
+
+
+def demo_registry(source: Path) -> Path:
+    """The demo repo's registry file, relative to the repo."""
+    import yaml
+
+    registry = yaml.safe_load((source / "feature_store.yaml").read_text()).get("registry")
+    path = registry.get("path") if isinstance(registry, dict) else registry
+    if not path or "://" in str(path) or Path(path).is_absolute() or not (source / path).is_file():
+        raise SystemExit(f"{source}: needs a local registry file relative to the repo (got {path!r}); "
+                         "run `make demo` (or `featurepipe demo --repo PATH`) first")
+    return Path(path)
+
+
+def demo_repo_copy(source: Path, target: Path, engine: str, port: int, window: tuple[str, str]) -> None:
+    """A copy of a demo feature repo for one engine: its own ``feature_store.yaml``, registry
+    and run log; the offline tables (everything else under ``data/``) linked, not copied."""
+    import yaml
+
+    data = source / "data"
+    if not (data / "offline").is_dir():
+        raise SystemExit(f"{source}: no data/offline folder; run `make demo` first")
+    target.mkdir(parents=True)
+    (target / "feature_store.yaml").write_text(yaml.safe_dump(demo_config(source, engine, port), sort_keys=False))
+    for name in ("contracts.yaml", "features.py", ".feastignore"):
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+    (target / "data").mkdir()
+    registry = demo_registry(source)
+    for entry in data.iterdir():
+        if entry.name not in DEMO_WRITTEN and entry.resolve() != (source / registry).resolve():
+            (target / "data" / entry.name).symlink_to(entry.resolve())
+    (target / DEMO_SPEC).write_text(json.dumps({"source": str(source), "registry": str(registry),
+                                                "start": window[0], "end": window[1]}))
+
+
+def demo_reset(target: Path) -> None:
+    """Put back the demo repo's registry and run log (a run appends to both) and remove the
+    metrics, lineage and quarantine files the last run wrote."""
+    spec = json.loads((target / DEMO_SPEC).read_text())
+    source = Path(spec["source"])
+    shutil.copy2(source / spec["registry"], target / spec["registry"])
+    for name in DEMO_WRITTEN:
+        shutil.rmtree(target / "data" / name, ignore_errors=True)
+        if (source / "data" / name).is_dir() and name == "runs":
+            shutil.copytree(source / "data" / name, target / "data" / name)
+
+
+def demo_case(args: argparse.Namespace) -> None:
+    """featurepipe vs Feast's engine on every view of a repo after ``make demo``."""
+    from featurepipe.redis_server import RedisServer
+
+    source = args.demo_repo.resolve()
+    if not (source / "feature_store.yaml").is_file():
+        raise SystemExit(f"{source}: no feature_store.yaml")
+    demo_registry(source)
+    engines = [e for e in ENGINES if e not in args.skip]
+    window = ("1970-01-02T00:00:00+00:00", datetime.now(timezone.utc).isoformat())
+    tmp = Path(tempfile.mkdtemp(prefix="bench-materialize-demo-"))
+    runs: dict[str, list[dict[str, float]]] = {e: [] for e in engines}
+    digests: dict[str, set[tuple[int, str]]] = {e: set() for e in engines}
+    try:
+        with RedisServer(workdir=tmp / "redis") as server:
+            import redis
+
+            client = redis.Redis(port=server.port)
+            env = {"REDIS_URL": f"redis://127.0.0.1:{server.port}/0", "FEATUREPIPE_DATA_DIR": "",
+                   "FEATUREPIPE_REPO": ""}
+            repos = {}
+            for engine in engines:
+                repos[engine] = tmp / engine / source.name
+                demo_repo_copy(source, repos[engine], engine, server.port, window)
+            print(f"demo repo {source}: window {window[0]} .. {window[1]}; engines {', '.join(engines)}; "
+                  f"{args.runs} round(s)", flush=True)
+            for round_ in range(args.runs):  # rounds: a burst of load elsewhere hits every engine
+                for engine in engines:
+                    demo_reset(repos[engine])
+                    client.flushall()
+                    result = run_worker(repos[engine], "materialize-demo", env)
+                    runs[engine].append(result)
+                    digests[engine].add(digest(server.port))
+                    keys, dig = sorted(digests[engine])[-1]
+                    print(f"  round {round_ + 1} {engine:14s} {result['seconds']:7.3f}s  keys {keys:,}  "
+                          f"digest {dig}  peak RSS {result['rss_mb']:,.0f} MB", flush=True)
+            ceiling = redis_benchmark(server.port)
+    finally:
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    views = next(iter(runs.values()))[0].get("views", [])
+    print()
+    print(f"demo repo {source}, {len(views)} views ({', '.join(views)}), {args.runs} run(s) each, medians:")
+    medians = {e: statistics.median(r["seconds"] for r in runs[e]) for e in engines}
+    ref = digests.get("feast-best") or digests.get("feast-default")
+    for engine in engines:
+        same = "" if ref is None or len(digests[engine]) != 1 else (
+            "identical" if digests[engine] == ref else "DIFFERENT")
+        keys = sorted(digests[engine])[-1][0]
+        print(f"  {engine:14s} {medians[engine]:7.3f}s  runs {[round(r['seconds'], 3) for r in runs[engine]]}  "
+              f"peak RSS {max(r['rss_mb'] for r in runs[engine]):,.0f} MB  keys {keys:,}  "
+              f"Redis content vs Feast: {same or 'n/a'}"
+              + ("" if len(digests[engine]) == 1 else "  (runs differ!)"))
+    if "featurepipe" in medians:
+        for name in ("feast-default", "feast-best"):
+            if name in medians:
+                print(f"featurepipe vs {name}: {medians[name] / medians['featurepipe']:.1f}x faster")
+    if ceiling:
+        print(f"redis-benchmark -t hset -P 64 -n 200000: {ceiling:,.0f} single-field HSETs/s")
+    print(f"process start-up (import feast, open the store, build the engine) is not timed: "
+          f"{statistics.median(float(r['startup']) for rs in runs.values() for r in rs):.1f}s median")
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -254,11 +421,17 @@ def main() -> None:
     parser.add_argument("--no-double", action="store_true",
                         help="skip featurepipe's second run on a table twice as long")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    parser.add_argument("--worker", choices=["generate", "apply", "materialize"], help=argparse.SUPPRESS)
+    parser.add_argument("--demo-repo", type=Path, metavar="PATH",
+                        help="instead of generated data: every view of this feature repo after `make demo`")
+    parser.add_argument("--worker", choices=["generate", "apply", "materialize", "materialize-demo"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--repo", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.repo, args.worker)
+        return
+    if args.demo_repo:
+        demo_case(args)
         return
 
     from featurepipe.redis_server import RedisServer
