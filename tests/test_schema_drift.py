@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -275,3 +276,161 @@ def test_table_schema_checks_say_a_whole_table_drift_once_and_a_one_file_drift_b
     assert types is not None and types["ts"] == TS_TYPE  # what DuckDB's combined schema claims
     assert [(r.check, r.column, r.passed) for r in one] == [("schema.type", "ts", False)], one  # no "schema" pass
     assert one[0].detail == f"the schema of `{late}` does not match: column `ts` is BIGINT, expected {TS_TYPE}"
+
+
+# ------------------------------------------------------------------------------ streaming
+
+STREAM_TAIL = 20  # live events a stream job would process after the history
+
+
+def _epoch_ms_raw_file(data: Path, name: str) -> Path:
+    """Deliver a late producer's raw file (INT64 epoch-ms ``event_timestamp``) into the newest
+    day of the raw history; the caller deletes it."""
+    day = sorted(p for p in (data / "raw" / "transactions").glob("date=*") if p.is_dir())[-1]
+    clean = pq.read_table(next(day.glob("part-*.parquet"))).slice(0, 50)
+    bad = retype(clean, "event_timestamp", epoch_ms(clean))
+    bad = retype(bad, "transaction_id", pc.add(bad.column("transaction_id"), 30_000_000))
+    assert bad.schema.field("event_timestamp").type == pa.int64()
+    path = day / name
+    pq.write_table(bad, path)
+    return path
+
+
+def _new_events(data: Path, offset: int) -> pa.Table:
+    """Clean events one day after the history's newest, with unused transaction ids."""
+    day = sorted(p for p in (data / "raw" / "transactions").glob("date=*") if p.is_dir())[-1]
+    clean = pq.read_table(next(day.glob("part-*.parquet"))).slice(0, STREAM_TAIL)
+    later = retype(clean, "event_timestamp",
+                   pc.add(clean.column("event_timestamp"), pa.scalar(86_400 * 1_000_000, pa.duration("us"))))
+    return retype(later, "transaction_id", pc.add(later.column("transaction_id"), offset))
+
+
+@contextmanager
+def _contracts_as(repo: Path, mode: str) -> Iterator[None]:
+    """The repo's contracts.yaml as is (``contract``), away (``no-contract``), or with the
+    source's schema checks only warning (``warn-contract``: the file check lets the file
+    through and the read stops on it); put back after."""
+    path = repo / "contracts.yaml"
+    text = path.read_text()
+    if mode == "no-contract":
+        path.unlink()
+    elif mode == "warn-contract":
+        path.write_text(text.replace("    unique: [transaction_id]\n",
+                                     "    unique: [transaction_id]\n    schema_severity: warn\n", 1))
+    try:
+        yield
+    finally:
+        path.write_text(text)
+
+
+EXPECTED_WORDS = {
+    "contract": "does not match its contract",
+    "no-contract": "differ from the type most of its files have",
+    "warn-contract": "cannot read the raw history",
+}
+
+
+@pytest.mark.parametrize("mode", list(EXPECTED_WORDS))
+def test_bootstrapping_stream_job_blocks_a_raw_file_with_epoch_millisecond_timestamps(
+        deployed: Deployed, mode: str) -> None:
+    """``featurepipe stream run`` (a new job: it bootstraps its windows from the raw Parquet
+    history) stops before reading that history when a file of it is retyped: against the
+    source's contract, or without one against the type the other files have (and when the
+    contract only warns, at the read, naming the file all the same). The message names the
+    file and the column and says what to do; nothing is written online, offline, to the
+    raw history, the dead letters or the job's state, and no traceback."""
+    import redis
+
+    from featurepipe.stream.runner import event_payloads
+    from featurepipe.stream.source import publish_redis
+
+    job = f"drift-{mode}"
+    stream_url = deployed.redis_url.rsplit("/", 1)[0] + "/1"  # the stream apart from the online store
+    client = redis.Redis.from_url(stream_url)
+    client.delete(job)
+    live = _new_events(deployed.data, offset=40_000_000 + 1_000_000 * list(EXPECTED_WORDS).index(mode))
+    assert publish_redis(client, job, event_payloads(live)) == STREAM_TAIL
+    client.close()
+    late = _epoch_ms_raw_file(deployed.data, f"late-producer-{job}.parquet")
+    raw_before = tree_digest(deployed.data / "raw")
+    offline_before = tree_digest(deployed.data / "offline")
+    online_before = redis_dump(deployed.redis_url)
+    runs_before = len(read_runs(deployed.data))
+    try:
+        with _contracts_as(deployed.repo, mode):
+            done = deployed.cli("stream", "run", "--stream", job, "--stream-url", stream_url, "--job", job,
+                                "--max-events", str(STREAM_TAIL), "--idle-timeout", "3s",
+                                "--checkpoint-interval", "1s", "--no-progress")
+        msg = assert_blocked(done, late, "event_timestamp",
+                             [f"stream job '{job}'", EXPECTED_WORDS[mode],
+                              f"column `event_timestamp` is BIGINT, expected {TS_TYPE}",
+                              "fix or move each file named", "then restart the job"])
+        assert f"the schema of `{late}` does not match" in msg
+        assert tree_digest(deployed.data / "raw") == raw_before  # nothing archived
+        assert tree_digest(deployed.data / "offline") == offline_before
+        assert redis_dump(deployed.redis_url) == online_before
+        assert not list((deployed.data / "stream" / job).rglob("checkpoint.json"))  # a restart bootstraps again
+        assert not (deployed.data / "quarantine" / "stream" / job).exists()
+        assert len(read_runs(deployed.data)) == runs_before
+    finally:
+        late.unlink()
+
+
+@pytest.mark.parametrize("mode", ["contract", "warn-contract"])
+def test_push_blocks_a_raw_file_with_epoch_millisecond_timestamps(deployed: Deployed, tmp_path: Path,
+                                                                  mode: str) -> None:
+    """``featurepipe push`` checks each raw file's own schema before appending its events
+    to the raw history it then recomputes features from: a retyped file stops it with a
+    message naming file and column, nothing appended, nothing online, no traceback (when
+    the contract only warns, the recompute stops on the file and the append is undone)."""
+    events = tmp_path / "new-events.parquet"
+    pq.write_table(_new_events(deployed.data, offset=50_000_000), events)
+    late = _epoch_ms_raw_file(deployed.data, f"late-producer-push-{mode}.parquet")
+    raw_before = tree_digest(deployed.data / "raw")
+    days_before = sorted(p.name for p in (deployed.data / "raw" / "transactions").iterdir())
+    online_before = redis_dump(deployed.redis_url)
+    try:
+        with _contracts_as(deployed.repo, mode):
+            done = deployed.cli("push", "--events", str(events))
+        first = ("push: the raw history of source 'transactions'" if mode == "contract"
+                 else "push: cannot read the raw history of source 'transactions'")
+        msg = assert_blocked(done, late, "event_timestamp",
+                             [first, f"column `event_timestamp` is BIGINT, expected {TS_TYPE}",
+                              "fix or move each file named", "then push again"])
+        assert f"the schema of `{late}` does not match" in msg
+        assert tree_digest(deployed.data / "raw") == raw_before  # the events were not appended
+        assert sorted(p.name for p in (deployed.data / "raw" / "transactions").iterdir()) == days_before
+        assert redis_dump(deployed.redis_url) == online_before
+    finally:
+        late.unlink()
+
+
+def test_history_schema_checks_without_a_contract_compare_with_the_majority(tmp_path: Path) -> None:
+    """Without a contract each file is compared with the type most files give the column: a
+    type DuckDB cannot cast there fails, one it casts implicitly (FLOAT among DOUBLE) and a
+    missing column (read as NULL) do not; with a contract, the columns it types follow it
+    and the others the majority."""
+    from featurepipe.quality.checks import history_schema_checks
+
+    glob = str(tmp_path / "**" / "*.parquet")
+    for d in (1, 2, 3):
+        _good(tmp_path / f"date=2024-01-0{d}" / "part-0.parquet")
+    _write(tmp_path / "date=2024-01-03" / "float.parquet", id=pa.array([1], pa.int64()),
+           amount=pa.array([1.5], pa.float32()), ts=pa.array([0], pa.timestamp("us", tz="UTC")))
+    _write(tmp_path / "date=2024-01-03" / "no-amount.parquet", id=pa.array([1], pa.int64()),
+           ts=pa.array([0], pa.timestamp("us", tz="UTC")))
+    with duckdb.connect() as con:
+        assert history_schema_checks(con, "stream", "t", None, glob) == []
+        late = _write(tmp_path / "date=2024-01-03" / "late.parquet", id=pa.array([1], pa.int64()),
+                      amount=pa.array([1.5]), ts=pa.array([0], pa.int64()))
+        (result,) = history_schema_checks(con, "stream", "t", None, glob)
+        assert (result.check, result.column, result.blocking) == ("schema.type", "ts", True)
+        assert result.detail == (f"the schema of `{late}` does not match: column `ts` is BIGINT, expected {TS_TYPE} "
+                                 "(the type of 5 of the 6 files with that column)")
+        typed = TableContract("t", columns=(ColumnContract("amount", "DOUBLE"), ColumnContract("ts")))
+        results = history_schema_checks(con, "stream", "t", typed, glob)
+    found = {(r.check, r.column): r.detail for r in results}
+    assert set(found) == {("schema.type", "amount"), ("schema.missing", "amount"), ("schema.type", "ts")}, results
+    assert "float.parquet` does not match: column `amount` is FLOAT, expected DOUBLE" in found["schema.type", "amount"]
+    assert "no-amount.parquet` does not match: column `amount` is missing" in found["schema.missing", "amount"]
+    assert str(late) in found["schema.type", "ts"]  # untyped in the contract: the majority's

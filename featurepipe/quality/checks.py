@@ -151,13 +151,16 @@ def _drift_result(stage: str, contract: TableContract, d: _FileDrift) -> CheckRe
     spec = contract.column(d.column or "")
     what = (f"is {d.found}, expected {spec.type}" if d.check == "schema.type" and spec is not None
             else f"is missing{d.hint}")
-    if len(d.files) == 1:
-        which = f"`{d.files[0]}`"
-    else:
-        more = f" and {len(d.files) - _NAMED_FILES} more" if len(d.files) > _NAMED_FILES else ""
-        which = f"{len(d.files)} files ({', '.join(f'`{f}`' for f in d.files[:_NAMED_FILES])}{more})"
     return CheckResult(stage, contract.name, d.check, d.column, contract.schema_severity, False,
-                       detail=f"the schema of {which} does not match: column `{d.column}` {what}")
+                       detail=f"the schema of {_which(d.files)} does not match: column `{d.column}` {what}")
+
+
+def _which(files: list[str]) -> str:
+    """The files as a message names them: one in backticks, or how many and the first few."""
+    if len(files) == 1:
+        return f"`{files[0]}`"
+    more = f" and {len(files) - _NAMED_FILES} more" if len(files) > _NAMED_FILES else ""
+    return f"{len(files)} files ({', '.join(f'`{f}`' for f in files[:_NAMED_FILES])}{more})"
 
 
 def _unreadable(stage: str, contract: TableContract, glob: str, exc: duckdb.Error) -> CheckResult:
@@ -181,6 +184,68 @@ def file_schema_checks(con: duckdb.DuckDBPyConnection, stage: str, contract: Tab
     except duckdb.Error as exc:  # not Parquet, truncated: DuckDB's message names the file
         return [_unreadable(stage, contract, glob, exc)]
     return [_drift_result(stage, contract, d) for d in _file_drifts(contract, schemas)]
+
+
+def majority_types(schemas: dict[str, dict[str, str]]) -> dict[str, str]:
+    """Each column's type in most of the files that have it (a tie: the type of the first
+    such file, in name order)."""
+    counts: dict[str, dict[str, int]] = {}
+    for types in schemas.values():
+        for column, type_ in types.items():
+            by_type = counts.setdefault(column, {})
+            by_type[type_] = by_type.get(type_, 0) + 1
+    return {column: max(by_type, key=by_type.__getitem__) for column, by_type in counts.items()}
+
+
+def _implicit_casts(con: duckdb.DuckDBPyConnection, pairs: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """The (from, to) type pairs DuckDB casts implicitly, so that a file of the one type reads
+    among files of the other (a FLOAT column among DOUBLE ones), in one query on no data.
+    None on a DuckDB that cannot say (every difference then counts)."""
+    ordered = sorted(pairs)
+    if not ordered:
+        return set()
+    try:
+        row = con.execute("SELECT " + ", ".join(
+            f"can_cast_implicitly(NULL::{a}, NULL::{b})" for a, b in ordered)).fetchone()
+    except duckdb.Error:
+        return set()
+    return {pair for pair, ok in zip(ordered, row or ()) if ok}
+
+
+def history_schema_checks(con: duckdb.DuckDBPyConnection, stage: str, name: str,
+                          contract: TableContract | None, glob: str) -> list[CheckResult]:
+    """Each file's own schema (footers only, one query) before a reader takes the files of
+    ``glob`` together: the columns the contract types against the contract (as
+    :func:`file_schema_checks`, with its schema severity), every other column (all of them
+    without a contract) against the type most files give it. A file whose type differs
+    from that majority fails (blocking) unless DuckDB casts it there implicitly; a column a
+    file lacks is no failure (it reads as NULL). Only failures; ``[]`` when no file
+    matches. A file DuckDB cannot read as Parquet fails ``schema.file``."""
+    table = contract or TableContract(name)
+    try:
+        schemas = file_schemas(con, glob)
+    except duckdb.Error as exc:
+        return [_unreadable(stage, table, glob, exc)]
+    results = [_drift_result(stage, contract, d) for d in _file_drifts(contract, schemas)] if contract else []
+    typed = {c.name for c in contract.columns if c.type} if contract else set()
+    majority = majority_types(schemas)
+    differ = {(t, majority[c]) for types in schemas.values() for c, t in types.items()
+              if c not in typed and t != majority[c]}
+    implicit = _implicit_casts(con, differ)
+    drifts: dict[tuple[str, str], list[str]] = {}
+    for file, types in schemas.items():
+        for column, type_ in types.items():
+            if (type_, majority[column]) in differ - implicit and column not in typed:
+                drifts.setdefault((column, type_), []).append(file)
+    for (column, type_), files in sorted(drifts.items()):
+        having = [types[column] for types in schemas.values() if column in types]
+        results.append(CheckResult(
+            stage, name, "schema.type", column, "block", False,
+            detail=f"the schema of {_which(sorted(files))} does not match: column `{column}` is {type_}, expected "
+                   f"{majority[column]} (the type of {having.count(majority[column])} of the {len(having)} files "
+                   "with that column)",
+        ))
+    return results
 
 
 def table_schema_checks(con: duckdb.DuckDBPyConnection, stage: str, contract: TableContract,

@@ -68,6 +68,7 @@ from featurepipe.config import resolve_source_path
 from featurepipe.definitions import AggregateView, aggregate_views
 from featurepipe.errors import InvalidInput, NotFound
 from featurepipe.stream.decode import MSG, Decoder, arrow_schema
+from featurepipe.stream.history import check_raw_history, unreadable_history
 from featurepipe.stream.source import EventSource, RawBatch
 
 if TYPE_CHECKING:
@@ -208,6 +209,7 @@ class StreamJob:
         self.options = options or StreamOptions()
         self._stop = threading.Event()
         repo = find_repo(store.repo_path)
+        self.repo = repo
         self.data = data_dir(repo)
         o = self.options
         self.state_dir = Path(o.state_dir or self.data / "stream" / o.job) / f"w{o.worker}"
@@ -256,10 +258,14 @@ class StreamJob:
         self.source_glob = str(source_glob)
         self.timestamp = source.timestamp_field
         self.input_root = Path(self.source_glob.split("/**")[0])
-        types = self._source_types(self.source_glob, load_contracts(repo).sources.get(o.source))
+        contracts = load_contracts(repo)
+        contract = contracts.sources.get(o.source)
+        # each raw file's own schema, before its types are taken or its rows bootstrapped
+        check_raw_history(self.con, self.source_glob, o.source, contracts, who=f"stream job {o.job!r}",
+                          then="restart the job")
+        types = self._source_types(self.source_glob, contract)
         self.types = types
         self.decoder = Decoder(arrow_schema(types))
-        contract = load_contracts(repo).sources.get(o.source)
         self.contract = contract
         self.checks = [c for c in row_checks(contract, types) if "__dup_rank" not in c.fails] if contract else []
         self.unique = tuple(contract.unique) if contract and contract.unique else ()
@@ -361,7 +367,9 @@ class StreamJob:
         """A new job starts from history: the source's Parquet events inside each view's
         longest window before the newest of them become the state, and rows up to that
         newest event count as final (the batch engine wrote them). Rows that fail the
-        source contract's checks are left out, as the batch gate leaves them out."""
+        source contract's checks are left out, as the batch gate leaves them out. Each file's
+        own schema was checked when the job was set up; a file that still cannot be read
+        (the contract's schema checks only warn) stops it with InvalidInput naming the file."""
         con = self.con
         ts = quote(self.timestamp)
         source = f"read_parquet({literal(self.source_glob)}, hive_partitioning = true, union_by_name = true)"
@@ -369,6 +377,8 @@ class StreamJob:
             (newest,) = con.execute(f"SELECT max({ts}) FROM {source}").fetchall()[0]
         except duckdb.IOException:
             newest = None
+        except duckdb.ConversionException as exc:  # a file that passed the schema check (warn severity)
+            raise self._unreadable_history(exc) from exc
         if newest is None:
             return
         newest_us = _us(newest)
@@ -378,14 +388,23 @@ class StreamJob:
             maxw = int(v.spec.max_window / timedelta(microseconds=1))
             cols = ", ".join(quote(c[0]) for c in self.needed[v.spec.name])
             keys_ok = " AND ".join(f"{quote(k)} IS NOT NULL" for k in v.spec.join_keys)
-            con.execute(
-                f"INSERT INTO {v.table} SELECT {cols} FROM {source} WHERE {ts} >= {_ts_sql(newest_us - maxw)} "
-                f"AND {keys_ok} AND NOT coalesce({bad}, FALSE) AND {self._owned(v)}"
-            )
+            try:
+                con.execute(
+                    f"INSERT INTO {v.table} SELECT {cols} FROM {source} WHERE {ts} >= {_ts_sql(newest_us - maxw)} "
+                    f"AND {keys_ok} AND NOT coalesce({bad}, FALSE) AND {self._owned(v)}"
+                )
+            except duckdb.ConversionException as exc:
+                raise self._unreadable_history(exc) from exc
             loaded += con.execute(f"SELECT count(*) FROM {v.table}").fetchall()[0][0]
         self.finalised_to = newest_us + 1
         log.info("stream %s: bootstrapped %d state rows from %s (history up to %s)",
                  self.options.job, loaded, self.source_glob, newest)
+
+    def _unreadable_history(self, exc: duckdb.Error) -> InvalidInput:
+        from featurepipe.quality.contracts import load_contracts
+
+        return unreadable_history(self.con, self.source_glob, self.options.source, load_contracts(self.repo), exc,
+                                  who=f"stream job {self.options.job!r}", then="restart the job")
 
     def _fingerprint(self) -> str:
         import hashlib

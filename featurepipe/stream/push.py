@@ -17,14 +17,17 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from featurepipe.batch.backfill import connect, source_columns
 from featurepipe.batch.sql import aggregate_sql, quote
-from featurepipe.config import source_path
+from featurepipe.config import find_repo, source_path
 from featurepipe.definitions import aggregate_views
 from featurepipe.errors import InvalidInput
+from featurepipe.quality.contracts import load_contracts
+from featurepipe.stream.history import check_raw_history, unreadable_history
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -60,6 +63,9 @@ def push_events(store: FeatureStore, events: pa.Table, source: str = "transactio
         raise InvalidInput(f"no aggregate view reads source {source!r}")
     raw_root = _raw_root(views[0].input_path)
     con = connect()
+    # each raw file's own schema first: the recompute below reads them all, after the append
+    contracts = load_contracts(find_repo(store.repo_path))
+    check_raw_history(con, views[0].input_path, source, contracts, who="push", then="push again")
     con.register("__new_events", events)
     # conform to the raw schema (label columns stay null: labels arrive later)
     raw_cols = source_columns(con, views[0].input_path).types
@@ -72,22 +78,38 @@ def push_events(store: FeatureStore, events: pa.Table, source: str = "transactio
     digest = hashlib.sha1(str(conformed.column("transaction_id").to_pylist()).encode()).hexdigest()[:12]
     days = sorted(set(con.execute("SELECT DISTINCT strftime(event_timestamp, '%Y-%m-%d') FROM __new_events").fetchall()))
     raw_file = raw_root
+    written: list[Path] = []  # new files, then new day folders: undone if the recompute cannot read
     for (day,) in days:
         part = con.sql(
             f"SELECT * FROM __conformed WHERE strftime(event_timestamp, '%Y-%m-%d') = '{day}'"
         ).to_arrow_table()
-        (raw_root / f"date={day}").mkdir(parents=True, exist_ok=True)
+        if not (raw_root / f"date={day}").exists():
+            (raw_root / f"date={day}").mkdir(parents=True)
+            written.append(raw_root / f"date={day}")
         raw_file = raw_root / f"date={day}" / f"push-{digest}.parquet"
+        if not raw_file.exists():
+            written.insert(0, raw_file)
         pq.write_table(part, raw_file)
     lo, hi = con.execute("SELECT min(event_timestamp), max(event_timestamp) FROM __new_events").fetchone()
+    computed = []  # every view's rows before any is pushed: a failed read leaves Redis as it was
+    try:
+        for view in views:
+            columns = source_columns(con, view.input_path)
+            sql = aggregate_sql(view, columns, lo, hi + timedelta(microseconds=1))
+            keys = ", ".join(quote(k) for k in view.join_keys)
+            computed.append((view, con.execute(
+                f"SELECT * FROM ({sql}) WHERE ({keys}) IN (SELECT ({keys}) FROM __new_events)"
+            ).df()))
+    except duckdb.ConversionException as exc:  # a retyped file the check let through (schema_severity: warn)
+        for path in written:
+            try:
+                path.rmdir() if path.is_dir() else path.unlink(missing_ok=True)
+            except OSError:  # a day folder something else wrote into meanwhile: kept
+                pass
+        raise unreadable_history(con, views[0].input_path, source, contracts, exc, who="push", then="push again",
+                                 done="The events were not appended and nothing was pushed online") from exc
     rows_by_view: dict[str, int] = {}
-    for view in views:
-        columns = source_columns(con, view.input_path)
-        sql = aggregate_sql(view, columns, lo, hi + timedelta(microseconds=1))
-        keys = ", ".join(quote(k) for k in view.join_keys)
-        rows = con.execute(
-            f"SELECT * FROM ({sql}) WHERE ({keys}) IN (SELECT ({keys}) FROM __new_events)"
-        ).df()
+    for view, rows in computed:
         rows_by_view[view.name] = len(rows)
         if len(rows):
             store.push(view.push_source, rows, to=PushMode.ONLINE)
