@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -219,14 +220,34 @@ def _anomalies(spec: Any, where: str) -> AnomalyContract | None:
     return contract
 
 
-def load_contracts(repo: Path) -> Contracts:
-    """Read ``<repo>/contracts.yaml`` (no file: no contracts, every gate passes)."""
-    import yaml
+_parsed: dict[Path, Contracts] = {}  # per file, the contracts of its last content read
+_parsed_lock = threading.Lock()
 
+
+def load_contracts(repo: Path) -> Contracts:
+    """Read ``<repo>/contracts.yaml`` (no file: no contracts, every gate passes).
+
+    The file is read every time but parsed once per content and process (parsing took
+    20-40 ms, and a materialisation asks once per view): the same bytes give the same,
+    shared :class:`Contracts`, which callers must not change."""
     path = Path(repo) / CONTRACTS_FILE
     if not path.is_file():
         return Contracts()
     raw = path.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    with _parsed_lock:
+        cached = _parsed.get(path)
+    if cached is not None and cached.digest == digest:
+        return cached
+    contracts = _parse(path, raw, digest)
+    with _parsed_lock:
+        _parsed[path] = contracts
+    return contracts
+
+
+def _parse(path: Path, raw: bytes, digest: str) -> Contracts:
+    import yaml
+
     try:
         spec = yaml.load(raw, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}  # libyaml: 10x faster
     except yaml.YAMLError as exc:
@@ -240,5 +261,5 @@ def load_contracts(repo: Path) -> Contracts:
             n: _table(n, s, f"{path.name}: feature_views.{n}") for n, s in (spec.get("feature_views") or {}).items()
         },
         path=path,
-        digest=hashlib.sha256(raw).hexdigest(),
+        digest=digest,
     )
