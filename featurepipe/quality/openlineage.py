@@ -16,14 +16,19 @@ Where events go (first match):
 * else one JSON event per line appended to ``$FEATUREPIPE_OPENLINEAGE_FILE``, by default
   ``<data>/lineage/openlineage.jsonl``.
 
-The client is imported in a background thread while the run works (it takes about half a
-second), and an emission failure is logged, never raised: lineage must not stop a pipeline.
+Events are emitted in order by one background thread per process, which imports the
+client (about 0.2-0.5 s, once: :func:`preload` does it up front) and keeps one client per
+destination; :meth:`LineageRun.finish` waits until the run's events are out, unless a batch
+of runs (a materialisation of several views) waits once at its end (:func:`flush`). An
+emission failure is logged, never raised: lineage must not stop a pipeline.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import queue
 import threading
 import uuid
 from collections.abc import Mapping
@@ -62,31 +67,115 @@ def job_name(kind: str, view: str | None) -> str:
     return f"featurepipe.{kind}" + (f".{view}" if view else "")
 
 
+class _Emitter:
+    """The process's lineage thread: it runs the submitted emissions in order, with one
+    OpenLineage client per destination (the client's own configuration is read from the
+    environment, so a change of ``OPENLINEAGE_*`` gives a new client)."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._clients: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
+        self._thread = threading.Thread(target=self._work, name="openlineage", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if isinstance(job, threading.Event):  # a flush marker: everything before it is out
+                job.set()
+                continue
+            try:
+                job(self)
+            except Exception as exc:  # the jobs log their own failures; never let the thread die
+                log.warning("OpenLineage emission failed: %s", exc)
+
+    def submit(self, job: Any) -> None:
+        self._jobs.put(job)
+
+    def flush(self, timeout: float) -> bool:
+        done = threading.Event()
+        self._jobs.put(done)
+        return done.wait(timeout)
+
+    def client(self, target: str) -> Any:
+        env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("OPENLINEAGE"))) \
+            if target == "client" else ()
+        key = (target, env)
+        client = self._clients.get(key)
+        if client is None:
+            client = self._clients[key] = _client(target)
+        elif target != "client":
+            Path(target).parent.mkdir(parents=True, exist_ok=True)  # the folder may have gone since
+        return client
+
+
+_emitter_lock = threading.Lock()
+_emitter_instance: _Emitter | None = None
+
+
+def _emitter() -> _Emitter:
+    global _emitter_instance
+    with _emitter_lock:
+        if _emitter_instance is None or _emitter_instance.pid != os.getpid():  # a forked child starts its own
+            _emitter_instance = _Emitter()
+        return _emitter_instance
+
+
+def flush(timeout: float = 60.0) -> None:
+    """Wait until every event submitted so far is emitted (at most ``timeout`` seconds)."""
+    with _emitter_lock:
+        emitter = _emitter_instance if _emitter_instance is not None and _emitter_instance.pid == os.getpid() else None
+    if emitter is not None and not emitter.flush(timeout):
+        log.warning("OpenLineage events not emitted within %.0f s; they are still being sent", timeout)
+
+
+atexit.register(flush)
+
+
+def enabled() -> bool:
+    """False when lineage is switched off for every run (``FEATUREPIPE_OPENLINEAGE=off``, ...)."""
+    return destination(Path(".")) is not None
+
+
+def preload() -> None:
+    """Import the OpenLineage client now (a long-lived engine does it when it is built, so
+    the import is not paid, nor its CPU taken, in the middle of its first run)."""
+    if enabled():
+        import openlineage.client  # noqa: F401
+        import openlineage.client.event_v2  # noqa: F401
+        import openlineage.client.facet_v2  # noqa: F401
+
+
 class LineageRun:
-    """The events of one run: :meth:`start` at once (in a thread), :meth:`finish` at the end."""
+    """The events of one run: ``START`` submitted at once, ``COMPLETE``/``FAIL`` by
+    :meth:`finish`; both emitted by the process's lineage thread."""
 
     def __init__(self, data: Path, kind: str, run_id: str, started: datetime, view: str | None = None) -> None:
         self.target = destination(data)
         self.kind, self.run_id, self.started, self.view = kind, run_id, started, view
         self._client: Any = None
-        self._thread: threading.Thread | None = None
         if self.target is not None:
-            self._thread = threading.Thread(target=self._start, name="openlineage-start", daemon=True)
-            self._thread.start()
+            _emitter().submit(self._start)
 
-    def _start(self) -> None:
+    def _start(self, emitter: _Emitter) -> None:
         try:
-            self._client = _client(self.target)
+            self._client = emitter.client(str(self.target))
             self._emit("START", self.started, [], [], None)
         except Exception as exc:  # lineage never stops a pipeline
             log.warning("OpenLineage START event of run %s not emitted: %s", self.run_id, exc)
 
-    def finish(self, record: RunRecord) -> None:
-        """Emit ``COMPLETE`` or ``FAIL`` for the finished run's record."""
-        if self._thread is None:
+    def finish(self, record: RunRecord, wait: bool = True) -> None:
+        """Emit ``COMPLETE`` or ``FAIL`` for the finished run's record; with ``wait``, return
+        once it is out (else a later :func:`flush` waits for it)."""
+        if self.target is None:
             return
-        self._thread.join(timeout=60)
-        if self._client is None:
+        _emitter().submit(lambda emitter: self._finish(record))
+        if wait:
+            flush()
+
+    def _finish(self, record: RunRecord) -> None:
+        if self._client is None:  # START could not make a client: said so already
             return
         try:
             inputs, outputs = _datasets(record)
