@@ -10,6 +10,7 @@ own copy of the registry, so the shared ``pipeline`` state is left alone.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import signal
 import subprocess
@@ -297,6 +298,49 @@ def test_killed_run_resumes_to_the_same_content(demo: Demo, server: Server) -> N
     assert rerun.exit_code == 0, rerun.output[-3000:]
     assert "user_transaction_stats" in rerun.output and "entities" in rerun.output
     assert content(client) == demo.feast
+
+
+def test_one_call_publishes_once_and_stops_at_the_first_failed_view(
+        demo: Demo, server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Feast hands the engine every view of a call at once: each view still gets its run
+    record and lineage events, but the metrics file is rebuilt once per call, not per view.
+    A view that fails stops the views after it, as Feast's view-by-view path did."""
+    from featurepipe.errors import InvalidInput
+    from featurepipe.quality import metrics
+    from featurepipe.quality.runlog import read_runs
+
+    views = ["merchant_activity", "merchant_fraud", "user_transaction_stats"]
+    folder = repo_copy(demo.base, "one_call", demo.registry, server, DB_PUSHED, engine="featurepipe")
+    forget_materializations(folder / "data" / "registry.db")
+    data = tmp_path / "data"
+    monkeypatch.setenv("FEATUREPIPE_DATA_DIR", str(data))
+    published: list[Path] = []
+    rebuild = metrics.publish
+    monkeypatch.setattr(metrics, "publish", lambda d, sla=None: published.append(d) or rebuild(d, sla))
+    store = store_at(folder)
+    client = server.client(DB_PUSHED, flush=True)
+    store.materialize(EPOCH, demo.end, views)
+    assert content(client) == demo.feast
+    runs = read_runs(data)
+    assert [(r.kind, r.status, r.outputs[0].view) for r in runs] == [("materialize", "ok", v) for v in views]
+    assert published == [data] and (data / "metrics" / "featurepipe.prom").is_file()
+    events = [json.loads(line) for line in (data / "lineage" / "openlineage.jsonl").read_text().splitlines()]
+    assert sorted((e["job"]["name"], e["eventType"]) for e in events) == sorted(
+        (f"featurepipe.materialize.{v}", state) for v in views for state in ("START", "COMPLETE"))
+
+    (folder / "contracts.yaml").write_text(  # merchant_fraud's table no longer matches its contract
+        "feature_views:\n  merchant_fraud:\n    columns:\n      merchant_fraud_rate_30d: {type: VARCHAR}\n")
+    client.flushdb()
+    with pytest.raises(InvalidInput, match="quality gate materialize/merchant_fraud blocked the view"):
+        store.materialize(EPOCH, demo.end, views)
+    runs = read_runs(data)[len(views):]
+    assert [(r.status, r.outputs[0].view) for r in runs] == [("ok", "merchant_activity"), ("blocked", "merchant_fraud")]
+    assert published == [data, data]
+    written = {field for fields, _ in content(client).values() for field in fields if field.startswith(b"_ts:")}
+    assert written == {b"_ts:merchant_activity"}  # nothing of the view after the blocked one
+    intervals = {v: len(store.registry.get_feature_view(v, store.project).materialization_intervals)
+                 for v in views}
+    assert intervals == {"merchant_activity": 2, "merchant_fraud": 1, "user_transaction_stats": 1}
 
 
 # ---------------------------------------------------------------- every type, ties, bad data

@@ -165,20 +165,29 @@ class MaterializeGate:
 
 
 def open_materialize_gate(repo_config: Any, view: Any, project: str, registry: Any,
-                          start: datetime, end: datetime) -> MaterializeGate:
+                          start: datetime, end: datetime, sources: dict[str, Any] | None = None) -> MaterializeGate:
     """The gate of one view's materialisation by the featurepipe engine: the repo's
-    contracts, its data folder, the view's definition hash and the Redis it writes to."""
+    contracts, its data folder, the view's definition hash and the Redis it writes to.
+
+    ``sources`` keeps the registry's data sources by name across the views of one call
+    (each lookup reads the registry file again)."""
     from featurepipe.config import data_dir, online_connection_string, redis_connection_kwargs
     from featurepipe.definitions import TAG_INPUT
     from featurepipe.quality.runlog import feature_view_hash
 
     repo = Path(repo_config.repo_path)
     source = None
-    if registry is not None and view.tags.get(TAG_INPUT):
-        try:
-            source = registry.get_data_source(view.tags[TAG_INPUT], project)
-        except Exception:  # a missing source only leaves it out of the hash
-            source = None
+    name = view.tags.get(TAG_INPUT)
+    if registry is not None and name:
+        if sources is not None and name in sources:
+            source = sources[name]
+        else:
+            try:
+                source = registry.get_data_source(name, project)
+            except Exception:  # a missing source only leaves it out of the hash
+                source = None
+            if sources is not None:
+                sources[name] = source
     kw = redis_connection_kwargs(online_connection_string(repo_config))
     online = f"redis://{kw['host']}:{kw['port']}/{kw.get('db', 0)}"
     return MaterializeGate(load_contracts(repo), data_dir(repo), view.name, feature_view_hash(view, source),
