@@ -31,10 +31,10 @@ def _step(title: str) -> None:
 
 def random_events(store: FeatureStore, count: int, seed: int | None = None) -> pa.Table:
     """``count`` new transactions happening now, for users and merchants already in the data."""
-    import duckdb
+    from featurepipe.core.db import connect
 
     raw = source_path(store, "transactions")
-    con = duckdb.connect()
+    con = connect()
     ids = con.execute(
         f"SELECT user_id, merchant_id, max(transaction_id) OVER () AS top FROM read_parquet('{raw}') "
         f"USING SAMPLE {max(count, 1)} ROWS (reservoir, {seed if seed is not None else 42})"

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING
 
 import duckdb
 
-from featurepipe.batch.sql import SourceColumns, aggregate_sql, literal, quote
+from featurepipe.batch.sql import SourceColumns, aggregate_sql
+from featurepipe.core.db import connect
+from featurepipe.core.sql import literal, quote
 from featurepipe.definitions import AggregateView, aggregate_views
 from featurepipe.errors import InvalidInput, NotFound
 
@@ -40,22 +42,6 @@ class BackfillResult:
     seconds: float
     start: datetime
     end: datetime
-
-
-def connect() -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with the session settings every featurepipe query assumes."""
-    con = duckdb.connect()
-    con.execute("SET TimeZone = 'UTC'")
-    con.execute("SET preserve_insertion_order = true")
-    return con
-
-
-def connect_deterministic() -> duckdb.DuckDBPyConnection:
-    """One thread: parallel window aggregation adds floats in a varying order, and a
-    rerun must give the same bytes."""
-    con = connect()
-    con.execute("SET threads = 1")
-    return con
 
 
 def source_columns(con: duckdb.DuckDBPyConnection, path: str) -> SourceColumns:
@@ -106,7 +92,7 @@ def backfill_view(
     rows are checked before they are published (see ``featurepipe.quality``).
     """
     t0 = time.perf_counter()
-    con = connect_deterministic()
+    con = connect("deterministic")
     checked_input = gate.check_input(con, view) if gate is not None else None
     columns = source_columns(con, view.input_path)
     columns.require(view)

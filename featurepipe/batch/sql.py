@@ -10,25 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from featurepipe.core.sql import literal, quote, ts_literal
 from featurepipe.definitions import AggregateSpec, AggregateView
 from featurepipe.errors import InvalidInput
 
 _SQL_FUNCTION = {"count": "count", "sum": "sum", "mean": "avg", "min": "min", "max": "max"}
-
-
-def quote(identifier: str) -> str:
-    """Quote a SQL identifier for DuckDB."""
-    return '"' + identifier.replace('"', '""') + '"'
-
-
-def literal(value: str) -> str:
-    """Quote a SQL string literal."""
-    return "'" + value.replace("'", "''") + "'"
-
-
-def ts_literal(value: datetime) -> str:
-    """A TIMESTAMPTZ literal (naive datetimes are taken as UTC)."""
-    return f"TIMESTAMPTZ {literal(value.isoformat() if value.tzinfo else value.isoformat() + '+00:00')}"
 
 
 @dataclass(frozen=True)

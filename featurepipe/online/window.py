@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from featurepipe.errors import InvalidInput
+from featurepipe.errors import GateBlocked
 from featurepipe.online import codec
 from featurepipe.online.latest import (
     CHECK,
@@ -99,13 +99,12 @@ class ViewMaterialization:
         return self.entities / self.seconds if self.seconds else 0.0
 
 
-class MaterializationBlocked(InvalidInput):
+class MaterializationBlocked(GateBlocked):
     """A blocking contract check failed on the rows about to be written: nothing was written."""
 
     def __init__(self, message: str, result: ViewMaterialization, failures: dict[str, int]) -> None:
-        super().__init__(message)
+        super().__init__(message, stage="materialize", table=result.view, failures=failures)
         self.result = result
-        self.failures = failures
 
 
 def encode(batch: pa.RecordBatch, plan: ViewPlan) -> EncodedRows:

@@ -15,7 +15,7 @@ from typing import Any
 
 import duckdb
 
-from featurepipe.batch.sql import literal, quote
+from featurepipe.core.sql import literal, quote
 from featurepipe.quality import stats
 from featurepipe.quality.contracts import TableContract
 from featurepipe.quality.records import CheckResult

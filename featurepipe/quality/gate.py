@@ -6,7 +6,7 @@ run even when several views read it) and :meth:`BatchGate.check_output` on the s
 feature files before they are published. Failing rows are written to
 ``<data>/quarantine/<stage>/<table>/<run id>.parquet`` with ``quality_check`` and
 ``quality_reason``; the batch goes on without them (rows in = rows passed on + rows
-quarantined), or stops with :class:`~featurepipe.errors.InvalidInput` when a failing check
+quarantined), or stops with :class:`~featurepipe.errors.GateBlocked` (an InvalidInput) when a failing check
 is ``block``. On exit the gate appends the run record to ``<data>/runs/runs.jsonl``.
 """
 
@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 
-from featurepipe.batch.sql import literal, quote
-from featurepipe.errors import InvalidInput
+from featurepipe.core.db import connect
+from featurepipe.core.sql import literal, quote
+from featurepipe.errors import GateBlocked
 from featurepipe.quality import anomaly, checks, stats
 from featurepipe.quality.checks import CheckResult, parquet_relation
 from featurepipe.quality.contracts import Contracts, TableContract, load_contracts
@@ -97,7 +98,7 @@ def _newest_event(offline: Path) -> str | None:
     days = sorted(p for p in offline.glob("date=*") if any(p.glob("*.parquet")))
     if not days:
         return None
-    with duckdb.connect() as con:
+    with connect() as con:
         newest = con.execute(
             f"SELECT max(event_timestamp) FROM read_parquet({literal(str(days[-1] / '*.parquet'))})"
         ).fetchone()[0]
@@ -163,7 +164,7 @@ class BatchGate:
     def check_input(self, con: duckdb.DuckDBPyConnection, view: AggregateView) -> str | None:
         """Check the view's raw source (once per run). Returns the relation the batch must read
         instead of the raw files when rows were quarantined, else None (read the files as
-        they are). Raises InvalidInput when a blocking check fails."""
+        they are). Raises GateBlocked when a blocking check fails."""
         if view.input_path in self._sources_checked:
             return self._sources_checked[view.input_path]
         found = self._source_for(view)
@@ -331,10 +332,12 @@ class BatchGate:
             info = count if r.failed_rows else f" ({r.detail})"
             lines.append(f"check {r.check!r}{where} failed{info}{sample}")
         where = f"; failing rows kept in {quarantine}" if quarantine else ""
-        raise InvalidInput(
+        raise GateBlocked(
             f"quality gate {stage}/{table} blocked the batch (run {self.run_id}): "
             + "; ".join(lines) + where
-            + f". Fix the data, or the contract in {self.contracts.path or 'contracts.yaml'}, and rerun"
+            + f". Fix the data, or the contract in {self.contracts.path or 'contracts.yaml'}, and rerun",
+            stage=stage, table=table, failures={r.check: r.failed_rows for r in results if r.blocking},
+            quarantine=quarantine,
         )
 
     # -- run record -------------------------------------------------------------------------

@@ -79,11 +79,11 @@ def _png(fig: Any) -> str:
 
 def _all_stats(data: Path) -> list[dict[str, Any]]:
     """Every stored figure of every run (not only the latest per day)."""
-    import duckdb
+    from featurepipe.core.db import connect
 
     if not any(stats_dir(data).glob("*.parquet")):
         return []
-    with duckdb.connect() as con:
+    with connect() as con:
         cur = con.execute(f"SELECT * FROM read_parquet('{stats_dir(data) / '*.parquet'}', union_by_name = true) "
                           'ORDER BY run_id, stage, "table", "column", day')
         names = [d[0] for d in cur.description]
@@ -102,9 +102,9 @@ def _flagged_days(runs: list[RunRecord]) -> dict[tuple[str, str, str], set[date]
 
 
 def _sample(relation: str, column: str) -> list[float]:
-    import duckdb
+    from featurepipe.core.db import connect
 
-    with duckdb.connect() as con:
+    with connect() as con:
         rows = con.execute(
             f'SELECT CAST("{column}" AS DOUBLE) FROM {relation} WHERE "{column}" IS NOT NULL '
             f"USING SAMPLE reservoir({SAMPLE_ROWS} ROWS) REPEATABLE (7)"

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from featurepipe.errors import InvalidInput
+from featurepipe.errors import GateBlocked
 from featurepipe.quality import checks
 from featurepipe.quality.checks import CheckResult
 from featurepipe.quality.contracts import Contracts, TableContract, load_contracts
@@ -69,12 +69,13 @@ class MaterializeGate:
         results = self._describe(plan.query.path)
         self.results += results
         if any(r.blocking for r in results):
-            raise InvalidInput(
+            raise GateBlocked(
                 f"quality gate {STAGE}/{self.view} blocked the view (run {self.run_id}): "
                 + "; ".join(f"check {r.check!r}{f' on column {r.column!r}' if r.column else ''} failed ({r.detail})"
                             for r in results if r.blocking)
                 + f". Nothing of this view was written to Redis. Fix the offline table, or the contract in "
-                f"{self.contracts.path or 'contracts.yaml'}, and rerun"
+                f"{self.contracts.path or 'contracts.yaml'}, and rerun",
+                stage=STAGE, table=self.view, failures={r.check: r.failed_rows for r in results if r.blocking},
             )
         features = {f.name: DUCKDB_TYPES.get(f.value_type, "") for f in plan.query.features}
         self.conditions = [
@@ -90,10 +91,10 @@ class MaterializeGate:
         """The contract's schema checks on the offline table's combined schema and on each
         file's own (footers only, one query): the combined schema hides a file whose column
         DuckDB cannot cast, and the latest-row scan would then stop on it."""
-        import duckdb
+        from featurepipe.core.db import connect
 
         assert self.contract is not None
-        with duckdb.connect() as con:
+        with connect() as con:
             return checks.table_schema_checks(con, STAGE, self.contract, path)[1]
 
     def _row_results(self, result: ViewMaterialization, blocked: dict[str, int] | None) -> list[CheckResult]:

@@ -118,11 +118,11 @@ def definitions_hash(view_hashes: dict[str, str], contracts_digest: str) -> str:
 
 def run_status(error: BaseException | None) -> str:
     """``ok``; ``blocked`` when a quality gate stopped the run; else ``failed``."""
-    from featurepipe.errors import InvalidInput
+    from featurepipe.errors import GateBlocked
 
     if error is None:
         return "ok"
-    return "blocked" if isinstance(error, InvalidInput) and "quality gate" in str(error) else "failed"
+    return "blocked" if isinstance(error, GateBlocked) else "failed"
 
 
 def record_head(run_id: str, kind: str, error: BaseException | None, started: datetime, t0: float,

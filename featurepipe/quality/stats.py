@@ -22,7 +22,8 @@ from typing import Any
 
 import duckdb
 
-from featurepipe.batch.sql import literal, quote
+from featurepipe.core.db import connect
+from featurepipe.core.sql import literal, quote
 from featurepipe.errors import InvalidInput
 from featurepipe.quality.contracts import TableContract
 
@@ -172,7 +173,7 @@ def load_history(data: Path, stage: str | None = None, table: str | None = None,
     if not any(stats_dir(data).glob("*.parquet")):
         return []
     own = con is None
-    con = con or duckdb.connect()
+    con = con or connect()
     where = []
     if stage is not None:
         where.append(f"stage = {literal(stage)}")

@@ -42,13 +42,12 @@ class Freshness:
 
 def freshness(views: list[AggregateView], contracts: Contracts, now: datetime | None = None) -> list[Freshness]:
     """Freshness of every view's offline table (max event time from Parquet statistics)."""
-    import duckdb
+    from featurepipe.core.db import connect
+    from featurepipe.core.sql import literal
 
-    from featurepipe.batch.sql import literal
 
     now = now or datetime.now(timezone.utc)
-    con = duckdb.connect()
-    con.execute("SET TimeZone = 'UTC'")
+    con = connect()
     out = []
     for view in views:
         newest = None

@@ -21,9 +21,10 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from featurepipe.batch.backfill import connect, source_columns
+from featurepipe.batch.backfill import source_columns
 from featurepipe.batch.sql import aggregate_sql, quote
 from featurepipe.config import find_repo, source_path
+from featurepipe.core.db import connect
 from featurepipe.definitions import aggregate_views
 from featurepipe.errors import InvalidInput
 from featurepipe.quality.contracts import load_contracts
