@@ -173,7 +173,7 @@ def backfill(start: date | None, end: date | None, views: tuple[str, ...], index
     offline index of each backfilled view is rebuilt afterwards (--no-index: leave it to
     the first retrieval).
     """
-    from featurepipe.batch.backfill import backfill as run
+    from featurepipe.jobs.backfill import backfill as run
     from featurepipe.config import load_store
     from featurepipe.report import table
 
@@ -188,7 +188,7 @@ def backfill(start: date | None, end: date | None, views: tuple[str, ...], index
 
 
 def _echo_indexes(store: object, views: list[str] | None) -> None:
-    from featurepipe.offline.index import build_indexes
+    from featurepipe.offline.prebuild import build_indexes
     from featurepipe.report import table
 
     summaries = build_indexes(store, views)

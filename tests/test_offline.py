@@ -493,8 +493,8 @@ def test_hashed_keys_are_checked_on_every_match(repo: Path, stores: tuple[Any, A
 
     from featurepipe.offline import index
     from featurepipe.offline.entity import read_entity_frame
-    from featurepipe.offline.pit import ViewRequest
-    from featurepipe.offline.store import connect
+    from featurepipe.offline.infra import connect
+    from featurepipe.offline.view import ViewRequest
 
     use_engine(monkeypatch, "index")
     monkeypatch.setattr(index, "_packing", lambda con, view, types: None)  # hash every key

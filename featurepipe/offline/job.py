@@ -20,6 +20,7 @@ from feast.infra.offline_stores.offline_store import RetrievalJob, RetrievalMeta
 
 from featurepipe.batch.sql import literal
 from featurepipe.errors import InvalidInput
+from featurepipe.offline.infra import connect
 from featurepipe.offline.pit import SqlPlan
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ class QueryPlan:
 
 
 class LazyConnection:
-    """A DuckDB cursor (:func:`featurepipe.offline.store.connect`) opened on first use.
+    """A DuckDB cursor (:func:`featurepipe.offline.infra.connect`) opened on first use.
 
     A warm retrieval through the offline index with integer keys needs no DuckDB at all.
     """
@@ -59,8 +60,6 @@ class LazyConnection:
 
     def __getattr__(self, name: str) -> Any:
         if self._con is None:
-            from featurepipe.offline.store import connect
-
             self._con = connect(self._config)
         return getattr(self._con, name)
 

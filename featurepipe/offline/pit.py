@@ -20,13 +20,11 @@ and slower, and only used when asked for.
 
 from __future__ import annotations
 
-import glob
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import duckdb
 import numpy as np
@@ -42,86 +40,11 @@ from featurepipe.offline.index import (
     open_or_build,
     verify_keys,
 )
-
-if TYPE_CHECKING:
-    from feast.feature_view import FeatureView
+from featurepipe.offline.view import ViewRequest, source_types
 
 ENTITY = "__fp_entity"
 # a feature row's position: file number in the pinned list, row number in the file
 POSITION = "((CAST(file_index AS BIGINT) << 40) | file_row_number)"
-
-
-@dataclass(frozen=True)
-class ViewRequest:
-    """One feature view of a retrieval: where its rows are and which columns to return."""
-
-    name: str
-    path: str
-    join_keys: dict[str, str]  # feature-table column -> entity-frame column
-    timestamp: str
-    created: str | None
-    features: dict[str, str]  # feature-table column -> output column name
-    ttl: timedelta | None
-    files: tuple[str, ...] = ()  # pinned file list; empty: the path (or glob) itself
-
-    @classmethod
-    def from_feature_view(
-        cls, fv: FeatureView, features: list[str], path: str, full_feature_names: bool
-    ) -> ViewRequest:
-        """Resolve names through the source's field mapping and the projection's join-key map."""
-        source = fv.batch_source
-        reverse = {v: k for k, v in (source.field_mapping or {}).items()}
-        view_name = fv.projection.name_to_use()
-        join_keys = {
-            reverse.get(c.name, c.name): fv.projection.join_key_map.get(c.name, c.name)
-            for c in fv.entity_columns
-        }
-        created = source.created_timestamp_column or None
-        ttl = fv.ttl if isinstance(fv.ttl, timedelta) and fv.ttl > timedelta(0) else None
-        return cls(
-            name=view_name,
-            path=path,
-            join_keys=join_keys,
-            timestamp=reverse.get(source.timestamp_field, source.timestamp_field),
-            created=reverse.get(created, created) if created else None,
-            features={reverse.get(f, f): f"{view_name}__{f}" if full_feature_names else f for f in features},
-            ttl=ttl,
-        )
-
-    def scan(self) -> str:
-        """``read_parquet`` of the view's files (the pinned list when there is one)."""
-        files = "[" + ", ".join(literal(f) for f in self.files) + "]" if self.files else literal(self.path)
-        return f"read_parquet({files}, union_by_name = true)"
-
-    def pinned(self, con: duckdb.DuckDBPyConnection) -> ViewRequest:
-        """The same view reading exactly the files that exist now.
-
-        Both passes of a join (match, then fetch by position) must see the same files in the
-        same order, even if a backfill adds a day in between.
-        """
-        if "://" in self.path:  # remote (s3://, gs://...): DuckDB's file systems
-            files = tuple(row[0] for row in con.execute("SELECT file FROM glob(?) ORDER BY file", [self.path]).fetchall())
-        else:  # local: no need to open DuckDB for it
-            matches = glob.glob(self.path, recursive=True) if glob.has_magic(self.path) else [self.path]
-            files = tuple(sorted(f for f in matches if os.path.isfile(f)))
-        if not files:
-            raise InvalidInput(
-                f"feature view {self.name!r}: no offline table files at {self.path}; run "
-                "`featurepipe backfill` (or write the source files) first"
-            )
-        return replace(self, files=files)
-
-
-def source_types(con: duckdb.DuckDBPyConnection, view: ViewRequest) -> dict[str, str]:
-    """Column name -> DuckDB type of the view's Parquet files."""
-    try:
-        rows = con.execute(f"DESCRIBE SELECT * FROM {view.scan()}").fetchall()
-    except duckdb.IOException as exc:
-        raise InvalidInput(
-            f"feature view {view.name!r}: cannot read its offline table at {view.path} ({exc}); "
-            "run `featurepipe backfill` (or write the source files) first"
-        ) from exc
-    return {name: kind for name, kind, *_ in rows}
 
 
 def _check_columns(view: ViewRequest, types: dict[str, str]) -> None:
@@ -183,6 +106,21 @@ INDEX_MAX_ENTITY_ROWS = 4_000_000
 PARALLEL_LOOKUPS_ABOVE = 50_000
 
 
+@dataclass(frozen=True, eq=False)
+class IndexedLookup:
+    """A view matched through its sorted index: what :func:`_look_up` searches, per view.
+
+    ``keys`` and ``known`` are the entity rows' sort keys and whether each can be in the
+    index at all (:func:`featurepipe.offline.index.entity_sort_keys`).
+    """
+
+    alias: str  # the view's name in the result plan (``__fp_v<i>``)
+    index: SortedIndex
+    view: ViewRequest
+    keys: np.ndarray  # uint64, one per entity row
+    known: np.ndarray  # bool, one per entity row
+
+
 def build_join(
     con: duckdb.DuckDBPyConnection,
     frame: EntityFrame,
@@ -206,7 +144,7 @@ def build_join(
             entity_registered = True
 
     use_index = index_directory is not None and frame.table.num_rows <= INDEX_MAX_ENTITY_ROWS
-    lookups: list[tuple[str, SortedIndex, ViewRequest, np.ndarray, np.ndarray]] = []
+    lookups: list[IndexedLookup] = []
     as_of = f"e.{quote(frame.timestamp_column)}"
     lo_scalar, hi_scalar = frame.time_range()
     if not lo_scalar.is_valid:  # no entity rows: any bound works
@@ -240,7 +178,7 @@ def build_join(
             if index.packing is None:  # hashed keys: DuckDB hashes the entity keys too
                 register_entity()
             keys, known = entity_sort_keys(con, frame, view, index, types)
-            lookups.append((alias, index, view, keys, known))
+            lookups.append(IndexedLookup(alias, index, view, keys, known))
             selects += [f"{alias}.{quote(o)}" for o in view.features.values()]
             joins.append(f"LEFT JOIN {alias} ON {alias}.{ROW} = e.{ROW}")
             matched.append((alias, list(view.features.values())))
@@ -294,27 +232,25 @@ def build_join(
     )
 
 
-def _look_up(
-    frame: EntityFrame, lookups: list[tuple[str, SortedIndex, ViewRequest, np.ndarray, np.ndarray]]
-) -> dict[str, pa.Table]:
+def _look_up(frame: EntityFrame, lookups: list[IndexedLookup]) -> dict[str, pa.Table]:
     """Each indexed view's features aligned with the entity rows, the views in parallel threads.
 
     The searches (C) and takes (Arrow) release the GIL, so the views share the cores.
     """
     as_of = frame.table.column(frame.timestamp_column).cast(pa.int64()).to_numpy()
 
-    def one(item: tuple[str, SortedIndex, ViewRequest, np.ndarray, np.ndarray]) -> pa.Table:
-        _, index, view, keys, known = item
-        rows = index.lookup(keys, known, as_of, _micros(view.ttl) if view.ttl else None)
-        rows = verify_keys(index, frame, view, rows)
-        return index.take(rows, list(view.features)).rename_columns(list(view.features.values()))
+    def one(item: IndexedLookup) -> pa.Table:
+        view = item.view
+        rows = item.index.lookup(item.keys, item.known, as_of, _micros(view.ttl) if view.ttl else None)
+        rows = verify_keys(item.index, frame, view, rows)
+        return item.index.take(rows, list(view.features)).rename_columns(list(view.features.values()))
 
     if len(lookups) > 1 and frame.table.num_rows >= PARALLEL_LOOKUPS_ABOVE:
         with ThreadPoolExecutor(max_workers=min(len(lookups), os.cpu_count() or 1)) as pool:
             parts = list(pool.map(one, lookups))
     else:
         parts = [one(item) for item in lookups]
-    return {item[0]: part for item, part in zip(lookups, parts)}
+    return {item.alias: part for item, part in zip(lookups, parts)}
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,15 @@ Every read Feast makes of the offline store runs here in DuckDB, Arrow in and ou
 and Feast's other paths), and ``offline_write_batch`` (pushes to the offline store).
 Feast's own DuckDB store builds its joins with ibis, pairing every entity row with every
 feature row of its key before filtering: quadratic in the rows per key.
+
+What the options set up (the DuckDB database, source paths, the index folder) is in
+:mod:`featurepipe.offline.infra`; ``featurepipe index`` is
+:func:`featurepipe.offline.prebuild.build_indexes`.
 """
 
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
-import tempfile
-import threading
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -36,21 +36,24 @@ import pyarrow.parquet as pq
 from feast.data_source import DataSource
 from feast.feature_view import FeatureView
 from feast.infra.offline_stores.duckdb import DuckDBOfflineStore, DuckDBOfflineStoreConfig
-from feast.infra.offline_stores.file_source import FileSource
 from feast.infra.offline_stores.offline_store import RetrievalJob, RetrievalMetadata
 from feast.infra.registry.base_registry import BaseRegistry
 from feast.repo_config import RepoConfig
 
 from featurepipe.batch.sql import literal, quote
-from featurepipe.config import resolve_source_path
 from featurepipe.errors import InvalidInput
 from featurepipe.offline.entity import read_entity_frame
+from featurepipe.offline.infra import connect, index_directory, source_path
 from featurepipe.offline.job import FeaturepipeRetrievalJob, QueryPlan
-from featurepipe.offline.pit import SqlPlan, ViewRequest, build_join
+from featurepipe.offline.pit import SqlPlan, build_join
+from featurepipe.offline.view import ViewRequest
 
 
 class FeaturepipeOfflineStoreConfig(DuckDBOfflineStoreConfig):
-    """Configuration of :class:`FeaturepipeOfflineStore`."""
+    """Configuration of :class:`FeaturepipeOfflineStore` (read by :mod:`featurepipe.offline.infra`).
+
+    It lives beside the store class: Feast finds the store class in the config class's module.
+    """
 
     type: Literal["featurepipe.offline.store.FeaturepipeOfflineStore"] = (  # type: ignore[assignment]
         "featurepipe.offline.store.FeaturepipeOfflineStore"
@@ -66,64 +69,6 @@ class FeaturepipeOfflineStoreConfig(DuckDBOfflineStoreConfig):
     (see :mod:`featurepipe.offline.index`); False: scan the files on every retrieval."""
     index_directory: str | None = None
     """Where the sorted copies live; default ``<repo>/.featurepipe/offline-index``."""
-
-
-def index_directory(config: RepoConfig | None) -> Path | None:
-    """Where the offline index lives, or None when it is switched off."""
-    options = getattr(config, "offline_store", None)
-    if not getattr(options, "index", True):
-        return None
-    if getattr(options, "index_directory", None):
-        return Path(options.index_directory)
-    repo = getattr(config, "repo_path", None)
-    base = Path(repo) if repo else Path(tempfile.gettempdir())
-    return base / ".featurepipe" / "offline-index"
-
-
-_DATABASES: dict[tuple[object, ...], duckdb.DuckDBPyConnection] = {}
-_DATABASES_LOCK = threading.Lock()
-
-
-def connect(config: RepoConfig | None = None) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection in UTC, with the store's memory and spill settings.
-
-    Opening a DuckDB database costs about 30 ms here, more than a whole small retrieval, so
-    each process keeps one in-memory database per setting and hands out cursors: each cursor
-    is its own session (its temp tables and registered Arrow tables are its own). Close it
-    when done.
-    """
-    options = getattr(config, "offline_store", None)
-    spill = getattr(options, "temp_directory", None) or os.path.join(
-        tempfile.gettempdir(), f"featurepipe-duckdb-{os.getpid()}"
-    )
-    # keyed by process too: a database inherited through fork() has lost its threads
-    settings = (spill, getattr(options, "memory_limit", None), getattr(options, "threads", None), os.getpid())
-    with _DATABASES_LOCK:
-        database = _DATABASES.get(settings)
-        if database is None:
-            database = duckdb.connect()
-            database.execute(f"SET temp_directory = {literal(spill)}")
-            if settings[1]:
-                database.execute(f"SET memory_limit = {literal(settings[1])}")
-            if settings[2]:
-                database.execute(f"SET threads = {int(settings[2])}")
-            database.execute("SET preserve_insertion_order = false")
-            _DATABASES[settings] = database
-            if not getattr(options, "temp_directory", None):
-                atexit.register(shutil.rmtree, spill, True)
-    con = database.cursor()
-    con.execute("SET TimeZone = 'UTC'")
-    return con
-
-
-def source_path(config: RepoConfig, source: DataSource, view: str = "") -> str:
-    """The absolute path (or glob) of a Parquet ``FileSource``."""
-    if not isinstance(source, FileSource):
-        raise InvalidInput(
-            f"{'feature view ' + repr(view) + ': ' if view else ''}the featurepipe offline store reads "
-            f"Parquet FileSource sources, got {type(source).__name__} {source.name!r}"
-        )
-    return resolve_source_path(config.repo_path, source.path)
 
 
 def _utc(value: datetime) -> str:

@@ -1,0 +1,88 @@
+"""What the offline store's options set up: the DuckDB database, source paths, the index folder.
+
+Everything in :mod:`featurepipe.offline` that needs a DuckDB connection, the path of a
+view's Parquet files or the offline index's folder gets it here, so the Feast plug-in
+(:mod:`featurepipe.offline.store`), the retrieval job and ``featurepipe index`` agree on
+them. The options (:class:`featurepipe.offline.store.FeaturepipeOfflineStoreConfig`) are
+read with ``getattr``, so any ``RepoConfig`` (or ``None``: the defaults) works, whatever its
+offline store.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import duckdb
+from feast.infra.offline_stores.file_source import FileSource
+
+from featurepipe.batch.sql import literal
+from featurepipe.config import resolve_source_path
+from featurepipe.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from feast.data_source import DataSource
+    from feast.repo_config import RepoConfig
+
+
+def index_directory(config: RepoConfig | None) -> Path | None:
+    """Where the offline index lives, or None when it is switched off."""
+    options = getattr(config, "offline_store", None)
+    if not getattr(options, "index", True):
+        return None
+    if getattr(options, "index_directory", None):
+        return Path(options.index_directory)
+    repo = getattr(config, "repo_path", None)
+    base = Path(repo) if repo else Path(tempfile.gettempdir())
+    return base / ".featurepipe" / "offline-index"
+
+
+_DATABASES: dict[tuple[object, ...], duckdb.DuckDBPyConnection] = {}
+_DATABASES_LOCK = threading.Lock()
+
+
+def connect(config: RepoConfig | None = None) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection in UTC, with the store's memory and spill settings.
+
+    Opening a DuckDB database costs about 30 ms here, more than a whole small retrieval, so
+    each process keeps one in-memory database per setting and hands out cursors: each cursor
+    is its own session (its temp tables and registered Arrow tables are its own). Close it
+    when done.
+    """
+    options = getattr(config, "offline_store", None)
+    spill = getattr(options, "temp_directory", None) or os.path.join(
+        tempfile.gettempdir(), f"featurepipe-duckdb-{os.getpid()}"
+    )
+    # keyed by process too: a database inherited through fork() has lost its threads
+    settings = (spill, getattr(options, "memory_limit", None), getattr(options, "threads", None), os.getpid())
+    with _DATABASES_LOCK:
+        database = _DATABASES.get(settings)
+        if database is None:
+            database = duckdb.connect()
+            database.execute(f"SET temp_directory = {literal(spill)}")
+            if settings[1]:
+                database.execute(f"SET memory_limit = {literal(settings[1])}")
+            if settings[2]:
+                database.execute(f"SET threads = {int(settings[2])}")
+            database.execute("SET preserve_insertion_order = false")
+            _DATABASES[settings] = database
+            if not getattr(options, "temp_directory", None):
+                atexit.register(shutil.rmtree, spill, True)
+    con = database.cursor()
+    con.execute("SET TimeZone = 'UTC'")
+    return con
+
+
+def source_path(config: RepoConfig, source: DataSource, view: str = "") -> str:
+    """The absolute path (or glob) of a Parquet ``FileSource``."""
+    if not isinstance(source, FileSource):
+        raise InvalidInput(
+            f"{'feature view ' + repr(view) + ': ' if view else ''}the featurepipe offline store reads "
+            f"Parquet FileSource sources, got {type(source).__name__} {source.name!r}"
+        )
+    return resolve_source_path(config.repo_path, source.path)
