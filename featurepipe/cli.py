@@ -173,7 +173,7 @@ def backfill(start: date | None, end: date | None, views: tuple[str, ...], index
     offline index of each backfilled view is rebuilt afterwards (--no-index: leave it to
     the first retrieval).
     """
-    from featurepipe.jobs.backfill import backfill as run
+    from featurepipe.batch.backfill import backfill as run
     from featurepipe.config import load_store
     from featurepipe.report import table
 
