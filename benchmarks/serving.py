@@ -89,7 +89,7 @@ def build_repo(base: Path, rows: int, redis_url: str) -> Path:
     generate_transactions(rows, data / "raw" / "transactions", days=10)
     subprocess.run([str(BIN / "feast"), "--chdir", str(repo), "apply"], check=True,
                    capture_output=True, timeout=600)
-    from featurepipe.batch.backfill import backfill
+    from featurepipe.jobs.backfill import backfill
     from featurepipe.online.materialize import materialize
 
     store = load_store(repo)

@@ -74,7 +74,7 @@ def setup(base: Path, url: str, n: int, disorder_seconds: float) -> Setup:
     import duckdb
     import numpy as np
 
-    from featurepipe.batch.backfill import backfill
+    from featurepipe.jobs.backfill import backfill
     from featurepipe.config import load_store, redis_url_to_feast
     from featurepipe.generate import generate_transactions
     from featurepipe.stream.runner import event_payloads

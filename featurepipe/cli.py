@@ -173,8 +173,8 @@ def backfill(start: date | None, end: date | None, views: tuple[str, ...], index
     offline index of each backfilled view is rebuilt afterwards (--no-index: leave it to
     the first retrieval).
     """
-    from featurepipe.batch.backfill import backfill as run
     from featurepipe.config import load_store
+    from featurepipe.jobs.backfill import backfill as run
     from featurepipe.report import table
 
     store = load_store(repo)

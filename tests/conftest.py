@@ -90,7 +90,7 @@ def feast_cli(repo: Path, redis_url: str, *args: str) -> subprocess.CompletedPro
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Pipeline]:
     """generate -> feast apply -> backfill -> materialize, on a temporary copy of feature_repo."""
-    from featurepipe.batch.backfill import backfill
+    from featurepipe.jobs.backfill import backfill
     from featurepipe.config import load_store
     from featurepipe.online.materialize import materialize
 

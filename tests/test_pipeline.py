@@ -96,7 +96,7 @@ def _digest(folder: Path) -> dict[str, str]:
 
 
 def test_backfill_rerun_gives_the_same_files(pipeline: Pipeline) -> None:
-    from featurepipe.batch.backfill import backfill
+    from featurepipe.jobs.backfill import backfill
 
     folder = pipeline.data / "offline"
     before = _digest(folder)

@@ -73,7 +73,7 @@ def _apply(store: Any, repo: Path) -> None:
 @pytest.fixture(scope="module")
 def srv_store(srv_env: SrvEnv) -> Any:
     """The Feast store: registered, backfilled, materialised into Redis by Feast."""
-    from featurepipe.batch.backfill import backfill
+    from featurepipe.jobs.backfill import backfill
     from featurepipe.config import load_store
     from featurepipe.generate import generate_transactions
 

@@ -52,7 +52,7 @@ def _base_url(url: str) -> str:
 @pytest.fixture(scope="module")
 def stream_repo(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[StreamRepo]:
     """A copy of feature_repo with its own data: generated events, feast apply, batch backfill."""
-    from featurepipe.batch.backfill import backfill
+    from featurepipe.jobs.backfill import backfill
     from featurepipe.config import load_store
 
     url = _base_url(redis_url) + "/3"

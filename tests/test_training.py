@@ -106,7 +106,7 @@ def test_leakage_comparison_shows_the_naive_join_overpromises(pipeline: Pipeline
 
 
 def test_skew_check_is_clean_then_finds_an_injected_value(pipeline: Pipeline) -> None:
-    from featurepipe.batch.backfill import backfill
+    from featurepipe.jobs.backfill import backfill
     from serving.client import FeatureClient
     from serving.server import FeatureServer
     from training.skew import check_skew, sample_entities

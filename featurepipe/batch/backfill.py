@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import duckdb
 
@@ -28,12 +28,11 @@ from featurepipe.errors import InvalidInput, NotFound
 if TYPE_CHECKING:
     from feast import FeatureStore
 
-    from featurepipe.quality.gate import BatchGate
-
 
 @dataclass(frozen=True)
 class BackfillResult:
-    """What one view's backfill wrote."""
+    """What one view's backfill wrote: ``published`` names the day partitions it replaced
+    with new files (``date=YYYY-MM-DD``), ``partitions`` counts them."""
 
     view: str
     rows: int
@@ -42,6 +41,23 @@ class BackfillResult:
     seconds: float
     start: datetime
     end: datetime
+    published: tuple[str, ...] = ()
+
+
+class BackfillHook(Protocol):
+    """What a backfill calls around each view, when given one (a quality gate: see
+    ``featurepipe.quality.gate.BatchGate``; the job layer wires it in, the batch stage
+    does not import it)."""
+
+    def check_input(self, con: duckdb.DuckDBPyConnection, view: AggregateView) -> str | None:
+        """Before computing: a relation to read instead of the raw files (rows that
+        passed), or None to read them as they are. Raises to stop the view."""
+
+    def check_output(self, con: duckdb.DuckDBPyConnection, view: AggregateView, staging: Path) -> Path:
+        """Before publishing: the staged folder to publish (``staging`` or a rewrite of it)."""
+
+    def view_done(self, result: BackfillResult) -> None:
+        """After publishing one view."""
 
 
 def source_columns(con: duckdb.DuckDBPyConnection, path: str) -> SourceColumns:
@@ -84,12 +100,12 @@ def backfill_view(
     view: AggregateView,
     start: datetime | date | None = None,
     end: datetime | date | None = None,
-    gate: BatchGate | None = None,
+    gate: BackfillHook | None = None,
 ) -> BackfillResult:
     """Recompute the day partitions of ``view`` in ``[start, end)`` (default: all input).
 
-    With a quality ``gate``, only raw rows that pass it are read, and the staged feature
-    rows are checked before they are published (see ``featurepipe.quality``).
+    With a ``gate`` (a :class:`BackfillHook`, e.g. a quality gate), only raw rows that pass
+    it are read, and the staged feature rows are checked before they are published.
     """
     t0 = time.perf_counter()
     con = connect("deterministic")
@@ -118,14 +134,14 @@ def backfill_view(
             f"FROM read_parquet({literal(str(staging / '**' / '*.parquet'))})"
         ).fetchone() if staging.exists() else (0, 0)
         out.mkdir(parents=True, exist_ok=True)
-        partitions = 0
+        published = []
         day = start_dt
         while day < end_dt:
             name = f"date={day:%Y-%m-%d}"
             shutil.rmtree(out / name, ignore_errors=True)
             if (staging / name).exists():
                 (staging / name).rename(out / name)
-                partitions += 1
+                published.append(name)
             day += timedelta(days=1)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -134,10 +150,11 @@ def backfill_view(
         view=view.name,
         rows=int(rows),
         entities=int(entities),
-        partitions=partitions,
+        partitions=len(published),
         seconds=time.perf_counter() - t0,
         start=start_dt,
         end=end_dt,
+        published=tuple(published),
     )
 
 
@@ -147,23 +164,15 @@ def backfill(
     start: datetime | date | None = None,
     end: datetime | date | None = None,
     progress: bool = True,
-    quality: bool = True,
+    gate: BackfillHook | None = None,
 ) -> list[BackfillResult]:
-    """Backfill every windowed-aggregate view of the registry (or the named ones).
-
-    With ``quality`` (default), the repo's ``contracts.yaml`` gates the raw input and the
-    feature rows, and the run is recorded under ``<data>/runs/`` (``featurepipe.quality``).
-    """
-    from contextlib import nullcontext
-
+    """Backfill every windowed-aggregate view of the registry (or the named ones), each
+    through ``gate`` when given. The whole run with the repo's quality gates and run record
+    is :func:`featurepipe.jobs.backfill.backfill`."""
     from tqdm import tqdm
 
-    from featurepipe.quality.gate import open_gate
-
-    targets = aggregate_views(store, views)
-    gate = open_gate(store, [v.name for v in targets]) if quality else None
     results = []
-    with gate or nullcontext(), tqdm(targets, desc="backfill", unit="view", disable=not progress) as bar:
+    with tqdm(aggregate_views(store, views), desc="backfill", unit="view", disable=not progress) as bar:
         for view in bar:
             bar.set_postfix_str(view.name)
             results.append(backfill_view(view, start, end, gate))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import duckdb
 
@@ -43,11 +43,30 @@ from featurepipe.quality.runlog import (
 if TYPE_CHECKING:
     from feast import FeatureStore
 
-    from featurepipe.batch.backfill import BackfillResult
     from featurepipe.definitions import AggregateView
 
 STAGE_RAW, STAGE_FEATURES = "raw", "features"
 log = logging.getLogger(__name__)
+
+
+class BackfilledView(Protocol):
+    """What the gate needs to know of one view's published backfill (the batch stage's
+    ``BackfillResult`` is one; the gate does not import the batch stage)."""
+
+    @property
+    def view(self) -> str: ...
+    @property
+    def rows(self) -> int: ...
+    @property
+    def entities(self) -> int: ...
+    @property
+    def seconds(self) -> float: ...
+    @property
+    def start(self) -> datetime: ...
+    @property
+    def end(self) -> datetime: ...
+    @property
+    def published(self) -> tuple[str, ...]: ...
 
 
 @dataclass(frozen=True)
@@ -225,15 +244,11 @@ class BatchGate:
         shutil.rmtree(staging, ignore_errors=True)
         return cleaned
 
-    def view_done(self, result: BackfillResult) -> None:
+    def view_done(self, result: BackfilledView) -> None:
         """Record what the backfill of one view published."""
         record = self.outputs.setdefault(result.view, {"view": result.view})
-        day, partitions = result.start, []
+        partitions = list(result.published)
         out = Path(record.get("path", ""))
-        while day < result.end:
-            if (out / f"date={day:%Y-%m-%d}").exists():
-                partitions.append(f"date={day:%Y-%m-%d}")
-            day += timedelta(days=1)
         newest = self._staged_newest.get(result.view)
         later = [p for p in out.glob("date=*") if p.name >= f"date={result.end:%Y-%m-%d}"]
         if newest is None or later or record.get("quarantined"):  # then the staged newest is not the table's
