@@ -50,8 +50,8 @@ def main() -> None:
                        capture_output=True)
         print(f"setup (generate + feast apply): {time.perf_counter() - t0:.1f}s")
 
-        from featurepipe.jobs.backfill import backfill
         from featurepipe.config import load_store
+        from featurepipe.jobs.backfill import backfill
         from featurepipe.quality.runlog import read_runs
 
         store = load_store(repo)

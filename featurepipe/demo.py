@@ -88,9 +88,9 @@ def _percentile(values: list[float], q: float) -> float:
 
 def run_demo(repo: Path | None, rows: int, score: int, keep_running: bool) -> dict[str, Any]:
     """Run the demo; return the summary figures."""
-    from featurepipe.jobs.backfill import backfill
     from featurepipe.config import data_dir, find_repo, load_store, online_connection_string
     from featurepipe.generate import generate_transactions
+    from featurepipe.jobs.backfill import backfill
     from featurepipe.online.materialize import materialize
     from featurepipe.report import table
     from serving.client import FeatureClient

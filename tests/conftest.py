@@ -90,8 +90,8 @@ def feast_cli(repo: Path, redis_url: str, *args: str) -> subprocess.CompletedPro
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Pipeline]:
     """generate -> feast apply -> backfill -> materialize, on a temporary copy of feature_repo."""
-    from featurepipe.jobs.backfill import backfill
     from featurepipe.config import load_store
+    from featurepipe.jobs.backfill import backfill
     from featurepipe.online.materialize import materialize
 
     with deployed_repo(tmp_path_factory.mktemp("pipeline"), redis_url, ROWS, DAYS) as (repo, data):

@@ -73,9 +73,9 @@ def _apply(store: Any, repo: Path) -> None:
 @pytest.fixture(scope="module")
 def srv_store(srv_env: SrvEnv) -> Any:
     """The Feast store: registered, backfilled, materialised into Redis by Feast."""
-    from featurepipe.jobs.backfill import backfill
     from featurepipe.config import load_store
     from featurepipe.generate import generate_transactions
+    from featurepipe.jobs.backfill import backfill
 
     generate_transactions(20_000, srv_env.data / "raw" / "transactions", days=10)
     store = load_store(srv_env.repo)

@@ -52,8 +52,8 @@ def _base_url(url: str) -> str:
 @pytest.fixture(scope="module")
 def stream_repo(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[StreamRepo]:
     """A copy of feature_repo with its own data: generated events, feast apply, batch backfill."""
-    from featurepipe.jobs.backfill import backfill
     from featurepipe.config import load_store
+    from featurepipe.jobs.backfill import backfill
 
     url = _base_url(redis_url) + "/3"
     with deployed_repo(tmp_path_factory.mktemp("stream"), url, ROWS, DAYS, seed=11) as (repo, data):
