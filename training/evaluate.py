@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from training.dataset import LABEL
+from training.model import features_matrix
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from training.train import FraudModel
+    from training.model import FraudModel
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,6 @@ def evaluate(model: FraudModel, test: pd.DataFrame, importance_rows: int = 20_00
     """Score ``test`` and compute the report's figures; returns them and the scores."""
     from sklearn.inspection import permutation_importance
     from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
-
-    from training.train import features_matrix
 
     cols = model.metadata["feature_columns"]
     x = features_matrix(test, cols)

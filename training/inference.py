@@ -8,7 +8,7 @@ Example::
 
     from serving.client import FeatureClient
     from training.inference import FraudScorer
-    from training.train import FraudModel
+    from training.model import FraudModel
 
     with FeatureClient("127.0.0.1:6566") as client:
         scorer = FraudScorer(client, FraudModel.load(Path("feature_repo/data/models/fraud_detection_v1")))
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from serving.client import FeatureClient, OnlineFeatures
-    from training.train import FraudModel
+    from training.model import FraudModel
 
 
 def present_values(features: OnlineFeatures) -> dict[str, list[Any]]:

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from training.dataset import LABEL, build_training_set
-from training.train import features_matrix, fit_classifier, time_splits
+from training.model import features_matrix
+from training.train import fit_classifier, time_splits
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -4,6 +4,8 @@ The split is by time (the newest ``holdout_fraction`` of transactions is the hol
 model is scikit-learn's ``HistGradientBoostingClassifier`` (native missing values, so
 features outside their TTL stay missing), and the artifact records the feature service
 and the exact, ordered feature list so inference asks the server for the same features.
+The artifact's reader, :class:`~training.model.FraudModel`, is in :mod:`training.model`
+(``from training.train import FraudModel`` keeps working).
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from featurepipe.errors import InvalidInput, NotFound
-from training.dataset import ENTITY_COLUMNS, LABEL, TrainingSet
+from featurepipe.errors import InvalidInput
+from training.dataset import LABEL, TrainingSet
+from training.evaluate import write_report
+from training.model import FraudModel, features_matrix
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -70,14 +72,6 @@ def time_splits(
     rest, test = time_split(frame, test_fraction)
     train, validation = time_split(rest, validation_fraction / (1 - test_fraction))
     return train, validation, test
-
-
-def features_matrix(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
-    """The model input: the feature columns in the artifact's order, as float64 (NaN = missing)."""
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise InvalidInput(f"feature columns {missing} are missing from the frame")
-    return frame[columns].astype("float64").to_numpy()
 
 
 def train_model(
@@ -140,8 +134,6 @@ def train_model(
     joblib.dump(model, out_dir / "model.joblib")
     (out_dir / "model.json").write_text(json.dumps(asdict(meta), indent=2))
     if report:
-        from training.evaluate import write_report
-
         write_report(FraudModel(model, asdict(meta)), holdout, out_dir / "report")
     return TrainResult(metadata=meta, path=out_dir, seconds=time.perf_counter() - t0)
 
@@ -155,49 +147,3 @@ def fit_classifier(train: pd.DataFrame, columns: list[str]) -> Any:
     # small sets gain nothing from OpenMP threads, and spinning threads crawl on a busy machine
     with threadpool_limits(limits=1 if len(train) < 200_000 else None):
         return model.fit(features_matrix(train, columns), train[LABEL].to_numpy())
-
-
-@dataclass
-class FraudModel:
-    """A saved model and its metadata, ready to score rows of features."""
-
-    model: Any
-    metadata: dict[str, Any]
-
-    @classmethod
-    def load(cls, path: Path) -> FraudModel:
-        import joblib
-
-        if not (path / "model.joblib").exists():
-            raise NotFound(f"no model in {path}; run `featurepipe train` first")
-        return cls(joblib.load(path / "model.joblib"), json.loads((path / "model.json").read_text()))
-
-    def check_features(self, names: list[str]) -> None:
-        """Refuse to score when the served feature names differ from the training ones."""
-        expected = self.metadata["feature_columns"]
-        if sorted(names) != sorted(expected):
-            raise InvalidInput(
-                f"served features differ from training features: missing "
-                f"{sorted(set(expected) - set(names))}, unexpected {sorted(set(names) - set(expected))}"
-            )
-
-    def check_definitions(self, store: Any) -> None:
-        """Refuse when the registry's definitions of the model's features changed since training."""
-        from training.dataset import definitions_fingerprint
-
-        trained = self.metadata.get("training_set_fingerprint")
-        live = definitions_fingerprint(store, self.metadata["feature_service"])
-        if trained and trained != live:
-            raise InvalidInput(
-                f"feature service {self.metadata['feature_service']!r} changed since this model was trained "
-                f"(fingerprint {trained[:12]} at training, {live[:12]} now); retrain with `featurepipe train`"
-            )
-
-    def score(self, features: dict[str, list[Any]]) -> np.ndarray:
-        """Fraud probability per row, from a column dict (as the gRPC client returns)."""
-        self.check_features([k for k in features if k not in ENTITY_COLUMNS])
-        cols = self.metadata["feature_columns"]
-        x = np.array(
-            [[np.nan if v is None else float(v) for v in features[c]] for c in cols], dtype=np.float64
-        ).T
-        return self.model.predict_proba(x)[:, 1]
