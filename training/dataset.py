@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import duckdb
 import pandas as pd
 
-from featurepipe.batch.sql import literal, ts_literal
+from featurepipe.core.sql import literal, ts_literal
 from featurepipe.errors import InvalidInput, NotFound
 
 if TYPE_CHECKING:

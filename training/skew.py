@@ -18,6 +18,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from featurepipe.core.sql import literal
+from training.inference import present_values
+
 if TYPE_CHECKING:
     from feast import FeatureStore
 
@@ -64,8 +67,6 @@ def sample_entities(raw_path: str, rows: int, seed: int = 0) -> pd.DataFrame:
     """Recent (user, merchant, amount) triples from the raw transactions."""
     import duckdb
 
-    from featurepipe.batch.sql import literal
-
     con = duckdb.connect()
     frame = con.execute(
         f"SELECT user_id, merchant_id, amount FROM read_parquet({literal(raw_path)}, hive_partitioning = true) "
@@ -89,8 +90,6 @@ def check_skew(
     epoch = at.timestamp()
     keys = {"user_id": entities["user_id"].tolist(), "merchant_id": entities["merchant_id"].tolist()}
     context = {"amount": entities["amount"].tolist(), "txn_epoch": [epoch] * len(entities)}
-    from training.inference import present_values
-
     # stale (OUTSIDE_MAX_AGE) and absent values are missing, as training saw them
     online = present_values(client.get_features(keys, feature_service=feature_service, request_context=context))
     offline_df = entities.assign(event_timestamp=pd.Timestamp(at), txn_epoch=epoch)

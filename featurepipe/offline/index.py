@@ -43,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from featurepipe.batch.sql import quote
+from featurepipe.core.sql import quote
 from featurepipe.offline.entity import ROW, EntityFrame
 
 if TYPE_CHECKING:

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 import duckdb
 from feast.infra.offline_stores.file_source import FileSource
 
-from featurepipe.batch.sql import literal
 from featurepipe.config import resolve_source_path
+from featurepipe.core.sql import literal
 from featurepipe.errors import InvalidInput
 
 if TYPE_CHECKING:

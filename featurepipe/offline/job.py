@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 from feast.infra.offline_stores.offline_store import RetrievalJob, RetrievalMetadata
 
-from featurepipe.batch.sql import literal
+from featurepipe.core.sql import literal
 from featurepipe.errors import InvalidInput
 from featurepipe.offline.infra import connect
 from featurepipe.offline.pit import SqlPlan

@@ -30,7 +30,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from featurepipe.batch.sql import literal, quote
+from featurepipe.core.sql import literal, quote
 from featurepipe.errors import InvalidInput
 from featurepipe.offline.entity import ROW, EntityFrame, check_join_key_types
 from featurepipe.offline.index import (

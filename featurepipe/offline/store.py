@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,7 +40,7 @@ from feast.infra.offline_stores.offline_store import RetrievalJob, RetrievalMeta
 from feast.infra.registry.base_registry import BaseRegistry
 from feast.repo_config import RepoConfig
 
-from featurepipe.batch.sql import literal, quote
+from featurepipe.core.sql import literal, quote, ts_literal
 from featurepipe.errors import InvalidInput
 from featurepipe.offline.entity import read_entity_frame
 from featurepipe.offline.infra import connect, index_directory, source_path
@@ -69,11 +69,6 @@ class FeaturepipeOfflineStoreConfig(DuckDBOfflineStoreConfig):
     (see :mod:`featurepipe.offline.index`); False: scan the files on every retrieval."""
     index_directory: str | None = None
     """Where the sorted copies live; default ``<repo>/.featurepipe/offline-index``."""
-
-
-def _utc(value: datetime) -> str:
-    value = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-    return f"TIMESTAMPTZ {literal(value.astimezone(timezone.utc).isoformat())}"
 
 
 class FeaturepipeOfflineStore(DuckDBOfflineStore):
@@ -140,7 +135,7 @@ class FeaturepipeOfflineStore(DuckDBOfflineStore):
         sql = (
             f"SELECT {', '.join(quote(c) for c in dict.fromkeys(cols))} "
             f"FROM read_parquet({literal(path)}, union_by_name = true) "
-            f"WHERE CAST({quote(timestamp_field)} AS TIMESTAMPTZ) BETWEEN {_utc(start_date)} AND {_utc(end_date)} "
+            f"WHERE CAST({quote(timestamp_field)} AS TIMESTAMPTZ) BETWEEN {ts_literal(start_date)} AND {ts_literal(end_date)} "
             f"QUALIFY row_number() OVER (PARTITION BY {partition} ORDER BY {', '.join(order)}) = 1"
         )
         return FeaturepipeRetrievalJob(QueryPlan(config=config, plan=lambda con: SqlPlan(sql)))
@@ -163,9 +158,9 @@ class FeaturepipeOfflineStore(DuckDBOfflineStore):
         if created_timestamp_column:
             cols.append(created_timestamp_column)
         ts = f"CAST({quote(timestamp_field)} AS TIMESTAMPTZ)"
-        where = [f"{ts} >= {_utc(start_date)}"] if start_date else []
+        where = [f"{ts} >= {ts_literal(start_date)}"] if start_date else []
         if end_date:
-            where.append(f"{ts} <= {_utc(end_date)}")
+            where.append(f"{ts} <= {ts_literal(end_date)}")
         sql = (
             f"SELECT {', '.join(quote(c) for c in dict.fromkeys(cols))} "
             f"FROM read_parquet({literal(path)}, union_by_name = true)"

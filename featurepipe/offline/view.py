@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import duckdb
 
-from featurepipe.batch.sql import literal
+from featurepipe.core.sql import literal
 from featurepipe.errors import InvalidInput
 
 if TYPE_CHECKING:
