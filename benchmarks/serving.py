@@ -333,15 +333,16 @@ def redis_floor(repo: Path, rows: dict[str, list[Any]], count: int, rate: float 
     from serving import backend
     from serving.catalog import Catalog
     from serving.client import build_request
+    from serving.fetch import RedisFetcher
     from serving.layout import encode_entity_value
-    from serving.lookup import OnlineReader
-    from serving.registry import parse_registry, read_repo_config, registry_bytes
-    from serving.server import _parse_request
+    from serving.registry import parse_registry, registry_bytes
+    from serving.repo_config import read_repo_config
+    from serving.validation import parse_request
 
     config = read_repo_config(repo)
     catalog = Catalog(parse_registry(registry_bytes(config), config.project))
     plan = catalog.plan_for_service(SERVICE, False)
-    request = _parse_request(build_request(rows, feature_service=SERVICE).SerializeToString())
+    request = parse_request(build_request(rows, feature_service=SERVICE).SerializeToString())
     n = len(request.entities["user_id"].val)
     keys = []
     for h in plan.hashes:
@@ -349,7 +350,7 @@ def redis_floor(repo: Path, rows: dict[str, list[Any]], count: int, rate: float 
                     for i, v in enumerate(request.entities[jk.column].val)] for jk in h.join_keys]
         keys.append(list(dict.fromkeys(
             b"".join([h.key_prefix, *(c[i] for c in columns), h.key_suffix]) for i in range(n))))
-    reader = OnlineReader(backend.connect(config.connection_string))
+    fetcher = RedisFetcher(backend.connect(config.connection_string))
     times = []
     due = time.perf_counter()
     for _ in range(count):
@@ -359,10 +360,10 @@ def redis_floor(repo: Path, rows: dict[str, list[Any]], count: int, rate: float 
             if wait > 0:
                 time.sleep(wait)
         t0 = time.perf_counter()
-        replies = reader._fetch(plan, keys)
+        replies = fetcher.fetch(plan, keys)
         times.append((time.perf_counter() - t0) * 1000)
     assert any(v is not None for reply in replies for v in reply)
-    reader.client.close()
+    fetcher.close()
     times.sort()
     return {"p50": percentile(times, 0.5), "p99": percentile(times, 0.99),
             "p999": percentile(times, 0.999), "req_s": 1000 / statistics.mean(times)}

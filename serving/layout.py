@@ -12,7 +12,7 @@ from typing import Any
 
 from featurepipe.errors import InvalidInput
 from featurepipe.online.layout import entity_key_prefix, feature_field, timestamp_field
-from serving.registry import ValueType
+from serving.registry import ServedValueType
 
 __all__ = ["ACCEPTED_KINDS", "encode_entity_column", "encode_entity_value", "entity_key_prefix", "feature_field", "timestamp_field"]
 
@@ -24,11 +24,11 @@ _INT32_RANGE = (-(2**31), 2**31 - 1)
 # The Value field a join key of each type must arrive in, and the ones accepted and
 # converted (an int32 for an INT64 key serialises differently, so it is converted first).
 ACCEPTED_KINDS: dict[Any, tuple[str, ...]] = {
-    ValueType.INT64: ("int64_val", "int32_val"),
-    ValueType.INT32: ("int32_val", "int64_val"),
-    ValueType.STRING: ("string_val",),
-    ValueType.BYTES: ("bytes_val",),
-    ValueType.UNIX_TIMESTAMP: ("unix_timestamp_val", "int64_val"),
+    ServedValueType.INT64: ("int64_val", "int32_val"),
+    ServedValueType.INT32: ("int32_val", "int64_val"),
+    ServedValueType.STRING: ("string_val",),
+    ServedValueType.BYTES: ("bytes_val",),
+    ServedValueType.UNIX_TIMESTAMP: ("unix_timestamp_val", "int64_val"),
 }
 
 
@@ -51,11 +51,11 @@ def encode_entity_value(value: Any, value_type: Any, column: str, row: int) -> b
             f"{value_type.name}: send it as {accepted[0]}"
         )
     raw = getattr(value, kind)
-    if value_type == ValueType.STRING:
+    if value_type == ServedValueType.STRING:
         data = raw.encode("utf8")
-    elif value_type == ValueType.BYTES:
+    elif value_type == ServedValueType.BYTES:
         data = raw
-    elif value_type == ValueType.INT32:
+    elif value_type == ServedValueType.INT32:
         if not _INT32_RANGE[0] <= raw <= _INT32_RANGE[1]:
             raise InvalidInput(f"entities[{column!r}][{row}] = {raw} does not fit join key type INT32")
         data = _PACK_I32(raw)
@@ -64,12 +64,12 @@ def encode_entity_value(value: Any, value_type: Any, column: str, row: int) -> b
     return _PACK_HEADER(value_type.value, len(data)) + data
 
 
-_INT64_HEADER = _PACK_HEADER(ValueType.INT64.value, 8)
+_INT64_HEADER = _PACK_HEADER(ServedValueType.INT64.value, 8)
 
 
 def encode_entity_column(values: Any, value_type: Any, column: str) -> list[bytes]:
     """:func:`encode_entity_value` of every value of a request column (fast for INT64)."""
-    if value_type == ValueType.INT64 and all(v.WhichOneof("val") == "int64_val" for v in values):
+    if value_type == ServedValueType.INT64 and all(v.WhichOneof("val") == "int64_val" for v in values):
         header = _INT64_HEADER
         return [header + _PACK_I64(v.int64_val) for v in values]
     return [encode_entity_value(v, value_type, column, i) for i, v in enumerate(values)]

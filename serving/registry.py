@@ -1,36 +1,37 @@
-"""The feature repo as the server needs it, read without the Feast SDK.
+"""The feature repo's registry as the server needs it, read without the Feast SDK.
 
-``feature_store.yaml`` is read with PyYAML (environment variables expanded, as Feast
-does) and a file registry is parsed straight into Feast's ``Registry`` message with the
-protos of :mod:`serving.protos`. The result is a :class:`Definitions`: small immutable
-descriptions of the project's feature views, on-demand feature views and feature
-services. Only registries that are not a local file (SQL, S3, remote) go through Feast's
-SDK, which then is imported on first use.
+A file registry is parsed straight into Feast's ``Registry`` message with the protos of
+:mod:`serving.protos`. The result is a :class:`Definitions`: small immutable descriptions
+of the project's feature views, on-demand feature views and feature services. Only
+registries that are not a local file (SQL, S3, remote) go through Feast's SDK, which then
+is imported on first use. Names end in ``Def`` (and the type enum is
+:data:`ServedValueType`) so that none shadows Feast's ``Field`` or ``ValueType``.
 """
 
 from __future__ import annotations
 
 import enum
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from featurepipe.config import ONLINE_STORE_TYPE
 from featurepipe.errors import BackendUnavailable, InvalidInput
 from serving import protos
+from serving.repo_config import ServingRepoConfig
 
-ValueType = enum.IntEnum("ValueType", protos.VALUE_TYPES)  # type: ignore[misc]
-"""Feast's ``feast.types.ValueType.Enum`` (INT64, STRING, DOUBLE, ...), same numbers."""
+ServedValueType = enum.IntEnum("ServedValueType", protos.VALUE_TYPES)  # type: ignore[misc]
+"""Feast's ``feast.types.ValueType.Enum`` (INT64, STRING, DOUBLE, ...), same numbers and names,
+built from the installed Feast's protos (not Feast's ``ValueType`` class, which needs its SDK)."""
 
 _REGISTRY = "feast/core/Registry.proto"
 
 
 @dataclass(frozen=True)
-class Field:
+class FieldDef:
+    """A named, typed column of a view or request schema."""
+
     name: str
-    value_type: Any  # ValueType
+    value_type: Any  # ServedValueType
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,8 @@ class ViewDef:
     """A (batch or stream) feature view: what the server reads of it."""
 
     name: str
-    entity_columns: tuple[Field, ...]
-    features: tuple[Field, ...]
+    entity_columns: tuple[FieldDef, ...]
+    features: tuple[FieldDef, ...]
     ttl_seconds: float  # 0: no TTL
 
 
@@ -63,9 +64,9 @@ class OnDemandDef:
     """A python-mode on-demand feature view: sources, request schema and its UDF."""
 
     name: str
-    features: tuple[Field, ...]
+    features: tuple[FieldDef, ...]
     sources: tuple[ProjectionDef, ...]
-    request_schema: tuple[Field, ...]
+    request_schema: tuple[FieldDef, ...]
     mode: str
     write_to_online_store: bool
     has_aggregations: bool
@@ -101,61 +102,7 @@ class Definitions:
     services: tuple[ServiceDef, ...]
 
 
-@dataclass(frozen=True)
-class RepoConfig:
-    """The parts of ``feature_store.yaml`` the server uses."""
-
-    repo: Path
-    project: str
-    registry_file: Path | None  # None: not a local file (read through Feast's SDK)
-    online_type: str
-    redis_type: str
-    connection_string: str
-
-
-def read_repo_config(repo: Path) -> RepoConfig:
-    """Parse ``<repo>/feature_store.yaml`` as Feast does (``${VAR}`` expanded)."""
-    import yaml
-
-    path = repo / "feature_store.yaml"
-    try:
-        raw = yaml.safe_load(os.path.expandvars(path.read_text(encoding="utf-8"))) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise InvalidInput(f"cannot read {path}: {exc}; fix feature_store.yaml") from exc
-    if not isinstance(raw, dict) or not raw.get("project"):
-        raise InvalidInput(f"{path} names no project; add `project: <name>`")
-    registry = raw.get("registry", "data/registry.db")
-    if isinstance(registry, dict):
-        registry_type = str(registry.get("registry_type", "file"))
-        location = registry.get("path", "")
-    else:
-        registry_type, location = "file", registry
-    registry_file = None
-    if registry_type == "file" and isinstance(location, str):
-        if location.startswith("file://"):
-            location = location[len("file://") :]
-        if "://" not in location:
-            registry_file = Path(location) if Path(location).is_absolute() else repo / location
-    online = raw.get("online_store", {})
-    if isinstance(online, str):
-        online = {"type": online}
-    online_type = str(online.get("type", "sqlite"))
-    connection = str(online.get("connection_string", "localhost:6379"))
-    if online_type == ONLINE_STORE_TYPE:  # $REDIS_URL, the configured string, the local server
-        from featurepipe.config import redis_connection_string
-
-        connection = redis_connection_string(repo, str(online.get("connection_string", "")))
-    return RepoConfig(
-        repo=repo,
-        project=str(raw["project"]),
-        registry_file=registry_file,
-        online_type=online_type,
-        redis_type=str(online.get("redis_type", "redis")),
-        connection_string=connection,
-    )
-
-
-def registry_bytes(config: RepoConfig) -> bytes:
+def registry_bytes(config: ServingRepoConfig) -> bytes:
     """The serialized ``Registry`` message (empty when the registry file is missing)."""
     if config.registry_file is not None:
         try:
@@ -178,7 +125,7 @@ def parse_registry(data: bytes, project: str) -> Definitions:
             f"the registry is not a Feast registry ({type(exc).__name__}: {exc}); run "
             "`featurepipe apply` to rewrite it"
         ) from exc
-    views = {}
+    views: dict[str, ViewDef] = {}
     for proto in [*registry.feature_views, *registry.stream_feature_views]:
         if proto.spec.project == project:
             views.setdefault(proto.spec.name, _view(proto.spec))
@@ -197,15 +144,15 @@ def parse_registry(data: bytes, project: str) -> Definitions:
     )
 
 
-def _fields(specs: Any) -> tuple[Field, ...]:
-    return tuple(Field(s.name, _value_type(s.value_type)) for s in specs)
+def _fields(specs: Any) -> tuple[FieldDef, ...]:
+    return tuple(FieldDef(s.name, _value_type(s.value_type)) for s in specs)
 
 
 def _value_type(number: int) -> Any:
     try:
-        return ValueType(number)
+        return ServedValueType(number)
     except ValueError:
-        return ValueType.INVALID
+        return ServedValueType.INVALID
 
 
 def _view(spec: Any) -> ViewDef:
@@ -225,7 +172,7 @@ def _projection(proto: Any) -> ProjectionDef:
 
 def _on_demand(spec: Any) -> OnDemandDef:
     sources: list[ProjectionDef] = []
-    request: list[Field] = []
+    request: list[FieldDef] = []
     for source in spec.sources.values():
         kind = source.WhichOneof("source")
         if kind == "feature_view":
@@ -236,7 +183,7 @@ def _on_demand(spec: Any) -> OnDemandDef:
         elif kind == "request_data_source":
             options = source.request_data_source.request_data_options
             request += _fields(options.schema)
-            request += [Field(n, _value_type(t)) for n, t in options.deprecated_schema.items()]
+            request += [FieldDef(n, _value_type(t)) for n, t in options.deprecated_schema.items()]
     udf = spec.feature_transformation.user_defined_function
     if spec.feature_transformation.WhichOneof("transformation") != "user_defined_function":
         udf = spec.user_defined_function

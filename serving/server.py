@@ -45,7 +45,9 @@ from serving.catalog import Catalog, Plan
 from serving.errors import status_for
 from serving.lookup import OnlineReader
 from serving.metrics import ServerMetrics
-from serving.registry import RepoConfig, parse_registry, read_repo_config, registry_bytes
+from serving.registry import parse_registry, registry_bytes
+from serving.repo_config import ServingRepoConfig, read_repo_config
+from serving.validation import parse_request as _parse_request
 
 logger = logging.getLogger(__name__)
 
@@ -71,20 +73,6 @@ class TlsFiles:
         except OSError as exc:
             raise InvalidInput(f"cannot read TLS files: {exc}; pass --tls-cert and --tls-key") from exc
         return grpc.ssl_server_credentials([pair])
-
-
-def _parse_request(raw: bytes) -> Any:
-    """The request message; undecodable bytes are INVALID_ARGUMENT (gRPC's own
-    deserializer would answer INTERNAL)."""
-    try:
-        request = protos.GetOnlineFeaturesRequest.FromString(raw)
-        request.DiscardUnknownFields()  # the entity columns are copied into the response as sent
-        return request
-    except Exception as exc:
-        raise InvalidInput(
-            f"the request is not a feast.serving.GetOnlineFeaturesRequest ({exc}); build it "
-            "with Feast's generated protos or serving.FeatureClient"
-        ) from exc
 
 
 class _ServingServicer:
@@ -235,7 +223,7 @@ class FeatureServer:
         self.max_concurrent_calls = max_concurrent_calls
         self.metrics: ServerMetrics | None = ServerMetrics() if metrics_port is not None else None
         self.port = 0
-        self.config: RepoConfig | None = None
+        self.config: ServingRepoConfig | None = None
         self._catalog: Catalog | None = None
         self._reader: OnlineReader | None = None
         self._grpc: grpc.Server | None = None

@@ -1,19 +1,27 @@
-"""Python values to and from ``feast.types.Value`` messages, for the client.
+"""Python values to and from ``feast.types.Value`` messages, for the client and the server.
 
 Independent of the Feast SDK (works on any generated ``Value`` class, see
 :mod:`serving.protos`). Ints become ``int64_val``, floats ``double_val``, strs
 ``string_val``, bytes ``bytes_val``, bools ``bool_val``, datetimes ``unix_timestamp_val``
 (seconds), None an empty Value; lists become the matching ``*_list_val``.
+
+The server reads values the way Feast's ``feast_value_type_to_python_type`` gives them
+(:func:`to_python`, :func:`python_column`, :func:`python_value` for stored bytes) and
+writes on-demand outputs the way ``python_values_to_proto_values`` does
+(:func:`proto_values`).
 """
 
 from __future__ import annotations
 
 import json
 import numbers
+import struct
 from datetime import datetime, timezone
+from operator import attrgetter
 from typing import Any
 
 from featurepipe.errors import InvalidInput
+from serving.protos import Value
 
 _SCALAR_KINDS = frozenset((
     "int64_val", "int32_val", "double_val", "float_val", "string_val", "bool_val", "bytes_val",
@@ -137,8 +145,6 @@ def proto_values(values: list[Any], value_type: int) -> list[Any]:
     Scalars of the common types convert here; anything else goes through Feast's own
     converter (imported on first use) and is re-read into :mod:`serving.protos` messages.
     """
-    from serving.protos import Value
-
     kind = _OUTPUT_KINDS.get(int(value_type))
     if kind is not None:
         field, accepted, convert = kind
@@ -164,3 +170,48 @@ def proto_values(values: list[Any], value_type: int) -> list[Any]:
 
     return [Value.FromString(p.SerializeToString())
             for p in python_values_to_proto_values(values, ValueType(int(value_type)))]
+
+
+# --- Values as Python sees them (server side) ----------------------------------------------
+
+_PLAIN_KINDS = frozenset(
+    ("int64_val", "int32_val", "double_val", "float_val", "string_val", "bool_val", "bytes_val")
+)
+_unpack_double = struct.Struct("<d").unpack
+
+
+def to_python(value: Any) -> Any:
+    """The Python value of a Value, as Feast's ``feast_value_type_to_python_type`` gives it."""
+    kind = value.WhichOneof("val")
+    if kind in _PLAIN_KINDS:
+        return getattr(value, kind)
+    return from_value(value)
+
+
+def python_column(values: Any, kinds: list[str | None] | None = None) -> list[Any]:
+    """:func:`to_python` of each Value; a column of one plain kind (the usual) is read
+    with one attribute getter. ``kinds``: each value's ``WhichOneof("val")``, if known."""
+    if kinds is None:
+        kinds = [v.WhichOneof("val") for v in values]
+    distinct = set(kinds)
+    if len(distinct) == 1:
+        (kind,) = distinct
+        if kind in _PLAIN_KINDS:
+            return list(map(attrgetter(kind), values))
+    return [to_python(v) for v in values]
+
+
+def python_value(raw: bytes | None) -> Any:
+    """The Python value of a serialized Value as Redis stores it (None: missing); a double
+    or a non-negative int64 is decoded without protobuf."""
+    if raw is None:
+        return None
+    if len(raw) == 9 and raw[0] == 0x29:  # field 5 (double_val), fixed64
+        return _unpack_double(raw[1:])[0]
+    if 1 < len(raw) < 10 and raw[0] == 0x20 and raw[-1] < 0x80:  # int64_val >= 0, varint
+        value, shift = 0, 0
+        for byte in raw[1:]:
+            value |= (byte & 0x7F) << shift
+            shift += 7
+        return value
+    return to_python(Value.FromString(raw))

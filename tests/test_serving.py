@@ -531,12 +531,12 @@ def test_entity_keys_match_feast_serialisation() -> None:
     from feast.protos.feast.types.Value_pb2 import Value
 
     from serving.layout import encode_entity_value, entity_key_prefix
-    from serving.registry import ValueType
+    from serving.registry import ServedValueType
 
     cases = [
-        ({"user_id": Value(int64_val=42)}, {"user_id": ValueType.INT64}),
+        ({"user_id": Value(int64_val=42)}, {"user_id": ServedValueType.INT64}),
         ({"b": Value(string_val="x"), "a": Value(int32_val=-3)},
-         {"b": ValueType.STRING, "a": ValueType.INT32}),
+         {"b": ServedValueType.STRING, "a": ServedValueType.INT32}),
     ]
     for values, types in cases:
         keys = sorted(values)
