@@ -16,32 +16,37 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from featurepipe.errors import FeaturepipeError
+from serving.options import ServerOptions, TlsFiles
 
 logger = logging.getLogger("serving")
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line; the server's defaults are :class:`ServerOptions`'."""
+    d = ServerOptions()
     p = argparse.ArgumentParser(prog="python -m serving", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repo", default=None, help="feature repo folder (default: ./feature_repo)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--port", type=int, default=6566, help="port (0: any free port)")
+    p.add_argument("--host", default=d.host, help="address to listen on")
+    p.add_argument("--port", type=int, default=d.port, help="port (0: any free port)")
     p.add_argument("--workers", type=int, default=1, help="server processes sharing the port")
-    p.add_argument("--threads", type=int, default=8, help="request threads per process")
-    p.add_argument("--max-rows", type=int, default=1000, help="most entity rows per request")
-    p.add_argument("--max-concurrent-calls", type=int, default=1000,
+    p.add_argument("--threads", type=int, default=d.max_workers,
+                   help="request threads per process")
+    p.add_argument("--max-rows", type=int, default=d.max_rows, help="most entity rows per request")
+    p.add_argument("--max-concurrent-calls", type=int, default=d.max_concurrent_calls,
                    help="calls accepted at once per process; more get RESOURCE_EXHAUSTED")
-    p.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024,
+    p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes,
                    help="largest request or response message")
-    p.add_argument("--redis-timeout", type=float, default=1.0,
+    p.add_argument("--redis-timeout", type=float, default=d.redis_timeout,
                    help="seconds to wait for Redis before answering UNAVAILABLE")
     p.add_argument("--tls-cert", default=None, help="PEM certificate (chain): serve TLS")
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     p.add_argument("--tokens", default=None,
                    help="YAML/JSON file: bearer token -> allowed feature services or \"*\"")
-    p.add_argument("--metrics-port", type=int, default=None,
+    p.add_argument("--metrics-port", type=int, default=d.metrics_port,
                    help="serve Prometheus /metrics on this port (0: any free port)")
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.add_argument("--grace", type=float, default=5.0,
@@ -51,7 +56,25 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def server_options(args: argparse.Namespace) -> ServerOptions:
+    """The :class:`ServerOptions` the parsed flags ask for (InvalidInput when out of range)."""
+    return ServerOptions(
+        host=args.host,
+        port=args.port,
+        max_workers=args.threads,
+        max_rows=args.max_rows,
+        max_message_bytes=args.max_message_bytes,
+        max_concurrent_calls=args.max_concurrent_calls,
+        redis_timeout=args.redis_timeout,
+        tls=TlsFiles(Path(args.tls_cert), Path(args.tls_key)) if args.tls_cert else None,
+        tokens=args.tokens,
+        metrics_port=args.metrics_port,
+        reuse_port=args.reuse_port,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run ``python -m serving`` with ``argv``; the exit status (2: bad options or repo)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     from serving.logs import configure
@@ -61,30 +84,22 @@ def main(argv: list[str] | None = None) -> int:
         print("error: pass both --tls-cert and --tls-key, or neither", file=sys.stderr)
         return 2
     try:
+        options = server_options(args)  # checked here, before any worker starts
         if args.workers > 1:
             return supervise(args, argv)
-        run_one(args)
+        run_one(args, options)
     except FeaturepipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
-def run_one(args: argparse.Namespace) -> None:
+def run_one(args: argparse.Namespace, options: ServerOptions) -> None:
     """One server process, until SIGTERM / SIGINT."""
-    from pathlib import Path
+    from serving.server import serve
 
-    from serving.server import TlsFiles, serve
-
-    tls = TlsFiles(Path(args.tls_cert), Path(args.tls_key)) if args.tls_cert else None
-    serve(
-        args.repo, host=args.host, port=args.port, max_workers=args.threads,
-        max_rows=args.max_rows, max_message_bytes=args.max_message_bytes,
-        max_concurrent_calls=args.max_concurrent_calls,
-        redis_timeout=args.redis_timeout, tls=tls, tokens=args.tokens,
-        metrics_port=args.metrics_port, reuse_port=args.reuse_port, grace=args.grace,
-        announce=lambda line: print(line, file=sys.stderr, flush=True),
-    )
+    serve(args.repo, options, grace=args.grace,
+          announce=lambda line: print(line, file=sys.stderr, flush=True))
 
 
 def _free_port(host: str) -> int:

@@ -8,12 +8,15 @@ The tokens file (YAML or JSON) maps each token to the feature services it may re
       s3cr3t-ops: "*"
 
 Callers send ``authorization: Bearer <token>`` metadata. Tokens are kept as SHA-256
-digests and compared by digest, so the file's contents are not held in memory.
+digests and compared by digest, so the file's contents are not held in memory. Any known
+token may ask for the server's info (:meth:`TokenPolicy.authenticate`); reading features
+also needs the token to cover them (:meth:`TokenPolicy.check`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +44,7 @@ class TokenPolicy:
     allowed: dict[bytes, frozenset[str]]
 
     @classmethod
-    def from_file(cls, path: str | Path) -> TokenPolicy:
+    def from_file(cls, path: str | os.PathLike[str]) -> TokenPolicy:
         """Read a tokens file (see the module doc); raises InvalidInput when malformed."""
         import yaml  # JSON is YAML too
 
@@ -69,9 +72,9 @@ class TokenPolicy:
             allowed[_digest(token)] = frozenset(services)
         return cls(allowed)
 
-    def check(self, authorization: str | None, feature_service: str | None) -> None:
-        """Raise unless the ``authorization`` header may read ``feature_service``
-        (None: a list of feature references, which needs ``"*"``)."""
+    def authenticate(self, authorization: str | None) -> frozenset[str]:
+        """The feature services the ``authorization`` header's token may read; raises
+        Unauthenticated when there is no token or an unknown one."""
         if not authorization:
             raise Unauthenticated(
                 "this feature server requires a token: send metadata "
@@ -81,6 +84,12 @@ class TokenPolicy:
         services = self.allowed.get(_digest(token.strip())) if scheme.lower() == "bearer" else None
         if services is None:
             raise Unauthenticated("the bearer token is not valid for this feature server")
+        return services
+
+    def check(self, authorization: str | None, feature_service: str | None) -> None:
+        """Raise unless the ``authorization`` header may read ``feature_service``
+        (None: a list of feature references, which needs ``"*"``)."""
+        services = self.authenticate(authorization)
         if ALL in services:
             return
         if feature_service is None:

@@ -522,3 +522,50 @@ def test_redis_password_comes_from_redis_url(pipeline: Any, redis_url: str, tmp_
     finally:
         process.terminate()
         process.wait(10)
+
+
+# --- options, the status table, server info ------------------------------------------------
+
+def test_cli_flags_build_the_server_options() -> None:
+    """``python -m serving`` (and so ``featurepipe serve``) defaults are ServerOptions'; its
+    flags become one ServerOptions, checked before any server starts."""
+    from featurepipe.errors import InvalidInput
+    from serving.__main__ import parser, server_options
+    from serving.options import ServerOptions
+
+    assert server_options(parser().parse_args([])) == ServerOptions()
+    args = parser().parse_args(["--port", "0", "--threads", "3", "--max-rows", "7",
+                                "--tls-cert", "c.pem", "--tls-key", "k.pem", "--reuse-port"])
+    options = server_options(args)
+    assert (options.port, options.max_workers, options.max_rows, options.reuse_port) == (0, 3, 7, True)
+    assert options.tls is not None and options.tls.cert == Path("c.pem")
+    with pytest.raises(InvalidInput, match="max_rows"):
+        ServerOptions(max_rows=0)
+    done = subprocess.run([sys.executable, "-m", "serving", "--max-rows", "0"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "max_rows must be at least 1" in done.stderr
+
+
+def test_status_table_round_trips() -> None:
+    """Every error class the server reports comes back as that class on the client."""
+    from featurepipe.errors import FeaturepipeError
+    from serving.errors import STATUS_BY_ERROR, error_for, status_for
+
+    for cls, code in STATUS_BY_ERROR:
+        assert status_for(cls("x")) == code
+        if cls is not FeaturepipeError:  # INTERNAL: the root class on both sides
+            assert isinstance(error_for(code, "x"), cls), (cls, code)
+
+
+def test_server_info_takes_any_known_token(pipeline: Any, tmp_path: Path) -> None:
+    from serving.auth import Unauthenticated
+
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text("tokens:\n  model-token: [fraud_detection_v1]\n")
+    with FeatureServer(pipeline.repo, port=0, tokens=tokens) as server:
+        with FeatureClient(server.address, token="model-token") as client:
+            assert client.server_version() == __import__("feast").__version__
+        for token in ("wrong", None):
+            with FeatureClient(server.address, token=token) as client, \
+                    pytest.raises(Unauthenticated):
+                client.server_version()
