@@ -19,6 +19,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from featurepipe.offline import index, pit
+from featurepipe.offline.entity import read_entity_frame
+from featurepipe.offline.infra import connect
+from featurepipe.offline.store import FeaturepipeOfflineStore
+from featurepipe.offline.view import ViewRequest
 from tests.offline_oracle import (
     feast_duckdb_store,
     make_repo,
@@ -113,8 +118,6 @@ def edge_entity_df() -> pd.DataFrame:
 
 def use_engine(monkeypatch: pytest.MonkeyPatch, engine: str) -> None:
     """``index``: match through the sorted index; ``scan``/``scan-no-semi-join``: ASOF over the files."""
-    from featurepipe.offline import pit
-
     if engine.startswith("scan"):
         monkeypatch.setattr(pit, "INDEX_MAX_ENTITY_ROWS", -1)
     monkeypatch.setattr(pit, "SEMI_JOIN_MAX_ENTITY_ROWS", 0 if engine == "scan-no-semi-join" else 10**9)
@@ -305,8 +308,6 @@ def test_materialize_uses_pull_latest(repo: Path, stores: tuple[Any, Any]) -> No
 def test_pull_all_and_latest_match_pandas(repo: Path) -> None:
     from feast import FeatureStore
 
-    from featurepipe.offline.store import FeaturepipeOfflineStore
-
     store = FeatureStore(repo_path=str(repo))
     tables = tables_from(EDGE_USER, EDGE_PAIR, [])
     write_tables(repo, tables)
@@ -413,8 +414,6 @@ def test_index_code_paths_match_the_reference(
     hashed keys, and integer keys packed over most of the int64 range."""
     import json
 
-    from featurepipe.offline import index, pit
-
     use_engine(monkeypatch, "index")
     if path == "hashed-keys":  # as for string keys, or integers too far apart to pack
         monkeypatch.setattr(index, "_packing", lambda con, view, types: None)
@@ -472,8 +471,6 @@ def test_hash_clash_falls_back_to_the_scan(repo: Path, stores: tuple[Any, Any], 
     """Two keys with one 64-bit hash cannot share an index: the view is scanned instead."""
     import json
 
-    from featurepipe.offline import index
-
     use_engine(monkeypatch, "index")
     monkeypatch.setattr(index, "_packing", lambda con, view, types: None)  # hash every key
     monkeypatch.setattr(index, "hash_clashes", lambda con, view: True)
@@ -490,11 +487,6 @@ def test_hash_clash_falls_back_to_the_scan(repo: Path, stores: tuple[Any, Any], 
 def test_hashed_keys_are_checked_on_every_match(repo: Path, stores: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """A key absent from the view that shares a hash with a present one must not match it."""
     import json
-
-    from featurepipe.offline import index
-    from featurepipe.offline.entity import read_entity_frame
-    from featurepipe.offline.infra import connect
-    from featurepipe.offline.view import ViewRequest
 
     use_engine(monkeypatch, "index")
     monkeypatch.setattr(index, "_packing", lambda con, view, types: None)  # hash every key
