@@ -38,7 +38,7 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m fast $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check featurepipe serving training tests

@@ -107,3 +107,18 @@ def redis_url_feast(url: str) -> str:
     from featurepipe.config import redis_url_to_feast
 
     return redis_url_to_feast(url)
+
+
+# Fixtures that start a server or run `feast apply` (directly or through another fixture): a
+# test that uses none of them and is marked neither slow nor integration is in the fast tier.
+SERVICE_FIXTURES = frozenset({"redis_url", "private_redis", "kafka_bootstrap", "repo", "deployed"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test ``fast`` that needs no server and is not ``slow`` or ``integration``
+    (SQLMesh's habit: the quick tier is what is left, so a new test lands in a tier without
+    thinking; `make test-fast` runs it)."""
+    for item in items:
+        uses = set(getattr(item, "fixturenames", ()))
+        if not uses & SERVICE_FIXTURES and not any(item.get_closest_marker(m) for m in ("slow", "integration")):
+            item.add_marker(pytest.mark.fast)
