@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import duckdb
@@ -12,7 +12,20 @@ import pytest
 
 from featurepipe.config import source_path
 from featurepipe.errors import InvalidInput
+from featurepipe.jobs.backfill import backfill
+from serving.client import FeatureClient
+from serving.server import FeatureServer
 from tests.conftest import Pipeline
+from training.dataset import (
+    build_training_set,
+    definitions_fingerprint,
+    labelled_transactions,
+    save_training_set,
+)
+from training.leakage import compare
+from training.model import FraudModel
+from training.skew import check_skew, sample_entities
+from training.train import train_model
 
 
 def _raw(pipeline: Pipeline) -> str:
@@ -21,9 +34,6 @@ def _raw(pipeline: Pipeline) -> str:
 
 @pytest.fixture(scope="module")
 def trained(pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object, pd.DataFrame]:
-    from training.dataset import build_training_set, labelled_transactions
-    from training.train import train_model
-
     entity_df, cutoff = labelled_transactions(_raw(pipeline))
     ts = build_training_set(pipeline.store, entity_df, cutoff=cutoff)
     out = tmp_path_factory.mktemp("model") / "model"
@@ -32,8 +42,6 @@ def trained(pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> tup
 
 
 def test_labels_after_the_cutoff_are_excluded(pipeline: Pipeline) -> None:
-    from training.dataset import labelled_transactions
-
     con = duckdb.connect()
     raw = con.execute(
         f"SELECT transaction_id, label_timestamp FROM read_parquet('{_raw(pipeline)}', hive_partitioning = true)"
@@ -51,8 +59,6 @@ def test_labels_after_the_cutoff_are_excluded(pipeline: Pipeline) -> None:
 
 def test_artifact_records_features_and_refuses_other_features(pipeline: Pipeline, trained: tuple) -> None:
     import json
-
-    from training.train import FraudModel
 
     out, ts, _ = trained
     meta = json.loads((out / "model.json").read_text())
@@ -94,8 +100,6 @@ def test_evaluate_cli_rebuilds_the_test_split(pipeline: Pipeline, trained: tuple
 
 
 def test_leakage_comparison_shows_the_naive_join_overpromises(pipeline: Pipeline, trained: tuple, tmp_path: Path) -> None:
-    from training.leakage import compare
-
     _, ts, entity_df = trained
     result = compare(pipeline.store, entity_df, ts, tmp_path)
     assert result.plot is not None and result.plot.exists()
@@ -106,11 +110,6 @@ def test_leakage_comparison_shows_the_naive_join_overpromises(pipeline: Pipeline
 
 
 def test_skew_check_is_clean_then_finds_an_injected_value(pipeline: Pipeline) -> None:
-    from featurepipe.jobs.backfill import backfill
-    from serving.client import FeatureClient
-    from serving.server import FeatureServer
-    from training.skew import check_skew, sample_entities
-
     store = pipeline.store
     backfill(store, progress=False)  # pushes in earlier tests wrote online only; make offline catch up
     entities = sample_entities(_raw(pipeline), 200, seed=3)
@@ -141,12 +140,6 @@ def test_skew_check_is_clean_then_finds_an_injected_value(pipeline: Pipeline) ->
 
 def test_stale_values_enter_on_demand_views_as_missing(pipeline: Pipeline) -> None:
     """A value older than its view's TTL is missing for on-demand features too, online as offline."""
-    from datetime import timedelta
-
-    from serving.client import FeatureClient
-    from serving.server import FeatureServer
-    from training.skew import check_skew
-
     store = pipeline.store
     user = 999_999_001  # never in the generated data
     view = store.get_feature_view("user_transaction_stats")
@@ -165,8 +158,6 @@ def test_stale_values_enter_on_demand_views_as_missing(pipeline: Pipeline) -> No
 
 
 def test_training_set_saved_as_feast_dataset_with_its_fingerprint(pipeline: Pipeline, trained: tuple, tmp_path: Path) -> None:
-    from training.dataset import definitions_fingerprint, save_training_set
-
     _, ts, entity_df = trained
     sample = entity_df.head(500)
     save_training_set(pipeline.store, sample, ts, "fraud_sample", str(tmp_path / "saved.parquet"))
