@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.json as pj
 
-from featurepipe.errors import InvalidInput
+from featurepipe.core.errors import InvalidInput
 
 MSG = "__msg"  # index of the message in its micro-batch
 

@@ -16,7 +16,7 @@ import logging
 
 import duckdb
 
-from featurepipe.errors import InvalidInput
+from featurepipe.core.errors import InvalidInput
 from featurepipe.quality import checks
 from featurepipe.quality.contracts import Contracts
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from featurepipe.errors import BackendUnavailable, FeaturepipeError, InvalidInput
+from featurepipe.core.errors import BackendUnavailable, FeaturepipeError, InvalidInput
 from featurepipe.stream.source import RawBatch
 
 log = logging.getLogger(__name__)

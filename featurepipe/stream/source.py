@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from featurepipe.errors import BackendUnavailable, InvalidInput
+from featurepipe.core.errors import BackendUnavailable, InvalidInput
 
 EVENT_FIELD = b"e"  # the stream entry field holding the JSON event
 

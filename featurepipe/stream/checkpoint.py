@@ -1,0 +1,195 @@
+"""Checkpoints of a stream worker: the files they write, in the order that makes them exact.
+
+A checkpoint writes, in this order, the final offline rows, the dead letters and the
+archived raw events (files named by the checkpoint's sequence number), a snapshot of the
+state, and last a manifest with the source positions (atomic rename). Until the manifest
+is renamed into place the checkpoint does not exist: on start the worker loads the newest
+manifest and deletes the files of later sequence numbers (a checkpoint a crash
+interrupted), then replays the source from the manifest's positions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from featurepipe.batch.sql import aggregate_sql
+from featurepipe.core.errors import InvalidInput
+from featurepipe.core.parquet_io import atomic_parquet
+from featurepipe.stream.state import WindowState
+from featurepipe.stream.watermark import NEG_INF, POS_INF, US, duration_us, from_us
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "checkpoint.json"
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint being written: what to write and, once done, what was written."""
+
+    seq: int
+    lo: int  # offline rows with event time in [lo, hi) become final (microseconds)
+    hi: int
+    finalise: bool
+    dead: list[pa.Table]
+    raw: list[pa.Table]
+    manifest: dict[str, Any]
+    written: list[Path] = field(default_factory=list)
+    offline: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    error: BaseException | None = None
+    thread: threading.Thread | None = None
+
+    def done(self) -> bool:
+        """True unless its writer thread is still running."""
+        return self.thread is None or not self.thread.is_alive()
+
+
+def fingerprint(state: WindowState, workers: int, lateness: timedelta, types: dict[str, str]) -> str:
+    """A hash of what a checkpoint's state depends on: the views, the worker count, the
+    lateness and the source's types. A checkpoint is only resumed under the same one."""
+    import hashlib
+
+    spec = {
+        "views": [asdict(v.spec) | {"offline_path": str(v.spec.offline_path)} for v in state.views],
+        "workers": workers,
+        "lateness_us": duration_us(lateness),
+        "types": types,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_manifest(state_dir: Path, want: str, job: str, worker: int) -> dict[str, Any] | None:
+    """The manifest of the newest checkpoint in ``state_dir`` (None: none yet); raises
+    :class:`InvalidInput` when it was written under another fingerprint than ``want``."""
+    manifest = state_dir / MANIFEST
+    if not manifest.exists():
+        return None
+    m: dict[str, Any] = json.loads(manifest.read_text())
+    if m["fingerprint"] != want:
+        raise InvalidInput(
+            f"stream job {job!r} worker {worker}: the checkpoint in "
+            f"{state_dir} was written for other definitions or worker count "
+            f"({m['fingerprint']} vs {want}); start a new --job or delete that folder"
+        )
+    return m
+
+
+class CheckpointWriter:
+    """Writes the checkpoints of worker ``worker`` of stream job ``job``.
+
+    Its files are named ``stream-<job>-w<worker>-<seq>.parquet``: the offline rows under each
+    view's offline folder and, for worker 0 only, the dead letters in ``dead_dir`` and the
+    raw archive under ``input_root``; snapshots and the manifest go to ``state_dir``.
+    """
+
+    def __init__(self, job: str, worker: int, state: WindowState, state_dir: Path, dead_dir: Path,
+                 input_root: Path, timestamp: str) -> None:
+        self.job, self.worker, self.state = job, worker, state
+        self.state_dir, self.dead_dir, self.input_root, self.timestamp = state_dir, dead_dir, input_root, timestamp
+
+    def tag(self, seq: int) -> str:
+        return f"stream-{self.job}-w{self.worker}-{seq:08d}"
+
+    def snapshot(self, seq: int) -> Path:
+        return self.state_dir / f"seq-{seq:08d}"
+
+    def own_files(self) -> list[Path]:
+        """Every offline, dead-letter and raw-archive file this worker wrote."""
+        pattern = f"stream-{self.job}-w{self.worker}-*.parquet"
+        roots = [v.spec.offline_path for v in self.state.views]
+        if self.worker == 0:
+            roots += [self.dead_dir, self.input_root]
+        files: list[Path] = []
+        for root in roots:
+            files += list(Path(root).glob(f"date=*/{pattern}")) + list(Path(root).glob(pattern))
+        return files
+
+    def remove_after(self, seq: int) -> int:
+        """Delete the files of checkpoints after ``seq`` (interrupted ones); returns how many."""
+        removed = 0
+        for f in self.own_files():
+            if int(f.stem.rsplit("-", 1)[1]) > seq:
+                f.unlink()
+                removed += 1
+        if removed:
+            log.warning("stream %s: removed %d file(s) of an interrupted checkpoint", self.job, removed)
+        return removed
+
+    def start(self, ck: Checkpoint, con: duckdb.DuckDBPyConnection) -> None:
+        """Write ``ck`` on a thread of its own (join ``ck.thread``; an error is in ``ck.error``)."""
+        ck.thread = threading.Thread(target=self.write, args=(ck, con), name=f"checkpoint-{ck.seq}", daemon=True)
+        ck.thread.start()
+
+    def write(self, ck: Checkpoint, con: duckdb.DuckDBPyConnection) -> None:
+        """Write ``ck`` on a cursor of ``con``, from the state's frozen copies; the manifest
+        last. An error is kept in ``ck.error`` (re-raised by the job's thread)."""
+        t0 = time.perf_counter()
+        try:
+            cur = con.cursor()
+            try:
+                tag = self.tag(ck.seq)
+                offline = 0
+                if ck.finalise:
+                    lo = None if ck.lo <= NEG_INF else from_us(ck.lo)
+                    hi = None if ck.hi >= POS_INF else from_us(ck.hi)
+                    for i, v in enumerate(self.state.views):
+                        sql = aggregate_sql(v.spec, v.columns, lo, hi, source=self.state.frozen(i))
+                        table = cur.sql(sql).to_arrow_table()
+                        offline += table.num_rows
+                        ck.offline[v.spec.name] = table.num_rows
+                        ck.written += write_by_day(table, "event_timestamp", v.spec.offline_path, tag)
+                if ck.dead:
+                    self.dead_dir.mkdir(parents=True, exist_ok=True)
+                    ck.written.append(atomic_parquet(pa.concat_tables(ck.dead), self.dead_dir / f"{tag}.parquet"))
+                if ck.raw:
+                    ck.written += write_by_day(pa.concat_tables(ck.raw), self.timestamp, self.input_root, tag)
+                snap = self.snapshot(ck.seq)
+                snap.mkdir(parents=True, exist_ok=True)
+                self.state.save(cur, snap)
+            finally:
+                cur.close()
+            ck.manifest["counters"]["offline_rows"] += offline
+            ck.manifest["written_at"] = datetime.now(timezone.utc).isoformat()
+            tmp = self.state_dir / (MANIFEST + ".tmp")
+            with open(tmp, "w") as fh:
+                json.dump(ck.manifest, fh, indent=1)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.state_dir / MANIFEST)
+            for old in self.state_dir.glob("seq-*"):
+                if old != snap:
+                    shutil.rmtree(old, ignore_errors=True)
+        except BaseException as exc:  # re-raised by the main thread
+            ck.error = exc
+        ck.seconds = time.perf_counter() - t0
+
+
+def write_by_day(table: pa.Table, ts_column: str, root: Path, tag: str) -> list[Path]:
+    """Write ``table`` as ``root/date=YYYY-MM-DD/<tag>.parquet`` files, one per UTC day."""
+    if table.num_rows == 0:
+        return []
+    day_us = 86_400 * US
+    micros = table.column(ts_column).cast(pa.int64()).to_numpy()
+    days = micros // day_us
+    out = []
+    for d in np.unique(days):
+        part = table.filter(pa.array(days == d))
+        folder = Path(root) / f"date={from_us(int(d) * day_us):%Y-%m-%d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        out.append(atomic_parquet(part, folder / f"{tag}.parquet"))
+    return out
+

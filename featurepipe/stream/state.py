@@ -1,0 +1,170 @@
+"""A stream worker's keyed window state, in DuckDB tables.
+
+Per view, table ``state_<i>`` holds the events of the keys this worker owns inside the
+view's longest window (the columns the view's aggregates read); a key's latest feature row
+is computed from it with the batch engine's SQL, so stream and batch agree to the bit.
+Table ``seen`` holds the contract's unique columns of the events accepted since the
+watermark, against which resent events are told apart.
+
+For a checkpoint the tables are copied in memory (``ck_*``), then pruned to what the
+advanced watermark still needs; a background thread writes the copies to a snapshot
+folder while micro-batches go on. A restart loads the newest snapshot; a new job may
+bootstrap its state from the source's Parquet history instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from featurepipe.batch.sql import latest_sql
+from featurepipe.core.sql import literal, quote
+from featurepipe.stream.admission import Condition
+from featurepipe.stream.spec import StreamView
+from featurepipe.stream.watermark import duration_us, to_us, ts_sql
+
+_EVENTS = "__events"  # the micro-batch's accepted events, while a view is updated
+_KEYS = "__keys"  # the micro-batch's events, while the seen set is asked about them
+
+
+class WindowState:
+    """The state tables of one worker (``worker`` of ``workers``) on connection ``con``."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, views: Sequence[StreamView], types: dict[str, str],
+                 timestamp: str, unique: Sequence[str], worker: int = 0, workers: int = 1) -> None:
+        self.con = con
+        self.views = list(views)
+        self.timestamp = timestamp
+        self.unique = tuple(unique)
+        self.worker, self.workers = worker, workers
+        self.tables = [f"state_{i}" for i in range(len(self.views))]
+        self._keys_sql = [", ".join(quote(k) for k in v.spec.join_keys) for v in self.views]
+        for table, v in zip(self.tables, self.views):
+            con.execute(f"CREATE TABLE {table} ({', '.join(f'{quote(c)} {types[c]}' for c in v.needed)})")
+        if self.unique:
+            cols = ", ".join(f"{quote(c)} {types[c]}" for c in self.unique)
+            con.execute(f"CREATE TABLE seen ({cols}, __ts TIMESTAMPTZ)")
+
+    def owned(self, i: int) -> str:
+        """SQL condition: the row's key of view ``i`` belongs to this worker."""
+        if self.workers == 1:
+            return "TRUE"
+        return f"hash({self._keys_sql[i]}) % {self.workers} = {self.worker}"
+
+    # ------------------------------------------------------------ a micro-batch
+
+    def update(self, i: int, events: pa.Table) -> pa.Table:
+        """Add the events of owned keys to view ``i``'s state; return the latest feature
+        row of each key they touched (with its event time in microseconds)."""
+        from featurepipe.online.latest import EVENT_US
+
+        con, v = self.con, self.views[i]
+        spec, table = v.spec, self.tables[i]
+        con.register(_EVENTS, events)
+        try:
+            cols = ", ".join(quote(c) for c in v.needed)
+            con.execute(f"INSERT INTO {table} SELECT {cols} FROM {_EVENTS} WHERE {self.owned(i)}")
+            join = " AND ".join(f"s.{quote(k)} = a.{quote(k)}" for k in spec.join_keys)
+            touched = (f"(SELECT s.* FROM {table} s SEMI JOIN "
+                       f"(SELECT DISTINCT {self._keys_sql[i]} FROM {_EVENTS} WHERE {self.owned(i)}) a ON {join})")
+            return con.sql(
+                f"SELECT *, epoch_us(event_timestamp) AS {EVENT_US} FROM ({latest_sql(spec, v.columns, touched)})"
+            ).to_arrow_table()
+        finally:
+            con.unregister(_EVENTS)
+
+    def seen_among(self, events: pa.Table) -> pa.Table | None:
+        """The distinct unique-column values of ``events`` that the job accepted before
+        (None without unique columns): what admission's deduplication needs to know."""
+        if not self.unique or not events.num_rows:
+            return None
+        cols = ", ".join(quote(c) for c in self.unique)
+        match = " AND ".join(f"s.{quote(c)} = e.{quote(c)}" for c in self.unique)
+        self.con.register(_KEYS, events)
+        try:
+            return self.con.sql(
+                f"SELECT DISTINCT {cols} FROM {_KEYS} e WHERE EXISTS (SELECT 1 FROM seen s WHERE {match})"
+            ).to_arrow_table()
+        finally:
+            self.con.unregister(_KEYS)
+
+    def remember(self, events: pa.Table) -> None:
+        """Add the accepted events' unique-column values (and event times) to the seen set."""
+        if not self.unique:
+            return
+        self.con.register(_EVENTS, events)
+        try:
+            cols = ", ".join(quote(c) for c in self.unique)
+            self.con.execute(f"INSERT INTO seen SELECT {cols}, {quote(self.timestamp)} FROM {_EVENTS}")
+        finally:
+            self.con.unregister(_EVENTS)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def frozen(self, i: int) -> str:
+        """The table holding view ``i``'s state as of the last :meth:`freeze`."""
+        return f"ck_{self.tables[i]}"
+
+    def freeze(self) -> None:
+        """Copy every table (in memory) for the checkpoint being written."""
+        for i, table in enumerate(self.tables):
+            self.con.execute(f"CREATE OR REPLACE TABLE {self.frozen(i)} AS SELECT * FROM {table}")
+        if self.unique:
+            self.con.execute("CREATE OR REPLACE TABLE ck_seen AS SELECT * FROM seen")
+
+    def prune(self, watermark_us: int) -> None:
+        """Drop what no row at or after the watermark needs: events older than the
+        watermark minus the view's longest window, seen values older than the watermark
+        (an event that old is late, so never a duplicate)."""
+        for table, v in zip(self.tables, self.views):
+            maxw = duration_us(v.spec.max_window)
+            self.con.execute(f"DELETE FROM {table} WHERE {quote(self.timestamp)} < {ts_sql(watermark_us - maxw)}")
+        if self.unique:
+            self.con.execute(f"DELETE FROM seen WHERE __ts < {ts_sql(watermark_us)}")
+
+    def save(self, cur: duckdb.DuckDBPyConnection, folder: Path) -> None:
+        """Write the frozen copies to ``folder`` (on ``cur``, a cursor of the writer's thread)."""
+        for i, table in enumerate(self.tables):
+            cur.execute(f"COPY {self.frozen(i)} TO {literal(str(folder / (table + '.parquet')))} (FORMAT parquet)")
+        if self.unique:
+            cur.execute(f"COPY ck_seen TO {literal(str(folder / 'seen.parquet'))} (FORMAT parquet)")
+
+    def load(self, folder: Path) -> None:
+        """Add the snapshot in ``folder`` (written by :meth:`save`) to the tables."""
+        for table in self.tables:
+            f = folder / f"{table}.parquet"
+            if f.exists():
+                self.con.execute(f"INSERT INTO {table} SELECT * FROM read_parquet({literal(str(f))})")
+        if self.unique and (folder / "seen.parquet").exists():
+            self.con.execute(f"INSERT INTO seen SELECT * FROM read_parquet({literal(str(folder / 'seen.parquet'))})")
+
+    def bootstrap(self, source_glob: str, checks: Sequence[Condition]) -> tuple[int | None, int]:
+        """Load each view's owned events of the source's Parquet history inside its
+        longest window before the newest event, leaving out rows with a null key or that
+        fail ``checks`` (as the batch gate leaves them out). Returns the newest event time
+        in microseconds (None: no history) and the rows loaded. DuckDB's conversion error
+        on a file it cannot read is raised as it is."""
+        con, ts = self.con, quote(self.timestamp)
+        source = f"read_parquet({literal(source_glob)}, hive_partitioning = true, union_by_name = true)"
+        try:
+            (newest,) = con.execute(f"SELECT max({ts}) FROM {source}").fetchall()[0]
+        except duckdb.IOException:
+            newest = None
+        if newest is None:
+            return None, 0
+        newest_us = to_us(newest)
+        bad = " OR ".join(f"({c.fails})" for c in checks) or "FALSE"
+        loaded = 0
+        for i, (table, v) in enumerate(zip(self.tables, self.views)):
+            maxw = duration_us(v.spec.max_window)
+            cols = ", ".join(quote(c) for c in v.needed)
+            keys_ok = " AND ".join(f"{quote(k)} IS NOT NULL" for k in v.spec.join_keys)
+            con.execute(
+                f"INSERT INTO {table} SELECT {cols} FROM {source} WHERE {ts} >= {ts_sql(newest_us - maxw)} "
+                f"AND {keys_ok} AND NOT coalesce({bad}, FALSE) AND {self.owned(i)}"
+            )
+            loaded += con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
+        return newest_us, loaded
