@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from featurepipe.errors import FeaturepipeError
+from serving.logs import configure
 from serving.options import ServerOptions, TlsFiles
 
 logger = logging.getLogger("serving")
@@ -77,8 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``python -m serving`` with ``argv``; the exit status (2: bad options or repo)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
-    from serving.logs import configure
-
     configure(args.log_format)
     if (args.tls_cert is None) != (args.tls_key is None):
         print("error: pass both --tls-cert and --tls-key, or neither", file=sys.stderr)

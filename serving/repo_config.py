@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from featurepipe.config import ONLINE_STORE_TYPE
+from featurepipe.config import ONLINE_STORE_TYPE, redis_connection_string
 from featurepipe.errors import InvalidInput
 
 
@@ -58,8 +58,6 @@ def read_repo_config(repo: Path) -> ServingRepoConfig:
     online_type = str(online.get("type", "sqlite"))
     connection = str(online.get("connection_string", "localhost:6379"))
     if online_type == ONLINE_STORE_TYPE:  # $REDIS_URL, the configured string, the local server
-        from featurepipe.config import redis_connection_string
-
         connection = redis_connection_string(repo, str(online.get("connection_string", "")))
     return ServingRepoConfig(
         repo=repo,

@@ -36,6 +36,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from featurepipe.config import export_redis_env, find_repo
 from featurepipe.errors import BackendUnavailable, FeaturepipeError, InvalidInput
 from serving import backend, protos
 from serving.catalog import Catalog
@@ -137,8 +138,6 @@ class FeatureServer:
         return self
 
     def _open_backends(self) -> None:
-        from featurepipe.config import export_redis_env, find_repo
-
         export_redis_env(self.repo)
         self.config = config = read_repo_config(find_repo(self.repo))
         check_servable(config)
