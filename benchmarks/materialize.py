@@ -8,7 +8,7 @@ private ``redis-server`` on a free loopback port, and materialises the same wind
   de-duplicates in pandas, one online write batch);
 * ``feast-best``: ``materialization_config: {pull_latest_features: true,
   online_write_batch_size: 10000}`` and ``online_store.skip_dedup: true``;
-* ``featurepipe``: ``batch_engine: featurepipe.online.engine.FeaturepipeMaterializationEngine``.
+* ``featurepipe``: ``batch_engine: featurepipe.feast.materialization_engine.FeaturepipeMaterializationEngine``.
 
 Both Feast configurations read through Feast's ``duckdb`` offline store. Runs go in
 rounds (one per engine per round, so load from elsewhere hits all alike); each is a
@@ -101,7 +101,7 @@ def write_repo(repo: Path, data: Path, redis_port: int, engine: str, features: i
     if engine == "feast-best":
         yaml += ["materialization_config:", "  pull_latest_features: true", "  online_write_batch_size: 10000"]
     if engine == "featurepipe":
-        yaml += ["batch_engine:", "  type: featurepipe.online.engine.FeaturepipeMaterializationEngine",
+        yaml += ["batch_engine:", "  type: featurepipe.feast.materialization_engine.FeaturepipeMaterializationEngine",
                  "  progress: false", f"  quarantine_dir: {repo / 'quarantine'}"]
     (repo / "feature_store.yaml").write_text("\n".join(yaml) + "\n")
     (repo / "bench.json").write_text(json.dumps({"data": str(data), "features": features}))
@@ -289,8 +289,8 @@ def demo_config(source: Path, engine: str, port: int) -> dict[str, object]:
         online["skip_dedup"] = True
         config["materialization_config"] = {"pull_latest_features": True, "online_write_batch_size": 10000}
     if engine == "featurepipe":
-        if engine_config.get("type") != "featurepipe.online.engine.FeaturepipeMaterializationEngine":
-            engine_config = {"type": "featurepipe.online.engine.FeaturepipeMaterializationEngine"}
+        if engine_config.get("type") != "featurepipe.feast.materialization_engine.FeaturepipeMaterializationEngine":
+            engine_config = {"type": "featurepipe.feast.materialization_engine.FeaturepipeMaterializationEngine"}
         config["batch_engine"] = {**engine_config, "progress": False}
     config["online_store"] = online
     return config

@@ -90,7 +90,7 @@ def build_repo(base: Path, rows: int, redis_url: str) -> Path:
     subprocess.run([str(BIN / "feast"), "--chdir", str(repo), "apply"], check=True,
                    capture_output=True, timeout=600)
     from featurepipe.jobs.backfill import backfill
-    from featurepipe.online.materialize import materialize
+    from featurepipe.jobs.materialize import materialize
 
     store = load_store(repo)
     backfill(store, progress=False)

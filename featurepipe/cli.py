@@ -241,7 +241,7 @@ def materialize(start: datetime | None, end: datetime | None, incremental: bool,
     quarantined to Parquet files (listed at the end), never written.
     """
     from featurepipe.config import load_store, online_connection_string
-    from featurepipe.online.materialize import materialize as run
+    from featurepipe.jobs.materialize import materialize as run
     from featurepipe.report import table
 
     if incremental and start is not None:

@@ -91,7 +91,7 @@ def run_demo(repo: Path | None, rows: int, score: int, keep_running: bool) -> di
     from featurepipe.config import data_dir, find_repo, load_store, online_connection_string
     from featurepipe.generate import generate_transactions
     from featurepipe.jobs.backfill import backfill
-    from featurepipe.online.materialize import materialize
+    from featurepipe.jobs.materialize import materialize
     from featurepipe.report import table
     from serving.client import FeatureClient
     from serving.server import FeatureServer

@@ -92,7 +92,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterat
     """generate -> feast apply -> backfill -> materialize, on a temporary copy of feature_repo."""
     from featurepipe.config import load_store
     from featurepipe.jobs.backfill import backfill
-    from featurepipe.online.materialize import materialize
+    from featurepipe.jobs.materialize import materialize
 
     with deployed_repo(tmp_path_factory.mktemp("pipeline"), redis_url, ROWS, DAYS) as (repo, data):
         # before materialisation: Feast counts recorded materialisation intervals as changes

@@ -33,7 +33,7 @@ from featurepipe.config import redis_connection_kwargs
 from featurepipe.online import codec, dump, rows
 from tests.conftest import Pipeline
 
-ENGINE = "featurepipe.online.engine.FeaturepipeMaterializationEngine"
+ENGINE = "featurepipe.feast.materialization_engine.FeaturepipeMaterializationEngine"
 EPOCH = datetime(1970, 1, 2, tzinfo=timezone.utc)
 KEY_TTL = 86_400
 # Redis databases of the test server used here (the pipeline uses its URL's own, 0)
@@ -132,7 +132,7 @@ class Demo:
 
 @pytest.fixture(scope="module")
 def demo(pipeline: Pipeline, server: Server, tmp_path_factory: pytest.TempPathFactory) -> Demo:
-    from featurepipe.online.materialize import materialize
+    from featurepipe.jobs.materialize import materialize
 
     base = tmp_path_factory.mktemp("materialize")
     registry = pipeline.repo / "data" / "registry.db"
@@ -203,7 +203,7 @@ def test_feast_reads_identical_values_and_timestamps(demo: Demo, server: Server)
 
 
 def test_second_run_changes_nothing(demo: Demo, server: Server) -> None:
-    from featurepipe.online.materialize import materialize
+    from featurepipe.jobs.materialize import materialize
 
     client = server.client(DB_OURS)
     before = content(client)
@@ -217,7 +217,7 @@ def test_newer_streamed_value_is_not_overwritten(demo: Demo, server: Server) -> 
     """A value pushed online with a newer event time survives a materialisation."""
     import pandas as pd
 
-    from featurepipe.online.materialize import materialize
+    from featurepipe.jobs.materialize import materialize
 
     store = store_at(repo_copy(demo.base, "pushed", demo.registry, server, DB_PUSHED, engine="featurepipe"))
     client = server.client(DB_PUSHED, flush=True)
@@ -241,7 +241,7 @@ def test_newer_streamed_value_is_not_overwritten(demo: Demo, server: Server) -> 
 
 
 def test_incremental_moves_only_new_rows(demo: Demo, server: Server) -> None:
-    from featurepipe.online.materialize import materialize
+    from featurepipe.jobs.materialize import materialize
 
     folder = repo_copy(demo.base, "incremental", demo.registry, server, DB_INCREMENTAL, engine="featurepipe")
     forget_materializations(folder / "data" / "registry.db")
@@ -439,7 +439,7 @@ def test_every_type_and_created_ties_match_feast(typed_env: Path, server: Server
     server.client(DB_TYPES_FEAST, flush=True)
     server.client(DB_TYPES_OURS, flush=True)
     feast_store.materialize(EPOCH, end)
-    from featurepipe.online.materialize import materialize
+    from featurepipe.jobs.materialize import materialize
 
     result = materialize(ours_store, EPOCH, end)
     theirs = content(server.client(DB_TYPES_FEAST))
@@ -466,7 +466,7 @@ def test_bad_rows_are_quarantined_never_written(typed_env: Path, server: Server)
     """Null join keys and values that do not fit their type: counted, quarantined, not written."""
     from feast.types import Int32, Int64
 
-    from featurepipe.online.materialize import materialize
+    from featurepipe.jobs.materialize import materialize
 
     folder = typed_env / "bad"
     folder.mkdir()

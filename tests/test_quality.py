@@ -588,7 +588,7 @@ class Online:
     client: Any
 
     def materialize(self) -> Any:
-        from featurepipe.online.materialize import materialize
+        from featurepipe.jobs.materialize import materialize
 
         return materialize(self.store, views=[MAT_VIEW], progress=False).per_view[0]
 

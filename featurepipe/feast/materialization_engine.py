@@ -3,7 +3,7 @@
 Configured in ``feature_store.yaml``::
 
     batch_engine:
-      type: featurepipe.online.engine.FeaturepipeMaterializationEngine
+      type: featurepipe.feast.materialization_engine.FeaturepipeMaterializationEngine
       batch_rows: 5000          # rows encoded and sent together
       max_rows_per_second: 0    # optional rate limit, to spare a busy Redis (0: none)
       restore: true             # new keys created whole with RESTORE (checked first)
@@ -49,19 +49,17 @@ from feast.infra.registry.base_registry import BaseRegistry
 from feast.repo_config import FeastConfigBaseModel
 from pydantic import StrictBool, StrictInt
 
-from featurepipe.config import resolve_source_path
-from featurepipe.online.latest import Column, LatestQuery
 from featurepipe.online.layout import ENTITY_KEY_SERIALIZATION_VERSION, KEY_TYPE_IDS
+from featurepipe.online.plan import view_plan
 from featurepipe.online.window import (
     ViewMaterialization,
-    ViewPlan,
     WindowOptions,
     materialize_window,
 )
 
 logger = logging.getLogger(__name__)
 
-ENGINE_TYPE = "featurepipe.online.engine.FeaturepipeMaterializationEngine"
+ENGINE_TYPE = "featurepipe.feast.materialization_engine.FeaturepipeMaterializationEngine"
 
 _collectors: list[list[ViewMaterialization]] = []
 _overrides: dict[str, Any] = {}
@@ -70,7 +68,10 @@ _overrides: dict[str, Any] = {}
 class FeaturepipeMaterializationEngineConfig(FeastConfigBaseModel):
     """``batch_engine`` options in ``feature_store.yaml``."""
 
-    type: Literal["featurepipe.online.engine.FeaturepipeMaterializationEngine"] = ENGINE_TYPE
+    type: Literal[
+        "featurepipe.feast.materialization_engine.FeaturepipeMaterializationEngine",
+        "featurepipe.online.engine.FeaturepipeMaterializationEngine",
+    ] = ENGINE_TYPE
     batch_rows: StrictInt = 5_000
     """Rows encoded and sent together (one RESTORE per new key, one script call for the rest)."""
     max_rows_per_second: float | None = None
@@ -182,32 +183,6 @@ def unsupported_reason(view: FeatureView, repo_config: Any) -> str | None:
         if key.dtype.to_value_type().name not in KEY_TYPE_IDS:
             return f"join key {key.name} has type {key.dtype}"
     return None
-
-
-def view_plan(view: FeatureView, repo_config: Any, project: str) -> ViewPlan:
-    """Resolve a Feast feature view into what :func:`materialize_window` reads and writes."""
-    from feast.infra.online_stores.helpers import compute_versioned_name
-
-    source = view.batch_source
-    assert isinstance(source, FileSource)
-    reverse = {v: k for k, v in (source.field_mapping or {}).items()}
-    path = resolve_source_path(repo_config.repo_path, source.path)
-    versioning = bool(getattr(repo_config.registry, "enable_online_feature_view_versioning", False))
-    query = LatestQuery(
-        path=path,
-        timestamp=reverse.get(source.timestamp_field, source.timestamp_field),
-        created=reverse.get(source.created_timestamp_column, source.created_timestamp_column) or None,
-        join_keys=[Column(k.name, reverse.get(k.name, k.name), k.dtype.to_value_type().name)
-                   for k in view.entity_columns],
-        features=[Column(f.name, reverse.get(f.name, f.name), f.dtype.to_value_type().name)
-                  for f in view.features],
-    )
-    return ViewPlan(
-        view=compute_versioned_name(view, versioning),
-        project=project,
-        query=query,
-        key_ttl_seconds=repo_config.online_store.key_ttl_seconds,
-    )
 
 
 class FeaturepipeMaterializationEngine(ComputeEngine):

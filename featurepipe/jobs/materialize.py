@@ -3,7 +3,7 @@
 Drives Feast's own ``FeatureStore.materialize`` / ``materialize_incremental`` (so the
 registry records the materialised intervals as Feast does), which hands each view to the
 batch engine configured in ``feature_store.yaml``: featurepipe's
-:class:`~featurepipe.online.engine.FeaturepipeMaterializationEngine`. Its per-view
+:class:`~featurepipe.feast.materialization_engine.FeaturepipeMaterializationEngine`. Its per-view
 outcomes (rows, entities, rows written, rows quarantined, seconds) come back in the result.
 """
 
@@ -44,7 +44,7 @@ def _utc(value: datetime) -> datetime:
 
 @contextlib.contextmanager
 def _engine_hooks(**options: object) -> Iterator[list[ViewMaterialization]]:
-    from featurepipe.online.engine import collect_results, run_options
+    from featurepipe.feast.materialization_engine import collect_results, run_options
 
     with run_options(**options), collect_results() as results:
         yield results
