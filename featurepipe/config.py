@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 from featurepipe.errors import InvalidInput, NotFound
+from featurepipe.redis_server import LocalRedis
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -97,7 +98,6 @@ def redis_connection_string(repo: str | os.PathLike[str] | None = None, configur
         return configured
     if os.environ.get("FEATUREPIPE_REDIS"):
         return os.environ["FEATUREPIPE_REDIS"]
-    from featurepipe.redis_server import LocalRedis
 
     return LocalRedis(find_repo(repo)).ensure().feast_form
 

@@ -49,6 +49,7 @@ from feast.infra.registry.base_registry import BaseRegistry
 from feast.repo_config import FeastConfigBaseModel
 from pydantic import StrictBool, StrictInt
 
+from featurepipe.config import data_dir, online_connection_string, redis_connection_kwargs
 from featurepipe.online.layout import ENTITY_KEY_SERIALIZATION_VERSION, KEY_TYPE_IDS
 from featurepipe.online.plan import view_plan
 from featurepipe.online.window import (
@@ -56,6 +57,9 @@ from featurepipe.online.window import (
     WindowOptions,
     materialize_window,
 )
+from featurepipe.quality.online_gate import open_materialize_gate
+from featurepipe.quality.openlineage import preload
+from featurepipe.quality.publish import batch
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +157,6 @@ class _CallState:
 
 
 def _default_quarantine(repo_path: Path | None) -> Path | None:
-    from featurepipe.config import data_dir
 
     return data_dir(Path(repo_path)) / "quarantine" / "materialize" if repo_path else None
 
@@ -198,10 +201,7 @@ class FeaturepipeMaterializationEngine(ComputeEngine):
         self.config = FeaturepipeMaterializationEngineConfig(**config)
         self._fallback: ComputeEngine | None = None
         self._call = threading.local()  # the _CallState of the call under way in each thread
-        if self.config.quality:  # imported now, not in the middle of the first run
-            import featurepipe.quality.online_gate  # noqa: F401
-            from featurepipe.quality.openlineage import preload
-
+        if self.config.quality:
             preload()  # the OpenLineage client: 0.2 s of imports that would compete with the run
 
     @property
@@ -240,7 +240,6 @@ class FeaturepipeMaterializationEngine(ComputeEngine):
         state = self._call.state = _CallState()
         try:
             if self.config.model_copy(update=_overrides).quality and self.repo_config.repo_path:
-                from featurepipe.quality.publish import batch
 
                 with batch():
                     yield state
@@ -312,14 +311,12 @@ class FeaturepipeMaterializationEngine(ComputeEngine):
         the view's contract checks, recorded in the run log)."""
         import redis
 
-        from featurepipe.config import online_connection_string, redis_connection_kwargs
 
         plan = view_plan(view, self.repo_config, project)
         options = self.options()
         with self._shared_call() as state:
             gate = None
             if self.config.model_copy(update=_overrides).quality and self.repo_config.repo_path:
-                from featurepipe.quality.online_gate import open_materialize_gate
 
                 gate = open_materialize_gate(self.repo_config, view, project, registry, start, end,
                                              sources=state.sources)

@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
+from featurepipe.feast.materialization_engine import collect_results, run_options
+from featurepipe.online.window import ViewMaterialization
+
 if TYPE_CHECKING:
     from feast import FeatureStore
 
-    from featurepipe.online.window import ViewMaterialization
 
 EPOCH = datetime(1970, 1, 2, tzinfo=timezone.utc)
 
@@ -44,7 +46,6 @@ def _utc(value: datetime) -> datetime:
 
 @contextlib.contextmanager
 def _engine_hooks(**options: object) -> Iterator[list[ViewMaterialization]]:
-    from featurepipe.feast.materialization_engine import collect_results, run_options
 
     with run_options(**options), collect_results() as results:
         yield results

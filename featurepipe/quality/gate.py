@@ -27,8 +27,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import duckdb
 
+from featurepipe.config import data_dir, resolve_source_path
 from featurepipe.core.db import connect
 from featurepipe.core.sql import literal, quote
+from featurepipe.definitions import AggregateView, aggregate_views
 from featurepipe.errors import GateBlocked
 from featurepipe.quality import anomaly, checks, stats
 from featurepipe.quality.checks import CheckResult, parquet_relation
@@ -43,7 +45,6 @@ from featurepipe.quality.runlog import (
 if TYPE_CHECKING:
     from feast import FeatureStore
 
-    from featurepipe.definitions import AggregateView
 
 STAGE_RAW, STAGE_FEATURES = "raw", "features"
 log = logging.getLogger(__name__)
@@ -385,8 +386,6 @@ def open_gate(store: FeatureStore, views: list[str] | None = None, kind: str = "
     FileSources, and the definition hashes of ``views`` (default: every aggregate view)."""
     from feast import FileSource
 
-    from featurepipe.config import data_dir, resolve_source_path
-    from featurepipe.definitions import aggregate_views
 
     repo = Path(store.repo_path)
     sources = [

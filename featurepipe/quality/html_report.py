@@ -17,8 +17,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from featurepipe.core.db import connect
+from featurepipe.definitions import AggregateView
 from featurepipe.quality.contracts import Contracts
 from featurepipe.quality.records import KIND_BACKFILL, KIND_MATERIALIZE, KIND_STREAM, RunRecord
 from featurepipe.quality.runlog import read_runs
@@ -30,9 +32,6 @@ from featurepipe.quality.status import (
     online_freshness,
     run_summary,
 )
-
-if TYPE_CHECKING:
-    from featurepipe.definitions import AggregateView
 
 SAMPLE_ROWS = 20_000
 _STYLE = """
@@ -79,7 +78,6 @@ def _png(fig: Any) -> str:
 
 def _all_stats(data: Path) -> list[dict[str, Any]]:
     """Every stored figure of every run (not only the latest per day)."""
-    from featurepipe.core.db import connect
 
     if not any(stats_dir(data).glob("*.parquet")):
         return []
@@ -102,7 +100,6 @@ def _flagged_days(runs: list[RunRecord]) -> dict[tuple[str, str, str], set[date]
 
 
 def _sample(relation: str, column: str) -> list[float]:
-    from featurepipe.core.db import connect
 
     with connect() as con:
         rows = con.execute(

@@ -19,19 +19,20 @@ import uuid
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from featurepipe.config import data_dir, online_connection_string, redis_connection_kwargs
+from featurepipe.core.db import connect
+from featurepipe.definitions import TAG_INPUT
 from featurepipe.errors import GateBlocked
+from featurepipe.online.latest import DUCKDB_TYPES, RowCondition
+from featurepipe.online.window import MaterializationBlocked, ViewMaterialization, ViewPlan
 from featurepipe.quality import checks
 from featurepipe.quality.checks import CheckResult
 from featurepipe.quality.contracts import Contracts, TableContract, load_contracts
 from featurepipe.quality.publish import finish_run, start_run
 from featurepipe.quality.records import RunInput, RunOutput, RunRecord
-from featurepipe.quality.runlog import record_head
-
-if TYPE_CHECKING:
-    from featurepipe.online.latest import RowCondition
-    from featurepipe.online.window import ViewMaterialization, ViewPlan
+from featurepipe.quality.runlog import feature_view_hash, record_head
 
 STAGE = "materialize"
 log = logging.getLogger(__name__)
@@ -61,7 +62,6 @@ class MaterializeGate:
     def prepare(self, plan: ViewPlan) -> ViewPlan:
         """Check the offline table's schema (raises on a blocking failure) and return the plan
         with the contract's row conditions."""
-        from featurepipe.online.latest import DUCKDB_TYPES, RowCondition
 
         self.offline_path = plan.query.path
         if self.contract is None:
@@ -91,7 +91,6 @@ class MaterializeGate:
         """The contract's schema checks on the offline table's combined schema and on each
         file's own (footers only, one query): the combined schema hides a file whose column
         DuckDB cannot cast, and the latest-row scan would then stop on it."""
-        from featurepipe.core.db import connect
 
         assert self.contract is not None
         with connect() as con:
@@ -120,7 +119,6 @@ class MaterializeGate:
 
     def finish(self, result: ViewMaterialization | None, error: BaseException | None = None) -> RunRecord:
         """Append the run record (and publish metrics and lineage events); return it."""
-        from featurepipe.online.window import MaterializationBlocked
 
         blocked = error.failures if isinstance(error, MaterializationBlocked) else None
         if result is None and isinstance(error, MaterializationBlocked):
@@ -172,9 +170,6 @@ def open_materialize_gate(repo_config: Any, view: Any, project: str, registry: A
 
     ``sources`` keeps the registry's data sources by name across the views of one call
     (each lookup reads the registry file again)."""
-    from featurepipe.config import data_dir, online_connection_string, redis_connection_kwargs
-    from featurepipe.definitions import TAG_INPUT
-    from featurepipe.quality.runlog import feature_view_hash
 
     repo = Path(repo_config.repo_path)
     source = None

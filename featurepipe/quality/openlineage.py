@@ -36,6 +36,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import featurepipe
 from featurepipe.quality.records import KIND_MATERIALIZE, RunRecord
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,6 @@ class LineageRun:
             tags_run,
         )
 
-        import featurepipe
 
         run_facets: dict[str, Any] = {
             "processing_engine": processing_engine_run.ProcessingEngineRunFacet(
@@ -225,7 +225,6 @@ def namespace() -> str:
 
 
 def producer() -> str:
-    import featurepipe
 
     return f"urn:featurepipe:{featurepipe.__version__}"
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
-from featurepipe.quality import openlineage
+from featurepipe.quality import metrics, openlineage
 from featurepipe.quality.openlineage import LineageRun
 from featurepipe.quality.records import RunRecord
 from featurepipe.quality.runlog import append_run
@@ -31,12 +31,11 @@ def finish_run(data: Path, record: RunRecord, lineage: LineageRun | None = None,
 
     Inside :func:`batch`, the metrics are rewritten and the events waited for once, when
     the batch ends, instead of after every run."""
-    from featurepipe.quality.metrics import publish
 
     append_run(data, record)
     pending: dict[Path, dict[str, float] | None] | None = getattr(_batches, "pending", None)
     if pending is None:
-        publish(data, sla)
+        metrics.publish(data, sla)
     else:
         pending[Path(data)] = sla
     if lineage is not None:
@@ -50,7 +49,6 @@ def batch() -> Iterator[None]:
     from the whole run log, is rewritten once per data folder when the block ends, and the
     lineage events are waited for once, then: a materialisation of many views costs one
     rebuild, not one per view. Nested blocks join the outermost one."""
-    from featurepipe.quality.metrics import publish
 
     if getattr(_batches, "pending", None) is not None:
         yield
@@ -62,6 +60,6 @@ def batch() -> Iterator[None]:
     finally:
         _batches.pending = None
         for data, sla in pending.items():
-            publish(data, sla)
+            metrics.publish(data, sla)
         if pending:
             openlineage.flush()

@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from featurepipe.core.db import connect
+from featurepipe.core.sql import literal
+from featurepipe.definitions import AggregateView
 from featurepipe.errors import NotFound
 from featurepipe.quality.contracts import Contracts
 from featurepipe.quality.records import (
@@ -17,9 +20,6 @@ from featurepipe.quality.records import (
     RunRecord,
 )
 from featurepipe.quality.runlog import read_runs
-
-if TYPE_CHECKING:
-    from featurepipe.definitions import AggregateView
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,6 @@ class Freshness:
 
 def freshness(views: list[AggregateView], contracts: Contracts, now: datetime | None = None) -> list[Freshness]:
     """Freshness of every view's offline table (max event time from Parquet statistics)."""
-    from featurepipe.core.db import connect
-    from featurepipe.core.sql import literal
 
 
     now = now or datetime.now(timezone.utc)
