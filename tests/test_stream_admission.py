@@ -10,6 +10,8 @@ garbage, nulls, rule breakers, late events and resent ids over several partition
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -250,6 +252,22 @@ def test_dead_letter_table_names_message_partition_check_and_reason(con: Any) ->
     assert rows[0]["quality_reason"] == "decode: a JSON list, expected an object"
 
 
+def test_messages_that_are_not_one_json_object_never_reach_the_reader() -> None:
+    """A top-level JSON ``null`` crashes pyarrow's JSON reader (apache/arrow#47409): decoded
+    in a process of its own, so a regression fails this test, not the whole session."""
+    code = (
+        "from featurepipe.stream.decode import Decoder, arrow_schema\n"
+        "d = Decoder(arrow_schema({'transaction_id': 'BIGINT'}))\n"
+        "r = d.decode([b'null', b'{\"transaction_id\": 1}', b' null ', b'{\"transaction_id\": 2} null', b'[]'])\n"
+        "print((r.events.column('__msg').to_pylist(), r.dead_index.tolist(), r.dead_reason))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(([1], [0, 2, 3, 4], [
+        "decode: a JSON null, expected an object", "decode: a JSON null, expected an object",
+        "decode: not JSON (Extra data: line 1 column 23 (char 22))", "decode: a JSON list, expected an object"]))
+
+
 def test_job_watermark_waits_for_every_partition() -> None:
     assert job_watermark({}, None, 5) == NEG_INF
     assert job_watermark({"a": 100}, ["a", "b"], 5) == NEG_INF  # b delivered nothing yet
@@ -285,7 +303,8 @@ _good = st.builds(
     st.integers(0, 2),
 )
 _garbage = st.builds(lambda p, b: Msg(p, payload=b), st.integers(0, 2),
-                     st.sampled_from([b"", b"{not json", b"[1, 2]", b'{"transaction_id": "abc"}']))
+                     st.sampled_from([b"", b"{not json", b"[1, 2]", b'{"transaction_id": "abc"}', b"null",
+                                      b'{"transaction_id": 1} null', b"  7 "]))
 _null_id = st.builds(lambda s, p: event(None, s, partition=p), st.integers(0, 400), st.integers(0, 2))
 messages = st.lists(st.one_of(_good, _good, _good, _garbage, _null_id), max_size=60)
 lateness = st.sampled_from([timedelta(0), timedelta(seconds=30), timedelta(seconds=120), timedelta(hours=1)])

@@ -6,6 +6,11 @@ Arrow's JSON reader against the source schema (about 1 µs per event); when that
 in halves until the bad messages are isolated, so a bad message costs ``log2(batch)``
 extra parses and never takes good ones with it. Each bad message becomes a dead letter
 with the reason Arrow gave.
+
+Only messages that look like one JSON object (``{...}``) reach Arrow's reader: the others
+cannot decode anyway, and a top-level ``null`` crashes the reader (a NULL pointer
+dereference in pyarrow's JSON parser, apache/arrow#47409), so a producer sending ``null``
+would take the worker down at every restart. They become dead letters at once.
 """
 
 from __future__ import annotations
@@ -75,6 +80,16 @@ class Decoder:
 
     def decode(self, payloads: list[bytes]) -> Decoded:
         payloads = [self._one_line(p) for p in payloads] if any(b"\n" in p for p in payloads) else payloads
+        # not one JSON object: a dead letter before Arrow's reader sees it (see the module doc)
+        odd = [i for i, p in enumerate(payloads) if (p[:1] != b"{" or p[-1:] != b"}") and not _object_like(p)]
+        index = np.arange(len(payloads), dtype=np.int64)
+        if odd:
+            keep = np.ones(len(payloads), dtype=bool)
+            keep[odd] = False
+            index = index[keep]
+            objects = [payloads[i] for i in index]
+        else:
+            objects = payloads
         tables: list[pa.Table] = []
         indexes: list[np.ndarray] = []
         dead: list[int] = []
@@ -84,20 +99,23 @@ class Decoder:
             if lo >= hi:
                 return
             try:
-                table = self._parse_lines(payloads[lo:hi])
+                table = self._parse_lines(objects[lo:hi])
             except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
                 if hi - lo == 1:
-                    dead.append(lo)
-                    reasons.append(_reason(payloads[lo], exc))
+                    dead.append(int(index[lo]))
+                    reasons.append(_reason(objects[lo], exc))
                     return
                 mid = (lo + hi) // 2
                 parse(lo, mid)
                 parse(mid, hi)
                 return
             tables.append(table)
-            indexes.append(np.arange(lo, hi, dtype=np.int64))
+            indexes.append(index[lo:hi])
 
-        parse(0, len(payloads))
+        parse(0, len(objects))
+        if odd:  # in message order, as the parse gives its own
+            merged = sorted([*zip(dead, reasons), *((i, _reason(payloads[i], None)) for i in odd)])
+            dead, reasons = [i for i, _ in merged], [r for _, r in merged]
         if tables:
             events = pa.concat_tables(tables)
             events = events.append_column(MSG, pa.array(np.concatenate(indexes)))
@@ -115,7 +133,14 @@ class Decoder:
             return payload.replace(b"\n", b" ").replace(b"\r", b" ")
 
 
-def _reason(payload: bytes, exc: Exception) -> str:
+def _object_like(payload: bytes) -> bool:
+    """Whether ``payload`` starts with ``{`` and ends with ``}`` (whitespace aside)."""
+    text = payload.strip()
+    return text[:1] == b"{" and text[-1:] == b"}"
+
+
+def _reason(payload: bytes, exc: Exception | None) -> str:
+    """Why ``payload`` did not decode (``exc``: what Arrow's reader raised, if it read it)."""
     if not payload.strip():
         return "decode: empty message"
     try:
@@ -123,6 +148,6 @@ def _reason(payload: bytes, exc: Exception) -> str:
     except ValueError as err:
         return f"decode: not JSON ({err})"
     if not isinstance(value, dict):
-        return f"decode: a JSON {type(value).__name__}, expected an object"
+        return f"decode: a JSON {'null' if value is None else type(value).__name__}, expected an object"
     text = str(exc).split("\n")[0]
     return f"decode: {text}"
