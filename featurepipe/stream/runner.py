@@ -109,7 +109,7 @@ def publish_parquet(repo: str | Path | None, events: Path | None, *, stream: str
         f"ORDER BY event_timestamp {f'LIMIT {int(limit)}' if limit else ''}"
     ).to_arrow_table()
     if bootstrap:
-        from featurepipe.stream.kafka import create_topic, publish_kafka
+        from featurepipe.stream.kafka_topics import create_topic, publish_kafka
 
         create_topic(bootstrap, topic, exist_ok=True)
         return publish_kafka(bootstrap, topic, event_payloads(table))
