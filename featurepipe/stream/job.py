@@ -21,11 +21,17 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 import pyarrow as pa
 
+from featurepipe.config import data_dir, find_repo
 from featurepipe.core.db import connect
+from featurepipe.online.layout import feature_field, timestamp_field
+from featurepipe.online.window import encode
+from featurepipe.online.writer import HashWriter
+from featurepipe.quality.contracts import load_contracts
 from featurepipe.stream.admission import AdmissionRules, admit, check_rows, dead_letter_table
 from featurepipe.stream.checkpoint import Checkpoint, CheckpointWriter, fingerprint, read_manifest
 from featurepipe.stream.decode import MSG, Decoder, arrow_schema
 from featurepipe.stream.history import unreadable_history
+from featurepipe.stream.metrics import StreamMetrics
 from featurepipe.stream.options import Counters, StreamOptions, StreamResult
 from featurepipe.stream.prefetch import Prefetcher
 from featurepipe.stream.progress import LatencySamples, latencies, progress_line, show_progress
@@ -46,9 +52,6 @@ class StreamJob:
 
     def __init__(self, store: FeatureStore, source: EventSource, redis_client: Any,
                  options: StreamOptions | None = None) -> None:
-        from featurepipe.config import data_dir, find_repo
-        from featurepipe.stream.metrics import StreamMetrics
-
         self.store, self.source, self.redis = store, source, redis_client
         self.options = o = options or StreamOptions()
         self._stop = threading.Event()
@@ -75,12 +78,8 @@ class StreamJob:
         self._latencies = LatencySamples(o.latency_samples)
         self._pending: Checkpoint | None = None
         self._writers: list[Any] = []  # a HashWriter per view, while running
-        self._recorder = self._new_recorder()
+        self._recorder = CheckpointRecorder(self.data, o.job, o.worker, spec.views, spec.input_root, self.dead_dir)
         self.metrics = StreamMetrics(o.job, o.worker)
-
-    def _new_recorder(self) -> CheckpointRecorder:
-        return CheckpointRecorder(self.data, self.options.job, self.options.worker, self.spec.views,
-                                  self.spec.input_root, self.dead_dir, asdict(self.counters))
 
     # ------------------------------------------------------------ start
 
@@ -110,7 +109,6 @@ class StreamJob:
         try:
             newest_us, loaded = self.state.bootstrap(self.spec.source_glob, self.spec.checks)
         except duckdb.ConversionException as exc:  # a file that passed the schema check (warn severity)
-            from featurepipe.quality.contracts import load_contracts
 
             raise unreadable_history(self.con, self.spec.source_glob, self.options.source, load_contracts(self.repo),
                                      exc, who=f"stream job {self.options.job!r}", then="restart the job") from exc
@@ -128,12 +126,10 @@ class StreamJob:
 
     def run(self) -> StreamResult:
         """Process until stopped (``stop``, ``max_events``, ``idle_seconds``); checkpoint on the way out."""
-        from featurepipe.online.layout import feature_field, timestamp_field
-        from featurepipe.online.writer import HashWriter
 
         o = self.options
         self._restore()
-        self._recorder = self._new_recorder()
+        self._recorder.since(asdict(self.counters))
         self.source.open(self.positions or None)
         started = last_message = last_checkpoint = time.monotonic()
         run_messages, last_progress, loop_seconds = 0, 0.0, 0.0
@@ -208,7 +204,6 @@ class StreamJob:
         if len(result.dead) and o.worker == 0:
             self._dead.append(dead_letter_table(raw, result.dead, o.worker, datetime.now(timezone.utc)))
         if events.num_rows:
-            from featurepipe.online.window import encode
 
             for i, (v, writer) in enumerate(zip(self.spec.views, self._writers)):
                 rows = self.state.update(i, events)

@@ -11,30 +11,28 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from featurepipe.quality.records import KIND_STREAM, RunInput, RunOutput, RunRecord, StreamInfo
+from featurepipe.quality.runlog import append_run, code_version
 from featurepipe.stream.checkpoint import Checkpoint
 from featurepipe.stream.spec import StreamView
 
 
 class CheckpointRecorder:
     """Appends a :class:`RunRecord` per checkpoint of worker ``worker`` of job ``job`` to the
-    run log under ``data``; ``counters`` are the job's counters when the run began."""
+    run log under ``data``, counting the messages since the previous record (or :meth:`since`)."""
 
     def __init__(self, data: Path, job: str, worker: int, views: Sequence[StreamView], input_root: Path,
-                 dead_dir: Path, counters: dict[str, int]) -> None:
+                 dead_dir: Path) -> None:
         self.data, self.job, self.worker, self.views = data, job, worker, list(views)
         self.input_root, self.dead_dir = input_root, dead_dir
+        self._counters: dict[str, int] = {}
+
+    def since(self, counters: dict[str, int]) -> None:
+        """Count the next record's messages from ``counters`` (the job's, as a run begins)."""
         self._counters = dict(counters)
 
     def record(self, ck: Checkpoint, source: str, lag: int | None, watermark: datetime | None) -> None:
         """Append ``ck``'s record (``source``: the event source's name; ``lag``, ``watermark``: now)."""
-        from featurepipe.quality.records import (
-            KIND_STREAM,
-            RunInput,
-            RunOutput,
-            RunRecord,
-            StreamInfo,
-        )
-        from featurepipe.quality.runlog import append_run, code_version
 
         manifest, counters = ck.manifest, ck.manifest["counters"]
         before = self._counters

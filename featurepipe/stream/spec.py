@@ -19,14 +19,17 @@ from featurepipe.config import resolve_source_path
 from featurepipe.core.errors import InvalidInput, NotFound
 from featurepipe.core.sql import literal
 from featurepipe.definitions import AggregateView, aggregate_views
+from featurepipe.online.plan import view_plan
+from featurepipe.online.window import ViewPlan
+from featurepipe.quality.checks import row_checks
+from featurepipe.quality.contracts import load_contracts
 from featurepipe.stream.admission import Condition
 from featurepipe.stream.history import check_raw_history
+from featurepipe.stream.options import StreamOptions
 
 if TYPE_CHECKING:
     from feast import FeatureStore
 
-    from featurepipe.online.window import ViewPlan
-    from featurepipe.stream.options import StreamOptions
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,6 @@ class JobSpec:
 def resolve_spec(store: FeatureStore, options: StreamOptions, con: duckdb.DuckDBPyConnection, repo: Path) -> JobSpec:
     """The job's source, checks and views; raises :class:`InvalidInput` (or
     :class:`NotFound` for a source without files or declared types) saying what to fix."""
-    from featurepipe.online.plan import view_plan
-    from featurepipe.quality.contracts import load_contracts
 
     o = options
     try:
@@ -129,7 +130,6 @@ def contract_conditions(contract: Any, types: dict[str, str]) -> tuple[Condition
     """The row checks of ``contract`` (a :class:`~featurepipe.quality.contracts.TableContract`)
     on the columns in ``types``, as admission conditions; uniqueness is left out (the job
     deduplicates against the events it has seen, not within a table)."""
-    from featurepipe.quality.checks import row_checks
 
     return tuple(Condition(c.fails, c.name, c.reason, c.severity)
                  for c in row_checks(contract, types) if "__dup_rank" not in c.fails)

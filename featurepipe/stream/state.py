@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from featurepipe.batch.sql import latest_sql
 from featurepipe.core.sql import literal, quote
+from featurepipe.online.latest import EVENT_US
 from featurepipe.stream.admission import Condition
 from featurepipe.stream.spec import StreamView
 from featurepipe.stream.watermark import duration_us, to_us, ts_sql
@@ -59,7 +60,6 @@ class WindowState:
     def update(self, i: int, events: pa.Table) -> pa.Table:
         """Add the events of owned keys to view ``i``'s state; return the latest feature
         row of each key they touched (with its event time in microseconds)."""
-        from featurepipe.online.latest import EVENT_US
 
         con, v = self.con, self.views[i]
         spec, table = v.spec, self.tables[i]
