@@ -109,7 +109,6 @@ class StreamJob:
         try:
             newest_us, loaded = self.state.bootstrap(self.spec.source_glob, self.spec.checks)
         except duckdb.ConversionException as exc:  # a file that passed the schema check (warn severity)
-
             raise unreadable_history(self.con, self.spec.source_glob, self.options.source, load_contracts(self.repo),
                                      exc, who=f"stream job {self.options.job!r}", then="restart the job") from exc
         if newest_us is None:
@@ -126,7 +125,6 @@ class StreamJob:
 
     def run(self) -> StreamResult:
         """Process until stopped (``stop``, ``max_events``, ``idle_seconds``); checkpoint on the way out."""
-
         o = self.options
         self._restore()
         self._recorder.since(asdict(self.counters))
@@ -204,7 +202,6 @@ class StreamJob:
         if len(result.dead) and o.worker == 0:
             self._dead.append(dead_letter_table(raw, result.dead, o.worker, datetime.now(timezone.utc)))
         if events.num_rows:
-
             for i, (v, writer) in enumerate(zip(self.spec.views, self._writers)):
                 rows = self.state.update(i, events)
                 for batch in rows.to_batches(max_chunksize=10_000):

@@ -33,7 +33,6 @@ class CheckpointRecorder:
 
     def record(self, ck: Checkpoint, source: str, lag: int | None, watermark: datetime | None) -> None:
         """Append ``ck``'s record (``source``: the event source's name; ``lag``, ``watermark``: now)."""
-
         manifest, counters = ck.manifest, ck.manifest["counters"]
         before = self._counters
         delta = {k: int(v) - int(before.get(k, 0)) for k, v in counters.items()}

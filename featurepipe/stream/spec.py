@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from feast import FeatureStore
 
 
-
 @dataclass(frozen=True)
 class StreamView:
     """A view the job keeps up to date: its definition, its online plan, and the columns
@@ -62,7 +61,6 @@ class JobSpec:
 def resolve_spec(store: FeatureStore, options: StreamOptions, con: duckdb.DuckDBPyConnection, repo: Path) -> JobSpec:
     """The job's source, checks and views; raises :class:`InvalidInput` (or
     :class:`NotFound` for a source without files or declared types) saying what to fix."""
-
     o = options
     try:
         source = store.get_data_source(o.source)
@@ -130,6 +128,5 @@ def contract_conditions(contract: Any, types: dict[str, str]) -> tuple[Condition
     """The row checks of ``contract`` (a :class:`~featurepipe.quality.contracts.TableContract`)
     on the columns in ``types``, as admission conditions; uniqueness is left out (the job
     deduplicates against the events it has seen, not within a table)."""
-
     return tuple(Condition(c.fails, c.name, c.reason, c.severity)
                  for c in row_checks(contract, types) if "__dup_rank" not in c.fails)

@@ -60,7 +60,6 @@ class WindowState:
     def update(self, i: int, events: pa.Table) -> pa.Table:
         """Add the events of owned keys to view ``i``'s state; return the latest feature
         row of each key they touched (with its event time in microseconds)."""
-
         con, v = self.con, self.views[i]
         spec, table = v.spec, self.tables[i]
         con.register(_EVENTS, events)
