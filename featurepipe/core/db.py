@@ -12,7 +12,7 @@ Every connection is in UTC (``TimeZone``), whatever the profile:
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Any, Literal
 
 import duckdb
 
@@ -43,3 +43,11 @@ def configure(con: duckdb.DuckDBPyConnection, profile: Profile = "default", thre
         con.execute("SET preserve_insertion_order = true")
     else:
         raise ValueError(f"unknown DuckDB profile {profile!r}; one of default, deterministic, scan")
+
+
+def one_row(con: duckdb.DuckDBPyConnection, query: str) -> tuple[Any, ...]:
+    """The row of a query that returns exactly one (an aggregate without ``GROUP BY``, a
+    ``SELECT`` of settings), so callers can index it without a None check."""
+    row = con.execute(query).fetchone()
+    assert row is not None, f"no row from a query that always returns one: {query}"
+    return row

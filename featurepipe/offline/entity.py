@@ -40,7 +40,7 @@ class EntityFrame:
         return bounds["min"], bounds["max"]
 
 
-def read_entity_frame(entity_df: pd.DataFrame | str, con: duckdb.DuckDBPyConnection) -> EntityFrame:
+def read_entity_frame(entity_df: pd.DataFrame | str | None, con: duckdb.DuckDBPyConnection) -> EntityFrame:
     """Turn ``entity_df`` (a DataFrame or a SQL query run in ``con``) into an :class:`EntityFrame`."""
     if isinstance(entity_df, str):
         try:
@@ -70,7 +70,7 @@ def read_entity_frame(entity_df: pd.DataFrame | str, con: duckdb.DuckDBPyConnect
 def _timestamp_column(table: pa.Table) -> str:
     if DEFAULT_TIMESTAMP in table.column_names:
         return DEFAULT_TIMESTAMP
-    candidates = [f.name for f in table.schema if pa.types.is_timestamp(f.type)]
+    candidates: list[str] = [f.name for f in table.schema if pa.types.is_timestamp(f.type)]
     if len(candidates) == 1:
         return candidates[0]
     raise InvalidInput(

@@ -36,7 +36,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import numpy as np
@@ -45,14 +45,12 @@ import pyarrow.compute as pc
 
 from featurepipe.core.sql import quote
 from featurepipe.offline.entity import ROW, EntityFrame
+from featurepipe.online.native import NativeKernels, kernels
 
 if TYPE_CHECKING:
     from featurepipe.offline.view import ViewRequest
 
-try:
-    from featurepipe.online import _native as compiled
-except ImportError:  # no C compiler at install time: the NumPy lookup below
-    compiled = None
+compiled: NativeKernels | None = kernels  # None: no C compiler at install time, the NumPy lookup below
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +123,7 @@ class Location:
     directory: Path
     family: str
     folder: Path
-    meta: dict | None
+    meta: dict[str, Any] | None  # meta.json, parsed
 
 
 def locate(view: ViewRequest, directory: Path) -> Location:
@@ -154,7 +152,7 @@ class SortedIndex:
     offsets: np.ndarray  # int64, first row of each batch, then the row count
 
     @classmethod
-    def open(cls, folder: Path, meta: dict | None = None) -> SortedIndex:
+    def open(cls, folder: Path, meta: dict[str, Any] | None = None) -> SortedIndex:
         if meta is None:
             meta = json.loads((folder / "meta.json").read_text())
         reader = pa.ipc.open_file(pa.memory_map(str(folder / "rows.arrow")))

@@ -35,8 +35,9 @@ def index_directory(config: RepoConfig | None) -> Path | None:
     options = getattr(config, "offline_store", None)
     if not getattr(options, "index", True):
         return None
-    if getattr(options, "index_directory", None):
-        return Path(options.index_directory)
+    directory = getattr(options, "index_directory", None)
+    if directory:
+        return Path(directory)
     repo = getattr(config, "repo_path", None)
     base = Path(repo) if repo else Path(tempfile.gettempdir())
     return base / ".featurepipe" / "offline-index"
@@ -78,11 +79,13 @@ def connect(config: RepoConfig | None = None) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def source_path(config: RepoConfig, source: DataSource, view: str = "") -> str:
-    """The absolute path (or glob) of a Parquet ``FileSource``."""
+def source_path(config: RepoConfig, source: DataSource | None, view: str = "") -> str:
+    """The absolute path (or glob) of a Parquet ``FileSource`` (a view's ``batch_source``,
+    which Feast leaves None for a view declared without a source)."""
     if not isinstance(source, FileSource):
+        got = "no batch source" if source is None else f"{type(source).__name__} {source.name!r}"
         raise InvalidInput(
             f"{'feature view ' + repr(view) + ': ' if view else ''}the featurepipe offline store reads "
-            f"Parquet FileSource sources, got {type(source).__name__} {source.name!r}"
+            f"Parquet FileSource sources, got {got}"
         )
     return resolve_source_path(config.repo_path, source.path)

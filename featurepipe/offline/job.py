@@ -11,13 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import duckdb
 import pandas as pd
 import pyarrow as pa
 from feast.infra.offline_stores.offline_store import RetrievalJob, RetrievalMetadata
 
+from featurepipe.core.db import one_row
 from featurepipe.core.sql import literal
 from featurepipe.errors import InvalidInput
 from featurepipe.offline.infra import connect
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from feast.repo_config import RepoConfig
     from feast.saved_dataset import SavedDatasetStorage
 
+T = TypeVar("T")
+
 
 @dataclass(frozen=True)
 class QueryPlan:
@@ -36,8 +39,9 @@ class QueryPlan:
     config: RepoConfig | None
     plan: Callable[[duckdb.DuckDBPyConnection], SqlPlan]
 
-    def run(self, consume: Callable[[duckdb.DuckDBPyConnection, SqlPlan], Any]) -> Any:
-        con = LazyConnection(self.config)
+    def run(self, consume: Callable[[duckdb.DuckDBPyConnection, SqlPlan], T]) -> T:
+        # a stand-in with the connection's attributes, opened on first use
+        con = cast(duckdb.DuckDBPyConnection, LazyConnection(self.config))
         try:
             query = self.plan(con)
             try:
@@ -104,13 +108,14 @@ class FeaturepipeRetrievalJob(RetrievalJob):
 
     def to_df(self, validation_reference: Any = None, timeout: int | None = None) -> pd.DataFrame:
         """Feast's ``to_df`` without its ``reset_index`` copy: Arrow gives a RangeIndex already."""
-        frame = self.to_arrow(validation_reference=validation_reference, timeout=timeout).to_pandas()
+        frame: pd.DataFrame = self.to_arrow(validation_reference=validation_reference, timeout=timeout).to_pandas()
         if not isinstance(frame.index, pd.RangeIndex) or frame.index.start != 0 or frame.index.step != 1:
             frame = frame.reset_index(drop=True)
         return frame
 
     def _to_df_internal(self, timeout: int | None = None) -> pd.DataFrame:
-        return self._to_arrow_internal(timeout).to_pandas()
+        frame: pd.DataFrame = self._to_arrow_internal(timeout).to_pandas()
+        return frame
 
     def to_parquet(self, path: str | Path) -> int:
         """Stream the result (before on-demand views) into one Parquet file; returns its rows."""
@@ -120,7 +125,7 @@ class FeaturepipeRetrievalJob(RetrievalJob):
         def copy(con: duckdb.DuckDBPyConnection, plan: SqlPlan) -> int:
             plan.prepare(con)
             con.execute(f"COPY ({plan.sql()}) TO {literal(str(target))} (FORMAT parquet)")
-            return int(con.execute(f"SELECT count(*) FROM read_parquet({literal(str(target))})").fetchone()[0])
+            return int(one_row(con, f"SELECT count(*) FROM read_parquet({literal(str(target))})")[0])
 
         return self._query.run(copy)
 

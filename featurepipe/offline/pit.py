@@ -143,7 +143,8 @@ def build_join(
             con.register(ENTITY, frame.table)
             entity_registered = True
 
-    use_index = index_directory is not None and frame.table.num_rows <= INDEX_MAX_ENTITY_ROWS
+    # where the indexes are, or None: match by scans (no index, or too many entity rows)
+    indexes = index_directory if frame.table.num_rows <= INDEX_MAX_ENTITY_ROWS else None
     lookups: list[IndexedLookup] = []
     as_of = f"e.{quote(frame.timestamp_column)}"
     lo_scalar, hi_scalar = frame.time_range()
@@ -159,7 +160,7 @@ def build_join(
     joins = []
     for i, view in enumerate(views):
         view = view.pinned(con)
-        where = locate(view, index_directory) if use_index else None
+        where = locate(view, indexes) if indexes is not None else None
         types = where.meta["types"] if where and where.meta else source_types(con, view)
         _check_columns(view, types)
         check_join_key_types(frame, {ent: types[src] for src, ent in view.join_keys.items()}, view.name)

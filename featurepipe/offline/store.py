@@ -55,7 +55,7 @@ class FeaturepipeOfflineStoreConfig(DuckDBOfflineStoreConfig):
     It lives beside the store class: Feast finds the store class in the config class's module.
     """
 
-    type: Literal["featurepipe.offline.store.FeaturepipeOfflineStore"] = (  # type: ignore[assignment]
+    type: Literal["featurepipe.offline.store.FeaturepipeOfflineStore"] = (
         "featurepipe.offline.store.FeaturepipeOfflineStore"
     )
     memory_limit: str | None = None
@@ -81,7 +81,7 @@ class FeaturepipeOfflineStore(DuckDBOfflineStore):
         config: RepoConfig,
         feature_views: list[FeatureView],
         feature_refs: list[str],
-        entity_df: pd.DataFrame | str,
+        entity_df: pd.DataFrame | str | None,  # None (Feast's time-range retrieval): InvalidInput
         registry: BaseRegistry,
         project: str,
         full_feature_names: bool = False,
@@ -190,6 +190,7 @@ class FeaturepipeOfflineStore(DuckDBOfflineStore):
         """
         source = feature_view.batch_source
         path = source_path(config, source, feature_view.name)
+        assert source is not None  # source_path raised InvalidInput otherwise
         expected = _source_schema(path)
         missing = [c for c in expected.names if c not in table.column_names]
         extra = [c for c in table.column_names if c not in expected.names]
@@ -223,7 +224,7 @@ class FeaturepipeOfflineStore(DuckDBOfflineStore):
             progress(table.num_rows)
 
 
-def _metadata(config: RepoConfig, entity_df: pd.DataFrame | str, feature_refs: list[str]) -> RetrievalMetadata:
+def _metadata(config: RepoConfig, entity_df: pd.DataFrame | str | None, feature_refs: list[str]) -> RetrievalMetadata:
     """Keys and as-of range of the entity rows (Feast records them with saved datasets)."""
     con = connect(config)
     try:

@@ -42,6 +42,7 @@ class ViewRequest:
     ) -> ViewRequest:
         """Resolve names through the source's field mapping and the projection's join-key map."""
         source = fv.batch_source
+        assert source is not None, "source_path(), which gave `path`, refuses a view without a batch source"
         reverse = {v: k for k, v in (source.field_mapping or {}).items()}
         view_name = fv.projection.name_to_use()
         join_keys = {

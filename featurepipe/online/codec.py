@@ -30,12 +30,10 @@ import pyarrow.compute as pc
 
 from featurepipe.online import rows
 from featurepipe.online.layout import KEY_TYPE_IDS, entity_key_prefix, key_suffix
+from featurepipe.online.native import NativeKernels, kernels
 from featurepipe.online.rows import Piece
 
-try:
-    from featurepipe.online import _native as compiled
-except ImportError:  # not compiled (no C compiler at install time): NumPy only
-    compiled = None
+compiled: NativeKernels | None = kernels  # None: not compiled (no C compiler at install time), NumPy only
 
 # Feast ValueType names with a vectorised encoder, and their Value proto tag byte.
 SCALAR_TAGS = {
@@ -77,7 +75,8 @@ def _length_delimited(tag: int, array: pa.Array) -> Piece:
 def epoch_seconds(array: pa.Array) -> np.ndarray:
     """Whole seconds since the epoch of a timestamp column, rounded down (as NumPy does)."""
     micros = _numbers(array.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()), np.int64)
-    return np.floor_divide(micros, 1_000_000)
+    seconds: np.ndarray = np.floor_divide(micros, 1_000_000)
+    return seconds
 
 
 # ValueType -> (kind of the compiled encoder, NumPy dtype it reads)

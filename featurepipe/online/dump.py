@@ -32,12 +32,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from featurepipe.online import rows
+from featurepipe.online.native import NativeKernels, kernels
 from featurepipe.online.rows import Piece
 
-try:
-    from featurepipe.online import _native as compiled
-except ImportError:  # not compiled (no C compiler at install time): the NumPy path
-    compiled = None
+compiled: NativeKernels | None = kernels  # None: not compiled (no C compiler at install time), the NumPy path
 
 RDB_TYPE_HASH_LISTPACK = 16
 RDB_VERSION = 10  # Redis 7.0, the first to store hashes as listpacks; later ones load it
@@ -177,7 +175,7 @@ def unsigned_payload(entries: Sequence[Piece], count: int | None = None) -> list
     """
     n = entries[0].rows
     count = len(entries) if count is None else count
-    lp_len = sum(e.row_lengths() for e in entries) + 7
+    lp_len = sum((e.row_lengths() for e in entries), np.full(n, 7, dtype=np.int64))
     head = np.empty((n, 6), dtype=np.uint8)
     head[:, :4] = lp_len.astype("<u4").view(np.uint8).reshape(n, 4)
     head[:, 4:] = np.frombuffer(min(count, 65535).to_bytes(2, "little"), dtype=np.uint8)
@@ -214,7 +212,7 @@ def restore_commands_numpy(keys: Piece, entries: Sequence[Piece], count: int, tt
     """
     n = keys.rows
     payload = unsigned_payload(entries, count)
-    plen = sum(p.row_lengths() for p in payload) + 8
+    plen = sum((p.row_lengths() for p in payload), np.full(n, 8, dtype=np.int64))
     ttl = str(int(ttl_ms)).encode()
     head = [
         rows.constant(b"*4\r\n$7\r\nRESTORE\r\n", n),
@@ -257,4 +255,5 @@ def integer_like(piece: Piece) -> np.ndarray:
     second = data[:, 1] if width > 1 else np.zeros(n, np.uint8)
     positive = first_digit & rest_digits & ((data[:, 0] != 0x30) | (lengths == 1))
     negative = minus & (lengths >= 2) & rest_digits & (second >= 0x31) & (second <= 0x39)
-    return (lengths >= 1) & (lengths <= 20) & (positive | negative)
+    integer: np.ndarray = (lengths >= 1) & (lengths <= 20) & (positive | negative)
+    return integer

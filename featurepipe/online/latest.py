@@ -34,7 +34,8 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from featurepipe.batch.sql import literal, quote
+from featurepipe.core.db import one_row
+from featurepipe.core.sql import literal, quote
 from featurepipe.errors import InvalidInput, NotFound
 
 REASON = "__reason"
@@ -280,9 +281,9 @@ def _with_conditions(con: duckdb.DuckDBPyConnection, sql: str, conditions: Seque
     blocking = [c for c in conditions if c.block]
     if not blocking:
         return wrapped, {}, {}
-    counts = con.execute(
-        "SELECT " + ", ".join(f"coalesce(sum(CAST({c.fails} AS INTEGER)), 0)" for c in blocking) + f" FROM ({sql})"
-    ).fetchone()
+    counts = one_row(
+        con, "SELECT " + ", ".join(f"coalesce(sum(CAST({c.fails} AS INTEGER)), 0)" for c in blocking) + f" FROM ({sql})"
+    )
     blocked = {c.name: int(n) for c, n in zip(blocking, counts) if n}
     sample = {}
     for c in blocking:

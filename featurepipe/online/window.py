@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -116,7 +116,7 @@ def encode(batch: pa.RecordBatch, plan: ViewPlan) -> EncodedRows:
     return EncodedRows(keys=keys, timestamps=codec.encode_timestamps(micros), values=values)
 
 
-def prefetch(batches: Iterator[pa.RecordBatch], depth: int = 2) -> Iterator[pa.RecordBatch]:
+def prefetch(batches: Iterator[pa.RecordBatch], depth: int = 2) -> Generator[pa.RecordBatch, None, None]:
     """Read ``batches`` in a background thread, ``depth`` ahead: DuckDB scans (it releases
     the GIL) while this thread encodes and writes the previous batch."""
     done = object()
@@ -142,7 +142,7 @@ def prefetch(batches: Iterator[pa.RecordBatch], depth: int = 2) -> Iterator[pa.R
                 return
             if isinstance(item, BaseException):
                 raise item
-            yield item  # type: ignore[misc]
+            yield item
     finally:
         stop.set()
         while thread.is_alive():  # unblock a producer waiting on a full queue

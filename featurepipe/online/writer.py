@@ -23,6 +23,7 @@ import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import redis
@@ -191,7 +192,7 @@ class HashWriter:
         self._started = time.monotonic()
         self._sent_rows = 0
         self._queue: deque[_Sent] = deque()
-        self._conn: redis.connection.AbstractConnection | None = None
+        self._conn: redis.connection.Connection | None = None
         self._sock: socket.socket | None = None
         self._replies: _ReplyLines | None = None
         self._want_restore = restore
@@ -206,7 +207,8 @@ class HashWriter:
             self._conn = self.client.connection_pool.get_connection()
             self._conn.connect()
             # the connection is ours alone from here: raw socket I/O, no redis-py parser
-            self._sock = self._conn._sock  # type: ignore[attr-defined]
+            # (cast: redis-py declares _sock only by its first value, None)
+            self._sock = cast("socket.socket | None", self._conn._sock)
             assert self._sock is not None
             self._replies = _ReplyLines(self._sock)
             if self._want_restore:
@@ -331,6 +333,7 @@ class HashWriter:
         try:
             limits = self.client.config_get("hash-max-*-entries")
             values = self.client.config_get("hash-max-*-value")
+            assert isinstance(limits, dict) and isinstance(values, dict)  # a sync client's replies
             entries = min((int(v) for v in limits.values()), default=128)
             self._max_value = min((int(v) for v in values.values()), default=64)
         except redis.ResponseError:  # CONFIG disabled (managed Redis): the defaults
@@ -354,7 +357,8 @@ class HashWriter:
             reply = self._replies.lines(1)
             if reply is not None:  # not +OK: unknown payload version, RESTORE not allowed, ...
                 return False
-            self.client.hset(built, mapping=dict(zip([self.ts_field, *self.feature_fields], sample)))
+            # (redis-py annotates hset's key as str; bytes keys work, as everywhere else)
+            self.client.hset(built, mapping=dict(zip([self.ts_field, *self.feature_fields], sample)))  # type: ignore[arg-type]
             self.client.pexpire(built, 60_000)
             return self.client.dump(restored) == self.client.dump(built)
         except redis.ResponseError:
