@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 import duckdb
 
 from featurepipe.batch.sql import SourceColumns, aggregate_sql
-from featurepipe.core.db import connect
+from featurepipe.core.db import connect, one_row
 from featurepipe.core.sql import literal, quote
 from featurepipe.definitions import AggregateView, aggregate_views
 from featurepipe.errors import InvalidInput, NotFound
@@ -77,10 +77,10 @@ def source_columns(con: duckdb.DuckDBPyConnection, path: str) -> SourceColumns:
 def input_time_range(con: duckdb.DuckDBPyConnection, view: AggregateView) -> tuple[datetime, datetime]:
     """The first and last event time of a view's input."""
     ts = quote(view.timestamp_field)
-    lo, hi = con.execute(
-        f"SELECT min({ts}), max({ts}) FROM read_parquet({literal(view.input_path)}, "
+    lo, hi = one_row(
+        con, f"SELECT min({ts}), max({ts}) FROM read_parquet({literal(view.input_path)}, "
         "hive_partitioning = true, union_by_name = true)"
-    ).fetchone()
+    )
     if lo is None:
         raise NotFound(f"input of {view.name!r} ({view.input_path}) has no rows with {ts} set")
     return lo.astimezone(timezone.utc), hi.astimezone(timezone.utc)
@@ -129,10 +129,10 @@ def backfill_view(
         )
         if gate is not None:
             staging = gate.check_output(con, view, staging)
-        rows, entities = con.execute(
-            f"SELECT count(*), count(DISTINCT ({', '.join(quote(k) for k in view.join_keys)})) "
+        rows, entities = one_row(
+            con, f"SELECT count(*), count(DISTINCT ({', '.join(quote(k) for k in view.join_keys)})) "
             f"FROM read_parquet({literal(str(staging / '**' / '*.parquet'))})"
-        ).fetchone() if staging.exists() else (0, 0)
+        ) if staging.exists() else (0, 0)
         out.mkdir(parents=True, exist_ok=True)
         published = []
         day = start_dt

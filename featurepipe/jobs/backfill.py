@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from featurepipe.batch import backfill as batch
 from featurepipe.batch.backfill import BackfillResult
+from featurepipe.definitions import aggregate_views
 from featurepipe.quality.gate import open_gate
 
 if TYPE_CHECKING:
@@ -30,6 +31,6 @@ def backfill(
     """
     if not quality:
         return batch.backfill(store, views, start, end, progress)
-    names = [v.name for v in batch.aggregate_views(store, views)]
+    names = [v.name for v in aggregate_views(store, views)]
     with open_gate(store, names) as gate:
         return batch.backfill(store, views, start, end, progress, gate=gate)

@@ -18,8 +18,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import date, datetime
 
-from featurepipe.quality.checks import CheckResult
 from featurepipe.quality.contracts import AnomalyContract
+from featurepipe.quality.records import CheckResult
 from featurepipe.quality.stats import TABLE, DayStats
 
 MAD_TO_SIGMA = 1.4826

@@ -15,6 +15,7 @@ from typing import Any
 
 import duckdb
 
+from featurepipe.core.db import one_row
 from featurepipe.core.sql import literal, quote
 from featurepipe.quality import stats
 from featurepipe.quality.contracts import TableContract
@@ -378,15 +379,15 @@ def duplicates(con: duckdb.DuckDBPyConnection, relation: str, columns: tuple[str
     """
     keys = [quote(k) for k in columns]
     not_null = " AND ".join(f"{k} IS NOT NULL" for k in keys)
-    fast = con.execute(
-        f"SELECT count(*) - count(DISTINCT hash({', '.join(keys)})) FROM {relation} WHERE {not_null}"
-    ).fetchone()[0]
+    fast = one_row(
+        con, f"SELECT count(*) - count(DISTINCT hash({', '.join(keys)})) FROM {relation} WHERE {not_null}"
+    )[0]
     if not fast:
         return 0
     distinct = keys[0] if len(keys) == 1 else f"({', '.join(keys)})"
-    return int(con.execute(
-        f"SELECT count(*) - count(DISTINCT {distinct}) FROM {relation} WHERE {not_null}"
-    ).fetchone()[0])
+    return int(one_row(
+        con, f"SELECT count(*) - count(DISTINCT {distinct}) FROM {relation} WHERE {not_null}"
+    )[0])
 
 
 def write_quarantine(con: duckdb.DuckDBPyConnection, relation: str, checks: list[RowCheck],
@@ -409,7 +410,7 @@ def write_quarantine(con: duckdb.DuckDBPyConnection, relation: str, checks: list
         f"FROM {ranked}) WHERE quality_check IS NOT NULL ORDER BY __source_file, file_row_number) "
         f"TO {literal(str(target))} (FORMAT parquet, COMPRESSION zstd)"
     )
-    return int(con.execute(f"SELECT count(*) FROM read_parquet({literal(str(target))})").fetchone()[0])
+    return int(one_row(con, f"SELECT count(*) FROM read_parquet({literal(str(target))})")[0])
 
 
 def sample_rows(con: duckdb.DuckDBPyConnection, quarantine: Path, check: str, limit: int = 3) -> list[dict[str, Any]]:

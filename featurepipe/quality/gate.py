@@ -28,15 +28,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 import duckdb
 
 from featurepipe.config import data_dir, resolve_source_path
-from featurepipe.core.db import connect
+from featurepipe.core.db import connect, one_row
 from featurepipe.core.sql import literal, quote
 from featurepipe.definitions import AggregateView, aggregate_views
 from featurepipe.errors import GateBlocked
 from featurepipe.quality import anomaly, checks, stats
-from featurepipe.quality.checks import CheckResult, parquet_relation
+from featurepipe.quality.checks import parquet_relation
 from featurepipe.quality.contracts import Contracts, TableContract, load_contracts
 from featurepipe.quality.publish import finish_run, start_run
-from featurepipe.quality.records import RunInput, RunOutput, RunRecord
+from featurepipe.quality.records import CheckResult, RunInput, RunOutput, RunRecord
 from featurepipe.quality.runlog import (
     record_head,
     view_definition_hashes,
@@ -119,9 +119,9 @@ def _newest_event(offline: Path) -> str | None:
     if not days:
         return None
     with connect() as con:
-        newest = con.execute(
-            f"SELECT max(event_timestamp) FROM read_parquet({literal(str(days[-1] / '*.parquet'))})"
-        ).fetchone()[0]
+        newest: datetime | None = one_row(
+            con, f"SELECT max(event_timestamp) FROM read_parquet({literal(str(days[-1] / '*.parquet'))})"
+        )[0]
     if newest is None:
         return None
     return (newest if newest.tzinfo else newest.replace(tzinfo=timezone.utc)).isoformat()
@@ -271,7 +271,7 @@ class BatchGate:
         The checks use every core: the backfill's own SQL runs on one thread so that a rerun
         writes the same bytes, but counts and statistics do not depend on the order rows
         are read in (float sums only in their last bits, which the detector ignores)."""
-        threads = con.execute("SELECT current_setting('threads')").fetchone()[0]
+        threads = one_row(con, "SELECT current_setting('threads')")[0]
         con.execute(f"SET threads = {os.cpu_count() or 1}")
         try:
             return self._check_tables(con, stage, contract, files, timestamp, input_newest, warm_until)

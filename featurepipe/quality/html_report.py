@@ -14,6 +14,7 @@ import base64
 import html
 import io
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -57,7 +58,7 @@ def _e(value: object) -> str:
     return html.escape(str(value))
 
 
-def _table(header: list[str], rows: list[list[object]], numeric: set[int] | None = None,
+def _table(header: list[str], rows: Sequence[Sequence[object]], numeric: set[int] | None = None,
            failing: list[bool] | None = None) -> str:
     numeric = numeric or set()
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
@@ -156,7 +157,8 @@ def _rows_figure(title: str, days: list[DayStats], flagged: set[date]) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(13, 2.2))
-    ax.bar([d.day for d in days], [d.rows for d in days], color=["#b3261e" if d.day in flagged else "#4c78a8"
+    # (matplotlib plots dates through its unit converters; its stubs name only numbers)
+    ax.bar([d.day for d in days], [d.rows for d in days], color=["#b3261e" if d.day in flagged else "#4c78a8"  # type: ignore[arg-type]
                                                                   for d in days])
     ax.set_title(title, fontsize=10)
     ax.tick_params(axis="x", labelrotation=30, labelsize=7)

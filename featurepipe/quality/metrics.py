@@ -129,7 +129,7 @@ def build_registry(data: Path, now: datetime | None = None, sla: dict[str, float
     from prometheus_client import CollectorRegistry
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_RunLogCollector(data, now, sla))  # type: ignore[arg-type]
+    registry.register(_RunLogCollector(data, now, sla))
     return registry
 
 

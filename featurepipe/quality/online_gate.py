@@ -28,10 +28,9 @@ from featurepipe.errors import GateBlocked
 from featurepipe.online.latest import DUCKDB_TYPES, RowCondition
 from featurepipe.online.window import MaterializationBlocked, ViewMaterialization, ViewPlan
 from featurepipe.quality import checks
-from featurepipe.quality.checks import CheckResult
 from featurepipe.quality.contracts import Contracts, TableContract, load_contracts
 from featurepipe.quality.publish import finish_run, start_run
-from featurepipe.quality.records import RunInput, RunOutput, RunRecord
+from featurepipe.quality.records import CheckResult, RunInput, RunOutput, RunRecord
 from featurepipe.quality.runlog import feature_view_hash, record_head
 
 STAGE = "materialize"

@@ -207,7 +207,7 @@ class LineageRun:
         if record and record.error:
             run_facets["errorMessage"] = error_message_run.ErrorMessageRunFacet(
                 message=record.error, programmingLanguage="python")
-        job_facets = {"jobType": job_type_job.JobTypeJobFacet(
+        job_facets: dict[str, Any] = {"jobType": job_type_job.JobTypeJobFacet(
             processingType="BATCH", integration="FEATUREPIPE", jobType=self.kind.upper())}
         self._client.emit(RunEvent(
             eventType=getattr(RunState, state),

@@ -16,9 +16,14 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from featurepipe.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_Part = TypeVar("_Part", bound="DataclassInstance")
 
 KIND_BACKFILL = "backfill"
 KIND_MATERIALIZE = "materialize"
@@ -261,7 +266,7 @@ def _input_names(i: Mapping[str, Any]) -> Mapping[str, Any]:
             "name": i.get("source") or i.get("view") or ""}
 
 
-def _build(cls: Any, d: Mapping[str, Any]) -> Any:
+def _build(cls: type[_Part], d: Mapping[str, Any]) -> _Part:
     """A record part from a dict: known fields only (lists become tuples)."""
     known = {f.name for f in fields(cls)}
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}

@@ -22,7 +22,7 @@ from typing import Any
 
 import duckdb
 
-from featurepipe.core.db import connect
+from featurepipe.core.db import connect, one_row
 from featurepipe.core.sql import literal, quote
 from featurepipe.errors import InvalidInput
 from featurepipe.quality.contracts import TableContract
@@ -90,9 +90,9 @@ def stats_columns(contract: TableContract, types: dict[str, str], timestamp: str
 
 def sample_modulus(con: duckdb.DuckDBPyConnection, files: str) -> int:
     """1-in-m for the percentile sample: about :data:`SAMPLE_PER_FILE` rows per file."""
-    found = con.execute(
-        f"SELECT count(*), coalesce(sum(num_rows), 0) FROM parquet_file_metadata({literal(files)})"
-    ).fetchone()
+    found = one_row(
+        con, f"SELECT count(*), coalesce(sum(num_rows), 0) FROM parquet_file_metadata({literal(files)})"
+    )
     n_files, n_rows = int(found[0]), int(found[1])
     return max(1, n_rows // max(1, n_files) // SAMPLE_PER_FILE)
 

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from featurepipe.core.db import connect
+from featurepipe.core.db import connect, one_row
 from featurepipe.core.sql import literal
 from featurepipe.definitions import AggregateView
 from featurepipe.errors import NotFound
@@ -50,9 +50,9 @@ def freshness(views: list[AggregateView], contracts: Contracts, now: datetime | 
     for view in views:
         newest = None
         if any(Path(view.offline_path).glob("date=*/*.parquet")):
-            newest = con.execute(
-                f"SELECT max(event_timestamp) FROM read_parquet({literal(str(view.offline_path / '**' / '*.parquet'))})"
-            ).fetchone()[0]
+            newest = one_row(
+                con, f"SELECT max(event_timestamp) FROM read_parquet({literal(str(view.offline_path / '**' / '*.parquet'))})"
+            )[0]
         contract = contracts.feature_views.get(view.name)
         sla = contract.freshness.max_age if contract and contract.freshness else None
         out.append(Freshness(view.name, newest, now - newest if newest else None, sla))

@@ -22,9 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from featurepipe.batch.backfill import source_columns
-from featurepipe.batch.sql import aggregate_sql, quote
+from featurepipe.batch.sql import aggregate_sql
 from featurepipe.config import find_repo, source_path
-from featurepipe.core.db import connect
+from featurepipe.core.db import connect, one_row
+from featurepipe.core.sql import quote
 from featurepipe.definitions import aggregate_views
 from featurepipe.errors import InvalidInput
 from featurepipe.quality.contracts import load_contracts
@@ -91,7 +92,7 @@ def push_events(store: FeatureStore, events: pa.Table, source: str = "transactio
         if not raw_file.exists():
             written.insert(0, raw_file)
         pq.write_table(part, raw_file)
-    lo, hi = con.execute("SELECT min(event_timestamp), max(event_timestamp) FROM __new_events").fetchone()
+    lo, hi = one_row(con, "SELECT min(event_timestamp), max(event_timestamp) FROM __new_events")
     computed = []  # every view's rows before any is pushed: a failed read leaves Redis as it was
     try:
         for view in views:

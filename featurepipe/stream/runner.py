@@ -94,8 +94,8 @@ def publish_parquet(repo: str | Path | None, events: Path | None, *, stream: str
     """Publish Parquet events (default: the source's raw files) in event-time order."""
     import duckdb
 
-    from featurepipe.batch.sql import literal
     from featurepipe.config import load_store, source_path
+    from featurepipe.core.sql import literal
 
     if events is None:
         store = load_store(repo)
