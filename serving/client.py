@@ -224,7 +224,9 @@ class FeatureClient:
                 return method(request, timeout=self.timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-                details = exc.details() if hasattr(exc, "details") else str(exc)
+                details = exc.details() if hasattr(exc, "details") else None
+                if details is None:  # no details() (not a grpc.Call), or a status sent without details
+                    details = str(exc)
                 if code == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
                     time.sleep(self.backoff * 2**attempt)
                     attempt += 1
@@ -310,7 +312,9 @@ class AsyncFeatureClient:
                 return OnlineFeatures(response)
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-                details = exc.details() if hasattr(exc, "details") else str(exc)
+                details = exc.details() if hasattr(exc, "details") else None
+                if details is None:  # no details() (not a grpc.Call), or a status sent without details
+                    details = str(exc)
                 if code == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
                     await asyncio.sleep(self.backoff * 2**attempt)
                     attempt += 1

@@ -51,6 +51,7 @@ def encode_entity_value(value: Any, value_type: Any, column: str, row: int) -> b
             f"{value_type.name}: send it as {accepted[0]}"
         )
     raw = getattr(value, kind)
+    data: bytes
     if value_type == ServedValueType.STRING:
         data = raw.encode("utf8")
     elif value_type == ServedValueType.BYTES:

@@ -103,7 +103,7 @@ class LazyInputs(dict):  # type: ignore[type-arg]
         self._everything()
         return dict.__eq__(self, other)
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None
 
     def __repr__(self) -> str:
         self._everything()

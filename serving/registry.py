@@ -13,15 +13,66 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from featurepipe.errors import BackendUnavailable, InvalidInput
 from serving import protos
 from serving.repo_config import ServingRepoConfig
 
-ServedValueType = enum.IntEnum("ServedValueType", protos.VALUE_TYPES)  # type: ignore[misc]
-"""Feast's ``feast.types.ValueType.Enum`` (INT64, STRING, DOUBLE, ...), same numbers and names,
-built from the installed Feast's protos (not Feast's ``ValueType`` class, which needs its SDK)."""
+if TYPE_CHECKING:
+    class ServedValueType(enum.IntEnum):
+        """What the type checker sees of the enum built below from the installed Feast's
+        protos: Feast 0.67's members (tests/test_serving.py checks that the two agree)."""
+
+        INVALID = 0
+        BYTES = 1
+        STRING = 2
+        INT32 = 3
+        INT64 = 4
+        DOUBLE = 5
+        FLOAT = 6
+        BOOL = 7
+        UNIX_TIMESTAMP = 8
+        BYTES_LIST = 11
+        STRING_LIST = 12
+        INT32_LIST = 13
+        INT64_LIST = 14
+        DOUBLE_LIST = 15
+        FLOAT_LIST = 16
+        BOOL_LIST = 17
+        UNIX_TIMESTAMP_LIST = 18
+        NULL = 19
+        MAP = 20
+        MAP_LIST = 21
+        BYTES_SET = 22
+        STRING_SET = 23
+        INT32_SET = 24
+        INT64_SET = 25
+        DOUBLE_SET = 26
+        FLOAT_SET = 27
+        BOOL_SET = 28
+        UNIX_TIMESTAMP_SET = 29
+        JSON = 32
+        JSON_LIST = 33
+        STRUCT = 34
+        STRUCT_LIST = 35
+        UUID = 36
+        TIME_UUID = 37
+        UUID_LIST = 38
+        TIME_UUID_LIST = 39
+        UUID_SET = 40
+        TIME_UUID_SET = 41
+        VALUE_LIST = 42
+        VALUE_SET = 43
+        DECIMAL = 44
+        DECIMAL_LIST = 45
+        DECIMAL_SET = 46
+        SCALAR_MAP = 47
+        ZONED_TIMESTAMP = 48
+else:
+    ServedValueType = enum.IntEnum("ServedValueType", protos.VALUE_TYPES)
+    """Feast's ``feast.types.ValueType.Enum`` (INT64, STRING, DOUBLE, ...), same numbers and names,
+    built from the installed Feast's protos (not Feast's ``ValueType`` class, which needs its SDK)."""
 
 _REGISTRY = "feast/core/Registry.proto"
 
@@ -31,7 +82,7 @@ class FieldDef:
     """A named, typed column of a view or request schema."""
 
     name: str
-    value_type: Any  # ServedValueType
+    value_type: ServedValueType
 
 
 @dataclass(frozen=True)
@@ -148,7 +199,7 @@ def _fields(specs: Any) -> tuple[FieldDef, ...]:
     return tuple(FieldDef(s.name, _value_type(s.value_type)) for s in specs)
 
 
-def _value_type(number: int) -> Any:
+def _value_type(number: int) -> ServedValueType:
     try:
         return ServedValueType(number)
     except ValueError:

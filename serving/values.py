@@ -126,7 +126,7 @@ def from_value(value: Any) -> Any:
 
 
 # ValueType number -> (Value field, accepted Python types, converter), for on-demand outputs.
-_OUTPUT_KINDS: dict[int, tuple[str, tuple[type, ...], Any]] = {
+_OUTPUT_KINDS: dict[int, tuple[str, tuple[type[Any], ...], Any]] = {
     1: ("bytes_val", (bytes,), bytes),
     2: ("string_val", (str,), str),
     3: ("int32_val", (int,), int),

@@ -550,6 +550,21 @@ def test_entity_keys_match_feast_serialisation() -> None:
         assert ours == theirs
 
 
+
+def test_the_checkers_value_types_match_the_runtime_enum() -> None:
+    """serving.registry declares ServedValueType's members for mypy (under TYPE_CHECKING) and
+    builds the enum at run time from Feast's protos: the two must name the same numbers."""
+    import ast
+
+    from serving import protos
+    from serving.registry import ServedValueType
+
+    tree = ast.parse((ROOT / "serving" / "registry.py").read_text(encoding="utf-8"))
+    declared = next(node for node in ast.walk(tree)
+                    if isinstance(node, ast.ClassDef) and node.name == "ServedValueType")
+    members = {stmt.targets[0].id: ast.literal_eval(stmt.value) for stmt in declared.body
+               if isinstance(stmt, ast.Assign) and isinstance(stmt.targets[0], ast.Name)}
+    assert members == protos.VALUE_TYPES == {m.name: m.value for m in ServedValueType}
 def test_client_value_conversions() -> None:
     from serving import protos
     from serving.values import from_value, to_value
