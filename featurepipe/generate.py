@@ -43,6 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from featurepipe.core.process import pid_alive
 from featurepipe.errors import InvalidInput
 
 CATEGORIES = np.array(
@@ -105,7 +106,8 @@ def default_end() -> date:
 
 def _weights(rng: np.random.Generator, n: int, sigma: float) -> np.ndarray:
     w = rng.lognormal(0.0, sigma, n)
-    return w / w.sum()
+    weights: np.ndarray = w / w.sum()
+    return weights
 
 
 def _time_of_day_us(rng: np.random.Generator, n: int, night: bool) -> np.ndarray:
@@ -395,18 +397,9 @@ def _remove_stale_siblings(out: Path) -> None:
             pid = int(p.name[len(f".{out.name}{_STAGE}"):].split("-", 1)[0])
         except ValueError:
             continue
-        if pid != os.getpid() and not _alive(pid):
+        if pid != os.getpid() and not pid_alive(pid):
             shutil.rmtree(p, ignore_errors=True)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class _staged:

@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 
+from featurepipe.core.process import pid_alive as _pid_alive
 from featurepipe.errors import BackendUnavailable, NotFound
 
 INSTALL_HINT = (
@@ -151,15 +152,6 @@ def _ping(port: int, timeout: float = 0.3) -> bool:
     except OSError:
         return False
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _pid_is_redis(pid: int) -> bool:
@@ -323,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("REDIS_URL"):
             return subprocess.call(command)
         with RedisServer() as server:
+            assert server.process is not None  # started by __enter__
             print(f"Started a private redis-server at {server.url} (pid {server.process.pid})",
                   file=sys.stderr)
             return subprocess.call(command, env={**os.environ, "REDIS_URL": server.url})
