@@ -54,7 +54,9 @@ def redis_status(repo: Path | None) -> None:
     client = redis_py.Redis(host="127.0.0.1", port=state.port)
     try:
         keys = client.dbsize()
-        memory = client.info("memory").get("used_memory_human", "?")
+        info = client.info("memory")
+        assert isinstance(info, dict)  # a sync client's reply
+        memory = info.get("used_memory_human", "?")
     finally:
         client.close()
     click.echo(f"running at {state.url} (pid {state.pid}, since {state.started}); {keys:,} keys, "

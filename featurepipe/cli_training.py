@@ -36,7 +36,7 @@ def evaluate(model: Path | None, repo: Path | None) -> None:
     from featurepipe.config import load_store, source_path
     from training.dataset import build_training_set, labelled_transactions
     from training.evaluate import write_report
-    from training.train import FraudModel
+    from training.model import FraudModel
 
     store = load_store(repo)
     fraud_model = FraudModel.load(_model_dir(repo, model))

@@ -98,8 +98,9 @@ def run_demo(repo: Path | None, rows: int, score: int, keep_running: bool) -> di
     from training.dataset import build_training_set, labelled_transactions
     from training.inference import FraudScorer
     from training.leakage import compare as compare_leakage
+    from training.model import FraudModel
     from training.skew import check_skew, sample_entities
-    from training.train import FraudModel, train_model
+    from training.train import train_model
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -163,8 +164,8 @@ def run_demo(repo: Path | None, rows: int, score: int, keep_running: bool) -> di
             scorer = FraudScorer(client, model)
             sample = entity_df.sample(n=min(score, len(entity_df)), random_state=1)
             latencies, scores = [], []
-            for row in sample.itertuples():
-                txn = {"user_id": int(row.user_id), "merchant_id": int(row.merchant_id), "amount": float(row.amount)}
+            for user_id, merchant_id, amount in zip(sample["user_id"], sample["merchant_id"], sample["amount"]):
+                txn = {"user_id": int(user_id), "merchant_id": int(merchant_id), "amount": float(amount)}
                 t = time.perf_counter()
                 feats = scorer.features([txn])
                 latencies.append((time.perf_counter() - t) * 1000)

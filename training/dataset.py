@@ -18,11 +18,13 @@ from typing import TYPE_CHECKING
 import duckdb
 import pandas as pd
 
+from featurepipe.core.db import one_row
 from featurepipe.core.sql import literal, ts_literal
 from featurepipe.errors import InvalidInput, NotFound
 
 if TYPE_CHECKING:
     from feast import FeatureStore
+    from google.protobuf.message import Message
 
 SCORING_OFFSET = timedelta(microseconds=1)
 ENTITY_COLUMNS = ["transaction_id", "user_id", "merchant_id"]
@@ -62,7 +64,7 @@ def labelled_transactions(
     src = f"read_parquet({literal(raw_path)}, hive_partitioning = true, union_by_name = true)"
     try:
         if cutoff is None:
-            cutoff = con.execute(f"SELECT max(label_timestamp) FROM {src}").fetchone()[0]
+            cutoff = one_row(con, f"SELECT max(label_timestamp) FROM {src}")[0]
     except duckdb.IOException as exc:
         raise NotFound(f"no raw transactions at {raw_path}; run `featurepipe generate` first") from exc
     if cutoff is None:
@@ -149,15 +151,17 @@ def definitions_fingerprint(store: FeatureStore, feature_service: str) -> str:
         if name in seen:
             continue
         seen.add(name)
+        spec: Message  # a FeatureViewSpec or an OnDemandFeatureViewSpec
         try:
             spec = store.get_feature_view(name).to_proto().spec
         except Exception:  # noqa: BLE001 - an on-demand view lives in its own registry list
             odfv = store.get_on_demand_feature_view(name)
-            spec = odfv.to_proto().spec
+            odfv_spec = odfv.to_proto().spec
             # its sources embed whole views, registry metadata included: hash them by name instead
             names += sorted(p.name for p in odfv.source_feature_view_projections.values())
-            spec.ClearField("sources")
+            odfv_spec.ClearField("sources")
             digest.update(repr(sorted(odfv.source_request_sources)).encode())
+            spec = odfv_spec
         digest.update(name.encode())
         digest.update(spec.SerializeToString(deterministic=True))
     return digest.hexdigest()

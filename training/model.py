@@ -73,4 +73,5 @@ class FraudModel:
         x = np.array(
             [[np.nan if v is None else float(v) for v in features[c]] for c in cols], dtype=np.float64
         ).T
-        return self.model.predict_proba(x)[:, 1]
+        proba: np.ndarray = self.model.predict_proba(x)[:, 1]
+        return proba

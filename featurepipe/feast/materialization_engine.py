@@ -35,7 +35,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from feast import BatchFeatureView, Entity, FeatureView, OnDemandFeatureView, StreamFeatureView
 from feast.infra.common.materialization_job import (
@@ -63,7 +63,7 @@ from featurepipe.quality.publish import batch
 
 logger = logging.getLogger(__name__)
 
-ENGINE_TYPE = "featurepipe.feast.materialization_engine.FeaturepipeMaterializationEngine"
+ENGINE_TYPE: Final = "featurepipe.feast.materialization_engine.FeaturepipeMaterializationEngine"
 
 _collectors: list[list[ViewMaterialization]] = []
 _overrides: dict[str, Any] = {}

@@ -105,7 +105,7 @@ def join(pieces: Sequence[Piece]) -> tuple[np.ndarray, np.ndarray]:
     return compact(*layout(pieces))
 
 
-def prepend(head: np.ndarray, piece: Piece, present: np.ndarray | None = None) -> Piece:
+def prepend(head: np.ndarray | np.uint8, piece: Piece, present: np.ndarray | None = None) -> Piece:
     """One byte ``head[i]`` (a scalar or one per row) before every row, cheaply.
 
     Rows where ``present`` is false become empty.
@@ -164,6 +164,7 @@ def from_flat(flat: np.ndarray, offsets: np.ndarray, width: int | None = None) -
 
 def from_arrow_binary(array: pa.Array) -> Piece:
     """A padded piece from an Arrow binary/string array (nulls: empty)."""
+    offset_type: type[np.int64] | type[np.int32]
     if pa.types.is_large_binary(array.type) or pa.types.is_large_string(array.type):
         offset_type = np.int64
     else:
