@@ -32,16 +32,17 @@ notebooks: install
 redis-stop: install
 	$(VENV)/bin/featurepipe redis stop
 
-test: install
+test: lint
 	$(PY) -m featurepipe.redis_server --ensure-binary
-	$(VENV)/bin/ruff check featurepipe serving training tests
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -m fast $(PYTEST_ARGS)
 
+# ruff, then mypy on featurepipe, serving and training (its settings: [tool.mypy] in pyproject.toml)
 lint: install
 	$(VENV)/bin/ruff check featurepipe serving training tests
+	$(VENV)/bin/mypy
 
 clean:
 	-[ -x $(VENV)/bin/featurepipe ] && $(VENV)/bin/featurepipe redis stop
