@@ -12,10 +12,14 @@ import sys
 import warnings
 from datetime import date, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from featurepipe.errors import FeaturepipeError
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
 
 # third-party deprecation chatter (ibis inside Feast) is nothing a user can act on
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ibis\.")
@@ -187,7 +191,7 @@ def backfill(start: date | None, end: date | None, views: tuple[str, ...], index
         _echo_indexes(store, [r.view for r in results])
 
 
-def _echo_indexes(store: object, views: list[str] | None) -> None:
+def _echo_indexes(store: FeatureStore, views: list[str] | None) -> None:
     from featurepipe.offline.prebuild import build_indexes
     from featurepipe.report import table
 

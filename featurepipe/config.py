@@ -144,7 +144,7 @@ def _parse_bool(value: str) -> bool:
     return value.strip().lower() in ("1", "true", "yes", "on")
 
 
-def redis_connection_kwargs(connection_string: str) -> dict[str, object]:
+def redis_connection_kwargs(connection_string: str) -> dict[str, Any]:
     """redis-py keyword arguments for a Redis connection in either form.
 
     Accepts Feast's ``host:port,db=N,password=...,ssl=true`` and ``redis://`` /
@@ -165,7 +165,7 @@ def redis_connection_kwargs(connection_string: str) -> dict[str, object]:
             "set REDIS_URL=redis://host:port/db"
         )
     host, _, port = nodes[0].rpartition(":")
-    kwargs: dict[str, object] = {"host": host, "port": int(port)}
+    kwargs: dict[str, Any] = {"host": host, "port": int(port)}
     for part in connection_string.split(","):
         name, sep, value = part.partition("=")
         if not sep:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from training.dataset import LABEL, build_training_set
 from training.model import features_matrix
@@ -61,8 +61,8 @@ def compare(store: FeatureStore, entity_df: pd.DataFrame, pit: TrainingSet, out_
     naive_test = naive_frame.loc[test["transaction_id"]].reset_index()
     cols = pit.feature_columns
 
-    def score(model: object, part: pd.DataFrame) -> tuple[float, float]:
-        p = model.predict_proba(features_matrix(part, cols))[:, 1]  # type: ignore[attr-defined]
+    def score(model: Any, part: pd.DataFrame) -> tuple[float, float]:  # a fit_classifier() model
+        p = model.predict_proba(features_matrix(part, cols))[:, 1]
         y = part[LABEL].to_numpy()
         return float(average_precision_score(y, p)), float(roc_auc_score(y, p))
 

@@ -322,7 +322,7 @@ class FeaturepipeMaterializationEngine(ComputeEngine):
                                              sources=state.sources)
             if state.client is None:
                 state.client = redis.Redis(
-                    **redis_connection_kwargs(online_connection_string(self.repo_config)),  # type: ignore[arg-type]
+                    **redis_connection_kwargs(online_connection_string(self.repo_config)),
                     socket_timeout=300,
                 )
             try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -18,6 +19,9 @@ from featurepipe.offline.index import locate, open_or_build
 from featurepipe.offline.infra import connect, index_directory, source_path
 from featurepipe.offline.store import FeaturepipeOfflineStoreConfig
 from featurepipe.offline.view import ViewRequest, source_types
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
 
 
 @dataclass(frozen=True)
@@ -33,13 +37,13 @@ class IndexSummary:
     seconds: float
 
 
-def build_indexes(store: object, views: list[str] | None = None, progress: bool = True) -> list[IndexSummary]:
+def build_indexes(store: FeatureStore, views: list[str] | None = None, progress: bool = True) -> list[IndexSummary]:
     """Build (or check) the offline index of every feature view of ``store`` (or the named ones).
 
     ``store`` is a ``feast.FeatureStore`` whose offline store is featurepipe's with the
     index on.
     """
-    config = store.config  # type: ignore[attr-defined]
+    config = store.config
     if not isinstance(config.offline_store, FeaturepipeOfflineStoreConfig):
         raise InvalidInput(
             "the offline index belongs to featurepipe's offline store; set offline_store: type: "
@@ -48,7 +52,7 @@ def build_indexes(store: object, views: list[str] | None = None, progress: bool 
     directory = index_directory(config)
     if directory is None:
         raise InvalidInput("the offline index is switched off (offline_store: index: false in feature_store.yaml)")
-    feature_views = store.list_feature_views()  # type: ignore[attr-defined]
+    feature_views = store.list_feature_views()
     if views:
         unknown = sorted(set(views) - {fv.name for fv in feature_views})
         if unknown:

@@ -22,6 +22,7 @@ from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +42,9 @@ from featurepipe.online.latest import (
 )
 from featurepipe.online.layout import feature_field, timestamp_field
 from featurepipe.online.writer import EncodedRows, HashWriter
+
+if TYPE_CHECKING:
+    import redis
 
 
 @dataclass(frozen=True)
@@ -193,7 +197,7 @@ def materialize_window(
     plan: ViewPlan,
     start: datetime,
     end: datetime,
-    client: object,
+    client: redis.Redis,
     options: WindowOptions = WindowOptions(),
 ) -> ViewMaterialization:
     """Write the latest value per entity in ``[start, end]`` of one view into Redis."""
@@ -217,7 +221,7 @@ def materialize_window(
         result.quarantined, result.quarantine_files = quarantine.rows, quarantine.files
         _stop_if_blocked(plan, scan, result, null_key_file)
         writer = HashWriter(
-            client,  # type: ignore[arg-type]
+            client,
             timestamp_field(plan.view),
             [feature_field(plan.view, f.name) for f in plan.features],
             ttl_seconds=plan.key_ttl_seconds,

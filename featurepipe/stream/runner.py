@@ -30,7 +30,7 @@ def redis_client(url: str | None = None, store: Any = None, **kwargs: Any) -> An
         conn = online_connection_string(store.config)
     else:
         conn = redis_connection_string()
-    return redis.Redis(**redis_connection_kwargs(conn), **kwargs)  # type: ignore[arg-type]
+    return redis.Redis(**redis_connection_kwargs(conn), **kwargs)
 
 
 def open_source(options: StreamOptions, *, stream: str = "transactions", stream_url: str | None = None,
