@@ -289,7 +289,10 @@ def demo_config(source: Path, engine: str, port: int) -> dict[str, object]:
         online["skip_dedup"] = True
         config["materialization_config"] = {"pull_latest_features": True, "online_write_batch_size": 10000}
     if engine == "featurepipe":
-        if engine_config.get("type") != "featurepipe.feast.materialization_engine.FeaturepipeMaterializationEngine":
+        # the repo's own engine options, under either path of the engine (repos applied before
+        # 0.2 name featurepipe.online.engine); any other engine: featurepipe's with defaults
+        if not str(engine_config.get("type", "")).startswith(("featurepipe.feast.materialization_engine.",
+                                                                 "featurepipe.online.engine.")):
             engine_config = {"type": "featurepipe.feast.materialization_engine.FeaturepipeMaterializationEngine"}
         config["batch_engine"] = {**engine_config, "progress": False}
     config["online_store"] = online
