@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import duckdb
 import pandas as pd
 
+from featurepipe.core import db
 from featurepipe.core.db import one_row
 from featurepipe.core.sql import literal, ts_literal
 from featurepipe.errors import InvalidInput, NotFound
@@ -59,8 +60,7 @@ def labelled_transactions(
     Returns the entity frame for ``get_historical_features`` (as-of time, join keys,
     request fields ``amount`` and ``txn_epoch``, label) and the cutoff used.
     """
-    con = duckdb.connect()
-    con.execute("SET TimeZone = 'UTC'")
+    con = db.connect()
     src = f"read_parquet({literal(raw_path)}, hive_partitioning = true, union_by_name = true)"
     try:
         if cutoff is None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from featurepipe.core import db
 from featurepipe.core.sql import literal
 from training.inference import present_values
 
@@ -65,9 +66,7 @@ class SkewReport:
 
 def sample_entities(raw_path: str, rows: int, seed: int = 0) -> pd.DataFrame:
     """Recent (user, merchant, amount) triples from the raw transactions."""
-    import duckdb
-
-    con = duckdb.connect()
+    con = db.connect()
     frame = con.execute(
         f"SELECT user_id, merchant_id, amount FROM read_parquet({literal(raw_path)}, hive_partitioning = true) "
         f"USING SAMPLE reservoir({int(rows)} ROWS) REPEATABLE ({int(seed)})"

@@ -7,11 +7,18 @@ Every connection is in UTC (``TimeZone``), whatever the profile:
   varying order: a rerun writes the same bytes (the batch engine's profile);
 * ``scan``: all cores (or ``threads``), rows may stream out in any order, and a
   direct-indexed group-by table up to 2^20 key values (the latest-row scans).
+
+Opening a DuckDB database costs 25-30 ms here (and closing it a few more), as much as a
+small query, so hot paths use :func:`shared_cursor`: one in-memory database per process
+and setting, handed out as cursors (each cursor is its own session: its temp tables and
+registered Arrow tables are its own and go when it is closed).
 """
 
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import duckdb
@@ -43,6 +50,35 @@ def configure(con: duckdb.DuckDBPyConnection, profile: Profile = "default", thre
         con.execute("SET preserve_insertion_order = true")
     else:
         raise ValueError(f"unknown DuckDB profile {profile!r}; one of default, deterministic, scan")
+
+
+_SHARED: dict[tuple[object, ...], duckdb.DuckDBPyConnection] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_cursor(profile: Profile = "default", threads: int | None = None,
+                  settings: Mapping[str, str | int] | None = None) -> duckdb.DuckDBPyConnection:
+    """A cursor with ``profile``'s session settings on this process's database for
+    ``(profile, threads, settings)``, created on first use. ``settings`` are database-wide
+    (``temp_directory``, ``memory_limit``); close the cursor when done.
+    """
+    items = tuple(sorted((settings or {}).items()))
+    key = (profile, threads, items, os.getpid())  # a database inherited through fork() has lost its threads
+    with _SHARED_LOCK:
+        database = _SHARED.get(key)
+        if database is None:
+            database = duckdb.connect()
+            for name, value in items:
+                database.execute(f"SET {name} = {value if isinstance(value, int) else _quote(value)}")
+            configure(database, profile, threads)
+            _SHARED[key] = database
+        con = database.cursor()
+    configure(con, profile, threads)
+    return con
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
 
 
 def one_row(con: duckdb.DuckDBPyConnection, query: str) -> tuple[Any, ...]:

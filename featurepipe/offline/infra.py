@@ -14,7 +14,6 @@ import atexit
 import os
 import shutil
 import tempfile
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,7 +21,7 @@ import duckdb
 from feast.infra.offline_stores.file_source import FileSource
 
 from featurepipe.config import resolve_source_path
-from featurepipe.core.sql import literal
+from featurepipe.core import db
 from featurepipe.errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -43,8 +42,7 @@ def index_directory(config: RepoConfig | None) -> Path | None:
     return base / ".featurepipe" / "offline-index"
 
 
-_DATABASES: dict[tuple[object, ...], duckdb.DuckDBPyConnection] = {}
-_DATABASES_LOCK = threading.Lock()
+_SPILL_CLEANUP: set[str] = set()
 
 
 def connect(config: RepoConfig | None = None) -> duckdb.DuckDBPyConnection:
@@ -59,24 +57,15 @@ def connect(config: RepoConfig | None = None) -> duckdb.DuckDBPyConnection:
     spill = getattr(options, "temp_directory", None) or os.path.join(
         tempfile.gettempdir(), f"featurepipe-duckdb-{os.getpid()}"
     )
-    # keyed by process too: a database inherited through fork() has lost its threads
-    settings = (spill, getattr(options, "memory_limit", None), getattr(options, "threads", None), os.getpid())
-    with _DATABASES_LOCK:
-        database = _DATABASES.get(settings)
-        if database is None:
-            database = duckdb.connect()
-            database.execute(f"SET temp_directory = {literal(spill)}")
-            if settings[1]:
-                database.execute(f"SET memory_limit = {literal(settings[1])}")
-            if settings[2]:
-                database.execute(f"SET threads = {int(settings[2])}")
-            database.execute("SET preserve_insertion_order = false")
-            _DATABASES[settings] = database
-            if not getattr(options, "temp_directory", None):
-                atexit.register(shutil.rmtree, spill, True)
-    con = database.cursor()
-    con.execute("SET TimeZone = 'UTC'")
-    return con
+    settings: dict[str, str | int] = {"temp_directory": spill}
+    memory = getattr(options, "memory_limit", None)
+    if memory:
+        settings["memory_limit"] = str(memory)
+    if not getattr(options, "temp_directory", None) and spill not in _SPILL_CLEANUP:
+        _SPILL_CLEANUP.add(spill)
+        atexit.register(shutil.rmtree, spill, True)
+    threads = getattr(options, "threads", None)
+    return db.shared_cursor("scan", int(threads) if threads else None, settings)
 
 
 def source_path(config: RepoConfig, source: DataSource | None, view: str = "") -> str:

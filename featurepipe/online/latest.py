@@ -25,7 +25,6 @@ counted first, before any row is read out.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,6 +33,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from featurepipe.core import db
 from featurepipe.core.db import one_row
 from featurepipe.core.sql import literal, quote
 from featurepipe.errors import InvalidInput, NotFound
@@ -113,33 +113,14 @@ def _timestamp_literal(value: datetime) -> str:
     return f"TIMESTAMPTZ {literal(value.isoformat())}"
 
 
-_DATABASES: dict[tuple[int, int], duckdb.DuckDBPyConnection] = {}
-_DATABASES_LOCK = threading.Lock()
-
-
 def connect(threads: int | None = None) -> duckdb.DuckDBPyConnection:
-    """A DuckDB session in UTC, with at most ``threads`` threads (default: all cores).
-
-    Opening a DuckDB database costs 25-30 ms here (and closing it a few more), as much as
-    scanning a small view, so each process keeps one in-memory database per thread count
-    and hands out cursors: each cursor is its own session (its temp tables are its own and
-    go when it is closed), so scans in several threads do not meet. Close it when done.
+    """A DuckDB session in UTC, with at most ``threads`` threads (default: all cores): a
+    cursor on this process's shared database (:func:`featurepipe.core.db.shared_cursor`,
+    profile ``scan``: rows may stream out in any order, and join keys spanning up to 2^20
+    values are grouped with a direct-indexed table: the latest-row scan of 100k entities
+    here took 0.15 instead of 0.21 s). Close it when done.
     """
-    n = int(threads or os.cpu_count() or 1)
-    key = (n, os.getpid())  # a database inherited through fork() has lost its threads
-    with _DATABASES_LOCK:
-        database = _DATABASES.get(key)
-        if database is None:
-            database = duckdb.connect(config={"threads": n})
-            database.execute("SET preserve_insertion_order = false")  # rows may stream out in any order
-            _DATABASES[key] = database
-        con = database.cursor()
-    con.execute("SET TimeZone = 'UTC'")
-    # Group by join keys with a direct-indexed table when their range spans up to 2^20
-    # values (DuckDB's default stops at 2^12): the latest-row scan of 100k entities here
-    # took 0.15 instead of 0.21 s; above that range DuckDB hashes as before.
-    con.execute("SET perfect_ht_threshold = 20")
-    return con
+    return db.shared_cursor("scan", int(threads or os.cpu_count() or 1))
 
 
 def pinned_files(con: duckdb.DuckDBPyConnection, path: str) -> list[str]:

@@ -92,9 +92,8 @@ def publish_parquet(repo: str | Path | None, events: Path | None, *, stream: str
                     stream_url: str | None = None, bootstrap: str | None = None, topic: str = "transactions",
                     limit: int | None = None, source: str = "transactions") -> int:
     """Publish Parquet events (default: the source's raw files) in event-time order."""
-    import duckdb
-
     from featurepipe.config import load_store, source_path
+    from featurepipe.core import db
     from featurepipe.core.sql import literal
 
     if events is None:
@@ -102,8 +101,7 @@ def publish_parquet(repo: str | Path | None, events: Path | None, *, stream: str
         path = source_path(store, source)
     else:
         path = str(events / "**" / "*.parquet") if events.is_dir() else str(events)
-    con = duckdb.connect()
-    con.execute("SET TimeZone = 'UTC'")
+    con = db.connect()
     table = con.execute(
         f"SELECT * FROM read_parquet({literal(path)}, hive_partitioning = true, union_by_name = true) "
         f"ORDER BY event_timestamp {f'LIMIT {int(limit)}' if limit else ''}"
