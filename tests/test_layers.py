@@ -18,11 +18,11 @@ PACKAGES = ("featurepipe", "serving", "training")
 # Entry points: each command imports the stage it runs when it runs, so `--help` and the
 # other commands stay fast (importing Feast alone takes about 4.5 s).
 LAZY_MODULES = {
-    "featurepipe.cli": "CLI: a command imports its stage when it runs",
-    "featurepipe.cli_quality": "CLI: a command imports its stage when it runs",
-    "featurepipe.cli_training": "CLI: a command imports its stage when it runs",
-    "featurepipe.cli_local": "CLI: a command imports its stage when it runs",
-    "featurepipe.cli_stream": "CLI: a command imports its stage when it runs",
+    "featurepipe.cli.pipeline": "CLI: a command imports its stage when it runs",
+    "featurepipe.cli.quality": "CLI: a command imports its stage when it runs",
+    "featurepipe.cli.training": "CLI: a command imports its stage when it runs",
+    "featurepipe.cli.local": "CLI: a command imports its stage when it runs",
+    "featurepipe.cli.stream": "CLI: a command imports its stage when it runs",
     "featurepipe.demo": "CLI: the demo imports each step's stage when the step runs",
     "featurepipe.stream.runner": "CLI: `featurepipe stream` sub-commands import their source when they run",
     "serving.__main__": "CLI: `python -m serving` imports the server when it starts",

@@ -1,7 +1,7 @@
-"""The ``featurepipe`` command line: a thin layer over library calls.
+"""The pipeline's commands: generate, apply, feast, backfill, index, materialize, serve, push, demo.
 
-Every command works with no arguments on what the previous one produced: data lives
-under ``feature_repo/data`` (see ``featurepipe.config``), Redis comes from ``REDIS_URL``.
+Each unpacks its options and calls the library function that does the work, imported when
+the command runs so that ``--help`` and the other commands stay fast.
 """
 
 from __future__ import annotations
@@ -9,85 +9,26 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import warnings
 from datetime import date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
-from featurepipe.errors import FeaturepipeError
+from featurepipe.cli.options import REPO_OPTION, VIEWS_OPTION, parse_date, parse_datetime
 
 if TYPE_CHECKING:
     from feast import FeatureStore
 
-# third-party deprecation chatter (ibis inside Feast) is nothing a user can act on
-warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ibis\.")
 
-REPO_OPTION = click.option(
-    "--repo", type=click.Path(file_okay=False, path_type=Path), default=None,
-    help="Feature repo folder (default: $FEATUREPIPE_REPO or ./feature_repo).",
-)
-
-
-def _date(_ctx: click.Context, _param: click.Parameter, value: str | None) -> date | None:
-    if value is None:
-        return None
-    try:
-        return date.fromisoformat(value)
-    except ValueError as exc:
-        raise click.BadParameter(f"{value!r} is not a date; use YYYY-MM-DD") from exc
-
-
-def _datetime(_ctx: click.Context, _param: click.Parameter, value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise click.BadParameter(f"{value!r} is not a time; use YYYY-MM-DD[THH:MM:SS]") from exc
-
-
-class _Group(click.Group):
-    """Turns featurepipe's own errors into one clear line and exit code 2."""
-
-    def invoke(self, ctx: click.Context) -> object:
-        try:
-            return super().invoke(ctx)
-        except FeaturepipeError as exc:
-            click.secho(f"error: {exc}", fg="red", err=True)
-            sys.exit(2)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="featurepipe")
-def main() -> None:
-    """featurepipe: batch and streaming features on Feast, served over gRPC.
-
-    \b
-    Typical flow (each step reads what the previous one wrote):
-      featurepipe generate      synthetic card transactions -> feature_repo/data/raw
-      featurepipe apply         feast apply: register the definitions in feature_repo/
-      featurepipe backfill      DuckDB feature tables -> feature_repo/data/offline (+ index)
-      featurepipe materialize   latest feature values -> Redis (Feast layout, resumable)
-      featurepipe train         point-in-time training set -> model in feature_repo/data/models
-      featurepipe serve         gRPC feast.serving.ServingService on 127.0.0.1
-      featurepipe push          new events -> updated features online
-      featurepipe stream run    live events -> windowed features online and offline
-      featurepipe demo          all of the above, end to end
-
-    Redis: REDIS_URL=redis://host:port/db (default 127.0.0.1:6379).
-    """
-
-
-@main.command()
+@click.command()
 @click.option("--rows", type=click.IntRange(min=100), default=1_000_000, show_default=True,
               help="Number of transactions.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder (default: <repo>/data/raw/transactions, where the repo reads).")
 @click.option("--days", type=click.IntRange(min=1), default=30, show_default=True,
               help="Length of the period, ending at --end.")
-@click.option("--end", callback=_date, default=None,
+@click.option("--end", callback=parse_date, default=None,
               help="Last day (exclusive), YYYY-MM-DD; default today (UTC), with --append the day after the "
                    "new days, which follow the data set's last day.")
 @click.option("--seed", type=int, default=7, show_default=True, help="Random seed; same seed, same data.")
@@ -148,14 +89,14 @@ def _feast(args: list[str], repo: Path | None) -> int:
     return subprocess.call(cmd, env=os.environ.copy())
 
 
-@main.command()
+@click.command()
 @REPO_OPTION
 def apply(repo: Path | None) -> None:
     """Register the definitions in the feature repo (runs `feast apply` with Redis set)."""
     sys.exit(_feast(["apply"], repo))
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @REPO_OPTION
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def feast(repo: Path | None, args: tuple[str, ...]) -> None:
@@ -163,10 +104,10 @@ def feast(repo: Path | None, args: tuple[str, ...]) -> None:
     sys.exit(_feast(list(args), repo))
 
 
-@main.command()
-@click.option("--start", callback=_date, default=None, help="First day to (re)compute, YYYY-MM-DD (default: first day of data).")
-@click.option("--end", callback=_date, default=None, help="Day after the last one, YYYY-MM-DD (default: after the last day of data).")
-@click.option("--view", "views", multiple=True, help="Only this feature view (repeatable).")
+@click.command()
+@click.option("--start", callback=parse_date, default=None, help="First day to (re)compute, YYYY-MM-DD (default: first day of data).")
+@click.option("--end", callback=parse_date, default=None, help="Day after the last one, YYYY-MM-DD (default: after the last day of data).")
+@VIEWS_OPTION
 @click.option("--index/--no-index", default=True, show_default=True,
               help="Then build the offline index of the backfilled views (see `featurepipe index`).")
 @REPO_OPTION
@@ -203,8 +144,8 @@ def _echo_indexes(store: FeatureStore, views: list[str] | None) -> None:
     ))
 
 
-@main.command()
-@click.option("--view", "views", multiple=True, help="Only this feature view (repeatable).")
+@click.command()
+@VIEWS_OPTION
 @REPO_OPTION
 def index(views: tuple[str, ...], repo: Path | None) -> None:
     """Build the offline index of each feature view (point-in-time joins without a scan).
@@ -220,12 +161,12 @@ def index(views: tuple[str, ...], repo: Path | None) -> None:
     _echo_indexes(load_store(repo), list(views) or None)
 
 
-@main.command()
-@click.option("--start", callback=_datetime, default=None, help="Only values with event time >= START (default: all).")
-@click.option("--end", callback=_datetime, default=None, help="Only values with event time <= END (default: now).")
+@click.command()
+@click.option("--start", callback=parse_datetime, default=None, help="Only values with event time >= START (default: all).")
+@click.option("--end", callback=parse_datetime, default=None, help="Only values with event time <= END (default: now).")
 @click.option("--incremental", is_flag=True,
               help="Each view from where its last materialisation ended (feast materialize-incremental).")
-@click.option("--view", "views", multiple=True, help="Only this feature view (repeatable).")
+@VIEWS_OPTION
 @click.option("--max-rows-per-second", type=click.FloatRange(min=0), default=None,
               help="Rate limit, to spare a Redis that also serves traffic (0: none, overriding "
                    "feature_store.yaml).")
@@ -268,56 +209,7 @@ def materialize(start: datetime | None, end: datetime | None, incremental: bool,
     )
 
 
-def _models_dir(repo: Path | None, feature_service: str) -> Path:
-    from featurepipe.config import data_dir, find_repo
-
-    return data_dir(find_repo(repo)) / "models" / feature_service
-
-
-@main.command()
-@click.option("--feature-service", default="fraud_detection_v1", show_default=True)
-@click.option("--holdout", type=click.FloatRange(0.01, 0.99), default=0.2, show_default=True,
-              help="Newest share of labelled transactions kept for evaluation.")
-@click.option("--limit", type=int, default=None, help="Use only the first N labelled transactions.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Model folder (default: <repo>/data/models/<feature service>).")
-@click.option("--save-dataset", default=None, metavar="NAME",
-              help="Also save the training set as a Feast saved dataset NAME (with its fingerprint).")
-@REPO_OPTION
-def train(
-    feature_service: str, holdout: float, limit: int | None, out: Path | None, save_dataset: str | None, repo: Path | None
-) -> None:
-    """Build a point-in-time training set, train a classifier, print validation and holdout ROC/PR AUC.
-
-    Splits by time (train, validation, newest holdout), saves the model with its feature
-    service, feature list and types and the definitions' fingerprint, and writes an
-    evaluation report (plots + report.md) beside it.
-    """
-    from featurepipe.config import load_store, source_path
-    from training.dataset import build_training_set, labelled_transactions
-    from training.train import train_model
-
-    store = load_store(repo)
-    entity_df, cutoff = labelled_transactions(source_path(store, "transactions"), limit=limit)
-    click.echo(f"training set: {len(entity_df):,} labelled transactions (labels known by {cutoff:%Y-%m-%d %H:%M})")
-    ts = build_training_set(store, entity_df, feature_service, cutoff)
-    result = train_model(ts, out or _models_dir(repo, feature_service), holdout)
-    m = result.metadata
-    click.echo(
-        f"validation ({m.validation_rows:,} rows): ROC AUC {m.validation_roc_auc:.3f}  PR AUC {m.validation_pr_auc:.3f}\n"
-        f"holdout ({m.holdout_rows:,} rows, fraud rate {m.fraud_rate_holdout:.3%}): "
-        f"ROC AUC {m.roc_auc:.3f}  PR AUC {m.pr_auc:.3f}\nmodel saved to {result.path}\n"
-        f"evaluation report: {result.path / 'report' / 'report.md'}"
-    )
-    if save_dataset:
-        from training.dataset import save_training_set
-
-        target = result.path / f"{save_dataset}.parquet"
-        save_training_set(store, entity_df, ts, save_dataset, str(target))
-        click.echo(f"training set saved as Feast saved dataset {save_dataset!r} ({target})")
-
-
-@main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
 @click.option("--help", "show_help", is_flag=True, help="Show the server's options.")
 @click.argument("options", nargs=-1, type=click.UNPROCESSED)
 def serve(show_help: bool, options: tuple[str, ...]) -> None:
@@ -333,7 +225,7 @@ def serve(show_help: bool, options: tuple[str, ...]) -> None:
     sys.exit(run(["--help"] if show_help else list(options)))
 
 
-@main.command()
+@click.command()
 @click.option("--events", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Parquet file of new transactions (default: generate --count random ones now).")
 @click.option("--count", type=int, default=5, show_default=True, help="Events to generate without --events.")
@@ -352,7 +244,7 @@ def push(events: Path | None, count: int, repo: Path | None) -> None:
     click.echo(f"pushed {result.events} events; online rows updated: {result.rows_by_view}")
 
 
-@main.command()
+@click.command()
 @click.option("--rows", type=click.IntRange(min=10_000), default=1_000_000, show_default=True)
 @click.option("--score", type=int, default=500, show_default=True, help="Transactions to score over gRPC.")
 @click.option("--keep-running", is_flag=True, help="Leave the gRPC server up at the end (Ctrl-C stops it).")
@@ -362,46 +254,3 @@ def demo(rows: int, score: int, keep_running: bool, repo: Path | None) -> None:
     from featurepipe.demo import run_demo
 
     run_demo(repo, rows=rows, score=score, keep_running=keep_running)
-
-
-def _register_training_commands() -> None:
-    from featurepipe.cli_training import evaluate, leakage, skew
-
-    for command in (evaluate, leakage, skew):
-        main.add_command(command)
-
-
-_register_training_commands()
-
-
-def _register_quality_commands() -> None:
-    from featurepipe.cli_quality import lineage, report, status
-
-    for command in (status, lineage, report):
-        main.add_command(command)
-
-
-_register_quality_commands()
-
-
-
-def _register_stream_commands() -> None:
-    from featurepipe.cli_stream import stream
-
-    main.add_command(stream)
-
-
-_register_stream_commands()
-
-
-def _register_local_commands() -> None:
-    from featurepipe.cli_local import notebooks, redis
-
-    main.add_command(redis)
-    main.add_command(notebooks)
-
-
-_register_local_commands()
-
-if __name__ == "__main__":
-    main()

@@ -9,10 +9,8 @@ from pathlib import Path
 
 import click
 
-REPO_OPTION = click.option(
-    "--repo", type=click.Path(file_okay=False, path_type=Path), default=None,
-    help="Feature repo folder (default: $FEATUREPIPE_REPO or ./feature_repo).",
-)
+from featurepipe.cli.options import REPO_OPTION
+from featurepipe.redis_server import LocalRedis
 
 
 @click.group()
@@ -27,9 +25,8 @@ def redis() -> None:
     """
 
 
-def _local(repo: Path | None) -> object:
+def _local(repo: Path | None) -> LocalRedis:
     from featurepipe.config import find_repo
-    from featurepipe.redis_server import LocalRedis
 
     return LocalRedis(find_repo(repo))
 
@@ -40,10 +37,7 @@ def redis_status(repo: Path | None) -> None:
     """Say whether the local server runs, where, and how many keys it holds (exit 1: stopped)."""
     import redis as redis_py
 
-    from featurepipe.redis_server import LocalRedis
-
     local = _local(repo)
-    assert isinstance(local, LocalRedis)
     if os.environ.get("REDIS_URL"):
         click.echo(f"REDIS_URL is set ({os.environ['REDIS_URL']}): featurepipe uses that server, not the local one")
     state = local.status()
@@ -67,10 +61,7 @@ def redis_status(repo: Path | None) -> None:
 @REPO_OPTION
 def redis_start(repo: Path | None) -> None:
     """Start the local server now (nothing happens if it already runs)."""
-    from featurepipe.redis_server import LocalRedis
-
     local = _local(repo)
-    assert isinstance(local, LocalRedis)
     before = local.status()
     state = local.ensure()
     click.echo(f"{'already running' if before else 'started'} at {state.url} (pid {state.pid}); files in {state.dir}")
@@ -80,10 +71,7 @@ def redis_start(repo: Path | None) -> None:
 @REPO_OPTION
 def redis_stop(repo: Path | None) -> None:
     """Stop the local server, saving its snapshot first (the data is back on the next start)."""
-    from featurepipe.redis_server import LocalRedis
-
     local = _local(repo)
-    assert isinstance(local, LocalRedis)
     state = local.stop()
     if state is None:
         click.echo("the local redis-server was not running")

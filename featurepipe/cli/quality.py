@@ -1,4 +1,4 @@
-"""CLI commands for data quality: status (freshness, runs, checks) and lineage."""
+"""The data-quality commands: status (freshness, runs, checks), lineage and report."""
 
 from __future__ import annotations
 
@@ -8,12 +8,8 @@ from pathlib import Path
 
 import click
 
+from featurepipe.cli.options import REPO_OPTION
 from featurepipe.report import table
-
-REPO_OPTION = click.option(
-    "--repo", type=click.Path(file_okay=False, path_type=Path), default=None,
-    help="Feature repo folder (default: ./feature_repo, or $FEATUREPIPE_REPO).",
-)
 
 
 @click.command()

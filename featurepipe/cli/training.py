@@ -1,4 +1,4 @@
-"""CLI commands for data scientists: evaluate, leakage, skew (``featurepipe --help``)."""
+"""The data scientist's commands: train, evaluate, leakage, skew (``featurepipe --help``)."""
 
 from __future__ import annotations
 
@@ -6,18 +6,60 @@ from pathlib import Path
 
 import click
 
+from featurepipe.cli.options import FEATURE_SERVICE_OPTION, LABELLED_LIMIT_OPTION, REPO_OPTION
 from featurepipe.report import table
 
-REPO_OPTION = click.option(
-    "--repo", type=click.Path(file_okay=False, path_type=Path), default=None,
-    help="Feature repo folder (default: ./feature_repo, or $FEATUREPIPE_REPO).",
-)
+DEFAULT_FEATURE_SERVICE = "fraud_detection_v1"
 
 
-def _model_dir(repo: Path | None, model: Path | None, feature_service: str = "fraud_detection_v1") -> Path:
+def _model_dir(repo: Path | None, feature_service: str) -> Path:
+    """Where a model of ``feature_service`` lives by default: <data>/models/<feature service>."""
     from featurepipe.config import data_dir, find_repo
 
-    return model or data_dir(find_repo(repo)) / "models" / feature_service
+    return data_dir(find_repo(repo)) / "models" / feature_service
+
+
+@click.command()
+@FEATURE_SERVICE_OPTION
+@click.option("--holdout", type=click.FloatRange(0.01, 0.99), default=0.2, show_default=True,
+              help="Newest share of labelled transactions kept for evaluation.")
+@LABELLED_LIMIT_OPTION
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Model folder (default: <repo>/data/models/<feature service>).")
+@click.option("--save-dataset", default=None, metavar="NAME",
+              help="Also save the training set as a Feast saved dataset NAME (with its fingerprint).")
+@REPO_OPTION
+def train(
+    feature_service: str, holdout: float, limit: int | None, out: Path | None, save_dataset: str | None, repo: Path | None
+) -> None:
+    """Build a point-in-time training set, train a classifier, print validation and holdout ROC/PR AUC.
+
+    Splits by time (train, validation, newest holdout), saves the model with its feature
+    service, feature list and types and the definitions' fingerprint, and writes an
+    evaluation report (plots + report.md) beside it.
+    """
+    from featurepipe.config import load_store, source_path
+    from training.dataset import build_training_set, labelled_transactions
+    from training.train import train_model
+
+    store = load_store(repo)
+    entity_df, cutoff = labelled_transactions(source_path(store, "transactions"), limit=limit)
+    click.echo(f"training set: {len(entity_df):,} labelled transactions (labels known by {cutoff:%Y-%m-%d %H:%M})")
+    ts = build_training_set(store, entity_df, feature_service, cutoff)
+    result = train_model(ts, out or _model_dir(repo, feature_service), holdout)
+    m = result.metadata
+    click.echo(
+        f"validation ({m.validation_rows:,} rows): ROC AUC {m.validation_roc_auc:.3f}  PR AUC {m.validation_pr_auc:.3f}\n"
+        f"holdout ({m.holdout_rows:,} rows, fraud rate {m.fraud_rate_holdout:.3%}): "
+        f"ROC AUC {m.roc_auc:.3f}  PR AUC {m.pr_auc:.3f}\nmodel saved to {result.path}\n"
+        f"evaluation report: {result.path / 'report' / 'report.md'}"
+    )
+    if save_dataset:
+        from training.dataset import save_training_set
+
+        target = result.path / f"{save_dataset}.parquet"
+        save_training_set(store, entity_df, ts, save_dataset, str(target))
+        click.echo(f"training set saved as Feast saved dataset {save_dataset!r} ({target})")
 
 
 @click.command()
@@ -39,7 +81,8 @@ def evaluate(model: Path | None, repo: Path | None) -> None:
     from training.model import FraudModel
 
     store = load_store(repo)
-    fraud_model = FraudModel.load(_model_dir(repo, model))
+    folder = model or _model_dir(repo, DEFAULT_FEATURE_SERVICE)
+    fraud_model = FraudModel.load(folder)
     fraud_model.check_definitions(store)
     meta = fraud_model.metadata
     entity_df, cutoff = labelled_transactions(
@@ -48,7 +91,7 @@ def evaluate(model: Path | None, repo: Path | None) -> None:
     lo, hi = (pd.Timestamp(t) for t in meta["holdout_range"])
     test = entity_df[(entity_df["transaction_time"] >= lo) & (entity_df["transaction_time"] <= hi)]
     ts = build_training_set(store, test, meta["feature_service"], cutoff)
-    result = write_report(fraud_model, ts.frame, _model_dir(repo, model) / "report")
+    result = write_report(fraud_model, ts.frame, folder / "report")
     click.echo(table(["metric", "value"], [
         ("test rows", f"{result.rows:,}"), ("ROC AUC", f"{result.roc_auc:.4f}"),
         ("PR AUC", f"{result.pr_auc:.4f}"), ("Brier", f"{result.brier:.5f}"),
@@ -58,7 +101,7 @@ def evaluate(model: Path | None, repo: Path | None) -> None:
 
 
 @click.command()
-@click.option("--limit", type=int, default=None, help="Use only the first N labelled transactions.")
+@LABELLED_LIMIT_OPTION
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for leakage.png (default: <repo>/data/reports).")
 @REPO_OPTION
@@ -83,7 +126,7 @@ def leakage(limit: int | None, out: Path | None, repo: Path | None) -> None:
 @click.command()
 @click.option("--sample", type=int, default=500, show_default=True, help="Entity pairs to compare.")
 @click.option("--server", default=None, help="host:port of a running feature server (default: start one here).")
-@click.option("--feature-service", default="fraud_detection_v1", show_default=True)
+@FEATURE_SERVICE_OPTION
 @REPO_OPTION
 def skew(sample: int, server: str | None, feature_service: str, repo: Path | None) -> None:
     """Compare online features (gRPC) with offline point-in-time features at the same instant.

@@ -1,28 +1,21 @@
-"""CLI of the streaming engine: ``featurepipe stream run`` and ``featurepipe stream publish``."""
+"""The streaming engine's commands: ``featurepipe stream run`` and ``featurepipe stream publish``."""
 
 from __future__ import annotations
 
-import re
 from datetime import timedelta
 from pathlib import Path
 
 import click
 
-REPO_OPTION = click.option(
-    "--repo", type=click.Path(file_okay=False, path_type=Path), default=None,
-    help="Feature repo folder (default: ./feature_repo, or $FEATUREPIPE_REPO).",
+from featurepipe.cli.options import (
+    KAFKA_OPTION,
+    REPO_OPTION,
+    STREAM_OPTION,
+    STREAM_URL_OPTION,
+    TOPIC_OPTION,
+    VIEWS_OPTION,
+    parse_duration,
 )
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
-_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def _duration(_ctx: click.Context, param: click.Parameter, value: str | None) -> timedelta | None:
-    if value is None:
-        return None
-    match = _DURATION.match(value.strip())
-    if not match:
-        raise click.BadParameter(f"{value!r} is not a duration; write e.g. 500ms, 30s, 5m, 1h, 2d", param=param)
-    return timedelta(seconds=float(match.group(1)) * _SECONDS[match.group(2)])
 
 
 @click.group()
@@ -40,32 +33,29 @@ def stream() -> None:
 
 
 @stream.command()
-@click.option("--stream", "stream_name", default="transactions", show_default=True,
-              help="Redis stream to read (ignored with --kafka).")
-@click.option("--stream-url", default=None,
-              help="Redis holding the stream (default: $REDIS_URL, the online store's Redis).")
-@click.option("--kafka", "bootstrap", default=None, metavar="HOST:PORT",
-              help="Read a Kafka topic from this bootstrap server instead of a Redis stream.")
-@click.option("--topic", default="transactions", show_default=True, help="Kafka topic (with --kafka).")
+@STREAM_OPTION
+@STREAM_URL_OPTION
+@KAFKA_OPTION
+@TOPIC_OPTION
 @click.option("--source", default="transactions", show_default=True,
               help="The Feast data source whose events the stream carries; every windowed-aggregate "
                    "view reading it is computed.")
-@click.option("--view", "views", multiple=True, help="Only this feature view (repeatable).")
+@VIEWS_OPTION
 @click.option("--job", default="stream", show_default=True,
               help="Job name: names its checkpoint, consumer groups and output files. A restarted job "
                    "with the same name resumes from its last checkpoint.")
 @click.option("--worker", type=click.IntRange(min=0), default=0, show_default=True,
               help="This worker's index (0 .. --workers - 1); each worker owns a share of the keys.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--lateness", callback=_duration, default="5m", show_default=True,
+@click.option("--lateness", callback=parse_duration, default="5m", show_default=True,
               help="Allowed lateness: events older than the newest event minus this go to the dead letters.")
-@click.option("--checkpoint-interval", callback=_duration, default="5s", show_default=True,
+@click.option("--checkpoint-interval", callback=parse_duration, default="5s", show_default=True,
               help="How often state, offsets and outputs are checkpointed together.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=50_000, show_default=True,
               help="Most messages per micro-batch.")
 @click.option("--max-events", type=click.IntRange(min=1), default=None,
               help="Stop once this many messages are processed (counting earlier runs of the job).")
-@click.option("--idle-timeout", callback=_duration, default=None,
+@click.option("--idle-timeout", callback=parse_duration, default=None,
               help="Stop after this long without a message (default: run until SIGTERM / Ctrl-C).")
 @click.option("--final", is_flag=True,
               help="At the stop the input is complete: write every remaining row to the offline log.")
@@ -115,10 +105,10 @@ def run(stream_name: str, stream_url: str | None, bootstrap: str | None, topic: 
 @stream.command()
 @click.option("--events", type=click.Path(exists=True, path_type=Path), default=None,
               help="Parquet file or folder of events (default: the source's raw Parquet files).")
-@click.option("--stream", "stream_name", default="transactions", show_default=True)
-@click.option("--stream-url", default=None, help="Redis holding the stream (default: $REDIS_URL).")
-@click.option("--kafka", "bootstrap", default=None, metavar="HOST:PORT", help="Publish to Kafka instead.")
-@click.option("--topic", default="transactions", show_default=True)
+@STREAM_OPTION
+@STREAM_URL_OPTION
+@KAFKA_OPTION
+@TOPIC_OPTION
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Publish only the first N events.")
 @REPO_OPTION
 def publish(events: Path | None, stream_name: str, stream_url: str | None, bootstrap: str | None, topic: str,
