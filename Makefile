@@ -6,7 +6,7 @@ PYTHON ?= python3
 
 .PHONY: install demo notebooks redis-stop test test-fast lint clean
 
-$(STAMP): pyproject.toml constraints.txt setup.py featurepipe/online/_native.c
+$(STAMP): pyproject.toml constraints.txt setup.py featurepipe/core/_native.c
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
 	  echo "python3 -m venv failed: installing python3-venv"; \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

@@ -1,6 +1,6 @@
 """The optional C part of featurepipe (metadata lives in pyproject.toml).
 
-``featurepipe.online._native`` builds Redis ``RESTORE`` commands for materialisation. If
+``featurepipe.core._native`` builds Redis ``RESTORE`` commands for materialisation. If
 it cannot be compiled (no C compiler), installation goes on and featurepipe uses the
 slower NumPy path in ``featurepipe.online.dump`` instead.
 """
@@ -24,7 +24,7 @@ class OptionalBuildExt(build_ext):
 
 
 setup(
-    ext_modules=[Extension("featurepipe.online._native", ["featurepipe/online/_native.c"],
+    ext_modules=[Extension("featurepipe.core._native", ["featurepipe/core/_native.c"],
                            extra_compile_args=["-O2"])],
     cmdclass={"build_ext": OptionalBuildExt},
 )

@@ -588,7 +588,7 @@ def test_timestamp_and_key_bytes_equal_feasts(use_compiled: bool) -> None:
 
 def test_compiled_restore_writer_is_built() -> None:
     """``make install`` compiles the C writer (the NumPy one is only a fallback)."""
-    assert dump.compiled is not None, "featurepipe/online/_native.c was not compiled: reinstall with a C compiler"
+    assert dump.compiled is not None, "featurepipe/core/_native.c was not compiled: reinstall with a C compiler"
 
 
 def test_crc64_is_redis_checksum() -> None:

@@ -43,9 +43,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from featurepipe.core.native import NativeKernels, kernels
 from featurepipe.core.sql import quote
 from featurepipe.offline.entity import ROW, EntityFrame
-from featurepipe.online.native import NativeKernels, kernels
 
 if TYPE_CHECKING:
     from featurepipe.offline.view import ViewRequest

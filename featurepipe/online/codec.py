@@ -28,9 +28,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from featurepipe.core.native import NativeKernels, kernels
 from featurepipe.online import rows
 from featurepipe.online.layout import KEY_TYPE_IDS, entity_key_prefix, key_suffix
-from featurepipe.online.native import NativeKernels, kernels
 from featurepipe.online.rows import Piece
 
 compiled: NativeKernels | None = kernels  # None: not compiled (no C compiler at install time), NumPy only

@@ -15,7 +15,7 @@ server before using it, and falls back to ``HSET`` if not):
 * wrapped as ``<type 16 = hash listpack><RDB length><listpack><u16 RDB version 10><u64
   CRC-64/Redis>`` (Jones polynomial, reflected, init 0), as Redis 7.0+ loads it.
 
-The commands are built by ``featurepipe/online/_native.c`` (compiled when featurepipe is
+The commands are built by ``featurepipe/core/_native.c`` (compiled when featurepipe is
 installed: one C loop per row, the GIL released) and, where it is not compiled, by the NumPy
 code below, column by column (about 6x slower; the tests check both against a plain-Python
 construction from the specs).
@@ -31,8 +31,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from featurepipe.core.native import NativeKernels, kernels
 from featurepipe.online import rows
-from featurepipe.online.native import NativeKernels, kernels
 from featurepipe.online.rows import Piece
 
 compiled: NativeKernels | None = kernels  # None: not compiled (no C compiler at install time), the NumPy path

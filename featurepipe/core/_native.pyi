@@ -1,5 +1,5 @@
-"""Types of the compiled ``featurepipe.online._native`` (built from ``_native.c``), for the type
-checker; callers use it through :mod:`featurepipe.online.native`."""
+"""Types of the compiled ``featurepipe.core._native`` (built from ``_native.c``), for the type
+checker; callers use it through :mod:`featurepipe.core.native`."""
 
 from collections.abc import Sequence
 

@@ -14,7 +14,7 @@ import numpy as np
 
 
 class NativeKernels(Protocol):
-    """The functions of ``featurepipe.online._native``. Array arguments are C-contiguous
+    """The functions of ``featurepipe.core._native``. Array arguments are C-contiguous
     NumPy arrays of the element type named."""
 
     def scalar_values(self, tag: int, kind: int, values: np.ndarray, valid: np.ndarray | None, /
@@ -44,7 +44,7 @@ class NativeKernels(Protocol):
 
 
 try:
-    from featurepipe.online import _native
+    from featurepipe.core import _native
 except ImportError:  # not compiled (no C compiler at install time)
     kernels: NativeKernels | None = None
 else:
