@@ -1,8 +1,8 @@
 """How a feature server runs: :class:`ServerOptions`, one frozen value.
 
-:class:`~serving.server.FeatureServer` reads it, and the command line that starts a server
-(``python -m serving``, which ``featurepipe serve`` runs) builds it from its flags, whose
-defaults are this class's defaults::
+:class:`~serving.server.FeatureServer` reads it, and the command that starts a server
+(:mod:`serving.command`: ``featurepipe serve``, ``python -m serving``) builds it from its
+flags, one per field, whose defaults are this class's defaults::
 
     FeatureServer(repo, ServerOptions(port=0, max_rows=100))
     FeatureServer(repo, port=0, max_rows=100)        # the same, field by field

@@ -25,7 +25,7 @@ LAZY_MODULES = {
     "featurepipe.cli.stream": "CLI: a command imports its stage when it runs",
     "featurepipe.demo": "CLI: the demo imports each step's stage when the step runs",
     "featurepipe.stream.runner": "CLI: `featurepipe stream` sub-commands import their source when they run",
-    "serving.__main__": "CLI: `python -m serving` imports the server when it starts",
+    "serving.command": "CLI: `featurepipe serve` / `python -m serving` import the server when it starts",
 }
 
 # (module, imported module): why the import stays inside a function.
@@ -37,6 +37,8 @@ LAZY_IMPORTS = {
     ("featurepipe.quality.runlog", "featurepipe.errors"): "kept beside the one raise that needs it",
     ("serving", "serving.server"):
         "the package's face: `import serving` (the client) must not load the server",
+    ("featurepipe.cli.group", "serving.command"):
+        "`featurepipe serve` is the server's own command: loading it loads gRPC, so only when asked for",
 }
 
 

@@ -530,12 +530,12 @@ def test_cli_flags_build_the_server_options() -> None:
     """``python -m serving`` (and so ``featurepipe serve``) defaults are ServerOptions'; its
     flags become one ServerOptions, checked before any server starts."""
     from featurepipe.errors import InvalidInput
-    from serving.__main__ import parser, server_options
+    from serving.command import parse_flags, server_options
     from serving.options import ServerOptions
 
-    assert server_options(parser().parse_args([])) == ServerOptions()
-    args = parser().parse_args(["--port", "0", "--threads", "3", "--max-rows", "7",
-                                "--tls-cert", "c.pem", "--tls-key", "k.pem", "--reuse-port"])
+    assert server_options(parse_flags([])) == ServerOptions()
+    args = parse_flags(["--port", "0", "--threads", "3", "--max-rows", "7",
+                        "--tls-cert", "c.pem", "--tls-key", "k.pem", "--reuse-port"])
     options = server_options(args)
     assert (options.port, options.max_workers, options.max_rows, options.reuse_port) == (0, 3, 7, True)
     assert options.tls is not None and options.tls.cert == Path("c.pem")
@@ -544,6 +544,28 @@ def test_cli_flags_build_the_server_options() -> None:
     done = subprocess.run([sys.executable, "-m", "serving", "--max-rows", "0"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "max_rows must be at least 1" in done.stderr
+
+
+def test_every_server_option_has_one_flag() -> None:
+    """The command's server flags and ServerOptions' fields map one to one (tls: a cert and a
+    key flag), so a new field cannot be forgotten on the command line; ``--help`` lists each
+    with its help text and ServerOptions' default."""
+    from dataclasses import fields
+
+    import click
+    from click.testing import CliRunner
+
+    from featurepipe.cli import main
+    from serving.command import SERVER_FLAGS, serve
+    from serving.options import ServerOptions
+
+    flagged = [flag.field for flag in SERVER_FLAGS]
+    assert sorted([*flagged, "tls"]) == sorted(f.name for f in fields(ServerOptions))
+    assert len(set(flagged)) == len(flagged)
+    help_text = CliRunner().invoke(main, ["serve", "--help"]).output
+    for flag in SERVER_FLAGS:
+        assert flag.flag in help_text and flag.help.split()[0] in help_text, flag
+    assert "[default: 6566]" in help_text and main.get_command(click.Context(main), "serve") is serve
 
 
 def test_status_table_round_trips() -> None:

@@ -21,7 +21,6 @@ from featurepipe.cli.pipeline import (
     index,
     materialize,
     push,
-    serve,
 )
 from featurepipe.cli.quality import lineage, report, status
 from featurepipe.cli.stream import stream
@@ -33,7 +32,18 @@ warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ibis\.")
 
 
 class _Group(click.Group):
-    """Turns featurepipe's own errors into one clear line and exit code 2."""
+    """Turns featurepipe's own errors into one clear line and exit code 2, and loads
+    ``serve`` when it is asked for (the server's own command: importing it loads gRPC)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), "serve"})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name == "serve" and cmd_name not in self.commands:
+            from serving.command import serve
+
+            self.add_command(serve)
+        return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: click.Context) -> object:
         try:
@@ -65,7 +75,7 @@ def main() -> None:
 
 
 for _command in (
-    generate, apply, feast, backfill, index, materialize, serve, push, demo,  # the pipeline
+    generate, apply, feast, backfill, index, materialize, push, demo,  # the pipeline (serve: above)
     train, evaluate, leakage, skew,  # training
     status, lineage, report,  # data quality
     stream, redis, notebooks,

@@ -1,4 +1,4 @@
-"""The pipeline's commands: generate, apply, feast, backfill, index, materialize, serve, push, demo.
+"""The pipeline's commands: generate, apply, feast, backfill, index, materialize, push, demo.
 
 Each unpacks its options and calls the library function that does the work, imported when
 the command runs so that ``--help`` and the other commands stay fast.
@@ -207,22 +207,6 @@ def materialize(start: datetime | None, end: datetime | None, incremental: bool,
         f"materialized {', '.join(result.views)} into Redis {online_connection_string(store.config).split(',')[0]} "
         f"in {result.seconds:.1f}s"
     )
-
-
-@click.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
-@click.option("--help", "show_help", is_flag=True, help="Show the server's options.")
-@click.argument("options", nargs=-1, type=click.UNPROCESSED)
-def serve(show_help: bool, options: tuple[str, ...]) -> None:
-    """Serve feast.serving.ServingService (gRPC) from Redis, with health and reflection.
-
-    \b
-    Options (see --help): --repo, --host, --port, --workers N (processes sharing the port),
-    --threads, --max-rows, --max-message-bytes, --redis-timeout, --tls-cert/--tls-key,
-    --tokens FILE, --metrics-port, --log-format json, --grace.
-    """
-    from serving.__main__ import main as run
-
-    sys.exit(run(["--help"] if show_help else list(options)))
 
 
 @click.command()
