@@ -117,7 +117,7 @@ def _job(s: Setup, job: str, stream: str, worker: int, workers: int, total: int,
     from featurepipe.stream.engine import StreamJob, StreamOptions
     from featurepipe.stream.source import RedisStreamSource
 
-    options = StreamOptions(job=job, worker=worker, workers=workers, max_events=total, final=final,
+    options = StreamOptions(source="transactions", job=job, worker=worker, workers=workers, max_events=total, final=final,
                             progress=False, latency_samples=samples, poll_timeout=0.005)
     source = RedisStreamSource(redis.Redis.from_url(_db(s.url, 0)), stream, f"featurepipe-{job}-w{worker}")
     j = StreamJob(load_store(s.repo), source, redis.Redis.from_url(_db(s.url, sink_db), socket_timeout=120), options)
