@@ -41,7 +41,7 @@ test-fast: install
 
 # ruff, then mypy on featurepipe, serving and training (its settings: [tool.mypy] in pyproject.toml)
 lint: install
-	$(VENV)/bin/ruff check featurepipe serving training tests
+	$(VENV)/bin/ruff check featurepipe serving training tests benchmarks
 	$(VENV)/bin/mypy
 
 clean:

@@ -74,9 +74,9 @@ def setup(base: Path, url: str, n: int, disorder_seconds: float) -> Setup:
     import duckdb
     import numpy as np
 
-    from featurepipe.jobs.backfill import backfill
     from featurepipe.config import load_store, redis_url_to_feast
     from featurepipe.generate import generate_transactions
+    from featurepipe.jobs.backfill import backfill
     from featurepipe.stream.runner import event_payloads
 
     repo, data = base / "feature_repo", base / "data"
@@ -117,7 +117,7 @@ def _job(s: Setup, job: str, stream: str, worker: int, workers: int, total: int,
     from featurepipe.stream.engine import StreamJob, StreamOptions
     from featurepipe.stream.source import RedisStreamSource
 
-    options = StreamOptions(job=job, worker=worker, workers=workers, max_events=total, final=final,
+    options = StreamOptions(source="transactions", job=job, worker=worker, workers=workers, max_events=total, final=final,
                             progress=False, latency_samples=samples, poll_timeout=0.005)
     source = RedisStreamSource(redis.Redis.from_url(_db(s.url, 0)), stream, f"featurepipe-{job}-w{worker}")
     j = StreamJob(load_store(s.repo), source, redis.Redis.from_url(_db(s.url, sink_db), socket_timeout=120), options)
@@ -340,18 +340,18 @@ def main() -> None:
             print(f"published {len(s.payloads):,} events in {time.perf_counter() - t0:.1f} s", flush=True)
             res: dict[str, list[dict[str, float]]] = {}
             for rnd in range(args.rounds):
-                runs = [("featurepipe 1 worker", lambda: featurepipe_throughput(s, 1, rnd))]
+                runs = [("featurepipe 1 worker", lambda rnd=rnd: featurepipe_throughput(s, 1, rnd))]
                 if "workers2" not in args.skip:
-                    runs.append(("featurepipe 2 workers", lambda: featurepipe_throughput(s, 2, rnd)))
+                    runs.append(("featurepipe 2 workers", lambda rnd=rnd: featurepipe_throughput(s, 2, rnd)))
                 if "feast" not in args.skip:
                     runs.append(("Feast push", lambda: feast_throughput(s, min(args.feast_events, args.events),
                                                                         args.micro_batch)))
                 if "latency" not in args.skip:
                     runs.append((f"featurepipe latency @{args.rate}/s",
-                                 lambda: featurepipe_latency(s, args.rate, args.seconds, rnd)))
+                                 lambda rnd=rnd: featurepipe_latency(s, args.rate, args.seconds, rnd)))
                     if "feast" not in args.skip:
                         runs.append((f"Feast push latency @{args.rate}/s",
-                                     lambda: feast_latency(s, args.rate, args.seconds, rnd)))
+                                     lambda rnd=rnd: feast_latency(s, args.rate, args.seconds, rnd)))
                 for name, fn in runs:
                     r = fn()
                     res.setdefault(name, []).append(r)

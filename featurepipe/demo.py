@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from featurepipe.cli.options import EVENTS_SOURCE, FEATURE_SERVICE
 from featurepipe.config import source_path
 from featurepipe.errors import FeaturepipeError
 
@@ -33,7 +34,7 @@ def random_events(store: FeatureStore, count: int, seed: int | None = None) -> p
     """``count`` new transactions happening now, for users and merchants already in the data."""
     from featurepipe.core.db import connect
 
-    raw = source_path(store, "transactions")
+    raw = source_path(store, EVENTS_SOURCE)
     con = connect()
     ids = con.execute(
         f"SELECT user_id, merchant_id, max(transaction_id) OVER () AS top FROM read_parquet('{raw}') "
@@ -71,7 +72,7 @@ def _stream_live(store: FeatureStore, data: Path, events: pa.Table) -> Any:
     publish_redis(client, stream, event_payloads(events))
     # the demo's live events are all published up front: at the stop the input is complete, so the
     # job finalises them into the offline tables too (`featurepipe skew` then agrees after the demo)
-    options = StreamOptions(job="demo", bootstrap=True, max_events=events.num_rows, idle_seconds=5.0,
+    options = StreamOptions(source=EVENTS_SOURCE, job="demo", bootstrap=True, max_events=events.num_rows, idle_seconds=5.0,
                             progress=False, latency_samples=events.num_rows, final=True)
     job = StreamJob(store, RedisStreamSource(redis_client(store=store), stream, "featurepipe-demo-w0"),
                     redis_client(store=store, socket_timeout=60), options)
@@ -109,7 +110,7 @@ def run_demo(repo: Path | None, rows: int, score: int, keep_running: bool) -> di
 
     _step(f"1/10 generate {rows:,} transactions")
     t = time.perf_counter()
-    gen = generate_transactions(rows, data / "raw" / "transactions")
+    gen = generate_transactions(rows, data / "raw" / EVENTS_SOURCE)
     timings["generate"] = time.perf_counter() - t
     print(f"{gen.rows:,} transactions, {gen.fraud_rows:,} fraud, {gen.users:,} users, "
           f"{gen.merchants:,} merchants, {gen.start:%Y-%m-%d} .. {gen.end:%Y-%m-%d}")
@@ -137,9 +138,9 @@ def run_demo(repo: Path | None, rows: int, score: int, keep_running: bool) -> di
 
     _step("5/10 train on a point-in-time training set (report: ROC, PR, calibration, importance)")
     t = time.perf_counter()
-    entity_df, cutoff = labelled_transactions(source_path(store, "transactions"))
-    ts = build_training_set(store, entity_df, "fraud_detection_v1", cutoff)
-    trained = train_model(ts, data / "models" / "fraud_detection_v1")
+    entity_df, cutoff = labelled_transactions(source_path(store, EVENTS_SOURCE))
+    ts = build_training_set(store, entity_df, FEATURE_SERVICE, cutoff)
+    trained = train_model(ts, data / "models" / FEATURE_SERVICE)
     timings["train"] = time.perf_counter() - t
     m = trained.metadata
     print(f"{len(ts.frame):,} rows, {len(ts.feature_columns)} features; holdout {m.holdout_rows:,} rows: "
@@ -156,7 +157,7 @@ def run_demo(repo: Path | None, rows: int, score: int, keep_running: bool) -> di
     _step("7/10 serve gRPC feast.serving.ServingService")
     server = FeatureServer(repo_path, host="127.0.0.1", port=0).start()
     print(f"listening on {server.address}")
-    model = FraudModel.load(data / "models" / "fraud_detection_v1")
+    model = FraudModel.load(data / "models" / FEATURE_SERVICE)
     summary: dict[str, Any] = {}
     try:
         with FeatureClient(server.address, timeout=2.0) as client:
@@ -175,7 +176,7 @@ def run_demo(repo: Path | None, rows: int, score: int, keep_running: bool) -> di
                   f"mean fraud score {np.mean(scores):.4f}")
 
             _step("9/10 online/offline skew check (gRPC vs point-in-time offline, same instant)")
-            skew = check_skew(store, client, sample_entities(source_path(store, "transactions"), 300))
+            skew = check_skew(store, client, sample_entities(source_path(store, EVENTS_SOURCE), 300), FEATURE_SERVICE)
             inconsistent = [f.feature for f in skew.features if f.mismatches or f.missing_online or f.extra_online]
             print(f"{skew.rows} entity pairs, {len(skew.features)} features: "
                   + ("online and offline agree" if skew.clean else f"inconsistent: {inconsistent}"))
@@ -185,9 +186,9 @@ def run_demo(repo: Path | None, rows: int, score: int, keep_running: bool) -> di
             keys = {"user_id": events.column("user_id").to_pylist()[:3],
                     "merchant_id": events.column("merchant_id").to_pylist()[:3]}
             ctx = {"amount": events.column("amount").to_pylist()[:3], "txn_epoch": [time.time()] * 3}
-            before = client.get_features(keys, feature_service="fraud_detection_v1", request_context=ctx).values
+            before = client.get_features(keys, feature_service=FEATURE_SERVICE, request_context=ctx).values
             streamed = _stream_live(store, data, events)
-            after = client.get_features(keys, feature_service="fraud_detection_v1", request_context=ctx).values
+            after = client.get_features(keys, feature_service=FEATURE_SERVICE, request_context=ctx).values
             shown = ["last_txn_epoch", "txn_count_1h", "amount_sum_1h", "merchant_txn_count_24h"]
             print(table(
                 ["user_id", *(f"{c} before->after" for c in shown)],

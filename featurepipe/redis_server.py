@@ -9,7 +9,8 @@ Two kinds:
   serve``, the notebooks and the Feast SDK. ``featurepipe redis status|start|stop``.
 * :class:`RedisServer`, a throw-away server on a free port (persistence off, files in a
   temporary folder), stopped by PID when the block ends: the tests' fixtures and
-  ``python -m featurepipe.redis_server -- COMMAND`` (runs COMMAND with ``REDIS_URL`` set).
+  :func:`run_with_redis`, ``featurepipe redis run -- COMMAND`` or ``python -m
+  featurepipe.redis_server -- COMMAND`` (runs COMMAND with ``REDIS_URL`` set).
 
 ``python -m featurepipe.redis_server --ensure-binary`` installs ``redis-server`` with
 apt-get when it is missing and we are root on Debian/Ubuntu.
@@ -17,7 +18,6 @@ apt-get when it is missing and we are root on Debian/Ubuntu.
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import json
 import os
@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
+
+import click
 
 from featurepipe.core.process import pid_alive as _pid_alive
 from featurepipe.errors import BackendUnavailable, NotFound
@@ -294,37 +296,40 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m featurepipe.redis_server",
-        description="Run a command with REDIS_URL pointing at a private redis-server "
-        "(or at $REDIS_URL when it is already set).",
-    )
-    parser.add_argument("--ensure-binary", action="store_true",
-                        help="only make sure redis-server is installed, then exit")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
-    args = parser.parse_args(argv)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+@click.command("run", context_settings={"help_option_names": ["-h", "--help"], "ignore_unknown_options": True,
+                                        "allow_interspersed_args": False})
+@click.option("--ensure-binary", "only_install", is_flag=True,
+              help="Only make sure redis-server is installed (with apt-get, as root), then exit.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[--] COMMAND [ARGS]...")
+@click.pass_context
+def run_with_redis(ctx: click.Context, /, only_install: bool, command: tuple[str, ...]) -> None:
+    """Run COMMAND with REDIS_URL pointing at a private redis-server (or at $REDIS_URL when it
+    is already set); exit with COMMAND's status.
+
+    \b
+    featurepipe redis run -- make test
+    python -m featurepipe.redis_server -- make test     (the same command)
+    python -m featurepipe.redis_server --ensure-binary  (what `make install` runs)
+    """
     try:
-        if args.ensure_binary:
+        if only_install:
             if not os.environ.get("REDIS_URL"):
-                print(f"redis-server: {ensure_binary()}")
-            return 0
+                click.echo(f"redis-server: {ensure_binary()}")
+            ctx.exit(0)
         if not command:
-            parser.error("give a command after --")
+            raise click.UsageError("give a command after --")
         if os.environ.get("REDIS_URL"):
-            return subprocess.call(command)
+            ctx.exit(subprocess.call(command))
         with RedisServer() as server:
             assert server.process is not None  # started by __enter__
-            print(f"Started a private redis-server at {server.url} (pid {server.process.pid})",
-                  file=sys.stderr)
-            return subprocess.call(command, env={**os.environ, "REDIS_URL": server.url})
+            click.echo(f"Started a private redis-server at {server.url} (pid {server.process.pid})", err=True)
+            ctx.exit(subprocess.call(command, env={**os.environ, "REDIS_URL": server.url}))
     except NotFound as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        click.echo(f"error: {exc}", err=True)
+        ctx.exit(2)
     except KeyboardInterrupt:
-        return 130
+        ctx.exit(130)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_with_redis.main(prog_name="python -m featurepipe.redis_server")

@@ -1,5 +1,6 @@
 """The layers hold: no import cycle among first-party modules, and no first-party import
-hidden inside a function unless it is listed below with its reason.
+hidden inside a function unless it is listed below with its reason; imports point down the
+layers of ../shared/DESIGN.md (core, stages, Feast adapters and jobs, entry points).
 
 Imports are read from the source (AST), module level and inside functions alike; imports
 under ``if TYPE_CHECKING:`` are left out (they never run). Narwhals' ``no_imports_test`` is
@@ -188,3 +189,70 @@ def test_the_checker_sees_a_cycle_and_a_lazy_import(tmp_path: Path) -> None:
     assert edges["featurepipe.b"] == {"featurepipe.a"}
     assert _cycles(edges) == [["featurepipe.a", "featurepipe.b"]]
     assert [(i.module, i.in_function) for i in imports] == [("featurepipe.a", False), ("featurepipe.b", True)]
+
+
+# The layers of ../shared/DESIGN.md, bottom up. A module imports from its own layer or the
+# ones below; between two stages only along the data flow (STAGE_EDGES).
+LAYERS: dict[str, int] = {
+    "featurepipe": 0,  # the package itself holds only its version
+    "core": 0, "errors": 0, "config": 0, "definitions": 0, "redis_server": 0,
+    "batch": 1, "offline": 1, "online": 1, "stream": 1, "quality": 1, "serving": 1, "training": 1,
+    "generate": 1, "report": 1,
+    "feast": 2, "jobs": 2,
+    "cli": 3, "demo": 3,
+}
+LAYER_NAMES = {0: "core", 1: "stages", 2: "Feast adapters and jobs", 3: "entry points"}
+
+STAGE_EDGES = {
+    ("stream", "online"): "the stream job writes online rows through online's writer",
+    ("stream", "batch"): "stream rows come from the batch engine's SQL, so both agree to the bit",
+    ("stream", "quality"): "the stream checks events against the same data contracts and records its run",
+    ("quality", "online"): "the materialisation gate checks the latest rows with online's own scan",
+    ("serving", "online"): "the server reads Feast's key layout as online writes it",
+}
+
+# Modules that import upwards, each for one reason.
+UPWARD_IMPORTS = {
+    ("featurepipe.online.engine", "featurepipe.feast.materialization_engine"):
+        "re-export at the dotted path that feature_store.yaml files written before 0.2 name",
+}
+
+
+def _room(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "featurepipe" and len(parts) > 1 else parts[0]
+
+
+def test_imports_point_down_the_layers() -> None:
+    _, every = _graph()
+    assert set(LAYERS) >= {_room(m) for m in _modules()}, "give every new folder a layer in LAYERS"
+    wrong = set()
+    for i in every:
+        source, target = _room(i.module), _room(i.target)
+        if source == target or (i.module, i.target) in UPWARD_IMPORTS:
+            continue
+        up, down = LAYERS[source], LAYERS[target]
+        if down > up:
+            wrong.add(f"{i.module} ({LAYER_NAMES[up]}) imports {i.target} ({LAYER_NAMES[down]})")
+        elif down == up == 1 and (source, target) not in STAGE_EDGES:
+            wrong.add(f"stage {source} imports stage {target} ({i.module} -> {i.target}): declare a hook "
+                      "and let the layer above wire it, or add the edge to STAGE_EDGES with its reason")
+    assert sorted(wrong) == []
+
+
+def test_the_core_never_loads_feast() -> None:
+    """Quoting an identifier or opening DuckDB must not import the Feast SDK (4.5 s)."""
+    for path in (ROOT / "featurepipe" / "core").rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            assert not any(n.split(".")[0] == "feast" for n in names), f"{path.name} imports {names}"
+
+
+def test_the_layer_exceptions_hold_nothing_stale() -> None:
+    _, every = _graph()
+    rooms = {(_room(i.module), _room(i.target)) for i in every}
+    pairs = {(i.module, i.target) for i in every}
+    assert sorted(set(STAGE_EDGES) - rooms) == []
+    assert sorted(set(UPWARD_IMPORTS) - pairs) == []

@@ -136,7 +136,7 @@ def test_training_rows_only_see_the_past(pipeline: Pipeline) -> None:
     raw = raw_frame(pipeline)
     entity_df, cutoff = labelled_transactions(source_path(pipeline.store, "transactions"))
     sample = entity_df.sample(300, random_state=5)
-    ts = build_training_set(pipeline.store, sample, cutoff=cutoff)
+    ts = build_training_set(pipeline.store, sample, "fraud_detection_v1", cutoff=cutoff)
     frame = ts.frame.set_index("transaction_id")
     mismatches = 0
     for tid, row in frame.iterrows():
@@ -154,7 +154,7 @@ def test_training_rows_only_see_the_past(pipeline: Pipeline) -> None:
     assert mismatches == 0
     # the leak we guard against: joining at the transaction's own time would count it
     own = sample.assign(event_timestamp=sample["transaction_time"])
-    leaky = build_training_set(pipeline.store, own, cutoff=cutoff).frame.set_index("transaction_id")
+    leaky = build_training_set(pipeline.store, own, "fraud_detection_v1", cutoff=cutoff).frame.set_index("transaction_id")
     own_time = leaky["transaction_time"].map(lambda t: t.value / 1e9)
     assert leaky["last_txn_epoch"].tolist() == pytest.approx(own_time.tolist()), "as-of t sees the txn itself"
     assert (frame.loc[leaky.index, "last_txn_epoch"].fillna(0) < own_time).all()
@@ -183,7 +183,7 @@ def test_pushed_events_show_up_online(pipeline: Pipeline) -> None:
     users = events.column("user_id").to_pylist()
     refs = ["user_transaction_stats:txn_count_1h", "user_transaction_stats:last_txn_epoch"]
     with FeatureServer(pipeline.repo, port=0) as server, FeatureClient(server.address) as client:
-        push_events(pipeline.store, events)
+        push_events(pipeline.store, events, "transactions")
         after = client.get_features({"user_id": users}, features=refs).values
     raw = raw_frame(pipeline)
     for i, user in enumerate(users):

@@ -15,7 +15,7 @@ import io
 import json
 import shutil
 from collections.abc import Callable, Iterator
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,11 @@ import yaml
 
 from featurepipe.batch.backfill import backfill_view
 from featurepipe.definitions import AggregateView, aggregate_views
-from featurepipe.errors import InvalidInput, NotFound
-from featurepipe.quality.contracts import load_contracts
+from featurepipe.errors import GateBlocked, InvalidInput, NotFound
+from featurepipe.quality.contracts import Contracts, load_contracts
 from featurepipe.quality.gate import BatchGate, SourceRef, passed_rows
+from featurepipe.quality.gate_base import Gate
+from featurepipe.quality.online_gate import MaterializeGate
 from featurepipe.quality.records import CheckResult, RunRecord
 from featurepipe.quality.runlog import read_runs
 from featurepipe.quality.status import resolve
@@ -945,3 +947,58 @@ def test_report_command_on_the_pipeline(pipeline: Pipeline, tmp_path: Path) -> N
     last_backfill = [r for r in runs if r.kind == "backfill"][-1]
     assert 'id="distributions"' in page and last_backfill.run_id in page
     assert page.count("data:image/png;base64,") == int(shown.stdout.split(", ")[1].split()[0]) >= 4 + 13
+
+
+def test_both_gates_block_and_warn_through_one_base(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The shared base (featurepipe.quality.gate_base) words each gate's GateBlocked as the gate
+    did before it existed, carries stage, table, failures and quarantine, and says each failed
+    warning through the gate's own logger."""
+    contracts = Contracts(path=tmp_path / "contracts.yaml")
+    results = [
+        CheckResult("raw", "transactions", "amount.range", "amount", "block", False, failed_rows=3, rows=40,
+                    sample=[{"amount": -1.0}]),
+        CheckResult("raw", "transactions", "schema.file", None, "block", False, detail="cannot read a.parquet"),
+        CheckResult("raw", "transactions", "category.allowed", "category", "warn", False, failed_rows=2, rows=40,
+                    detail="2 of 40 rows quarantined"),
+        CheckResult("raw", "transactions", "user_id.not_null", "user_id", "block", True, rows=40),
+    ]
+    batch = BatchGate(contracts, tmp_path / "data", [], now=datetime(2024, 5, 1, 12, tzinfo=timezone.utc))
+    assert isinstance(batch, Gate) and batch.run_id.startswith("20240501T120000-")
+    assert batch.any_blocking(results) and not batch.any_blocking(results[2:])
+    quarantine = tmp_path / "q.parquet"
+    error = batch._blocked("raw", "transactions", results, quarantine)
+    assert isinstance(error, GateBlocked)
+    assert str(error) == (
+        f"quality gate raw/transactions blocked the batch (run {batch.run_id}): check 'amount.range' on column "
+        "'amount' failed: 3 of 40 rows; sample: [{'amount': -1.0}]; check 'schema.file' failed (cannot read "
+        f"a.parquet); failing rows kept in {quarantine}. Fix the data, or the contract in "
+        f"{tmp_path / 'contracts.yaml'}, and rerun")
+    assert (error.stage, error.table, error.failures, error.quarantine) == (
+        "raw", "transactions", {"amount.range": 3, "schema.file": 0}, quarantine)
+
+    start = datetime(2024, 5, 1, tzinfo=timezone.utc)
+    online = MaterializeGate(Contracts(), tmp_path / "data", "user_transaction_stats", None, "redis://x", start, start)
+    schema = CheckResult("materialize", "user_transaction_stats", "schema.type", "amount_sum_1h", "block", False,
+                         detail="column 'amount_sum_1h' is VARCHAR, the contract says DOUBLE")
+    error = online.blocked("materialize", "user_transaction_stats", [schema], stopped="the view",
+                           fix="the offline table", consequence="Nothing of this view was written to Redis")
+    assert str(error) == (
+        f"quality gate materialize/user_transaction_stats blocked the view (run {online.run_id}): check "
+        "'schema.type' on column 'amount_sum_1h' failed (column 'amount_sum_1h' is VARCHAR, the contract says "
+        "DOUBLE). Nothing of this view was written to Redis. Fix the offline table, or the contract in "
+        "contracts.yaml, and rerun")
+    assert error.failures == {"schema.type": 0} and error.quarantine is None
+
+    with caplog.at_level("WARNING"):
+        batch.keep(results)
+        online.keep([dataclasses.replace(results[2], stage="materialize", table="user_transaction_stats")])
+    assert batch.results == results and len(online.results) == 1
+    said = [(r.name, r.getMessage()) for r in caplog.records]
+    assert said == [
+        ("featurepipe.quality.gate",
+         "quality gate raw/transactions (warn): check 'category.allowed' on column 'category' failed: "
+         "2 of 40 rows quarantined"),
+        ("featurepipe.quality.online_gate",
+         "quality gate materialize/user_transaction_stats (warn): check 'category.allowed' on column "
+         "'category' failed: 2 of 40 rows quarantined"),
+    ]

@@ -142,6 +142,7 @@ def _options(job: str, **kw: Any) -> Any:
     from featurepipe.stream.engine import StreamOptions
 
     kw.setdefault("archive_raw", False)
+    kw.setdefault("source", "transactions")
     return StreamOptions(job=job, allowed_lateness=LATENESS, progress=False, **kw)
 
 
@@ -344,7 +345,7 @@ def test_stream_errors_are_clear(stream_repo: StreamRepo) -> None:
     with pytest.raises(InvalidInput, match="does not exist"):
         _run(sr, "no-such-stream", _options("missing", max_events=1))
     with pytest.raises(InvalidInput, match="worker must be in"):
-        StreamOptions(worker=2, workers=2)
+        StreamOptions(source="transactions", worker=2, workers=2)
     from featurepipe.stream.runner import open_source
 
     with pytest.raises(InvalidInput, match="no data source 'nope'"):

@@ -35,7 +35,7 @@ def _raw(pipeline: Pipeline) -> str:
 @pytest.fixture(scope="module")
 def trained(pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object, pd.DataFrame]:
     entity_df, cutoff = labelled_transactions(_raw(pipeline))
-    ts = build_training_set(pipeline.store, entity_df, cutoff=cutoff)
+    ts = build_training_set(pipeline.store, entity_df, "fraud_detection_v1", cutoff=cutoff)
     out = tmp_path_factory.mktemp("model") / "model"
     train_model(ts, out)
     return out, ts, entity_df
@@ -114,7 +114,7 @@ def test_skew_check_is_clean_then_finds_an_injected_value(pipeline: Pipeline) ->
     backfill(store, progress=False)  # pushes in earlier tests wrote online only; make offline catch up
     entities = sample_entities(_raw(pipeline), 200, seed=3)
     with FeatureServer(pipeline.repo, port=0) as server, FeatureClient(server.address) as client:
-        clean = check_skew(store, client, entities)
+        clean = check_skew(store, client, entities, "fraud_detection_v1")
         assert clean.clean, [(f.feature, f.mismatches, f.missing_online, f.extra_online, f.worst) for f in clean.features if not f.mismatches == f.missing_online == f.extra_online == 0]
         # inject: one user's 24h sum changes online only
         user = int(entities["user_id"].iloc[0])
@@ -126,7 +126,7 @@ def test_skew_check_is_clean_then_finds_an_injected_value(pipeline: Pipeline) ->
         row = latest.drop(columns=["event_timestamp"]).assign(event_timestamp=now)
         store.write_to_online_store("user_transaction_stats", row.assign(amount_sum_24h=row["amount_sum_24h"].fillna(0) + 1000.0))
         try:
-            dirty = check_skew(store, client, entities)
+            dirty = check_skew(store, client, entities, "fraud_detection_v1")
             by_name = {f.feature: f for f in dirty.features}
             assert not dirty.clean
             assert by_name["amount_sum_24h"].mismatches + by_name["amount_sum_24h"].extra_online >= 1
@@ -153,7 +153,7 @@ def test_stale_values_enter_on_demand_views_as_missing(pipeline: Pipeline) -> No
                                      request_context={"amount": [50.0], "txn_epoch": [datetime.now(timezone.utc).timestamp()]})
         assert online.statuses["amount_mean_7d"] == ["OUTSIDE_MAX_AGE"]
         assert online["seconds_since_last_txn"] == [None] and online["amount_to_mean_7d"] == [None]
-        report = check_skew(store, client, entities)
+        report = check_skew(store, client, entities, "fraud_detection_v1")
     assert report.clean, [(f.feature, f.extra_online, f.missing_online) for f in report.features]
 
 

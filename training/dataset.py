@@ -91,7 +91,7 @@ def labelled_transactions(
 def build_training_set(
     store: FeatureStore,
     entity_df: pd.DataFrame,
-    feature_service: str = "fraud_detection_v1",
+    feature_service: str,
     cutoff: datetime | None = None,
 ) -> TrainingSet:
     """Join the feature service's features onto ``entity_df`` point-in-time correctly.

@@ -79,7 +79,7 @@ def check_skew(
     store: FeatureStore,
     client: FeatureClient,
     entities: pd.DataFrame,
-    feature_service: str = "fraud_detection_v1",
+    feature_service: str,
     at: datetime | None = None,
     rel_tol: float = 1e-9,
     worst: int = 5,

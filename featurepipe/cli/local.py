@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from featurepipe.cli.options import REPO_OPTION
-from featurepipe.redis_server import LocalRedis
+from featurepipe.redis_server import LocalRedis, run_with_redis
 
 
 @click.group()
@@ -23,6 +23,9 @@ def redis() -> None:
     `make demo` materialised is there for `featurepipe serve`, the notebooks and the Feast
     SDK. With REDIS_URL set, featurepipe uses that server instead and never starts this one.
     """
+
+
+redis.add_command(run_with_redis)  # featurepipe redis run -- COMMAND: a private server instead
 
 
 def _local(repo: Path | None) -> LocalRedis:

@@ -11,6 +11,12 @@ from pathlib import Path
 
 import click
 
+# The names in the feature repo featurepipe ships (feature_repo/): the defaults of the commands
+# that work on its raw transactions and its feature service. The library has no such defaults:
+# every library call names its source and feature service.
+EVENTS_SOURCE = "transactions"
+FEATURE_SERVICE = "fraud_detection_v1"
+
 REPO_OPTION = click.option(
     "--repo", type=click.Path(file_okay=False, path_type=Path), default=None,
     help="Feature repo folder, the one holding feature_store.yaml (default: $FEATUREPIPE_REPO, "
@@ -18,17 +24,23 @@ REPO_OPTION = click.option(
 )
 VIEWS_OPTION = click.option("--view", "views", multiple=True, help="Only this feature view (repeatable).")
 FEATURE_SERVICE_OPTION = click.option(
-    "--feature-service", default="fraud_detection_v1", show_default=True,
+    "--feature-service", default=FEATURE_SERVICE, show_default=True,
     help="Feature service whose features are used.",
 )
 LABELLED_LIMIT_OPTION = click.option(
     "--limit", type=int, default=None, help="Use only the first N labelled transactions.",
 )
 
+SOURCE_OPTION = click.option(
+    "--source", default=EVENTS_SOURCE, show_default=True,
+    help="The Feast data source whose events the stream carries; every windowed-aggregate view reading "
+         "it is computed.",
+)
+
 # where `featurepipe stream run` reads events and `featurepipe stream publish` sends them
 STREAM_OPTION = click.option(
-    "--stream", "stream_name", default="transactions", show_default=True,
-    help="Redis stream (ignored with --kafka).",
+    "--stream", "stream_name", default=None,
+    help="Redis stream (default: the source's name; ignored with --kafka).",
 )
 STREAM_URL_OPTION = click.option(
     "--stream-url", default=None,
@@ -38,8 +50,8 @@ KAFKA_OPTION = click.option(
     "--kafka", "bootstrap", default=None, metavar="HOST:PORT",
     help="Use a Kafka topic on this bootstrap server instead of a Redis stream.",
 )
-TOPIC_OPTION = click.option("--topic", default="transactions", show_default=True,
-                            help="Kafka topic (with --kafka).")
+TOPIC_OPTION = click.option("--topic", default=None,
+                            help="Kafka topic (with --kafka; default: the source's name).")
 
 
 def parse_date(_ctx: click.Context, _param: click.Parameter, value: str | None) -> date | None:

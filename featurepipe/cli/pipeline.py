@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING
 
 import click
 
-from featurepipe.cli.options import REPO_OPTION, VIEWS_OPTION, parse_date, parse_datetime
+from featurepipe.cli.options import (
+    REPO_OPTION,
+    SOURCE_OPTION,
+    VIEWS_OPTION,
+    parse_date,
+    parse_datetime,
+)
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -213,8 +219,9 @@ def materialize(start: datetime | None, end: datetime | None, incremental: bool,
 @click.option("--events", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Parquet file of new transactions (default: generate --count random ones now).")
 @click.option("--count", type=int, default=5, show_default=True, help="Events to generate without --events.")
+@SOURCE_OPTION
 @REPO_OPTION
-def push(events: Path | None, count: int, repo: Path | None) -> None:
+def push(events: Path | None, count: int, source: str, repo: Path | None) -> None:
     """Push new transactions: append them to the raw data and update their features online."""
     import pyarrow.parquet as pq
 
@@ -224,7 +231,7 @@ def push(events: Path | None, count: int, repo: Path | None) -> None:
 
     store = load_store(repo)
     table = pq.read_table(events) if events else random_events(store, count)
-    result = push_events(store, table)
+    result = push_events(store, table, source)
     click.echo(f"pushed {result.events} events; online rows updated: {result.rows_by_view}")
 
 

@@ -10,6 +10,7 @@ import click
 from featurepipe.cli.options import (
     KAFKA_OPTION,
     REPO_OPTION,
+    SOURCE_OPTION,
     STREAM_OPTION,
     STREAM_URL_OPTION,
     TOPIC_OPTION,
@@ -37,9 +38,7 @@ def stream() -> None:
 @STREAM_URL_OPTION
 @KAFKA_OPTION
 @TOPIC_OPTION
-@click.option("--source", default="transactions", show_default=True,
-              help="The Feast data source whose events the stream carries; every windowed-aggregate "
-                   "view reading it is computed.")
+@SOURCE_OPTION
 @VIEWS_OPTION
 @click.option("--job", default="stream", show_default=True,
               help="Job name: names its checkpoint, consumer groups and output files. A restarted job "
@@ -70,7 +69,7 @@ def stream() -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="DuckDB threads.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="A throughput line on stderr.")
 @REPO_OPTION
-def run(stream_name: str, stream_url: str | None, bootstrap: str | None, topic: str, source: str,
+def run(stream_name: str | None, stream_url: str | None, bootstrap: str | None, topic: str | None, source: str,
         views: tuple[str, ...], job: str, worker: int, workers: int, lateness: timedelta,
         checkpoint_interval: timedelta, max_batch: int, max_events: int | None,
         idle_timeout: timedelta | None, final: bool, from_history: bool, archive_raw: bool, metrics_port: int | None,
@@ -109,14 +108,15 @@ def run(stream_name: str, stream_url: str | None, bootstrap: str | None, topic: 
 @STREAM_URL_OPTION
 @KAFKA_OPTION
 @TOPIC_OPTION
+@SOURCE_OPTION
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Publish only the first N events.")
 @REPO_OPTION
-def publish(events: Path | None, stream_name: str, stream_url: str | None, bootstrap: str | None, topic: str,
-            limit: int | None, repo: Path | None) -> None:
+def publish(events: Path | None, stream_name: str | None, stream_url: str | None, bootstrap: str | None,
+            topic: str | None, source: str, limit: int | None, repo: Path | None) -> None:
     """Publish events, in event-time order, as JSON messages."""
     from featurepipe.stream.runner import publish_parquet
 
-    n = publish_parquet(repo, events, stream=stream_name, stream_url=stream_url, bootstrap=bootstrap,
-                        topic=topic, limit=limit)
-    where = f"Kafka topic {topic!r}" if bootstrap else f"Redis stream {stream_name!r}"
+    n = publish_parquet(repo, events, source=source, stream=stream_name, stream_url=stream_url,
+                        bootstrap=bootstrap, topic=topic, limit=limit)
+    where = f"Kafka topic {topic or source!r}" if bootstrap else f"Redis stream {stream_name or source!r}"
     click.echo(f"published {n:,} events to {where}")

@@ -6,10 +6,14 @@ from pathlib import Path
 
 import click
 
-from featurepipe.cli.options import FEATURE_SERVICE_OPTION, LABELLED_LIMIT_OPTION, REPO_OPTION
+from featurepipe.cli.options import (
+    EVENTS_SOURCE,
+    FEATURE_SERVICE,
+    FEATURE_SERVICE_OPTION,
+    LABELLED_LIMIT_OPTION,
+    REPO_OPTION,
+)
 from featurepipe.report import table
-
-DEFAULT_FEATURE_SERVICE = "fraud_detection_v1"
 
 
 def _model_dir(repo: Path | None, feature_service: str) -> Path:
@@ -43,7 +47,7 @@ def train(
     from training.train import train_model
 
     store = load_store(repo)
-    entity_df, cutoff = labelled_transactions(source_path(store, "transactions"), limit=limit)
+    entity_df, cutoff = labelled_transactions(source_path(store, EVENTS_SOURCE), limit=limit)
     click.echo(f"training set: {len(entity_df):,} labelled transactions (labels known by {cutoff:%Y-%m-%d %H:%M})")
     ts = build_training_set(store, entity_df, feature_service, cutoff)
     result = train_model(ts, out or _model_dir(repo, feature_service), holdout)
@@ -81,12 +85,12 @@ def evaluate(model: Path | None, repo: Path | None) -> None:
     from training.model import FraudModel
 
     store = load_store(repo)
-    folder = model or _model_dir(repo, DEFAULT_FEATURE_SERVICE)
+    folder = model or _model_dir(repo, FEATURE_SERVICE)
     fraud_model = FraudModel.load(folder)
     fraud_model.check_definitions(store)
     meta = fraud_model.metadata
     entity_df, cutoff = labelled_transactions(
-        source_path(store, "transactions"), cutoff=pd.Timestamp(meta["label_cutoff"]).to_pydatetime()
+        source_path(store, EVENTS_SOURCE), cutoff=pd.Timestamp(meta["label_cutoff"]).to_pydatetime()
     )
     lo, hi = (pd.Timestamp(t) for t in meta["holdout_range"])
     test = entity_df[(entity_df["transaction_time"] >= lo) & (entity_df["transaction_time"] <= hi)]
@@ -116,8 +120,8 @@ def leakage(limit: int | None, out: Path | None, repo: Path | None) -> None:
     from training.leakage import compare
 
     store = load_store(repo)
-    entity_df, cutoff = labelled_transactions(source_path(store, "transactions"), limit=limit)
-    pit = build_training_set(store, entity_df, cutoff=cutoff)
+    entity_df, cutoff = labelled_transactions(source_path(store, EVENTS_SOURCE), limit=limit)
+    pit = build_training_set(store, entity_df, FEATURE_SERVICE, cutoff=cutoff)
     result = compare(store, entity_df, pit, out or data_dir(find_repo(repo)) / "reports")
     click.echo(table(["training features", "PR AUC", "ROC AUC"], result.table()))
     click.echo(f"plot: {result.plot}")
@@ -143,7 +147,7 @@ def skew(sample: int, server: str | None, feature_service: str, repo: Path | Non
 
     export_redis_env(repo)
     store = load_store(repo)
-    entities = sample_entities(source_path(store, "transactions"), sample)
+    entities = sample_entities(source_path(store, EVENTS_SOURCE), sample)
     with ExitStack() as stack:
         if server is None:
             from serving.server import FeatureServer

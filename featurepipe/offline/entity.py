@@ -83,7 +83,7 @@ def _as_utc_micros(column: pa.ChunkedArray, name: str) -> pa.ChunkedArray:
     kind = column.type
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         try:
-            parsed = pd.to_datetime(column.to_pandas(), utc=True)
+            parsed = pd.to_datetime(column.to_pandas(), utc=True, format="mixed")  # each value on its own, as before
         except (ValueError, TypeError) as exc:
             raise InvalidInput(
                 f"entity_df column {name!r} holds strings that are not timestamps ({exc}); "

@@ -18,12 +18,11 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import duckdb
 
@@ -35,19 +34,15 @@ from featurepipe.errors import GateBlocked
 from featurepipe.quality import anomaly, checks, stats
 from featurepipe.quality.checks import parquet_relation
 from featurepipe.quality.contracts import Contracts, TableContract, load_contracts
-from featurepipe.quality.publish import finish_run, start_run
+from featurepipe.quality.gate_base import Gate
 from featurepipe.quality.records import CheckResult, RunInput, RunOutput, RunRecord
-from featurepipe.quality.runlog import (
-    record_head,
-    view_definition_hashes,
-)
+from featurepipe.quality.runlog import view_definition_hashes
 
 if TYPE_CHECKING:
     from feast import FeatureStore
 
 
 STAGE_RAW, STAGE_FEATURES = "raw", "features"
-log = logging.getLogger(__name__)
 
 
 class BackfilledView(Protocol):
@@ -144,8 +139,10 @@ def passed_rows(glob_path: str, quarantine_file: Path) -> str:
     )
 
 
-class BatchGate:
+class BatchGate(Gate):
     """The quality gates and run record of one batch run (see the module doc)."""
+
+    log: ClassVar[logging.Logger] = logging.getLogger(__name__)  # failed warnings are said here
 
     def __init__(
         self,
@@ -156,14 +153,9 @@ class BatchGate:
         kind: str = "backfill",
         now: datetime | None = None,
     ) -> None:
-        self.contracts = contracts
-        self.data = Path(data)
+        super().__init__(contracts, data, kind, now)
         self.sources = sources
         self.view_hashes = view_hashes or {}
-        self.kind = kind
-        self.now = now or datetime.now(timezone.utc)
-        self.run_id = f"{self.now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-        self.results: list[CheckResult] = []
         self.inputs: dict[str, dict[str, Any]] = {}
         self.outputs: dict[str, dict[str, Any]] = {}
         self._sources_checked: dict[str, str | None] = {}
@@ -171,8 +163,6 @@ class BatchGate:
         self._input_first_day: dict[str, date | None] = {}
         self._staged_newest: dict[str, datetime | None] = {}
         self.day_stats: list[stats.DayStats] = []
-        self._lineage: Any = None
-        self._t0 = time.perf_counter()
 
     # -- raw ingest -------------------------------------------------------------------
     def _source_for(self, view: AggregateView) -> tuple[SourceRef, TableContract] | None:
@@ -222,8 +212,8 @@ class BatchGate:
         self.outputs[view.name] = record
         if contract is None or not staging.exists():
             if contract is not None and contract.volume is not None:
-                self._record([CheckResult(STAGE_FEATURES, view.name, "volume", None, contract.volume.severity,
-                                          contract.volume.min_rows <= 0, detail="no rows written")])
+                self.keep([CheckResult(STAGE_FEATURES, view.name, "volume", None, contract.volume.severity,
+                                       contract.volume.min_rows <= 0, detail="no rows written")])
             return staging
         files = str(staging / "**" / "*.parquet")
         first = self._input_first_day.get(view.input_path)
@@ -286,9 +276,9 @@ class BatchGate:
         # the combined schema and each file's own (footers only): the combined one hides a
         # file whose column DuckDB cannot cast, and the scan below would stop on it
         described, results = checks.table_schema_checks(con, stage, contract, files)
-        if described is None or any(r.blocking for r in results):
-            self._record(results)
-            self._raise(stage, contract.name, results)
+        if described is None or self.any_blocking(results):
+            self.keep(results)
+            raise self._blocked(stage, contract.name, results)
         types = described or {}
         row_checks = checks.row_checks(contract, types)
         ts = timestamp if timestamp in types else None
@@ -324,50 +314,29 @@ class BatchGate:
             results += anomaly.judge(stage, contract.name, contract.anomalies, day_stats, history, self.now,
                                      warm_until)
         self.day_stats += day_stats
-        self._record(results)
-        if any(r.blocking for r in results):
-            self._raise(stage, contract.name, results, quarantine)
+        self.keep(results)
+        if self.any_blocking(results):
+            raise self._blocked(stage, contract.name, results, quarantine)
         return GateOutcome(stage, contract.name, scan.rows, quarantined, quarantine, time.perf_counter() - t0,
                            scan.newest, min(scan.rows_per_day, default=None), types, _column_metrics(day_stats))
 
-    def _record(self, results: list[CheckResult]) -> None:
-        """Keep the results for the run log; say every failed warning on stderr (not silent)."""
-        self.results.extend(results)
-        for r in results:
-            if not r.passed and r.severity == "warn":
-                where = f" on column {r.column!r}" if r.column else ""
-                log.warning("quality gate %s/%s (warn): check %r%s failed: %s", r.stage, r.table,
-                            r.check, where, r.detail)
-
-    def _raise(self, stage: str, table: str, results: list[CheckResult], quarantine: Path | None = None) -> None:
-        lines = []
-        for r in (r for r in results if r.blocking):
-            where = f" on column {r.column!r}" if r.column else ""
-            count = f": {r.failed_rows:,} of {r.rows:,} rows" if r.failed_rows else ""
-            sample = f"; sample: {r.sample}" if r.sample else ""
-            info = count if r.failed_rows else f" ({r.detail})"
-            lines.append(f"check {r.check!r}{where} failed{info}{sample}")
-        where = f"; failing rows kept in {quarantine}" if quarantine else ""
-        raise GateBlocked(
-            f"quality gate {stage}/{table} blocked the batch (run {self.run_id}): "
-            + "; ".join(lines) + where
-            + f". Fix the data, or the contract in {self.contracts.path or 'contracts.yaml'}, and rerun",
-            stage=stage, table=table, failures={r.check: r.failed_rows for r in results if r.blocking},
-            quarantine=quarantine,
-        )
+    def _blocked(self, stage: str, table: str, results: list[CheckResult],
+                 quarantine: Path | None = None) -> GateBlocked:
+        """The error that stops the batch (failing rows, if any, are in ``quarantine``)."""
+        return self.blocked(stage, table, results, stopped="the batch", fix="the data", quarantine=quarantine)
 
     # -- run record -------------------------------------------------------------------------
     def record(self, error: BaseException | None = None) -> RunRecord:
         """The run record as written to the run log."""
         return RunRecord(
-            **record_head(self.run_id, self.kind, error, self.now, self._t0, self.view_hashes, self.contracts.digest),
+            **self.record_head(error, self.view_hashes),
             inputs=tuple(RunInput.from_dict(i) for i in self.inputs.values()),
             outputs=tuple(RunOutput.from_dict(o) for o in self.outputs.values()),
             checks=tuple(self.results),
         )
 
     def __enter__(self) -> BatchGate:
-        self._lineage = start_run(self.data, self.kind, self.run_id, self.now)
+        self.start_lineage()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -376,9 +345,7 @@ class BatchGate:
         if record.ok:  # a blocked run's figures are not history: it published nothing
             written = stats.write_stats(self.data, self.run_id, self.day_stats)
             record = dataclasses.replace(record, stats_file=str(written) if written else None)
-        sla = {name: c.freshness.max_age.total_seconds() for name, c in self.contracts.feature_views.items()
-               if c.freshness is not None}
-        finish_run(self.data, record, self._lineage, sla)
+        self.publish(record)
 
 
 def open_gate(store: FeatureStore, views: list[str] | None = None, kind: str = "backfill") -> BatchGate:

@@ -14,49 +14,42 @@ not newer, quarantined, check results, the definitions hash, code version and du
 from __future__ import annotations
 
 import logging
-import time
-import uuid
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from featurepipe.config import data_dir, online_connection_string, redis_connection_kwargs
 from featurepipe.core.db import connect
 from featurepipe.definitions import TAG_INPUT
-from featurepipe.errors import GateBlocked
 from featurepipe.online.latest import DUCKDB_TYPES, RowCondition
 from featurepipe.online.window import MaterializationBlocked, ViewMaterialization, ViewPlan
 from featurepipe.quality import checks
 from featurepipe.quality.contracts import Contracts, TableContract, load_contracts
-from featurepipe.quality.publish import finish_run, start_run
+from featurepipe.quality.gate_base import Gate
 from featurepipe.quality.records import CheckResult, RunInput, RunOutput, RunRecord
-from featurepipe.quality.runlog import feature_view_hash, record_head
+from featurepipe.quality.runlog import feature_view_hash
 
 STAGE = "materialize"
-log = logging.getLogger(__name__)
 
 
-class MaterializeGate:
+class MaterializeGate(Gate):
     """Contract checks and the run record of one view's materialisation window."""
+
+    log: ClassVar[logging.Logger] = logging.getLogger(__name__)  # failed warnings are said here
 
     def __init__(self, contracts: Contracts, data: Path, view: str, definition_hash: str | None,
                  online_store: str, start: datetime, end: datetime) -> None:
-        self.contracts = contracts
+        super().__init__(contracts, data, "materialize")
         self.contract: TableContract | None = contracts.feature_views.get(view)
-        self.data = Path(data)
         self.view = view
         self.definition_hash = definition_hash
         self.online_store = online_store
         self.start, self.end = start, end
-        self.now = datetime.now(timezone.utc)
-        self.run_id = f"{self.now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-        self.results: list[CheckResult] = []
         self.conditions: list[RowCondition] = []
         self.keys: list[str] = []
         self.offline_path = ""
-        self._t0 = time.perf_counter()
-        self._lineage = start_run(self.data, "materialize", self.run_id, self.now, view)
+        self.start_lineage(view)
 
     def prepare(self, plan: ViewPlan) -> ViewPlan:
         """Check the offline table's schema (raises on a blocking failure) and return the plan
@@ -66,16 +59,10 @@ class MaterializeGate:
         if self.contract is None:
             return plan
         results = self._describe(plan.query.path)
-        self.results += results
-        if any(r.blocking for r in results):
-            raise GateBlocked(
-                f"quality gate {STAGE}/{self.view} blocked the view (run {self.run_id}): "
-                + "; ".join(f"check {r.check!r}{f' on column {r.column!r}' if r.column else ''} failed ({r.detail})"
-                            for r in results if r.blocking)
-                + f". Nothing of this view was written to Redis. Fix the offline table, or the contract in "
-                f"{self.contracts.path or 'contracts.yaml'}, and rerun",
-                stage=STAGE, table=self.view, failures={r.check: r.failed_rows for r in results if r.blocking},
-            )
+        self.keep(results)
+        if self.any_blocking(results):
+            raise self.blocked(STAGE, self.view, results, stopped="the view", fix="the offline table",
+                               consequence="Nothing of this view was written to Redis")
         features = {f.name: DUCKDB_TYPES.get(f.value_type, "") for f in plan.query.features}
         self.conditions = [
             RowCondition(rc.name, rc.column, rc.fails, rc.reason, rc.severity == "block")
@@ -123,14 +110,9 @@ class MaterializeGate:
         if result is None and isinstance(error, MaterializationBlocked):
             result = error.result
         if result is not None and self.contract is not None:
-            self.results += self._row_results(result, blocked)
-        for r in self.results:
-            if not r.passed and r.severity == "warn":
-                log.warning("quality gate %s/%s (warn): check %r on column %r failed: %s", r.stage, r.table,
-                            r.check, r.column, r.detail)
+            self.keep(self._row_results(result, blocked))
         record = RunRecord(
-            **record_head(self.run_id, "materialize", error, self.now, self._t0,
-                          {self.view: self.definition_hash or ""}, self.contracts.digest),
+            **self.record_head(error, {self.view: self.definition_hash or ""}),
             window=(self.start.isoformat(), self.end.isoformat()),
             # rows: the latest row per entity plus the window's rows without a join key;
             # rows = passed (written + not newer in Redis) + quarantined when the run is ok
@@ -155,9 +137,7 @@ class MaterializeGate:
             ),),
             checks=tuple(self.results),
         )
-        sla = {name: c.freshness.max_age.total_seconds() for name, c in self.contracts.feature_views.items()
-               if c.freshness is not None}
-        finish_run(self.data, record, self._lineage, sla)
+        self.publish(record)
         return record
 
 

@@ -51,9 +51,9 @@ class StreamJob:
     """One worker of a stream job. Use :meth:`run`; :meth:`stop` (thread-safe) ends it."""
 
     def __init__(self, store: FeatureStore, source: EventSource, redis_client: Any,
-                 options: StreamOptions | None = None) -> None:
+                 options: StreamOptions) -> None:
         self.store, self.source, self.redis = store, source, redis_client
-        self.options = o = options or StreamOptions()
+        self.options = o = options
         self._stop = threading.Event()
         self.repo = find_repo(store.repo_path)
         self.data = data_dir(self.repo)

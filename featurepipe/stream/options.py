@@ -13,12 +13,12 @@ import numpy as np
 from featurepipe.core.errors import InvalidInput
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StreamOptions:
     """How a stream job runs. See ``featurepipe stream run --help``."""
 
+    source: str  # the Feast data source whose events the stream carries
     job: str = "stream"
-    source: str = "transactions"  # the Feast data source whose events the stream carries
     views: Sequence[str] | None = None
     allowed_lateness: timedelta = timedelta(minutes=5)
     max_batch: int = 50_000

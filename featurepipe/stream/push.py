@@ -48,7 +48,7 @@ def _raw_root(input_path: str) -> Path:
     return Path(input_path.split("/**")[0])
 
 
-def push_events(store: FeatureStore, events: pa.Table, source: str = "transactions") -> PushResult:
+def push_events(store: FeatureStore, events: pa.Table, source: str) -> PushResult:
     """Append ``events`` to the raw source and push the recomputed features online."""
     from feast.data_source import PushMode
 

@@ -33,9 +33,12 @@ def redis_client(url: str | None = None, store: Any = None, **kwargs: Any) -> An
     return redis.Redis(**redis_connection_kwargs(conn), **kwargs)
 
 
-def open_source(options: StreamOptions, *, stream: str = "transactions", stream_url: str | None = None,
-                bootstrap: str | None = None, topic: str = "transactions") -> Any:
-    """The event source of a worker: its own consumer group, named after job and worker."""
+def open_source(options: StreamOptions, *, stream: str | None = None, stream_url: str | None = None,
+                bootstrap: str | None = None, topic: str | None = None) -> Any:
+    """The event source of a worker: its own consumer group, named after job and worker. The
+    Redis stream (or Kafka topic) is named after the Feast source unless ``stream`` (``topic``)
+    says otherwise."""
+    stream, topic = stream or options.source, topic or options.source
     group = f"featurepipe-{options.job}-w{options.worker}"
     if bootstrap:
         from featurepipe.stream.kafka import KafkaSource
@@ -46,8 +49,8 @@ def open_source(options: StreamOptions, *, stream: str = "transactions", stream_
     return RedisStreamSource(redis_client(stream_url), stream, group, consumer=f"w{options.worker}")
 
 
-def run_job(repo: str | Path | None, options: StreamOptions, *, stream: str = "transactions",
-            stream_url: str | None = None, bootstrap: str | None = None, topic: str = "transactions",
+def run_job(repo: str | Path | None, options: StreamOptions, *, stream: str | None = None,
+            stream_url: str | None = None, bootstrap: str | None = None, topic: str | None = None,
             metrics_port: int | None = None, handle_signals: bool = True) -> StreamResult:
     """Run one worker until it stops; SIGTERM/SIGINT stop it cleanly (checkpoint, then exit)."""
     from featurepipe.config import load_store
@@ -88,10 +91,11 @@ def event_payloads(table: pa.Table) -> Iterator[bytes]:
             yield encode_event({k: v for k, v in row.items() if v is not None and k != "date"})
 
 
-def publish_parquet(repo: str | Path | None, events: Path | None, *, stream: str = "transactions",
-                    stream_url: str | None = None, bootstrap: str | None = None, topic: str = "transactions",
-                    limit: int | None = None, source: str = "transactions") -> int:
-    """Publish Parquet events (default: the source's raw files) in event-time order."""
+def publish_parquet(repo: str | Path | None, events: Path | None, *, source: str, stream: str | None = None,
+                    stream_url: str | None = None, bootstrap: str | None = None, topic: str | None = None,
+                    limit: int | None = None) -> int:
+    """Publish Parquet events (default: the source's raw files) in event-time order, to the
+    stream (topic) named after the source unless ``stream`` (``topic``) says otherwise."""
     from featurepipe.config import load_store, source_path
     from featurepipe.core import db
     from featurepipe.core.sql import literal
@@ -109,8 +113,8 @@ def publish_parquet(repo: str | Path | None, events: Path | None, *, stream: str
     if bootstrap:
         from featurepipe.stream.kafka_topics import create_topic, publish_kafka
 
-        create_topic(bootstrap, topic, exist_ok=True)
-        return publish_kafka(bootstrap, topic, event_payloads(table))
+        create_topic(bootstrap, topic or source, exist_ok=True)
+        return publish_kafka(bootstrap, topic or source, event_payloads(table))
     from featurepipe.stream.source import publish_redis
 
-    return publish_redis(redis_client(stream_url), stream, event_payloads(table))
+    return publish_redis(redis_client(stream_url), stream or source, event_payloads(table))

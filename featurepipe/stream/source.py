@@ -47,7 +47,32 @@ class RawBatch:
 
 
 class EventSource(Protocol):
-    """What the streaming engine needs from a source."""
+    """What the streaming engine needs from a source: the contract every implementation
+    keeps (``tests/test_source_contract.py`` runs it against each, on its real server).
+
+    - **Every message once, in order per partition.** A group reading from the start gets
+      every message published, each once, in publish order within its partition (across
+      partitions, no order). Messages published while the source is open come too.
+    - **The source judges nothing.** A message that is not an event (not JSON, not an
+      object, not UTF-8) comes as its bytes, in its place; a message without any payload
+      comes as ``b""``. The job dead-letters them with a reason (decode, admission).
+    - **A batch's shape.** :meth:`poll` returns at most ``max_messages`` messages, one
+      partition index (into ``partition_names``) and one id each; ids name the message's
+      position, are unique and stay the same when it is delivered again (dead letters of a
+      replay name the same messages); ``positions`` names exactly the partitions the batch
+      delivered from, each with the position after its last message there. Nothing there:
+      an empty batch with no positions, within about ``timeout_seconds``.
+    - **Where reading starts is the checkpoint.** :meth:`open` with the positions merged
+      from the batches processed delivers every later message and none before it, whatever
+      the group committed; ``open(None)`` starts at ``start`` ("earliest": every message
+      again, even after a commit). Positions of partitions that are not this source's are
+      ignored. :meth:`commit` is advisory (lag, retention).
+    - **What the watermark and metrics read.** Once messages came, :meth:`assigned` names
+      every partition this worker reads, in the names batches use; :meth:`lag` is the
+      number of messages not yet delivered (0 once everything was), or None when unknown.
+    - **Clear errors.** A stream or topic that does not exist: InvalidInput at :meth:`open`
+      ("... does not exist"); a ``start`` other than "earliest"/"latest": InvalidInput.
+    """
 
     name: str
 
