@@ -1,9 +1,12 @@
 """The streaming engine against a real Redis and a real Feast repo.
 
-Oracle: the batch engine (``featurepipe backfill``) on the same events. The stream gets
-them shuffled (out of order within the allowed lateness), mixed with bad messages, late
-events and resent duplicates, and must end with the batch engine's feature rows, value
-for value, in its offline log, and the latest of them in Redis, read back through Feast.
+Oracles: the kernel's change-point rows (:func:`featurepipe.core.windows.change_point_sql`,
+what the batch backfill writes) over the same events, and a brute-force reference (each
+window's events filtered at each instant, :func:`_brute_force`). The stream gets the
+events shuffled (out of order within the allowed lateness), mixed with bad messages, late
+events and resent duplicates, and must end with the kernel's rows, value for value, in its
+offline log; online, each key's row in force at its newest event + 1 us in Feast's fields
+(read back through Feast) and the kernel's rows from there on in its schedule field.
 """
 
 from __future__ import annotations
@@ -41,8 +44,26 @@ class StreamRepo:
     data: Path
     store: Any
     events: pa.Table  # the generated transactions, in event-time order
-    batch: dict[str, pa.Table]  # the batch engine's rows per view
+    batch: dict[str, pa.Table]  # the kernel's rows per view over them (a backfill of all time)
     redis_url: str
+
+
+VIEWS = ("user_transaction_stats", "merchant_activity")
+
+
+def _kernel_rows(con: duckdb.DuckDBPyConnection, store: Any, view_name: str, events: str,
+                 start_us: int | None = None) -> pa.Table:
+    """The kernel's change-point rows of a view over the relation ``events`` (with ``v >=
+    start_us``), ordered as :func:`_rows` orders the stream's offline files."""
+    from featurepipe.core.windows import ViewShape, change_point_sql
+    from featurepipe.definitions import aggregate_views
+
+    (view,) = aggregate_views(store, [view_name])
+    types = {r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT * FROM {events}").fetchall()}
+    shape = ViewShape(view.join_keys, view.timestamp_field, view.aggregations, types)
+    where = f"WHERE epoch_us(event_timestamp) >= {start_us}" if start_us is not None else ""
+    return con.sql(f"SELECT * FROM ({change_point_sql(shape, events)}) {where} "
+                   f"ORDER BY {', '.join(view.join_keys)}, event_timestamp").to_arrow_table()
 
 
 def _base_url(url: str) -> str:
@@ -51,24 +72,20 @@ def _base_url(url: str) -> str:
 
 @pytest.fixture(scope="module")
 def stream_repo(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[StreamRepo]:
-    """A copy of feature_repo with its own data: generated events, feast apply, batch backfill."""
+    """A copy of feature_repo with its own data: generated events, feast apply, the kernel's
+    rows over all of them."""
     from featurepipe.config import load_store
-    from featurepipe.jobs.backfill import backfill
 
     url = _base_url(redis_url) + "/3"
     with deployed_repo(tmp_path_factory.mktemp("stream"), url, ROWS, DAYS, seed=11) as (repo, data):
         store = load_store(repo)
-        backfill(store, progress=False, quality=False)
         con = duckdb.connect()
         con.execute("SET TimeZone = 'UTC'")
+        raw = f"read_parquet('{data}/raw/transactions/**/*.parquet', hive_partitioning = true)"
         events = con.sql(
-            f"SELECT * EXCLUDE (date) FROM read_parquet('{data}/raw/transactions/**/*.parquet', "
-            "hive_partitioning = true) ORDER BY event_timestamp, transaction_id"
+            f"SELECT * EXCLUDE (date) FROM {raw} ORDER BY event_timestamp, transaction_id"
         ).to_arrow_table()
-        batch = {
-            view: _rows(data / "offline" / view, "part-*")
-            for view in ("user_transaction_stats", "merchant_activity")
-        }
+        batch = {view: _kernel_rows(con, store, view, raw) for view in VIEWS}
         yield StreamRepo(repo, data, store, events, batch, url)
 
 
@@ -191,12 +208,21 @@ def test_stream_equals_batch_out_of_order_with_bad_messages(stream_repo: StreamR
     checks = {d[0] for d in dead}
     assert {"decode", "late", "duplicate", "amount.range", "user_id.not_null", "category.allowed"} <= checks, checks
     assert any("not JSON" in d[1] for d in dead) and any("empty message" in d[1] for d in dead)
-    # online: Feast reads back the latest batch row of every user
-    _assert_online_matches_latest(sr, sink_db=3)
+    # the offline files say which kernel wrote them
+    import pyarrow.parquet as pq
+
+    for view in VIEWS:
+        files = list((sr.data / "offline" / view).glob("date=*/stream-parity-w0-*.parquet"))
+        assert files and all(pq.read_schema(f).metadata[b"featurepipe.kernel"] == b"2" for f in files)
+    # online: each key's row in force and its schedule
+    _assert_online_in_force(sr, sink_db=3)
 
 
-def _assert_online_matches_latest(sr: StreamRepo, sink_db: int, expected: dict[str, pa.Table] | None = None) -> None:
-    """Every feature of every entity, read back through Feast, is the entity's newest batch row.
+def _assert_online_in_force(sr: StreamRepo, sink_db: int, expected: dict[str, pa.Table] | None = None,
+                            events: pa.Table | None = None) -> None:
+    """Online, each key of ``events`` (default: all) holds its row in force at its newest
+    event + 1 us among ``expected``'s rows (default: the kernel's over all events): read
+    back through Feast, and in its schedule field, with every later row.
 
     Feast reads the job's sink database ``sink_db``: featurepipe's online store takes
     ``$REDIS_URL`` before ``connection_string`` (as documented), and ``deployed_repo`` set
@@ -207,22 +233,76 @@ def _assert_online_matches_latest(sr: StreamRepo, sink_db: int, expected: dict[s
 
     from featurepipe.config import online_connection_string
 
+    events = sr.events if events is None else events
     with pytest.MonkeyPatch.context() as mp:
         sink = _base_url(sr.redis_url) + f"/{sink_db}"
         mp.setenv("REDIS_URL", sink)
         store = FeatureStore(repo_path=str(sr.repo))
         assert online_connection_string(store.config) == redis_url_feast(sink)  # the sink, not the fixture's db
-        for view, batch_rows in (expected or sr.batch).items():
-            key = batch_rows.schema.names[0]
-            features = batch_rows.schema.names[2:]
-            rows = batch_rows.to_pandas()
-            last = rows.sort_values("event_timestamp").groupby(key).tail(1).sort_values(key)
+        client = redis.Redis.from_url(sink)
+        for view, rows in (expected or sr.batch).items():
+            key = rows.schema.names[0]
+            features = rows.schema.names[2:]
+            schedules = _expected_schedules(rows, events, key)
+            in_force = {k: {f: r[f][0] for f in features} for k, r in schedules.items()}
             got = store.get_online_features(
                 features=[f"{view}:{f}" for f in features],
-                entity_rows=[{key: int(k)} for k in last[key]],
-            ).to_df()
+                entity_rows=[{key: int(k)} for k in sorted(in_force)],
+            ).to_dict()
             for f in features:
-                assert got[f].tolist() == last[f].tolist(), (view, f)
+                want = [in_force[k][f] for k in sorted(in_force)]
+                assert _same(got[f], want), (view, f)
+            stored = _stored_schedules(client, store, view, sorted(schedules))
+            for k, want_rows in schedules.items():
+                sched = stored[k]
+                assert sched.v.tolist() == want_rows["__v"], (view, k)
+                for f, column in zip(features, sched.columns):
+                    assert _same(column.tolist(), want_rows[f]), (view, k, f)
+        client.close()
+
+
+def _same(got: list[Any], want: list[Any]) -> bool:
+    """Equal value for value, a null equal to a null or NaN."""
+    def norm(x: Any) -> Any:
+        return None if x is None or (isinstance(x, float) and x != x) else x
+    return [norm(x) for x in got] == [norm(x) for x in want]
+
+
+def _expected_schedules(rows: pa.Table, events: pa.Table, key: str) -> dict[int, dict[str, list[Any]]]:
+    """Per key of ``events``: the kernel rows from its newest event + 1 us on (``__v``
+    and one list per feature)."""
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    con.register("rows_", rows)
+    con.register("events_", events.select([key, "event_timestamp"]))
+    table = con.sql(
+        f"SELECT r.*, epoch_us(r.event_timestamp) AS __v FROM rows_ r JOIN "
+        f"(SELECT {key}, epoch_us(max(event_timestamp)) + 1 AS __in FROM events_ GROUP BY {key}) h "
+        f"USING ({key}) WHERE epoch_us(r.event_timestamp) >= h.__in ORDER BY {key}, r.event_timestamp"
+    ).to_arrow_table()
+    out: dict[int, dict[str, list[Any]]] = {}
+    for part in table.to_pylist():
+        entry = out.setdefault(part[key], {})
+        for name, value in part.items():
+            entry.setdefault(name, []).append(value)
+    return out
+
+
+def _stored_schedules(client: redis.Redis, store: Any, view: str, keys: list[int]) -> dict[int, Any]:
+    """The decoded ``_fp_sched:<view>`` field of each key, from Redis."""
+    from featurepipe.online import codec
+    from featurepipe.online.plan import view_plan
+    from featurepipe.online.schedule import decode, schedule_field
+
+    plan = view_plan(store.get_feature_view(view), store.config, store.project)
+    (join,) = plan.query.join_keys
+    piece = codec.encode_entity_keys({join.name: pa.array(keys, pa.int64())}, plan.join_keys, plan.project)
+    redis_keys = [bytes(piece.data[i, :piece.row_lengths()[i]]) for i in range(len(keys))]
+    pipe = client.pipeline(transaction=False)
+    for rk in redis_keys:
+        pipe.hget(rk, schedule_field(plan.view))
+    names = [f.name for f in plan.features]
+    return {k: decode(raw, names) for k, raw in zip(keys, pipe.execute(), strict=True)}
 
 
 def test_two_workers_split_the_keys(stream_repo: StreamRepo) -> None:
@@ -250,7 +330,7 @@ def test_two_workers_split_the_keys(stream_repo: StreamRepo) -> None:
         assert not set(parts[0].column(key).to_pylist()) & set(parts[1].column(key).to_pylist())
         union = pa.concat_tables(parts).sort_by([(key, "ascending"), ("event_timestamp", "ascending")])
         _assert_same_rows(union, batch_rows, view)
-    _assert_online_matches_latest(sr, sink_db=4)
+    _assert_online_in_force(sr, sink_db=4)
 
 
 def _job_process(repo: str, data: str, url: str, stream: str, job: str, total: int, sink_db: int) -> None:
@@ -374,7 +454,7 @@ def test_kafka_path_equals_batch(stream_repo: StreamRepo, kafka_bootstrap: str) 
     assert c.messages == len(messages) and c.accepted == sr.events.num_rows and c.dead == expected_dead
     for view, batch_rows in sr.batch.items():
         _assert_same_rows(_rows(sr.data / "offline" / view, "stream-kafka-w0-*"), batch_rows, view)
-    _assert_online_matches_latest(sr, sink_db=7)
+    _assert_online_in_force(sr, sink_db=7)
 
 
 def test_cli_sigterm_checkpoints_and_exposes_metrics(stream_repo: StreamRepo) -> None:
@@ -433,12 +513,10 @@ def test_cli_sigterm_checkpoints_and_exposes_metrics(stream_repo: StreamRepo) ->
 
 
 def test_new_job_bootstraps_from_history(stream_repo: StreamRepo) -> None:
-    """A job without a checkpoint starts from the Parquet history: live events after it get
-    the values the batch SQL gives over history + live events; an event older than the
-    history's newest is late (its rows are final already)."""
-    from featurepipe.batch.sql import SourceColumns, aggregate_sql
-    from featurepipe.definitions import aggregate_views
-
+    """A job without a checkpoint starts from the Parquet history: the rows after the
+    history's newest event (``v > newest``) are the kernel's over history + live events,
+    and online the live keys hold their rows from their newest event on; an event older
+    than the history's newest is late (its rows are final already)."""
     sr = stream_repo
     raw = sr.data / "raw" / "transactions"
     newest = sr.events.column("event_timestamp").cast(pa.int64()).to_numpy().max()
@@ -460,18 +538,14 @@ def test_new_job_bootstraps_from_history(stream_repo: StreamRepo) -> None:
         assert c.accepted == 300 and c.late == 1, c
         con = duckdb.connect()
         con.execute("SET TimeZone = 'UTC'")
+        everything = f"read_parquet('{raw}/**/*.parquet', hive_partitioning = true)"  # history + archived live events
         expected = {}
-        for view in aggregate_views(sr.store, ["user_transaction_stats", "merchant_activity"]):
-            cols = SourceColumns({r[0]: r[1] for r in con.execute(
-                f"DESCRIBE SELECT * FROM read_parquet('{raw}/**/*.parquet', hive_partitioning = true)").fetchall()})
-            key = view.join_keys[0]
-            oracle = con.sql(
-                f"SELECT * FROM ({aggregate_sql(view, cols)}) WHERE epoch_us(event_timestamp) > {newest} "
-                f"ORDER BY {key}, event_timestamp").to_arrow_table()
+        for view in VIEWS:
+            oracle = _kernel_rows(con, sr.store, view, everything, start_us=int(newest) + 1)
             assert oracle.num_rows > 0
-            _assert_same_rows(_rows(sr.data / "offline" / view.name, "stream-boot-w0-*"), oracle, view.name)
-            expected[view.name] = oracle
-        _assert_online_matches_latest(sr, sink_db=9, expected=expected)
+            _assert_same_rows(_rows(sr.data / "offline" / view, "stream-boot-w0-*"), oracle, view)
+            expected[view] = oracle
+        _assert_online_in_force(sr, sink_db=9, expected=expected, events=live)
     finally:
         for f in raw.glob("date=*/stream-boot-*.parquet"):
             f.unlink()

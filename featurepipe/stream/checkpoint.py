@@ -25,11 +25,11 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from featurepipe.batch.sql import aggregate_sql
 from featurepipe.core.errors import InvalidInput
 from featurepipe.core.parquet_io import atomic_parquet
+from featurepipe.core.windows import KERNEL_VERSION
 from featurepipe.stream.state import WindowState
-from featurepipe.stream.watermark import NEG_INF, POS_INF, US, duration_us, from_us
+from featurepipe.stream.watermark import US, duration_us, from_us
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class Checkpoint:
     """A checkpoint being written: what to write and, once done, what was written."""
 
     seq: int
-    lo: int  # offline rows with event time in [lo, hi) become final (microseconds)
+    lo: int  # offline rows with change point (event_timestamp) in [lo, hi) become final (microseconds)
     hi: int
     finalise: bool
     dead: list[pa.Table]
@@ -60,10 +60,12 @@ class Checkpoint:
 
 def fingerprint(state: WindowState, workers: int, lateness: timedelta, types: dict[str, str]) -> str:
     """A hash of what a checkpoint's state depends on: the views, the worker count, the
-    lateness and the source's types. A checkpoint is only resumed under the same one."""
+    lateness, the source's types and the kernel version (what a row means, and so how
+    far back the state reaches). A checkpoint is only resumed under the same one."""
     import hashlib
 
     spec = {
+        "kernel": KERNEL_VERSION,
         "views": [asdict(v.spec) | {"offline_path": str(v.spec.offline_path)} for v in state.views],
         "workers": workers,
         "lateness_us": duration_us(lateness),
@@ -82,7 +84,7 @@ def read_manifest(state_dir: Path, want: str, job: str, worker: int) -> dict[str
     if m["fingerprint"] != want:
         raise InvalidInput(
             f"stream job {job!r} worker {worker}: the checkpoint in "
-            f"{state_dir} was written for other definitions or worker count "
+            f"{state_dir} was written for other definitions, worker count or kernel version "
             f"({m['fingerprint']} vs {want}); start a new --job or delete that folder"
         )
     return m
@@ -144,11 +146,8 @@ class CheckpointWriter:
                 tag = self.tag(ck.seq)
                 offline = 0
                 if ck.finalise:
-                    lo = None if ck.lo <= NEG_INF else from_us(ck.lo)
-                    hi = None if ck.hi >= POS_INF else from_us(ck.hi)
                     for i, v in enumerate(self.state.views):
-                        sql = aggregate_sql(v.spec, v.columns, lo, hi, source=self.state.frozen(i))
-                        table = cur.sql(sql).to_arrow_table()
+                        table = kernel_tagged(cur.sql(self.state.final_rows_sql(i, ck.lo, ck.hi)).to_arrow_table())
                         offline += table.num_rows
                         ck.offline[v.spec.name] = table.num_rows
                         ck.written += write_by_day(table, "event_timestamp", v.spec.offline_path, tag)
@@ -176,6 +175,15 @@ class CheckpointWriter:
         except BaseException as exc:  # re-raised by the main thread
             ck.error = exc
         ck.seconds = time.perf_counter() - t0
+
+
+KERNEL_KEY = b"featurepipe.kernel"
+
+
+def kernel_tagged(table: pa.Table) -> pa.Table:
+    """``table`` with the kernel version in its schema metadata (``featurepipe.kernel``),
+    which every Parquet file written from it carries: readers refuse rows of another kernel."""
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), KERNEL_KEY: str(KERNEL_VERSION).encode()})
 
 
 def write_by_day(table: pa.Table, ts_column: str, root: Path, tag: str) -> list[Path]:

@@ -2,7 +2,8 @@
 
 Each micro-batch is decoded (:mod:`~featurepipe.stream.decode`), admitted
 (:mod:`~featurepipe.stream.admission`), added to the keyed window state
-(:mod:`~featurepipe.stream.state`) whose touched keys' latest rows are written online, and
+(:mod:`~featurepipe.stream.state`) whose touched keys' rows in force and schedules are
+written online (:mod:`~featurepipe.stream.online_rows`), and
 counted; every ``checkpoint_seconds`` the state and outputs are checkpointed
 (:mod:`~featurepipe.stream.checkpoint`) while the next micro-batches go on. See
 :mod:`featurepipe.stream.engine` for the design as a whole.
@@ -24,7 +25,7 @@ import pyarrow as pa
 from featurepipe.config import data_dir, find_repo
 from featurepipe.core.db import connect
 from featurepipe.online.layout import feature_field, timestamp_field
-from featurepipe.online.window import encode
+from featurepipe.online.schedule import schedule_field
 from featurepipe.online.writer import HashWriter
 from featurepipe.quality.contracts import load_contracts
 from featurepipe.stream.admission import AdmissionRules, admit, check_rows, dead_letter_table
@@ -32,6 +33,7 @@ from featurepipe.stream.checkpoint import Checkpoint, CheckpointWriter, fingerpr
 from featurepipe.stream.decode import MSG, Decoder, arrow_schema
 from featurepipe.stream.history import unreadable_history
 from featurepipe.stream.metrics import StreamMetrics
+from featurepipe.stream.online_rows import online_batches
 from featurepipe.stream.options import Counters, StreamOptions, StreamResult
 from featurepipe.stream.prefetch import Prefetcher
 from featurepipe.stream.progress import LatencySamples, latencies, progress_line, show_progress
@@ -100,9 +102,9 @@ class StreamJob:
             self._bootstrap()
 
     def _bootstrap(self) -> None:
-        """A new job starts from history: the source's Parquet events inside each view's
-        longest window before the newest of them become the state, and rows up to that
-        newest event count as final (the batch engine wrote them). Rows that fail the
+        """A new job starts from history: the source's Parquet events within each view's
+        horizon before the newest of them become the state, and rows up to that newest
+        event (change points ``v <= newest``) count as final (the batch engine wrote them). Rows that fail the
         source contract's checks are left out, as the batch gate leaves them out. Each file's
         own schema was checked when the job was set up; a file that still cannot be read
         (the contract's schema checks only warn) stops it with InvalidInput naming the file."""
@@ -132,7 +134,8 @@ class StreamJob:
         started = last_message = last_checkpoint = time.monotonic()
         run_messages, last_progress, loop_seconds = 0, 0.0, 0.0
         self._writers = [HashWriter(
-            self.redis, timestamp_field(v.plan.view), [feature_field(v.plan.view, f.name) for f in v.plan.features],
+            self.redis, timestamp_field(v.plan.view),
+            [*(feature_field(v.plan.view, f.name) for f in v.plan.features), schedule_field(v.plan.view)],
             ttl_seconds=v.plan.key_ttl_seconds, replace_equal=True,
         ).__enter__() for v in self.spec.views]
         budget = None if o.max_events is None else max(0, o.max_events - self.counters.messages)
@@ -204,9 +207,11 @@ class StreamJob:
         if events.num_rows:
             for i, (v, writer) in enumerate(zip(self.spec.views, self._writers)):
                 rows = self.state.update(i, events)
-                for batch in rows.to_batches(max_chunksize=10_000):
-                    writer.write(encode(batch, v.plan))  # flushed once per micro-batch, for every view
-                self.counters.online_rows += rows.num_rows
+                if rows is None:
+                    continue
+                for batch in online_batches(rows, v.plan):
+                    writer.write(batch)  # flushed once per micro-batch, for every view
+                    self.counters.online_rows += batch.count
             for writer in self._writers:  # Redis runs one view's writes while the next is computed
                 writer.flush()
             if o.archive_raw and o.worker == 0:

@@ -18,6 +18,7 @@ from featurepipe.batch.sql import SourceColumns
 from featurepipe.config import resolve_source_path
 from featurepipe.core.errors import InvalidInput, NotFound
 from featurepipe.core.sql import literal
+from featurepipe.core.windows import ViewShape, horizon, micros, validate
 from featurepipe.definitions import AggregateView, aggregate_views
 from featurepipe.online.plan import view_plan
 from featurepipe.online.window import ViewPlan
@@ -33,13 +34,17 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class StreamView:
-    """A view the job keeps up to date: its definition, its online plan, and the columns
-    its state keeps (join keys, event time, aggregated columns)."""
+    """A view the job keeps up to date: its definition, its online plan, the columns its
+    state keeps (join keys, event time, aggregated columns), what the kernel needs of it
+    (``shape``) and how long after an event it can still change a value (``horizon_us``:
+    the state keeps events back to the watermark minus that)."""
 
     spec: AggregateView
     plan: ViewPlan
     columns: SourceColumns
     needed: tuple[str, ...]
+    shape: ViewShape
+    horizon_us: int
 
 
 @dataclass(frozen=True)
@@ -92,10 +97,12 @@ def resolve_spec(store: FeatureStore, options: StreamOptions, con: duckdb.DuckDB
         columns.require(spec)
         if any(a.window is None and a.function != "last" for a in spec.aggregations):
             raise InvalidInput(f"view {spec.name!r}: streaming needs a time window on every aggregation but 'last'")
+        validate(spec.aggregations, spec.name)
         plan = view_plan(store.get_feature_view(spec.name), store.config, store.project)
         needed = (*spec.join_keys, timestamp,
                   *sorted({a.column for a in spec.aggregations} - {timestamp, *spec.join_keys}))
-        views.append(StreamView(spec, plan, columns, needed))
+        shape = ViewShape(spec.join_keys, timestamp, spec.aggregations, {c: types[c] for c in needed})
+        views.append(StreamView(spec, plan, columns, needed, shape, micros(horizon(spec.aggregations))))
     return JobSpec(
         source=source, source_glob=glob, timestamp=timestamp, input_root=Path(glob.split("/**")[0]),
         types=types, contract=contract, checks=checks,

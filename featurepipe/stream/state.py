@@ -1,10 +1,13 @@
 """A stream worker's keyed window state, in DuckDB tables.
 
-Per view, table ``state_<i>`` holds the events of the keys this worker owns inside the
-view's longest window (the columns the view's aggregates read); a key's latest feature row
-is computed from it with the batch engine's SQL, so stream and batch agree to the bit.
-Table ``seen`` holds the contract's unique columns of the events accepted since the
-watermark, against which resent events are told apart.
+Per view, table ``state_<i>`` holds the events of the keys this worker owns back to the
+watermark minus the view's horizon (:func:`featurepipe.core.windows.horizon`: the longest
+window plus its hop; the columns the view's aggregates read). Every row the job writes,
+online and offline, is computed from it with the kernel's SQL
+(:func:`featurepipe.core.windows.change_point_sql`), the very SQL the batch backfill
+runs, so stream and batch agree to the bit. Table ``seen`` holds the contract's unique
+columns of the events accepted since the watermark, against which resent events are told
+apart.
 
 For a checkpoint the tables are copied in memory (``ck_*``), then pruned to what the
 advanced watermark still needs; a background thread writes the copies to a snapshot
@@ -20,15 +23,18 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from featurepipe.batch.sql import latest_sql
 from featurepipe.core.sql import literal, quote
+from featurepipe.core.windows import change_point_sql
 from featurepipe.online.latest import EVENT_US
 from featurepipe.stream.admission import Condition
+from featurepipe.stream.online_rows import POSITION
 from featurepipe.stream.spec import StreamView
-from featurepipe.stream.watermark import duration_us, to_us, ts_sql
+from featurepipe.stream.watermark import NEG_INF, POS_INF, from_us, to_us, ts_sql
 
 _EVENTS = "__events"  # the micro-batch's accepted events, while a view is updated
 _KEYS = "__keys"  # the micro-batch's events, while the seen set is asked about them
+_TOUCHED = "__touched"  # the state's events of the keys a micro-batch touched, while they are computed
+_IN_FORCE = "__in_force"  # each touched key's row in force: its newest event + 1 us
 
 
 class WindowState:
@@ -57,23 +63,48 @@ class WindowState:
 
     # ------------------------------------------------------------ a micro-batch
 
-    def update(self, i: int, events: pa.Table) -> pa.Table:
-        """Add the events of owned keys to view ``i``'s state; return the latest feature
-        row of each key they touched (with its event time in microseconds)."""
+    def update(self, i: int, events: pa.Table) -> pa.Table | None:
+        """Add the events of owned keys to view ``i``'s state; return, for each key they
+        touched, the kernel's change-point rows from the key's row in force on (the
+        greatest ``v`` at most its newest event + 1 us, which is that very instant) with
+        every later one: keys, ``event_timestamp``, the features, ``v`` in microseconds
+        (``__event_us``) and the row's place among its key's (``__j``, 0: in force),
+        sorted by key then ``v``. None when no key of this worker was touched."""
         con, v = self.con, self.views[i]
         spec, table = v.spec, self.tables[i]
+        keys = self._keys_sql[i]
         con.register(_EVENTS, events)
         try:
             cols = ", ".join(quote(c) for c in v.needed)
             con.execute(f"INSERT INTO {table} SELECT {cols} FROM {_EVENTS} WHERE {self.owned(i)}")
             join = " AND ".join(f"s.{quote(k)} = a.{quote(k)}" for k in spec.join_keys)
-            touched = (f"(SELECT s.* FROM {table} s SEMI JOIN "
-                       f"(SELECT DISTINCT {self._keys_sql[i]} FROM {_EVENTS} WHERE {self.owned(i)}) a ON {join})")
-            return con.sql(
-                f"SELECT *, epoch_us(event_timestamp) AS {EVENT_US} FROM ({latest_sql(spec, v.columns, touched)})"
-            ).to_arrow_table()
+            con.execute(f"CREATE OR REPLACE TEMP TABLE {_TOUCHED} AS SELECT s.* FROM {table} s SEMI JOIN "
+                        f"(SELECT DISTINCT {keys} FROM {_EVENTS} WHERE {self.owned(i)}) a ON {join}")
         finally:
             con.unregister(_EVENTS)
+        ts = quote(self.timestamp)
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {_IN_FORCE} AS "
+                    f"SELECT {keys}, epoch_us(max({ts})) + 1 AS __in FROM {_TOUCHED} GROUP BY {keys}")
+        (start,) = con.execute(f"SELECT min(__in) FROM {_IN_FORCE}").fetchall()[0]
+        if start is None:
+            return None
+        rows = change_point_sql(v.shape, _TOUCHED, start=from_us(start))  # no row before the oldest row in force
+        on = " AND ".join(f"c.{quote(k)} = h.{quote(k)}" for k in spec.join_keys)
+        by_key = ", ".join(f"c.{quote(k)}" for k in spec.join_keys)
+        return con.sql(
+            f"SELECT c.*, epoch_us(c.event_timestamp) AS {EVENT_US}, CAST(row_number() OVER "
+            f"(PARTITION BY {by_key} ORDER BY c.event_timestamp) - 1 AS INTEGER) AS {POSITION} "
+            f"FROM ({rows}) c JOIN {_IN_FORCE} h ON {on} WHERE epoch_us(c.event_timestamp) >= h.__in "
+            f"ORDER BY {by_key}, c.event_timestamp"
+        ).to_arrow_table()
+
+    def final_rows_sql(self, i: int, lo: int, hi: int) -> str:
+        """SELECT of view ``i``'s change-point rows with ``v`` in ``[lo, hi)`` (microseconds,
+        :data:`NEG_INF` / :data:`POS_INF` for no bound) from the frozen state: what the
+        batch backfill writes for that range."""
+        return change_point_sql(self.views[i].shape, self.frozen(i),
+                                start=None if lo <= NEG_INF else from_us(lo),
+                                end=None if hi >= POS_INF else from_us(hi))
 
     def seen_among(self, events: pa.Table) -> pa.Table | None:
         """The distinct unique-column values of ``events`` that the job accepted before
@@ -116,11 +147,12 @@ class WindowState:
 
     def prune(self, watermark_us: int) -> None:
         """Drop what no row at or after the watermark needs: events older than the
-        watermark minus the view's longest window, seen values older than the watermark
-        (an event that old is late, so never a duplicate)."""
+        watermark minus the view's horizon (a row at ``v`` reads events from
+        ``floor(v, hop) - window`` on, and an older bucket's drop is before ``v``), seen
+        values older than the watermark (an event that old is late, so never a duplicate)."""
         for table, v in zip(self.tables, self.views):
-            maxw = duration_us(v.spec.max_window)
-            self.con.execute(f"DELETE FROM {table} WHERE {quote(self.timestamp)} < {ts_sql(watermark_us - maxw)}")
+            self.con.execute(
+                f"DELETE FROM {table} WHERE {quote(self.timestamp)} < {ts_sql(watermark_us - v.horizon_us)}")
         if self.unique:
             self.con.execute(f"DELETE FROM seen WHERE __ts < {ts_sql(watermark_us)}")
 
@@ -141,8 +173,8 @@ class WindowState:
             self.con.execute(f"INSERT INTO seen SELECT * FROM read_parquet({literal(str(folder / 'seen.parquet'))})")
 
     def bootstrap(self, source_glob: str, checks: Sequence[Condition]) -> tuple[int | None, int]:
-        """Load each view's owned events of the source's Parquet history inside its
-        longest window before the newest event, leaving out rows with a null key or that
+        """Load each view's owned events of the source's Parquet history within its
+        horizon before the newest event, leaving out rows with a null key or that
         fail ``checks`` (as the batch gate leaves them out). Returns the newest event time
         in microseconds (None: no history) and the rows loaded. DuckDB's conversion error
         on a file it cannot read is raised as it is."""
@@ -158,11 +190,10 @@ class WindowState:
         bad = " OR ".join(f"({c.fails})" for c in checks) or "FALSE"
         loaded = 0
         for i, (table, v) in enumerate(zip(self.tables, self.views)):
-            maxw = duration_us(v.spec.max_window)
             cols = ", ".join(quote(c) for c in v.needed)
             keys_ok = " AND ".join(f"{quote(k)} IS NOT NULL" for k in v.spec.join_keys)
             con.execute(
-                f"INSERT INTO {table} SELECT {cols} FROM {source} WHERE {ts} >= {ts_sql(newest_us - maxw)} "
+                f"INSERT INTO {table} SELECT {cols} FROM {source} WHERE {ts} >= {ts_sql(newest_us + 1 - v.horizon_us)} "
                 f"AND {keys_ok} AND NOT coalesce({bad}, FALSE) AND {self.owned(i)}"
             )
             loaded += con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]

@@ -24,18 +24,23 @@ NEG_INF = -(2**62)
 POS_INF = 2**62
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
 def to_us(value: datetime | None) -> int:
-    """Microseconds since the epoch of ``value`` (naive: UTC); None is :data:`NEG_INF`."""
+    """Microseconds since the epoch of ``value`` (naive: UTC), exactly (no float on the
+    way: a change point is one microsecond after its event); None is :data:`NEG_INF`."""
     if value is None:
         return NEG_INF
-    return int(value.timestamp() * US) if value.tzinfo else int(value.replace(tzinfo=timezone.utc).timestamp() * US)
+    aware = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return (aware - _EPOCH) // timedelta(microseconds=1)
 
 
 def from_us(us: int) -> datetime | None:
-    """The UTC datetime of ``us`` microseconds since the epoch; None for the infinities."""
+    """The UTC datetime of ``us`` microseconds since the epoch, exactly; None for the infinities."""
     if us <= NEG_INF or us >= POS_INF:
         return None
-    return datetime.fromtimestamp(us / US, tz=timezone.utc)
+    return _EPOCH + timedelta(microseconds=us)
 
 
 def duration_us(value: timedelta) -> int:
@@ -45,7 +50,7 @@ def duration_us(value: timedelta) -> int:
 
 def ts_sql(us: int) -> str:
     """A DuckDB TIMESTAMPTZ literal for ``us`` microseconds since the epoch."""
-    return ts_literal(datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=us))
+    return ts_literal(_EPOCH + timedelta(microseconds=us))
 
 
 def job_watermark(partition_max: Mapping[str, int], assigned: Iterable[str] | None, lateness_us: int) -> int:
