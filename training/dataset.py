@@ -1,12 +1,14 @@
 """Point-in-time correct training sets through Feast's ``get_historical_features``.
 
-A transaction is scored *before* it is ingested: when the model service asks for
-features of a transaction at time ``t``, the online store holds the user's aggregates up
-to the previous transaction, not including this one. The training row must see exactly
-the same, so its as-of time is ``t - 1µs`` (``SCORING_OFFSET``): Feast's point-in-time
-join (feature time <= as-of time) then picks the feature row of the previous event, never
-the one that already counts this transaction. Labels only count once they have arrived
-(``label_timestamp <= cutoff``).
+A transaction is scored *before* it is ingested: when the model service asks for its
+features at time ``t``, every windowed aggregate covers the user's events *before* ``t``
+(request-time windows, :mod:`featurepipe.core.windows`), never this transaction. The
+training row asks for the same instant: its as-of time is the transaction's own time
+(``SCORING_OFFSET`` is 0). The offline tables hold a row from each change point ``v`` on
+(``v = x + 1µs`` after an event at ``x``), so Feast's point-in-time join (feature time <=
+as-of time) at ``t`` returns the values over the events before ``t``, with events at ``t``
+itself, this transaction included, excluded by construction. Labels only count once they
+have arrived (``label_timestamp <= cutoff``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ if TYPE_CHECKING:
     from feast import FeatureStore
     from google.protobuf.message import Message
 
-SCORING_OFFSET = timedelta(microseconds=1)
+SCORING_OFFSET = timedelta(0)
+"""How long before the transaction its features are asked for (0: at its time; the windows
+exclude events at the instant asked)."""
 ENTITY_COLUMNS = ["transaction_id", "user_id", "merchant_id"]
 LABEL = "is_fraud"
 
@@ -73,7 +77,8 @@ def labelled_transactions(
     query = f"""
         SELECT transaction_id, user_id, merchant_id, amount,
                event_timestamp AS transaction_time,
-               event_timestamp - INTERVAL 1 MICROSECOND AS event_timestamp,
+               event_timestamp - INTERVAL ({SCORING_OFFSET // timedelta(microseconds=1)}) MICROSECOND
+                   AS event_timestamp,
                epoch_us(event_timestamp) / 1e6 AS txn_epoch,
                CAST(is_fraud AS INTEGER) AS is_fraud, label_timestamp
         FROM {src}

@@ -1,9 +1,16 @@
 """``featurepipe backfill``: compute the offline feature tables with DuckDB.
 
-For every windowed-aggregate view in the registry, run the SQL generated from its
-declaration over the raw Parquet and write the feature rows as Parquet partitioned by
-``date=YYYY-MM-DD``. Only the day partitions inside ``[start, end)`` are replaced (each
-atomically, by rename), so a rerun over the same range gives the same files.
+For every windowed-aggregate view in the registry, run the kernel's SQL
+(:func:`featurepipe.batch.sql.aggregate_sql`) over the raw Parquet and write the view's
+change-point rows (``event_timestamp`` = the instant from which the row's values hold) as
+Parquet partitioned by ``date=YYYY-MM-DD``. Only the day partitions inside ``[start, end)``
+are replaced (each atomically, by rename), so a rerun over the same range gives the same
+files, and a partial rerun gives the rows of the full one in its range.
+
+Every file carries the kernel version in its key-value metadata (``featurepipe.kernel``);
+the offline store refuses a table written under another version rather than mix meanings.
+The table answers exactly for instants before the backfill's end: the rows of later change
+points (values dropping as windows empty) are written by the backfill that covers them.
 """
 
 from __future__ import annotations
@@ -18,15 +25,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import duckdb
+import pyarrow.parquet as pq
 
 from featurepipe.batch.sql import SourceColumns, aggregate_sql
 from featurepipe.core.db import connect, one_row
+from featurepipe.core.parquet_io import atomic_parquet
 from featurepipe.core.sql import literal, quote
+from featurepipe.core.windows import KERNEL_VERSION
 from featurepipe.definitions import AggregateView, aggregate_views
 from featurepipe.errors import InvalidInput, NotFound
 
 if TYPE_CHECKING:
     from feast import FeatureStore
+
+KERNEL_METADATA_KEY = "featurepipe.kernel"
+"""Parquet key-value metadata naming the kernel version a feature table was computed with
+(the offline store reads it back: :mod:`featurepipe.offline.versions`)."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +116,9 @@ def backfill_view(
     end: datetime | date | None = None,
     gate: BackfillHook | None = None,
 ) -> BackfillResult:
-    """Recompute the day partitions of ``view`` in ``[start, end)`` (default: all input).
+    """Recompute the day partitions of ``view`` in ``[start, end)`` (default: from the day of
+    the first input event to the day after the last one): the rows of the change points in
+    that range, from the input events of ``[start - horizon, end)``.
 
     With a ``gate`` (a :class:`BackfillHook`, e.g. a quality gate), only raw rows that pass
     it are read, and the staged feature rows are checked before they are published.
@@ -125,10 +141,12 @@ def backfill_view(
         con.execute(
             f"COPY (SELECT *, strftime(event_timestamp, '%Y-%m-%d') AS date FROM ({sql})) "
             f"TO {literal(str(staging))} (FORMAT parquet, PARTITION_BY (date), "
-            "FILENAME_PATTERN 'part-{i}', COMPRESSION zstd)"
+            f"FILENAME_PATTERN 'part-{{i}}', COMPRESSION zstd, "
+            f"KV_METADATA {{{literal(KERNEL_METADATA_KEY)}: {literal(str(KERNEL_VERSION))}}})"
         )
         if gate is not None:
             staging = gate.check_output(con, view, staging)
+            stamp_kernel_version(staging)  # a gate's rewrite (quarantined rows taken out) has lost it
         rows, entities = one_row(
             con, f"SELECT count(*), count(DISTINCT ({', '.join(quote(k) for k in view.join_keys)})) "
             f"FROM read_parquet({literal(str(staging / '**' / '*.parquet'))})"
@@ -179,6 +197,18 @@ def backfill(
             if gate is not None:
                 gate.view_done(results[-1])
     return results
+
+
+def stamp_kernel_version(folder: Path) -> None:
+    """Write the kernel version into every Parquet file under ``folder`` that lacks it
+    (each file rewritten atomically, its rows and schema unchanged)."""
+    expected = str(KERNEL_VERSION).encode()
+    for path in sorted(folder.glob("**/*.parquet")):
+        metadata = pq.read_metadata(path).metadata or {}
+        if metadata.get(KERNEL_METADATA_KEY.encode()) != expected:
+            table = pq.read_table(path, partitioning=None)
+            schema_metadata = {**(table.schema.metadata or {}), KERNEL_METADATA_KEY.encode(): expected}
+            atomic_parquet(table.replace_schema_metadata(schema_metadata), path)
 
 
 def offline_files(path: Path) -> list[Path]:

@@ -1,8 +1,16 @@
 """DuckDB SQL for a windowed-aggregate view, generated from its declaration.
 
-One query per view: window functions over the entity's events, one frame per distinct
-window, ``RANGE BETWEEN <window> PRECEDING AND CURRENT ROW`` (so ``[t - window, t]``,
-ties at ``t`` included). Rows of one entity at the same instant collapse to one.
+:func:`aggregate_sql` gives the view's feature rows: one row per *change point* ``v`` of
+an entity (see :mod:`featurepipe.core.windows`, the kernel that computes them), with
+``event_timestamp = v`` and the values of every aggregate asked at any ``t`` with
+``v <= t`` until the entity's next row. A windowed aggregate asked at ``t`` covers the
+events in ``[floor(t, hop) - window, t)``: events at ``t`` itself are out. So a
+point-in-time join (feature time ``<=`` the entity row's time) returns the value at the
+entity row's time exactly, whatever that time is.
+
+:func:`latest_sql` is the streaming engine's former online update (the row at each key's
+newest event, kernel version 1); it stays until the stream engine computes its rows with
+the kernel too.
 """
 
 from __future__ import annotations
@@ -11,10 +19,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from featurepipe.core.sql import literal, quote, ts_literal
+from featurepipe.core.windows import ViewShape, change_point_sql, horizon, validate
 from featurepipe.definitions import AggregateSpec, AggregateView
 from featurepipe.errors import InvalidInput
-
-_SQL_FUNCTION = {"count": "count", "sum": "sum", "mean": "avg", "min": "min", "max": "max"}
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,56 @@ class SourceColumns:
             )
 
 
+def input_start(view: AggregateView, start: datetime) -> datetime | None:
+    """The first event time the rows from ``start`` on depend on, or None (every event:
+    an aggregate without a window that is not ``last`` counts the whole history)."""
+    if any(a.window is None and a.function != "last" for a in view.aggregations):
+        return None
+    return start - horizon(view.aggregations)
+
+
+def aggregate_sql(
+    view: AggregateView,
+    columns: SourceColumns,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    extra_input: str | None = None,
+    source: str | None = None,
+) -> str:
+    """SELECT of the view's change-point rows with ``event_timestamp`` in ``[start, end)``,
+    ordered by time then key.
+
+    Reads the input's events in ``[start - horizon, end)`` (every event before ``end`` when
+    an aggregate without a window is not ``last``): exactly what those rows depend on, so a
+    partial recompute gives the rows a full one gives in its range. ``extra_input``, when
+    given, is a relation (table name) unioned with the Parquet input (the push path uses
+    it for events not yet on disk). ``source``, when given, is the relation read instead of
+    the Parquet input (the quality gate's rows that passed).
+    """
+    columns.require(view)
+    validate(view.aggregations, view.name)
+    keys = [quote(k) for k in view.join_keys]
+    ts = quote(view.timestamp_field)
+    needed = dict.fromkeys([*keys, ts, *(quote(a.column) for a in view.aggregations)])
+    select_cols = ", ".join(needed)
+    where = []
+    first = input_start(view, start) if start is not None else None
+    if first is not None:
+        where.append(f"{ts} >= {ts_literal(first)}")
+    if end is not None:
+        where.append(f"{ts} < {ts_literal(end)}")
+    source = source or f"read_parquet({literal(view.input_path)}, hive_partitioning = true, union_by_name = true)"
+    inputs = f"SELECT {select_cols} FROM {source}"
+    if extra_input:
+        inputs += f" UNION ALL BY NAME SELECT {select_cols} FROM {extra_input}"
+    events = f"(SELECT * FROM ({inputs}) {'WHERE ' + ' AND '.join(where) if where else ''})"
+    shape = ViewShape(view.join_keys, view.timestamp_field, view.aggregations, columns.types)
+    return change_point_sql(shape, events, start, end)
+
+
+# --- kernel version 1, the stream engine's online update until it moves to the kernel -------
+
+_SQL_FUNCTION = {"count": "count", "sum": "sum", "mean": "avg", "min": "min", "max": "max"}
 _INTEGER_TYPES = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT", "HUGEINT"}
 
 
@@ -65,70 +122,11 @@ def _output(agg: AggregateSpec, columns: SourceColumns, over: str) -> str:
     return f"CAST({_SQL_FUNCTION[agg.function]}({expr}) {over} AS {cast}) AS {quote(agg.name)}"
 
 
-def _frame(view: AggregateView, window: timedelta | None) -> str:
-    keys = ", ".join(quote(k) for k in view.join_keys)
-    if window is None:
-        return f"(PARTITION BY {keys}, __ts)"
-    micros = int(window / timedelta(microseconds=1))
-    return (
-        f"(PARTITION BY {keys} ORDER BY __ts "
-        f"RANGE BETWEEN INTERVAL ({micros}) MICROSECONDS PRECEDING AND CURRENT ROW)"
-    )
-
-
-def aggregate_sql(
-    view: AggregateView,
-    columns: SourceColumns,
-    start: datetime | None = None,
-    end: datetime | None = None,
-    extra_input: str | None = None,
-    source: str | None = None,
-) -> str:
-    """SELECT producing the view's feature rows with event time in ``[start, end)``.
-
-    Reads ``[start - max_window, end)`` of the input so windows at ``start`` are complete.
-    ``extra_input``, when given, is a relation (table name) unioned with the Parquet input
-    (the push path uses it for events not yet on disk). ``source``, when given, is the
-    relation read instead of the Parquet input (the quality gate's rows that passed).
-    """
-    columns.require(view)
-    keys = [quote(k) for k in view.join_keys]
-    ts = quote(view.timestamp_field)
-    needed_cols = sorted({a.column for a in view.aggregations} - {view.timestamp_field})
-    select_cols = ", ".join([*keys, f"{ts} AS __ts", *(quote(c) for c in needed_cols)])
-    if view.timestamp_field in {a.column for a in view.aggregations}:
-        select_cols += f", {ts}"
-    unbounded = any(a.window is None and a.function != "last" for a in view.aggregations)
-    where = ["__ts IS NOT NULL", *(f"{k} IS NOT NULL" for k in keys)]
-    if start is not None and not unbounded:
-        where.append(f"__ts >= {ts_literal(start - view.max_window)}")
-    if end is not None:
-        where.append(f"__ts < {ts_literal(end)}")
-    source = source or f"read_parquet({literal(view.input_path)}, hive_partitioning = true, union_by_name = true)"
-    inputs = f"SELECT {select_cols} FROM {source}"
-    if extra_input:
-        inputs += f" UNION ALL BY NAME SELECT {select_cols} FROM {extra_input}"
-    outputs = [_output(agg, columns, f"OVER {_frame(view, agg.window)}") for agg in view.aggregations]
-    outer_where = f"WHERE event_timestamp >= {ts_literal(start)}" if start is not None else ""
-    return f"""
-WITH src AS (SELECT * FROM ({inputs}) WHERE {" AND ".join(where)}),
-agg AS (
-  SELECT {", ".join(keys)}, __ts AS event_timestamp,
-    {(", " + chr(10) + "    ").join(outputs)}
-  FROM src
-)
-SELECT DISTINCT ON ({", ".join(keys)}, event_timestamp) *
-FROM agg {outer_where}
-ORDER BY event_timestamp, {", ".join(keys)}
-""".strip()
-
-
 def latest_sql(view: AggregateView, columns: SourceColumns, source: str) -> str:
-    """SELECT giving, for every key in ``source``, the row :func:`aggregate_sql` gives at the
-    key's newest event time: one grouped aggregate with a filter per window instead of
-    window functions over every event (the streaming engine's online update).
-
-    Same value expressions, same casts, same inclusive window ``[t - window, t]``.
+    """SELECT giving, for every key in ``source``, its aggregates as of its newest event
+    time ``t`` under kernel version 1 (windows ``[t - window, t]``, as of each event): one
+    grouped aggregate with a filter per window (the streaming engine's online update, until
+    it computes change points with :func:`aggregate_sql`'s kernel).
     """
     columns.require(view)
     keys = ", ".join(quote(k) for k in view.join_keys)

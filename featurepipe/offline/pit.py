@@ -9,6 +9,11 @@ event time, the newest created timestamp wins. With a TTL, a match older than
 ``as_of - ttl`` counts as no match (the newest row is the only candidate: every older one
 is older still, which is what Feast's filter-then-deduplicate gives).
 
+For a windowed-aggregate view the rows are change points (``featurepipe backfill``), so the
+newest row at or before the as-of time ``t`` holds the request-time values at ``t``, events
+at ``t`` excluded; such a view has no TTL cutoff (:mod:`featurepipe.offline.view`) and its
+table must come from this featurepipe's kernel version (:mod:`featurepipe.offline.versions`).
+
 Each view's result goes into a temp table keyed by the entity row number; the final
 SELECT joins them back onto the entity rows in their original order. (Chaining several
 ASOF joins in one query made DuckDB plan a huge intermediate; one at a time streams.)
@@ -40,6 +45,7 @@ from featurepipe.offline.index import (
     open_or_build,
     verify_keys,
 )
+from featurepipe.offline.versions import require_current_kernel
 from featurepipe.offline.view import ViewRequest, source_types
 
 ENTITY = "__fp_entity"
@@ -160,6 +166,7 @@ def build_join(
     joins = []
     for i, view in enumerate(views):
         view = view.pinned(con)
+        require_current_kernel(view, con)
         where = locate(view, indexes) if indexes is not None else None
         types = where.meta["types"] if where and where.meta else source_types(con, view)
         _check_columns(view, types)

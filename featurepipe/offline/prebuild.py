@@ -18,6 +18,7 @@ from featurepipe.errors import InvalidInput
 from featurepipe.offline.index import locate, open_or_build
 from featurepipe.offline.infra import connect, index_directory, source_path
 from featurepipe.offline.store import FeaturepipeOfflineStoreConfig
+from featurepipe.offline.versions import require_current_kernel
 from featurepipe.offline.view import ViewRequest, source_types
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ def build_indexes(store: FeatureStore, views: list[str] | None = None, progress:
             except InvalidInput as exc:
                 summaries.append(IndexSummary(fv.name, f"scan ({exc})", 0, 0, "", 0.0, 0.0))
                 continue
+            require_current_kernel(view, con)  # an old windowed table: rebuild it, do not index it
             where = locate(view, directory)
             types = where.meta["types"] if where.meta else source_types(con, view)
             index = open_or_build(con, view, types, where)

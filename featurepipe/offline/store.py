@@ -41,6 +41,7 @@ from feast.infra.registry.base_registry import BaseRegistry
 from feast.repo_config import RepoConfig
 
 from featurepipe.core.sql import literal, quote, ts_literal
+from featurepipe.definitions import KIND, TAG_KIND
 from featurepipe.errors import InvalidInput
 from featurepipe.offline.entity import read_entity_frame
 from featurepipe.offline.infra import connect, index_directory, source_path
@@ -183,11 +184,19 @@ class FeaturepipeOfflineStore(DuckDBOfflineStore):
         progress: Callable[[int], Any] | None,
     ) -> None:
         """Append rows to the view's offline table (new files; never rewrites existing ones).
+        Refused for a windowed-aggregate view, whose table only ``featurepipe backfill`` writes.
 
         A glob source (``root/**/*.parquet``) gets one new file per day under
         ``root/date=YYYY-MM-DD/``, as the backfill lays them out; a single-file source is
         rewritten atomically with the rows appended.
         """
+        if feature_view.tags.get(TAG_KIND) == KIND:
+            raise InvalidInput(
+                f"offline write to feature view {feature_view.name!r}: its offline table holds windowed aggregates "
+                "computed by `featurepipe backfill` (one row per change point); rows written beside them would "
+                "mix meanings. Append the raw events to its input source instead (featurepipe push) and run "
+                f"`featurepipe backfill --view {feature_view.name}`"
+            )
         source = feature_view.batch_source
         path = source_path(config, source, feature_view.name)
         assert source is not None  # source_path raised InvalidInput otherwise

@@ -4,6 +4,14 @@ Both ways of matching a view, the sorted index (:mod:`featurepipe.offline.index`
 scan (:mod:`featurepipe.offline.pit`), take a :class:`ViewRequest`; it is resolved once from
 the Feast ``FeatureView`` (field mapping, join-key map, TTL) and pinned to the files that
 exist when the retrieval starts.
+
+**Windowed-aggregate views have no TTL here.** Their table holds one row per change point
+of each entity (:mod:`featurepipe.core.windows`), down to the row from which every window
+is empty (counts and sums 0, means, minima and maxima null, ``last`` still the last event).
+The newest row at or before the as-of time is therefore the value at that time however old
+it is; a TTL cutoff would turn a known entity's count of 0 into a missing value. So a
+windowed view's ``ttl`` is not applied: an entity with no row at or before the as-of time
+(no event before it) gets nulls, every other entity its value. Plain views keep Feast's TTL.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from typing import TYPE_CHECKING
 import duckdb
 
 from featurepipe.core.sql import literal
+from featurepipe.definitions import KIND, TAG_KIND
 from featurepipe.errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -35,6 +44,13 @@ class ViewRequest:
     features: dict[str, str]  # feature-table column -> output column name
     ttl: timedelta | None
     files: tuple[str, ...] = ()  # pinned file list; empty: the path (or glob) itself
+    windowed_view: str | None = None
+    """The windowed-aggregate view whose change-point table this is (the name to backfill);
+    None for a plain feature view."""
+
+    @property
+    def windowed(self) -> bool:
+        return self.windowed_view is not None
 
     @classmethod
     def from_feature_view(
@@ -50,7 +66,9 @@ class ViewRequest:
             for c in fv.entity_columns
         }
         created = source.created_timestamp_column or None
-        ttl = fv.ttl if isinstance(fv.ttl, timedelta) and fv.ttl > timedelta(0) else None
+        windowed = fv.tags.get(TAG_KIND) == KIND
+        # windowed views: no TTL cutoff (see the module docstring)
+        ttl = fv.ttl if isinstance(fv.ttl, timedelta) and fv.ttl > timedelta(0) and not windowed else None
         return cls(
             name=view_name,
             path=path,
@@ -59,6 +77,7 @@ class ViewRequest:
             created=reverse.get(created, created) if created else None,
             features={reverse.get(f, f): f"{view_name}__{f}" if full_feature_names else f for f in features},
             ttl=ttl,
+            windowed_view=fv.name if windowed else None,
         )
 
     def scan(self) -> str:
