@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -549,3 +549,108 @@ def test_new_job_bootstraps_from_history(stream_repo: StreamRepo) -> None:
     finally:
         for f in raw.glob("date=*/stream-boot-*.parquet"):
             f.unlink()
+
+
+def _random_events(sr: StreamRepo, n: int, seed: int) -> pa.Table:
+    """``n`` events of the fixture's schema over 10 days for 25 users and 6 merchants,
+    with times on the 5-minute grid (hop boundaries; ties within a key), the minute grid,
+    1 us before a grid point, and anywhere."""
+    rng = np.random.default_rng(seed)
+    base = sr.events.slice(0, n)
+    day = 86_400 * 10**6
+    t0 = (int(sr.events.column("event_timestamp").cast(pa.int64()).to_numpy().min()) // day) * day
+    kind = rng.integers(0, 4, n)
+    five, minute = 300 * 10**6, 60 * 10**6
+    t = np.where(kind == 0, rng.integers(0, 10 * day // five, n) * five,
+                 np.where(kind == 1, rng.integers(0, 10 * day // minute, n) * minute,
+                          np.where(kind == 2, rng.integers(1, 10 * day // five, n) * five - 1,
+                                   rng.integers(0, 10 * day, n)))) + t0
+    users = rng.choice(np.unique(base.column("user_id").to_numpy())[:25], n)
+    merchants = rng.choice(np.unique(base.column("merchant_id").to_numpy())[:6], n)
+
+    def replace(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
+        return table.set_column(table.schema.get_field_index(name), name, values)
+
+    out = replace(base, "event_timestamp", pa.array(t, pa.int64()).cast(base.schema.field("event_timestamp").type))
+    out = replace(out, "user_id", pa.array(users, pa.int64()))
+    out = replace(out, "merchant_id", pa.array(merchants, pa.int64()))
+    return replace(out, "transaction_id", pa.array(np.arange(n) + 5 * 10**8, pa.int64()))
+
+
+def test_stream_windows_equal_kernel_and_brute_force_at_many_instants(stream_repo: StreamRepo) -> None:
+    """Random events (ties, hop boundaries, out of order within the lateness, a few beyond
+    it) through small micro-batches and frequent checkpoints: (a) the offline rows the job
+    finalised are the kernel's rows over the admitted events, bit for bit, and a sample of
+    them the brute-force reference's values at their change point; (b) each key's schedule
+    written online, decoded and asked at many instants (every change point, 1 us before
+    it, random instants up to a day after the last), gives the brute-force reference's
+    values there; its first row is in force at the key's newest event + 1 us, also in
+    Feast's fields."""
+    from featurepipe.definitions import aggregate_views
+    from tests.window_oracle import Event, differences, values_at
+
+    sr = stream_repo
+    events = _random_events(sr, 2_000, seed=21)
+    ts = events.column("event_timestamp").cast(pa.int64()).to_numpy()
+    rng = np.random.default_rng(22)
+    arrival = np.argsort(ts + rng.uniform(0, 0.9 * LATENESS.total_seconds() * 1e6, len(ts)), kind="stable")
+    too_late = [int(i) for i in rng.choice(np.flatnonzero(ts < ts.max() - 2 * 86_400 * 10**6), 4, replace=False)]
+    order = [int(i) for i in arrival if int(i) not in too_late] + too_late  # sent last: beyond the lateness
+    payloads = _payloads(events)
+    _publish(sr.redis_url, "windows", [payloads[i] for i in order])
+    redis.Redis.from_url(_base_url(sr.redis_url) + "/10").flushdb()
+    result = _run(sr, "windows", _options("windows", max_events=len(order), final=True, max_batch=50,
+                                           checkpoint_seconds=0.05), sink_db=10)
+    assert result.counters.late == len(too_late) and result.counters.accepted == len(order) - len(too_late)
+    admitted = events.filter(pa.array(~np.isin(np.arange(len(ts)), too_late)))
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    con.register("admitted", admitted)
+    expected = {view: _kernel_rows(con, sr.store, view, "admitted") for view in VIEWS}
+    # (a) offline: the kernel's rows, bit for bit
+    for view in VIEWS:
+        _assert_same_rows(_rows(sr.data / "offline" / view, "stream-windows-w0-*"), expected[view], view)
+    # online: Feast's fields and the schedules (rows from each key's newest event + 1 us)
+    _assert_online_in_force(sr, sink_db=10, expected=expected, events=admitted)
+    # (a) and (b) against the brute-force reference
+    client = redis.Redis.from_url(_base_url(sr.redis_url) + "/10")
+    types = {r[0]: r[1] for r in con.execute("DESCRIBE SELECT * FROM admitted").fetchall()}
+    asked = 0
+    for view in aggregate_views(sr.store, list(VIEWS)):
+        (key,) = view.join_keys
+        by_key: dict[int, list[Event]] = {}
+        for row in admitted.select([key, "event_timestamp", "amount"]).to_pylist():
+            t_us = int((row["event_timestamp"] - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1))
+            by_key.setdefault(row[key], []).append(Event((row[key],), t_us, {"amount": row["amount"]}))
+
+        def reference(k: int, t_us: int, by_key: dict[int, list[Event]] = by_key,
+                      aggs: Any = view.aggregations) -> dict[str, Any]:
+            return values_at(by_key[k], aggs, types, (k,), t_us, timestamp_field="event_timestamp")
+
+        offline = expected[view.name].to_pylist()
+        for row in [offline[i] for i in rng.choice(len(offline), 300, replace=False)]:
+            v_us = int((row["event_timestamp"] - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1))
+            got = {a.name: row[a.name] for a in view.aggregations}
+            assert not differences(got, reference(row[key], v_us)), (view.name, row)
+        schedules = _stored_schedules(client, sr.store, view.name, sorted(by_key))
+        for k, sched in schedules.items():
+            assert int(sched.v[0]) == max(e.t_us for e in by_key[k]) + 1
+            v = sched.v.astype(np.int64)
+            instants = np.unique(np.concatenate([v, v[1:] - 1, rng.integers(v[0], v[-1] + 86_400 * 10**6, 20)]))
+            for t_us in instants.tolist():
+                i = sched.row_at(t_us)
+                assert i >= 0
+                got = {a.name: _stored_value(sched.columns[j][i]) for j, a in enumerate(view.aggregations)}
+                diff = differences(got, reference(k, t_us))
+                assert not diff, (view.name, k, t_us, diff)
+                asked += 1
+    client.close()
+    assert asked > 2_000
+
+
+def _stored_value(x: Any) -> Any:
+    """A schedule cell as the reference gives it: an int, a float, None for NaN."""
+    if isinstance(x, np.integer):
+        return int(x)
+    x = float(x)
+    return None if x != x else x
