@@ -5,37 +5,50 @@ This module is the engine's entry point and design note; the parts live beside i
 (options, counters, result), :mod:`~featurepipe.stream.spec` (what a job reads and computes),
 :mod:`~featurepipe.stream.admission` (which events are admitted, as pure functions),
 :mod:`~featurepipe.stream.watermark` (event time), :mod:`~featurepipe.stream.state` (keyed window
-state in DuckDB), :mod:`~featurepipe.stream.checkpoint` (checkpoint files and their writer),
+state in DuckDB), :mod:`~featurepipe.stream.online_rows` (what a micro-batch writes online),
+:mod:`~featurepipe.stream.checkpoint` (checkpoint files and their writer),
 :mod:`~featurepipe.stream.record` (a checkpoint's run record), :mod:`~featurepipe.stream.prefetch`
 (polling ahead) and :mod:`~featurepipe.stream.progress` (progress line, latencies).
 
 ``StreamJob`` reads JSON events from an :class:`~featurepipe.stream.source.EventSource`
 in micro-batches and keeps every windowed-aggregate view fed by that source up to date,
-online (Redis, Feast's layout) within one micro-batch and offline (Parquet in the view's
-feature table) once the rows are final.
+online (Redis, Feast's layout plus the view's window schedule) within one micro-batch and
+offline (Parquet in the view's feature table) once the rows are final.
 
 **Same definitions, same kernel.** The aggregates are the views' ``Aggregation``
-declarations read back from the registry, computed with the very SQL the batch engine
-generates (:func:`featurepipe.batch.sql.aggregate_sql`) over the job's state: the events
-of each key inside the view's longest window. Sums run over exact decimals, so a value
-does not depend on the order events arrived in, and stream and batch agree to the bit.
+declarations read back from the registry, computed with the very SQL the batch backfill
+runs (:func:`featurepipe.core.windows.change_point_sql`: one row per change point ``v``,
+valid for ``v <= t`` until the key's next row; see that module for what a window means)
+over the job's state: the events of each key back to the watermark minus the view's
+horizon (its longest window plus that window's hop). Sums run over exact decimals, so a
+value does not depend on the order events arrived in, and stream and batch agree to the bit.
+
+**Online.** For each key a micro-batch touches, the kernel's rows from the key's newest
+event + 1 us on: the first, the row in force right after that event, goes into Feast's
+own fields (its ``v`` as Feast's event timestamp, so Feast's SDK reads the value as of the
+key's last event), and all of them, the drops still to come included, into the
+``_fp_sched:<view>`` field, in the same atomic write (:mod:`~featurepipe.stream.online_rows`).
+The server picks the row in force at its clock. Keyed on the events alone, so a replay
+writes the same bytes, and newest timestamp wins, so an older write never overwrites a
+newer one.
 
 **Event time.** Each partition's watermark is its greatest event time so far minus the
 allowed lateness; an event older than the watermark of its partition *when it arrives*
 is late: it goes to the dead letters with the reason and changes nothing (decided per
 event in arrival order, so it does not depend on how messages were cut into batches).
-An event within the lateness updates every window it falls into: the entity's latest row
-is recomputed and written online (a row replaces one of the same event time); rows older
-than the job's watermark (the least over partitions) can no longer change and are
-written to the offline log.
+An event within the lateness updates every row it falls into: the key's rows are
+recomputed from the state and written online (the same timestamp, replaced); rows with
+``v`` before the job's watermark (the least over partitions) can no longer change: each
+checkpoint writes those with ``v`` in ``[previous watermark, watermark)`` to the offline
+log, exactly the rows a backfill of that range writes.
 
 **Exactly-once effect.** Every ``checkpoint_seconds`` the job writes, in this order, the
 final offline rows, the dead letters and the archived raw events (files named by the
 checkpoint's sequence number), a snapshot of its state, and last a manifest with the
 source positions (atomic rename). On start it loads the newest manifest, deletes files
 of later sequence numbers (a checkpoint the crash interrupted) and replays the source
-from the manifest's positions. Redis writes are idempotent (newest event time wins;
-equal time replaces with the value computed from the same events), so replayed
+from the manifest's positions. Redis writes are idempotent (newest timestamp wins;
+an equal one replaces with the rows computed from the same events), so replayed
 micro-batches leave Redis as an uninterrupted run does.
 
 **Several workers.** Worker ``w`` of ``n`` reads the whole stream and owns the keys with
