@@ -25,6 +25,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from featurepipe.batch.backfill import KERNEL_METADATA_KEY
 from featurepipe.core.errors import InvalidInput
 from featurepipe.core.parquet_io import atomic_parquet
 from featurepipe.core.windows import KERNEL_VERSION
@@ -177,13 +178,12 @@ class CheckpointWriter:
         ck.seconds = time.perf_counter() - t0
 
 
-KERNEL_KEY = b"featurepipe.kernel"
-
-
 def kernel_tagged(table: pa.Table) -> pa.Table:
-    """``table`` with the kernel version in its schema metadata (``featurepipe.kernel``),
-    which every Parquet file written from it carries: readers refuse rows of another kernel."""
-    return table.replace_schema_metadata({**(table.schema.metadata or {}), KERNEL_KEY: str(KERNEL_VERSION).encode()})
+    """``table`` with the kernel version in its schema metadata, which every Parquet file
+    written from it carries, as the backfill's (:data:`KERNEL_METADATA_KEY`): the offline
+    store refuses rows of another kernel."""
+    tag = {KERNEL_METADATA_KEY.encode(): str(KERNEL_VERSION).encode()}
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), **tag})
 
 
 def write_by_day(table: pa.Table, ts_column: str, root: Path, tag: str) -> list[Path]:

@@ -23,6 +23,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from featurepipe.batch.sql import aggregate_sql
 from featurepipe.core.sql import literal, quote
 from featurepipe.core.windows import change_point_sql
 from featurepipe.online.latest import EVENT_US
@@ -100,11 +101,11 @@ class WindowState:
 
     def final_rows_sql(self, i: int, lo: int, hi: int) -> str:
         """SELECT of view ``i``'s change-point rows with ``v`` in ``[lo, hi)`` (microseconds,
-        :data:`NEG_INF` / :data:`POS_INF` for no bound) from the frozen state: what the
-        batch backfill writes for that range."""
-        return change_point_sql(self.views[i].shape, self.frozen(i),
-                                start=None if lo <= NEG_INF else from_us(lo),
-                                end=None if hi >= POS_INF else from_us(hi))
+        :data:`NEG_INF` / :data:`POS_INF` for no bound) from the frozen state: the batch
+        backfill's own SQL for that range (:func:`featurepipe.batch.sql.aggregate_sql`)."""
+        v = self.views[i]
+        return aggregate_sql(v.spec, v.columns, None if lo <= NEG_INF else from_us(lo),
+                             None if hi >= POS_INF else from_us(hi), source=self.frozen(i))
 
     def seen_among(self, events: pa.Table) -> pa.Table | None:
         """The distinct unique-column values of ``events`` that the job accepted before
