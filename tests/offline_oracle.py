@@ -365,22 +365,26 @@ def write_events(repo: Path, events: pd.DataFrame) -> None:
         pq.write_table(pa.Table.from_pandas(part, preserve_index=False), folder / "part-0.parquet")
 
 
-def _exact(value: float) -> Decimal:
-    """A float as ``DECIMAL(38, 9)`` holds it (the exact sums of the semantics)."""
-    return Decimal(value).quantize(Decimal("1e-9"))
+def _exact(value: Any) -> Decimal:
+    """A number as the exact sums of the semantics hold it (``DECIMAL(38, 9)`` for a float)."""
+    if isinstance(value, (int, np.integer)):
+        return Decimal(int(value))
+    return Decimal(float(value)).quantize(Decimal("1e-9"))
 
 
-def window_reference(entity_df: pd.DataFrame, events: pd.DataFrame, view: str,
-                     key_map: dict[str, str] | None = None) -> pd.DataFrame:
-    """Brute force: ``view``'s values at each entity row's ``event_timestamp``, from ``events``.
+def window_reference(entity_df: pd.DataFrame, events: pd.DataFrame, view: str | WindowView,
+                     key_map: dict[str, str] | None = None, timestamp: str = "ts") -> pd.DataFrame:
+    """Brute force: ``view``'s values (a name in :data:`WINDOW_VIEWS`, or a spec) at each entity
+    row's ``event_timestamp``, from ``events`` (their event time in column ``timestamp``; a
+    ``last`` aggregate is of that column).
 
     Returns one column per aggregate, in entity row order (counts Int64, the rest float64).
     """
-    spec = WINDOW_VIEWS[view]
+    spec = WINDOW_VIEWS[view] if isinstance(view, str) else view
     key_map = key_map or {}
-    valid = events.dropna(subset=[*spec.keys, "ts"])
+    valid = events.dropna(subset=[*spec.keys, timestamp])
     groups: dict[tuple[Any, ...], pd.DataFrame] = {
-        (k if isinstance(k, tuple) else (k,)): g.sort_values("ts", kind="stable")
+        (k if isinstance(k, tuple) else (k,)): g.sort_values(timestamp, kind="stable")
         for k, g in valid.groupby(spec.keys)
     } if len(valid) else {}
     as_of = pd.to_datetime(entity_df["event_timestamp"], utc=True).dt.floor("us")
@@ -389,7 +393,8 @@ def window_reference(entity_df: pd.DataFrame, events: pd.DataFrame, view: str,
         t = int(as_of.iloc[i].value // 1000)
         key = tuple(entity_df[key_map.get(k, k)].iloc[i] for k in spec.keys)
         group = groups.get(key)
-        x = group["ts"].to_numpy(dtype="datetime64[us]").astype(np.int64) if group is not None else np.zeros(0, np.int64)
+        x = (pd.to_datetime(group[timestamp], utc=True).dt.tz_convert(None).to_numpy(dtype="datetime64[us]").astype(np.int64)
+             if group is not None else np.zeros(0, np.int64))
         before = x < t
         if not before.any():  # no event before t: an unknown key, nulls everywhere
             for a in spec.aggregations:

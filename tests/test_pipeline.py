@@ -1,7 +1,8 @@
 """End to end on a real Feast repo and a real Redis: backfill, materialize, train, serve, push.
 
-Oracles: a brute-force pandas recomputation of the windowed aggregates from the raw
-events, Feast's own ``get_online_features`` and the offline tables read back with DuckDB.
+Oracles: a brute-force recomputation of the windowed aggregates from the raw events at the
+instant asked (:func:`tests.offline_oracle.window_reference`), Feast's own
+``get_online_features`` and the offline tables read back with DuckDB.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import pandas as pd
 import pytest
 
 from featurepipe.config import source_path
+from featurepipe.core.windows import hop_for, micros
+from featurepipe.definitions import aggregate_views
 from tests.conftest import Pipeline
+from tests.offline_oracle import WindowAgg, WindowView, window_reference
 
 pytestmark = pytest.mark.slow
 
@@ -37,20 +41,22 @@ def offline(p: Pipeline, view: str) -> pd.DataFrame:
     return duckdb.sql(f"SELECT * FROM read_parquet('{path}')").df()
 
 
-def brute_user_features(events: pd.DataFrame, as_of: pd.Timestamp) -> dict[str, float]:
-    """Aggregates over one user's events, as of the last event at or before ``as_of``."""
-    seen = events[events["event_timestamp"] <= as_of]
-    if seen.empty:
-        return {}
-    t = seen["event_timestamp"].max()
-    out: dict[str, float] = {"last_txn_epoch": t.value / 1e9}
-    for suffix, window in WINDOWS.items():
-        amounts = seen.loc[seen["event_timestamp"] >= t - window, "amount"]
-        out[f"txn_count_{suffix}"] = len(amounts)
-        out[f"amount_sum_{suffix}"] = amounts.sum()
-        out[f"amount_mean_{suffix}"] = amounts.mean()
-        out[f"amount_max_{suffix}"] = amounts.max()
-    return out
+def window_spec(p: Pipeline, name: str) -> WindowView:
+    """The brute force's view of a windowed view, read back from the registry."""
+    view = next(v for v in aggregate_views(p.store) if v.name == name)
+    return WindowView(name, list(view.join_keys),
+                      [WindowAgg(a.name, a.function, a.column, a.window) for a in view.aggregations])
+
+
+def change_points(events: pd.Series, windows: list[timedelta]) -> set[pd.Timestamp]:
+    """Where an entity's values can change: 1 us after each event, and when each event's hop
+    bucket leaves each window (``floor(x, hop) + hop + W``)."""
+    us = pd.Timedelta(microseconds=1)
+    points = {x + us for x in events}
+    for w in windows:
+        hop = pd.Timedelta(microseconds=hop_for(w))
+        points |= {x.floor(hop) + hop + pd.Timedelta(microseconds=micros(w)) for x in events}
+    return points
 
 
 def test_feast_plan_reports_no_changes_after_apply(pipeline: Pipeline) -> None:
@@ -61,33 +67,41 @@ def test_feast_plan_reports_no_changes_after_apply(pipeline: Pipeline) -> None:
 
 
 def test_backfill_matches_brute_force(pipeline: Pipeline) -> None:
+    """Each user's rows sit exactly at its change points in the backfilled range, and each
+    row holds the brute-force values over the raw events at its own instant."""
     raw = raw_frame(pipeline)
     table = offline(pipeline, "user_transaction_stats")
+    spec = window_spec(pipeline, "user_transaction_stats")
+    lo = raw["event_timestamp"].min().floor("D")
+    hi = raw["event_timestamp"].max().floor("D") + pd.Timedelta(days=1)
     rng = np.random.default_rng(3)
     users = rng.choice(raw["user_id"].unique(), 25, replace=False)
-    checked = 0
+    checked = []
     for user in users:
         events = raw[raw["user_id"] == user]
         rows = table[table["user_id"] == user]
-        assert len(rows) == events["event_timestamp"].nunique()
-        for _, row in rows.sample(min(5, len(rows)), random_state=1).iterrows():
-            expected = brute_user_features(events, row["event_timestamp"])
-            for name, value in expected.items():
-                assert row[name] == pytest.approx(value, rel=1e-9), (user, name)
-            checked += 1
-    assert checked >= 50
+        expected = {v for v in change_points(events["event_timestamp"], list(WINDOWS.values())) if lo <= v < hi}
+        assert set(rows["event_timestamp"]) == expected, user
+        checked.append(rows.sample(min(6, len(rows)), random_state=1))
+    sample = pd.concat(checked, ignore_index=True)
+    assert len(sample) >= 100
+    expected_values = window_reference(sample, raw, spec, timestamp="event_timestamp")
+    for name in [*USER_FEATURES, "last_txn_epoch"]:
+        ours, theirs = sample[name].astype("float64").to_numpy(), expected_values[name].astype("float64").to_numpy()
+        np.testing.assert_array_equal(ours, theirs, err_msg=name)
+    assert (sample["txn_count_1h"] == 0).sum() > 10  # rows where a window emptied: 0, not missing
 
 
 def test_merchant_fraud_rate_uses_only_arrived_labels(pipeline: Pipeline) -> None:
-    raw = raw_frame(pipeline).dropna(subset=["label_timestamp"])
-    table = offline(pipeline, "merchant_fraud")
-    for _, row in table.sample(40, random_state=2).iterrows():
-        t = row["event_timestamp"]
-        labels = raw[(raw["merchant_id"] == row["merchant_id"])
-                     & (raw["label_timestamp"] <= t)
-                     & (raw["label_timestamp"] >= t - timedelta(days=30))]
-        assert row["merchant_labels_30d"] == len(labels)
-        assert row["merchant_fraud_rate_30d"] == pytest.approx(labels["is_fraud"].mean())
+    """The label view counts labels by the time they arrived: at each row's instant, the
+    labels with label_timestamp in the 30-day window before it."""
+    raw = raw_frame(pipeline)
+    table = offline(pipeline, "merchant_fraud").sample(60, random_state=2).reset_index(drop=True)
+    spec = window_spec(pipeline, "merchant_fraud")
+    expected = window_reference(table, raw, spec, timestamp="label_timestamp")
+    np.testing.assert_array_equal(table["merchant_labels_30d"].to_numpy(), expected["merchant_labels_30d"].to_numpy())
+    np.testing.assert_array_equal(table["merchant_fraud_rate_30d"].astype("float64").to_numpy(),
+                                  expected["merchant_fraud_rate_30d"].astype("float64").to_numpy())
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -130,34 +144,29 @@ def test_grpc_equals_feast_equals_latest_offline(pipeline: Pipeline) -> None:
 
 
 def test_training_rows_only_see_the_past(pipeline: Pipeline) -> None:
-    """Each training row equals the brute-force state strictly before its transaction."""
-    from training.dataset import build_training_set, labelled_transactions
+    """Each training row holds the values at its transaction's own time: the brute force over
+    the user's events before that instant, the transaction itself never counted."""
+    from training.dataset import SCORING_OFFSET, build_training_set, labelled_transactions
 
     raw = raw_frame(pipeline)
     entity_df, cutoff = labelled_transactions(source_path(pipeline.store, "transactions"))
+    assert SCORING_OFFSET == timedelta(0) and (entity_df["event_timestamp"] == entity_df["transaction_time"]).all()
     sample = entity_df.sample(300, random_state=5)
-    ts = build_training_set(pipeline.store, sample, "fraud_detection_v1", cutoff=cutoff)
-    frame = ts.frame.set_index("transaction_id")
-    mismatches = 0
-    for tid, row in frame.iterrows():
-        events = raw[raw["user_id"] == row["user_id"]]
-        t = row["transaction_time"]
-        expected = brute_user_features(events[events["event_timestamp"] < t], t)
-        if not expected or t - pd.Timestamp(expected["last_txn_epoch"], unit="s", tz="UTC") > timedelta(days=7):
-            assert pd.isna(row["txn_count_7d"]), tid  # nothing before, or outside the TTL
-            continue
-        assert row["last_txn_epoch"] < t.value / 1e9, tid  # never this transaction or a later one
-        assert row["seconds_since_last_txn"] > 0
-        for name in USER_FEATURES:
-            if row[name] != pytest.approx(expected[name], rel=1e-9):
-                mismatches += 1
-    assert mismatches == 0
-    # the leak we guard against: joining at the transaction's own time would count it
-    own = sample.assign(event_timestamp=sample["transaction_time"])
-    leaky = build_training_set(pipeline.store, own, "fraud_detection_v1", cutoff=cutoff).frame.set_index("transaction_id")
-    own_time = leaky["transaction_time"].map(lambda t: t.value / 1e9)
-    assert leaky["last_txn_epoch"].tolist() == pytest.approx(own_time.tolist()), "as-of t sees the txn itself"
-    assert (frame.loc[leaky.index, "last_txn_epoch"].fillna(0) < own_time).all()
+    frame = build_training_set(pipeline.store, sample, "fraud_detection_v1", cutoff=cutoff).frame
+    expected = window_reference(frame, raw, window_spec(pipeline, "user_transaction_stats"), timestamp="event_timestamp")
+    for name in [*USER_FEATURES, "last_txn_epoch"]:
+        np.testing.assert_array_equal(frame[name].astype("float64").to_numpy(),
+                                      expected[name].astype("float64").to_numpy(), err_msg=name)
+    own_time = frame["transaction_time"].map(lambda t: t.value / 1e9)
+    known = frame["last_txn_epoch"].notna()
+    assert (frame.loc[known, "last_txn_epoch"] < own_time[known]).all()  # never this transaction or a later one
+    assert frame.loc[known, "txn_count_7d"].notna().all()  # a known user's empty windows are 0, however old
+    assert (frame.loc[known, "seconds_since_last_txn"] > 0).all()
+    # one microsecond later the transaction itself is in the windows
+    later = sample.assign(event_timestamp=sample["transaction_time"] + pd.Timedelta(microseconds=1))
+    after = build_training_set(pipeline.store, later, "fraud_detection_v1", cutoff=cutoff).frame
+    assert after["last_txn_epoch"].tolist() == pytest.approx(after["transaction_time"].map(lambda t: t.value / 1e9).tolist())
+    assert (after["txn_count_1h"] >= 1).all()
 
 
 def test_train_cli_reports_metrics_and_saves_the_feature_list(pipeline: Pipeline) -> None:
@@ -174,6 +183,8 @@ def test_train_cli_reports_metrics_and_saves_the_feature_list(pipeline: Pipeline
 
 
 def test_pushed_events_show_up_online(pipeline: Pipeline) -> None:
+    """A push appends the events and writes the touched users' windows online: the server's
+    values at its clock equal the brute force over the raw events at that instant."""
     from featurepipe.demo import random_events
     from featurepipe.stream.push import push_events
     from serving.client import FeatureClient
@@ -183,11 +194,18 @@ def test_pushed_events_show_up_online(pipeline: Pipeline) -> None:
     users = events.column("user_id").to_pylist()
     refs = ["user_transaction_stats:txn_count_1h", "user_transaction_stats:last_txn_epoch"]
     with FeatureServer(pipeline.repo, port=0) as server, FeatureClient(server.address) as client:
-        push_events(pipeline.store, events, "transactions")
+        result = push_events(pipeline.store, events, "transactions")
+        before = pd.Timestamp.now(tz="UTC")
         after = client.get_features({"user_id": users}, features=refs).values
+        later = pd.Timestamp.now(tz="UTC")
+    assert result.rows_by_view["user_transaction_stats"] == len(set(users))
     raw = raw_frame(pipeline)
-    for i, user in enumerate(users):
-        expected = brute_user_features(raw[raw["user_id"] == user], pd.Timestamp.now(tz="UTC"))
-        assert after["txn_count_1h"][i] == expected["txn_count_1h"]
-        assert after["last_txn_epoch"][i] == pytest.approx(expected["last_txn_epoch"])
     assert events.column("transaction_id").to_pylist()[0] in set(raw["transaction_id"])
+    spec = window_spec(pipeline, "user_transaction_stats")
+    at = [window_reference(pd.DataFrame({"user_id": users, "event_timestamp": t}), raw, spec,
+                           timestamp="event_timestamp") for t in (before, later)]
+    for i in range(len(users)):
+        if at[0]["txn_count_1h"][i] != at[1]["txn_count_1h"][i]:  # a window edge passed during the request
+            continue
+        assert after["txn_count_1h"][i] == at[0]["txn_count_1h"][i]
+        assert after["last_txn_epoch"][i] == at[0]["last_txn_epoch"][i]

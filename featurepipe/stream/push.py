@@ -1,35 +1,49 @@
-"""Push new transactions: raw log + recomputed aggregates online.
+"""Push new transactions: raw log + recomputed windows online.
 
 New events are appended to the raw Parquet (their own file in the day partition, so the
-next backfill includes them), then every aggregate view fed by that source is recomputed
-for the affected entities with the very SQL the backfill uses (generated from the same
-declaration), over the events in the view's longest window, and the new rows are written
-to Redis through the view's ``PushSource`` (Feast's writer: older values never overwrite
-newer ones). The full streaming engine (issue 6) replaces the recompute with
-incremental state.
+next backfill includes them), then, for every aggregate view fed by that source and every
+key the events touch, the kernel's change-point rows are recomputed with the very SQL the
+backfill uses (:func:`featurepipe.batch.sql.aggregate_sql`, from the raw events back to
+the views' horizon) and written online as the stream engine writes them
+(:mod:`featurepipe.stream.online_rows`): the row in force at the key's newest event + 1 us
+into Feast's fields, it and every later row (the drops still to come) into the key's
+window schedule, in one atomic write per key where an older write never overwrites a newer
+one. The server then serves the row in force at the request's clock.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
+import redis
 
 from featurepipe.batch.backfill import source_columns
 from featurepipe.batch.sql import aggregate_sql
-from featurepipe.config import find_repo, source_path
-from featurepipe.core.db import connect, one_row
-from featurepipe.core.sql import quote
-from featurepipe.definitions import aggregate_views
+from featurepipe.config import (
+    find_repo,
+    online_connection_string,
+    redis_connection_kwargs,
+    source_path,
+)
+from featurepipe.core.db import connect
+from featurepipe.core.sql import literal, quote
+from featurepipe.definitions import AggregateView, aggregate_views
 from featurepipe.errors import InvalidInput
+from featurepipe.online.latest import EVENT_US
+from featurepipe.online.layout import feature_field, timestamp_field
+from featurepipe.online.plan import view_plan
+from featurepipe.online.schedule import schedule_field
+from featurepipe.online.writer import HashWriter
 from featurepipe.quality.contracts import load_contracts
 from featurepipe.stream.history import check_raw_history, unreadable_history
+from featurepipe.stream.online_rows import POSITION, online_batches
+from featurepipe.stream.watermark import from_us
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -39,6 +53,8 @@ REQUIRED = {"transaction_id", "user_id", "merchant_id", "amount", "event_timesta
 
 @dataclass(frozen=True)
 class PushResult:
+    """What a push did: the events appended, per view the keys written online, the last raw file."""
+
     events: int
     rows_by_view: dict[str, int]
     raw_file: Path
@@ -48,10 +64,35 @@ def _raw_root(input_path: str) -> Path:
     return Path(input_path.split("/**")[0])
 
 
-def push_events(store: FeatureStore, events: pa.Table, source: str) -> PushResult:
-    """Append ``events`` to the raw source and push the recomputed features online."""
-    from feast.data_source import PushMode
+def touched_rows(con: duckdb.DuckDBPyConnection, view: AggregateView, events: str) -> pa.Table:
+    """For every key of ``view`` in the relation ``events`` (already in the raw files), its
+    change-point rows from its row in force on (at its newest event + 1 us, as the stream
+    engine writes them): keys, ``event_timestamp``, the features, ``v`` in microseconds and
+    the row's place among its key's (0: in force), sorted by key then ``v``."""
+    columns = source_columns(con, view.input_path)
+    keys = ", ".join(quote(k) for k in view.join_keys)
+    ts = quote(view.timestamp_field)
+    raw = f"read_parquet({literal(view.input_path)}, hive_partitioning = true, union_by_name = true)"
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE __in_force AS SELECT {keys}, epoch_us(max({ts})) + 1 AS __in FROM {raw} "
+        f"WHERE ({keys}) IN (SELECT ({keys}) FROM {events}) AND {ts} IS NOT NULL GROUP BY {keys}"
+    )
+    (start,) = con.execute("SELECT min(__in) FROM __in_force").fetchall()[0]
+    if start is None:
+        return con.sql(f"SELECT * FROM ({aggregate_sql(view, columns)}) LIMIT 0").to_arrow_table()
+    rows = aggregate_sql(view, columns, from_us(start))
+    on = " AND ".join(f"c.{quote(k)} = h.{quote(k)}" for k in view.join_keys)
+    by_key = ", ".join(f"c.{quote(k)}" for k in view.join_keys)
+    return con.sql(
+        f"SELECT c.*, epoch_us(c.event_timestamp) AS {EVENT_US}, CAST(row_number() OVER (PARTITION BY {by_key} "
+        f"ORDER BY c.event_timestamp) - 1 AS INTEGER) AS {POSITION} "
+        f"FROM ({rows}) c JOIN __in_force h ON {on} WHERE epoch_us(c.event_timestamp) >= h.__in "
+        f"ORDER BY {by_key}, c.event_timestamp"
+    ).to_arrow_table()
 
+
+def push_events(store: FeatureStore, events: pa.Table, source: str) -> PushResult:
+    """Append ``events`` to the raw source and write the touched keys' windows online."""
     missing = REQUIRED - set(events.column_names)
     if missing:
         raise InvalidInput(f"events lack column(s) {sorted(missing)}; expected at least {sorted(REQUIRED)}")
@@ -92,16 +133,10 @@ def push_events(store: FeatureStore, events: pa.Table, source: str) -> PushResul
         if not raw_file.exists():
             written.insert(0, raw_file)
         pq.write_table(part, raw_file)
-    lo, hi = one_row(con, "SELECT min(event_timestamp), max(event_timestamp) FROM __new_events")
-    computed = []  # every view's rows before any is pushed: a failed read leaves Redis as it was
+    computed = []  # every view's rows before any is written: a failed read leaves Redis as it was
     try:
         for view in views:
-            columns = source_columns(con, view.input_path)
-            sql = aggregate_sql(view, columns, lo, hi + timedelta(microseconds=1))
-            keys = ", ".join(quote(k) for k in view.join_keys)
-            computed.append((view, con.execute(
-                f"SELECT * FROM ({sql}) WHERE ({keys}) IN (SELECT ({keys}) FROM __new_events)"
-            ).df()))
+            computed.append((view, touched_rows(con, view, "__new_events")))
     except duckdb.ConversionException as exc:  # a retyped file the check let through (schema_severity: warn)
         for path in written:
             try:
@@ -110,10 +145,19 @@ def push_events(store: FeatureStore, events: pa.Table, source: str) -> PushResul
                 pass
         raise unreadable_history(con, views[0].input_path, source, contracts, exc, who="push", then="push again",
                                  done="The events were not appended and nothing was pushed online") from exc
-    rows_by_view: dict[str, int] = {}
-    for view, rows in computed:
-        rows_by_view[view.name] = len(rows)
-        if len(rows):
-            store.push(view.push_source, rows, to=PushMode.ONLINE)
     con.close()
+    rows_by_view: dict[str, int] = {}
+    client = redis.Redis(**redis_connection_kwargs(online_connection_string(store.config)))
+    try:
+        for view, rows in computed:
+            rows_by_view[view.name] = int(sum(p == 0 for p in rows.column(POSITION).to_pylist()))
+            if rows.num_rows:
+                plan = view_plan(store.get_feature_view(view.name), store.config, store.project)
+                fields = [*(feature_field(plan.view, f.name) for f in plan.features), schedule_field(plan.view)]
+                with HashWriter(client, timestamp_field(plan.view), fields, ttl_seconds=plan.key_ttl_seconds,
+                                replace_equal=True) as writer:
+                    for batch in online_batches(rows, plan):
+                        writer.write(batch)
+    finally:
+        client.close()
     return PushResult(events=events.num_rows, rows_by_view=rows_by_view, raw_file=raw_file)
