@@ -1,18 +1,26 @@
 """Materialisation into Redis: featurepipe's engine against Feast's own, byte for byte.
 
-Oracle: Feast's ``local`` engine (its best settings: ``pull_latest_features``, batches of
-10,000) over Feast's own ``duckdb`` offline store, writing into another Redis database
-of the same server. Both contents are compared key by key: same keys, same ``HGETALL``,
-same ``DUMP`` (same fields in the same order and encoding), same TTLs. Each store has its
-own copy of the registry, so the shared ``pipeline`` state is left alone.
+Plain views (every Feast type, compound keys, created-timestamp ties, bad rows): oracle is
+Feast's ``local`` engine (its best settings: ``pull_latest_features``, batches of 10,000)
+over Feast's own ``duckdb`` offline store, writing into another Redis database of the same
+server. Both contents are compared key by key: same keys, same ``HGETALL``, same ``DUMP``
+(same fields in the same order and encoding), same TTLs.
+
+The demo's windowed-aggregate views are materialised from their raw events (each entity's
+window schedule, from the row right after its newest event): their Feast fields are
+compared with what Feast's own writer (``write_to_online_store``) stores for the offline
+table's row at that change point (the backfill's, so online = offline too), field by field
+and TTL by TTL; the schedules themselves are checked against the raw events in
+``tests/test_request_time_online.py``. Each store has its own copy of the registry, so the
+shared ``pipeline`` state is left alone.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -70,6 +78,13 @@ def content(client: redis.Redis) -> dict[bytes, tuple[dict[bytes, bytes], bytes]
     return {k: (client.hgetall(k), client.dump(k)) for k in client.scan_iter(count=1000)}
 
 
+def fields(client: redis.Redis, schedules: bool = True) -> dict[bytes, dict[bytes, bytes]]:
+    """Every key's fields (the encoding aside: a hash restored whole with a schedule is a
+    listpack, one a script rewrote a hashtable), with or without the schedules."""
+    return {k: {f: v for f, v in client.hgetall(k).items() if schedules or not f.startswith(b"_fp_sched:")}
+            for k in client.scan_iter(count=1000)}
+
+
 def ttls(client: redis.Redis) -> dict[bytes, int]:
     return {k: client.ttl(k) for k in client.scan_iter(count=1000)}
 
@@ -118,16 +133,36 @@ def store_at(folder: Path) -> Any:
 
 @dataclass
 class Demo:
-    """The demo repo materialised by Feast's engine and by featurepipe's, in two databases."""
+    """The demo repo materialised by featurepipe's engine, and the offline rows its Feast
+    fields must hold written by Feast's own writer, in two databases."""
 
     pipeline: Pipeline
     base: Path
     registry: Path
     end: datetime
-    feast: dict[bytes, tuple[dict[bytes, bytes], bytes]]
+    feast: dict[bytes, dict[bytes, bytes]]  # Feast's writer: every key's fields
     feast_ttls: dict[bytes, int]
+    ours: dict[bytes, dict[bytes, bytes]]  # featurepipe's engine: every key's fields, schedules too
     ours_store: Any
     ours_result: Any
+
+
+VIEWS = ("merchant_activity", "merchant_fraud", "user_transaction_stats")
+
+
+def first_rows(p: Pipeline, view: str, end: datetime) -> Any:
+    """The offline table's row right after each entity's newest raw event (``v = x + 1 us``)
+    up to ``end``: what the engine puts in Feast's fields. A pandas DataFrame."""
+    from featurepipe.definitions import aggregate_views
+
+    (spec,) = aggregate_views(p.store, [view])
+    key, ts = spec.join_keys[0], spec.timestamp_field
+    return duckdb.sql(
+        f"WITH newest AS (SELECT {key}, max({ts}) AS x FROM read_parquet('{spec.input_path}', hive_partitioning = "
+        f"true) WHERE {ts} <= TIMESTAMPTZ '{end.isoformat()}' AND {key} IS NOT NULL GROUP BY ALL) "
+        f"SELECT o.* EXCLUDE (date) FROM read_parquet('{spec.offline_path}/**/*.parquet', hive_partitioning = true) o "
+        f"JOIN newest n USING ({key}) WHERE o.event_timestamp = n.x + INTERVAL 1 MICROSECOND ORDER BY {key}"
+    ).df()
 
 
 @pytest.fixture(scope="module")
@@ -139,31 +174,37 @@ def demo(pipeline: Pipeline, server: Server, tmp_path_factory: pytest.TempPathFa
     end = datetime.now(timezone.utc)
     feast_store = store_at(repo_copy(base, "feast", registry, server, DB_FEAST, engine="local"))
     server.client(DB_FEAST, flush=True)
-    with contextlib.chdir(base / "feast"):  # Feast's duckdb store reads relative paths from the cwd
-        feast_store.materialize(EPOCH, end)
+    for view in VIEWS:
+        feast_store.write_to_online_store(view, first_rows(pipeline, view, end))
     ours_store = store_at(repo_copy(base, "ours", registry, server, DB_OURS, engine="featurepipe"))
     server.client(DB_OURS, flush=True)
     result = materialize(ours_store, EPOCH, end)
     feast_client = server.client(DB_FEAST)
-    return Demo(pipeline, base, registry, end, content(feast_client), ttls(feast_client), ours_store, result)
+    return Demo(pipeline, base, registry, end, fields(feast_client), ttls(feast_client),
+                fields(server.client(DB_OURS)), ours_store, result)
 
 
-def offline_latest_ts(p: Pipeline, view: str, end: datetime) -> dict[int, datetime]:
-    path = p.data / "offline" / view / "**" / "*.parquet"
-    return dict(duckdb.sql(
-        f"SELECT user_id, max(event_timestamp) FROM read_parquet('{path}') "
-        f"WHERE event_timestamp <= TIMESTAMPTZ '{end.isoformat()}' GROUP BY ALL"
-    ).fetchall())
+def newest_event(p: Pipeline, view: str, end: datetime) -> dict[int, datetime]:
+    """Each entity's first change point after its newest event (what Feast's timestamp holds)."""
+    frame = first_rows(p, view, end)
+    key = frame.columns[0] if frame.columns[0] != "event_timestamp" else frame.columns[1]
+    return dict(zip(frame[key].tolist(), frame["event_timestamp"].tolist(), strict=True))
 
 
 # ---------------------------------------------------------------- the demo repo
 
 
-def test_redis_content_equals_feasts_engine(demo: Demo, server: Server) -> None:
-    ours = server.client(DB_OURS)
-    assert demo.feast, "Feast's engine wrote nothing: the comparison would be empty"
-    assert content(ours) == demo.feast
-    ours_ttls = ttls(ours)
+def test_feast_fields_equal_feasts_writer_on_the_offline_rows(demo: Demo, server: Server) -> None:
+    """Feast's own fields of every key are the bytes Feast's writer stores for the offline
+    table's row right after the entity's newest event; every windowed view's hash also holds
+    its schedule; the same TTLs."""
+    assert demo.feast, "Feast's writer wrote nothing: the comparison would be empty"
+    without = {k: {f: v for f, v in fs.items() if not f.startswith(b"_fp_sched:")} for k, fs in demo.ours.items()}
+    assert without == demo.feast
+    for fs in demo.ours.values():
+        views = {f[len(b"_ts:"):] for f in fs if f.startswith(b"_ts:")}
+        assert {f[len(b"_fp_sched:"):] for f in fs if f.startswith(b"_fp_sched:")} == views
+    ours_ttls = ttls(server.client(DB_OURS))
     assert ours_ttls.keys() == demo.feast_ttls.keys()
     assert all(KEY_TTL - 120 < t <= KEY_TTL for t in ours_ttls.values())
     assert all(abs(ours_ttls[k] - demo.feast_ttls[k]) <= 60 for k in ours_ttls)
@@ -171,11 +212,12 @@ def test_redis_content_equals_feasts_engine(demo: Demo, server: Server) -> None:
 
 def test_engine_reports_what_it_did(demo: Demo) -> None:
     by_view = {r.view: r for r in demo.ours_result.per_view}
-    assert set(by_view) == {"user_transaction_stats", "merchant_activity", "merchant_fraud"}
+    assert set(by_view) == set(VIEWS)
     users = by_view["user_transaction_stats"]
-    latest = offline_latest_ts(demo.pipeline, "user_transaction_stats", demo.end)
+    latest = newest_event(demo.pipeline, "user_transaction_stats", demo.end)
     assert users.entities == users.written == len(latest)
     assert users.window_rows >= users.entities and users.quarantined == 0
+    assert users.schedule_rows >= users.entities
     # an empty Redis: every key created whole by RESTORE (then merged by the script for
     # the merchant views, which share their hashes)
     assert users.restored == users.written
@@ -190,12 +232,13 @@ def test_feast_reads_identical_values_and_timestamps(demo: Demo, server: Server)
 
     feast_store = store_at(demo.base / "feast")
     view = demo.ours_store.get_feature_view("user_transaction_stats")
-    latest = offline_latest_ts(demo.pipeline, "user_transaction_stats", demo.end)
+    latest = newest_event(demo.pipeline, "user_transaction_stats", demo.end)
     keys = [EntityKey(join_keys=["user_id"], entity_values=[Value(int64_val=int(u))]) for u in sorted(latest)]
     ours = RedisOnlineStore().online_read(demo.ours_store.config, view, keys)
     theirs = RedisOnlineStore().online_read(feast_store.config, view, keys)
     assert ours == theirs
-    assert [ts for ts, _ in ours] == [latest[u] for u in sorted(latest)]
+    assert [abs((ts - latest[u]).total_seconds()) < 2e-6 for (ts, _), u in zip(ours, sorted(latest))] \
+        == [True] * len(latest)
     refs = [f"user_transaction_stats:{f.name}" for f in view.features]
     rows_ = [{"user_id": int(u)} for u in sorted(latest)[:50]]
     assert (demo.ours_store.get_online_features(refs, rows_).to_dict()
@@ -206,38 +249,44 @@ def test_second_run_changes_nothing(demo: Demo, server: Server) -> None:
     from featurepipe.jobs.materialize import materialize
 
     client = server.client(DB_OURS)
-    before = content(client)
+    before = fields(client)  # (not DUMP: a hashtable's lookups may move its rehashing on)
     again = materialize(demo.ours_store, EPOCH, demo.end)
     assert sum(r.written for r in again.per_view) == sum(r.restored for r in again.per_view) == 0
     assert sum(r.skipped for r in again.per_view) == sum(r.entities for r in again.per_view) > 0
-    assert content(client) == before
+    assert fields(client) == before == demo.ours
 
 
 def test_newer_streamed_value_is_not_overwritten(demo: Demo, server: Server) -> None:
-    """A value pushed online with a newer event time survives a materialisation."""
+    """A newer row written with its schedule (as the stream job writes it) survives a
+    materialisation; a newer row written by Feast's SDK without one (which no reader can use:
+    the view's windows would never slide) is rewritten from the raw events."""
     import pandas as pd
 
     from featurepipe.jobs.materialize import materialize
+    from featurepipe.online.layout import entity_key_prefix
+    from featurepipe.online.schedule import schedule_field
 
     store = store_at(repo_copy(demo.base, "pushed", demo.registry, server, DB_PUSHED, engine="featurepipe"))
     client = server.client(DB_PUSHED, flush=True)
     view = store.get_feature_view("user_transaction_stats")
-    user = sorted(offline_latest_ts(demo.pipeline, "user_transaction_stats", demo.end))[0]
-    newer = {f.name: [7] if f.name.startswith("txn_count") else [7.5] for f in view.features}
+    first, second = sorted(newest_event(demo.pipeline, "user_transaction_stats", demo.end))[:2]
+    newer = {f.name: [7] * 2 if f.name.startswith("txn_count") else [7.5] * 2 for f in view.features}
     store.write_to_online_store("user_transaction_stats", pd.DataFrame(
-        {"user_id": [user], **newer, "event_timestamp": [pd.Timestamp(demo.end + timedelta(days=1))]}
+        {"user_id": [first, second], **newer, "event_timestamp": [pd.Timestamp(demo.end + timedelta(days=1))] * 2}
     ))
+    with_schedule = entity_key_prefix(["user_id"]) + struct.pack("<IIq", 4, 8, first) + store.project.encode()
+    schedule = next(v for k, v in demo.ours.items() if k == with_schedule)[schedule_field(view.name)]
+    client.hset(with_schedule, schedule_field(view.name), schedule)
     pushed = content(client)
-    assert len(pushed) == 1
     result = materialize(store, EPOCH, demo.end, ["user_transaction_stats"])
     assert result.per_view[0].skipped == 1
-    after = content(client)
-    (key,) = pushed
-    assert after[key] == pushed[key]
-    # every other hash is what Feast's engine writes for that view
-    others = {k: v for k, v in after.items() if k != key}
-    feast_users = {k for k, (fields, _) in demo.feast.items() if b"_ts:user_transaction_stats" in fields}
-    assert set(others) == feast_users - {key}
+    after = fields(client)
+    assert after[with_schedule] == pushed[with_schedule][0]
+    # every other hash is what the engine writes for that view
+    others = {k: v for k, v in after.items() if k != with_schedule}
+    assert others == {k: v for k, v in demo.ours.items() if k in others}
+    users = {k for k, fs in demo.ours.items() if b"_ts:user_transaction_stats" in fs}
+    assert set(others) == users - {with_schedule}
 
 
 def test_incremental_moves_only_new_rows(demo: Demo, server: Server) -> None:
@@ -247,20 +296,20 @@ def test_incremental_moves_only_new_rows(demo: Demo, server: Server) -> None:
     forget_materializations(folder / "data" / "registry.db")
     store = store_at(folder)
     client = server.client(DB_INCREMENTAL, flush=True)
-    path = demo.pipeline.data / "offline" / "user_transaction_stats" / "**" / "*.parquet"
-    lo, hi = duckdb.sql(f"SELECT min(event_timestamp), max(event_timestamp) FROM read_parquet('{path}')").fetchall()[0]
+    raw = demo.pipeline.data / "raw" / "transactions" / "**" / "*.parquet"
+    lo, hi = duckdb.sql(f"SELECT min(event_timestamp), max(event_timestamp) FROM read_parquet('{raw}')").fetchall()[0]
     middle = lo + (hi - lo) / 2
     first = materialize(store, EPOCH, middle)
     assert sum(r.written for r in first.per_view) > 0
     second = materialize(store, end=demo.end, incremental=True)
     users = next(r for r in second.per_view if r.view == "user_transaction_stats")
     assert users.start == middle  # from where the registry says the last run ended
-    new_rows = duckdb.sql(
-        f"SELECT count(*) FROM read_parquet('{path}') WHERE event_timestamp >= TIMESTAMPTZ "
-        f"'{middle.isoformat()}' AND event_timestamp <= TIMESTAMPTZ '{demo.end.isoformat()}'"
-    ).fetchall()[0][0]
-    assert users.window_rows == new_rows < first.per_view[0].window_rows + new_rows
-    assert content(client) == demo.feast
+    new_rows, new_users = duckdb.sql(
+        f"SELECT count(*), count(DISTINCT user_id) FROM read_parquet('{raw}') WHERE event_timestamp >= "
+        f"TIMESTAMPTZ '{middle.isoformat()}' AND event_timestamp <= TIMESTAMPTZ '{demo.end.isoformat()}'"
+    ).fetchall()[0]
+    assert users.window_rows == new_rows and users.entities == new_users
+    assert fields(client) == demo.ours  # the same schedules as one run over the whole range
 
 
 def test_killed_run_resumes_to_the_same_content(demo: Demo, server: Server) -> None:
@@ -274,7 +323,7 @@ def test_killed_run_resumes_to_the_same_content(demo: Demo, server: Server) -> N
     folder = repo_copy(demo.base, "killed", demo.registry, server, DB_KILLED, engine="featurepipe",
                        extra_engine="  batch_rows: 20\n  max_rows_per_second: 300\n")
     client = server.client(DB_KILLED, flush=True)
-    total = len(demo.feast)
+    total = len(demo.ours)
     start, end = EPOCH.replace(tzinfo=None).isoformat(), demo.end.replace(tzinfo=None).isoformat()
     slow = subprocess.Popen(
         [str(Path(sys.executable).parent / "feast"), "--chdir", str(folder), "materialize", start, end],
@@ -292,12 +341,12 @@ def test_killed_run_resumes_to_the_same_content(demo: Demo, server: Server) -> N
             slow.kill()
     assert slow.returncode == -signal.SIGKILL
     assert 0 < written_when_killed < total, slow.stderr.read()[-2000:] if slow.stderr else ""
-    assert content(client) != demo.feast
+    assert fields(client) != demo.ours
     rerun = CliRunner().invoke(main, ["materialize", "--repo", str(folder), "--no-progress",
                                       "--max-rows-per-second", "0", "--start", start, "--end", end])
     assert rerun.exit_code == 0, rerun.output[-3000:]
     assert "user_transaction_stats" in rerun.output and "entities" in rerun.output
-    assert content(client) == demo.feast
+    assert fields(client) == demo.ours
 
 
 def test_one_call_publishes_once_and_stops_at_the_first_failed_view(
@@ -320,7 +369,7 @@ def test_one_call_publishes_once_and_stops_at_the_first_failed_view(
     store = store_at(folder)
     client = server.client(DB_PUSHED, flush=True)
     store.materialize(EPOCH, demo.end, views)
-    assert content(client) == demo.feast
+    assert fields(client) == demo.ours
     runs = read_runs(data)
     assert [(r.kind, r.status, r.outputs[0].view) for r in runs] == [("materialize", "ok", v) for v in views]
     assert published == [data] and (data / "metrics" / "featurepipe.prom").is_file()
@@ -336,7 +385,7 @@ def test_one_call_publishes_once_and_stops_at_the_first_failed_view(
     runs = read_runs(data)[len(views):]
     assert [(r.status, r.outputs[0].view) for r in runs] == [("ok", "merchant_activity"), ("blocked", "merchant_fraud")]
     assert published == [data, data]
-    written = {field for fields, _ in content(client).values() for field in fields if field.startswith(b"_ts:")}
+    written = {f for fs in fields(client).values() for f in fs if f.startswith(b"_ts:")}
     assert written == {b"_ts:merchant_activity"}  # nothing of the view after the blocked one
     intervals = {v: len(store.registry.get_feature_view(v, store.project).materialization_intervals)
                  for v in views}

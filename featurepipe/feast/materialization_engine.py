@@ -312,7 +312,7 @@ class FeaturepipeMaterializationEngine(ComputeEngine):
         import redis
 
 
-        plan = view_plan(view, self.repo_config, project)
+        plan = view_plan(view, self.repo_config, project, registry)
         options = self.options()
         with self._shared_call() as state:
             gate = None

@@ -1,7 +1,10 @@
 """Materialise one feature view's time window: latest rows → Feast bytes → Redis.
 
 :func:`materialize_window` streams the latest row per entity from the offline Parquet
-(:mod:`featurepipe.online.latest`), encodes each Arrow batch into Feast's bytes
+(:mod:`featurepipe.online.latest`), or, for a windowed-aggregate view, each entity's window
+schedule computed from the raw events (:mod:`featurepipe.online.schedule_scan`: Feast's
+fields hold the schedule's first row, the ``_fp_sched:<view>`` field the whole schedule,
+written together), encodes each Arrow batch into Feast's bytes
 (:mod:`featurepipe.online.codec`) and writes it with the monotonic Redis writer
 (:mod:`featurepipe.online.writer`). Rows that cannot be written as declared (a null join
 key, a value that does not fit its type) are counted and copied, with the reason, to
@@ -41,6 +44,9 @@ from featurepipe.online.latest import (
     open_latest,
 )
 from featurepipe.online.layout import feature_field, timestamp_field
+from featurepipe.online.schedule import schedule_field
+from featurepipe.online.schedule_scan import V_LIST, KernelInput, list_column, open_schedules
+from featurepipe.online.schedule_writer import encode_schedules, schedule_columns
 from featurepipe.online.writer import EncodedRows, HashWriter
 
 if TYPE_CHECKING:
@@ -56,6 +62,14 @@ class ViewPlan:
     query: LatestQuery
     key_ttl_seconds: int | None = None
     block_null_keys: bool = False  # the contract says a null join key blocks the view
+    kernel: KernelInput | None = None  # a windowed-aggregate view: computed from raw events
+
+    @property
+    def fields(self) -> list[bytes]:
+        """The hash fields one row writes after ``_ts:<view>``, in order: the features, then
+        the schedule of a windowed-aggregate view."""
+        names = [feature_field(self.view, f.name) for f in self.features]
+        return names + ([schedule_field(self.view)] if self.kernel is not None else [])
 
     @property
     def join_keys(self) -> list[codec.JoinKeySpec]:
@@ -96,7 +110,8 @@ class ViewMaterialization:
     null_key_rows: int = 0  # of quarantined: window rows without a join key
     check_failures: dict[str, int] = field(default_factory=dict)  # latest rows failing each contract check
     newest_event: datetime | None = None  # newest event time among the rows written or kept
-    files: list[str] = field(default_factory=list)  # the offline files read
+    files: list[str] = field(default_factory=list)  # the offline files read (raw files: windowed views)
+    schedule_rows: int = 0  # windowed views: change-point rows in the schedules sent
 
     @property
     def rows_per_second(self) -> float:
@@ -118,6 +133,20 @@ def encode(batch: pa.RecordBatch, plan: ViewPlan) -> EncodedRows:
     micros = np.asarray(batch.column(EVENT_US).to_numpy(zero_copy_only=False), dtype=np.int64)
     values = [codec.encode_values(batch.column(f.name), f.value_type) for f in plan.features]
     return EncodedRows(keys=keys, timestamps=codec.encode_timestamps(micros), values=values)
+
+
+def encode_with_schedules(batch: pa.RecordBatch, plan: ViewPlan) -> EncodedRows:
+    """:func:`encode` of a batch from :func:`~featurepipe.online.schedule_scan.open_schedules`,
+    each entity's encoded schedule appended as the last value (:attr:`ViewPlan.fields`)."""
+    rows = encode(batch, plan)
+    names = [f.name for f in plan.features]
+    lists = batch.column(V_LIST)
+    offsets = np.asarray(lists.offsets.to_numpy(zero_copy_only=False), dtype=np.int64)
+    offsets = offsets - offsets[0]
+    flat = pa.table({"v": lists.flatten(), **{n: batch.column(list_column(i)).flatten() for i, n in enumerate(names)}})
+    v = np.asarray(flat.column("v").to_numpy(zero_copy_only=False), dtype=np.int64)
+    schedules = encode_schedules(v, schedule_columns(flat, names), offsets, names)
+    return EncodedRows(keys=rows.keys, timestamps=rows.timestamps, values=[*rows.values, schedules])
 
 
 def prefetch(batches: Iterator[pa.RecordBatch], depth: int = 2) -> Generator[pa.RecordBatch, None, None]:
@@ -209,8 +238,13 @@ def materialize_window(
     stamp = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     quarantine = _Quarantine(options.quarantine_dir, plan.view, stamp)
     null_key_file = quarantine.folder / f"{stamp}-null-keys.parquet" if quarantine.folder else None
-    scan = open_latest(plan.query, start, end, batch_rows=options.batch_rows, threads=options.threads,
-                       null_key_file=null_key_file)
+    if plan.kernel is not None:
+        scan = open_schedules(plan.query, plan.kernel, start, end, batch_rows=options.batch_rows,
+                              threads=options.threads, null_key_file=null_key_file)
+    else:
+        scan = open_latest(plan.query, start, end, batch_rows=options.batch_rows, threads=options.threads,
+                           null_key_file=null_key_file)
+    to_bytes = encode_with_schedules if plan.kernel is not None else encode
     try:
         result.window_rows, result.entities = scan.window_rows, scan.entities
         result.files, result.null_key_rows = scan.files, scan.null_key_rows
@@ -223,7 +257,7 @@ def materialize_window(
         writer = HashWriter(
             client,
             timestamp_field(plan.view),
-            [feature_field(plan.view, f.name) for f in plan.features],
+            plan.fields,
             ttl_seconds=plan.key_ttl_seconds,
             max_rows_per_second=options.max_rows_per_second,
             restore=options.restore,
@@ -243,7 +277,9 @@ def materialize_window(
                         _count_checks(rejected.column(CHECK), result.check_failures)
                     batch = batch.filter(pc.invert(bad))
                 if batch.num_rows:
-                    writer.write(encode(batch, plan))
+                    writer.write(to_bytes(batch, plan))
+                    if plan.kernel is not None:
+                        result.schedule_rows += len(batch.column(V_LIST).flatten())
                     top = pc.max(batch.column(EVENT_US)).as_py()
                     newest = top if newest is None or top > newest else newest
                 bar.update(read)

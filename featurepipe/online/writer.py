@@ -31,11 +31,15 @@ import redis
 from featurepipe.errors import BackendUnavailable
 from featurepipe.online import dump, rows
 from featurepipe.online.rows import Piece
+from featurepipe.online.schedule import is_schedule_field
 
 WRITE_SCRIPT = r"""
--- KEYS: hash keys. ARGV: ts field, feature count m, ttl seconds (0: none), m field names,
--- then for each key its Timestamp proto and m Value protos. Returns {written, new keys}.
-local tsf, m, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+-- KEYS: hash keys. ARGV: ts field, value count m, ttl seconds (0: none), schedule position s
+-- among the m values (0: none), the 4 bytes of a schedule's magic and version and its 6
+-- bytes of column count and names checksum, m field names, then for each key its Timestamp
+-- proto and m values. Returns {written, new keys}.
+local tsf, m, ttl, s = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local sched_version, sched_names = ARGV[5], ARGV[6]
 local function decode(s)  -- google.protobuf.Timestamp -> seconds, nanos
   local sec, nanos, i, len = 0, 0, 1, #s
   while i <= len do
@@ -55,8 +59,9 @@ local function decode(s)  -- google.protobuf.Timestamp -> seconds, nanos
   return sec, nanos
 end
 local args = {tsf}
-for j = 1, m do args[2 * j + 1] = ARGV[3 + j] end
-local base, stride, written, fresh = 3 + m, m + 1, 0, 0
+for j = 1, m do args[2 * j + 1] = ARGV[6 + j] end
+local sched_field = s > 0 and ARGV[6 + s] or nil
+local base, stride, written, fresh = 6 + m, m + 1, 0, 0
 for i = 1, #KEYS do
   local off = base + (i - 1) * stride
   local ts = ARGV[off + 1]
@@ -66,6 +71,14 @@ for i = 1, #KEYS do
     local os, on = decode(old)
     local ns, nn = decode(ts)
     if (os ~= 0 or on ~= 0) and (ns < os or (ns == os and nn <= on)) then newer = false end
+    if not newer and sched_field then
+      -- not newer, but the stored schedule is missing or of another kernel or feature list:
+      -- rewrite it (readers refuse it)
+      local stored = redis.call('HGET', KEYS[i], sched_field)
+      if not stored or string.sub(stored, 1, 4) ~= sched_version or string.sub(stored, 9, 14) ~= sched_names then
+        newer = true
+      end
+    end
   else
     fresh = fresh + 1
   end
@@ -186,8 +199,12 @@ class HashWriter:
         self.counts = WriteCounts()
         self.ts_field, self.feature_fields = ts_field, list(feature_fields)
         self.ttl_seconds = int(ttl_seconds or 0)
+        # a window schedule among the values: longer than a listpack's usual limit, and checked
+        # by the script when the timestamp is not newer (see WRITE_SCRIPT)
+        self._schedule = next((j for j, f in enumerate(self.feature_fields) if is_schedule_field(f)), None)
         self._head_args = [ts_field, str(len(feature_fields)).encode(), str(self.ttl_seconds).encode(),
-                           *feature_fields]
+                           str(0 if self._schedule is None else self._schedule + 1).encode(),
+                           b"", b"", *feature_fields]
         self._max_rate = max_rows_per_second
         self._started = time.monotonic()
         self._sent_rows = 0
@@ -237,11 +254,16 @@ class HashWriter:
         keys, _ = rows.join(bulk(batch.keys))
         row_pieces = [p for v in (batch.timestamps, *batch.values) for p in bulk(v)]
         args, _ = rows.join(row_pieces)
+        head_args = list(self._head_args)
+        if self._schedule is not None:  # the header every schedule of this view starts with
+            first = batch.values[self._schedule]
+            header = bytes(first.data[0, :14])
+            head_args[4], head_args[5] = header[:4], header[8:14]
         return b"".join([
             b"*%d\r\n" % nargs,
             *(_bulk_const(h) for h in head),
             keys.tobytes(),
-            *(_bulk_const(a) for a in self._head_args),
+            *(_bulk_const(a) for a in head_args),
             args.tobytes(),
         ])
 
@@ -253,9 +275,10 @@ class HashWriter:
     def _restorable(self, batch: EncodedRows) -> np.ndarray:
         """Rows whose hash RESTORE can carry exactly as HSET would build it."""
         ok = np.ones(batch.count, dtype=bool)
-        for piece in (batch.timestamps, *batch.values):
-            ok &= piece.row_lengths() <= self._max_value
-            ok &= ~dump.integer_like(piece)
+        for j, piece in enumerate((batch.timestamps, *batch.values)):
+            if j - 1 != self._schedule:  # a schedule is long and never an integer (see __init__)
+                ok &= piece.row_lengths() <= self._max_value
+                ok &= ~dump.integer_like(piece)
         return ok
 
     # ------------------------------------------------------------ writing
@@ -360,7 +383,9 @@ class HashWriter:
             # (redis-py annotates hset's key as str; bytes keys work, as everywhere else)
             self.client.hset(built, mapping=dict(zip([self.ts_field, *self.feature_fields], sample)))  # type: ignore[arg-type]
             self.client.pexpire(built, 60_000)
-            return self.client.dump(restored) == self.client.dump(built)
+            if self.client.dump(restored) != self.client.dump(built):
+                return False
+            return self._schedule is None or self._probe_long_value(probe, sample, restored)
         except redis.ResponseError:
             return False
         finally:
@@ -369,6 +394,23 @@ class HashWriter:
                 self.client.delete(restored, built)
             except redis.ResponseError:
                 pass  # not allowed to delete: they expire in a minute
+
+
+    def _probe_long_value(self, probe: EncodedRows, sample: list[bytes], key: bytes) -> bool:
+        """True when a hash holding a schedule (a value longer than a listpack entry's usual
+        limit, which ``HSET`` would store as a hashtable) is restored with exactly its
+        fields and values (Redis keeps it a listpack: the same content in less memory)."""
+        assert self._schedule is not None and self._sock is not None and self._replies is not None
+        long_value = bytes(range(256)) * 20  # 5,120 bytes: the 5-byte entry header and backlen
+        values = list(probe.values)
+        values[self._schedule] = rows.from_flat(np.frombuffer(long_value, np.uint8), np.array([0, len(long_value)]))
+        self.client.delete(key)
+        self._sock.sendall(self.restore_command(EncodedRows(probe.keys, probe.timestamps, values)))
+        if self._replies.lines(1) is not None:
+            return False
+        expected = dict(zip([self.ts_field, *self.feature_fields], sample))
+        expected[self.feature_fields[self._schedule]] = long_value
+        return self.client.hgetall(key) == expected  # type: ignore[arg-type]
 
 
 def split_rows(batch: EncodedRows, keep: np.ndarray) -> EncodedRows:

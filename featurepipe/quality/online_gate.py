@@ -9,6 +9,13 @@ other bad rows and the rest is written; a failing ``block`` check (and a null jo
 contract blocks on) stops the view before the first write. Every materialisation appends a
 run record (``kind: materialize``) to the run log: the offline files read, rows in, written,
 not newer, quarantined, check results, the definitions hash, code version and duration.
+
+A windowed-aggregate view is written from its raw events (each entity's window schedule,
+:mod:`featurepipe.online.schedule_scan`): its contract's schema checks apply to the columns
+the kernel computes, its row checks to *every* row of a schedule (an entity with a failing
+row is quarantined whole), and raw rows that fail the input source's contract checks are
+left out, as the backfill's gate leaves them out (so online and offline see the same
+events; uniqueness is not checked here).
 """
 
 from __future__ import annotations
@@ -19,10 +26,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
-from featurepipe.config import data_dir, online_connection_string, redis_connection_kwargs
+from featurepipe.config import (
+    data_dir,
+    online_connection_string,
+    redis_connection_kwargs,
+    resolve_source_path,
+)
 from featurepipe.core.db import connect
 from featurepipe.definitions import TAG_INPUT
 from featurepipe.online.latest import DUCKDB_TYPES, RowCondition
+from featurepipe.online.schedule_scan import schedule_types
 from featurepipe.online.window import MaterializationBlocked, ViewMaterialization, ViewPlan
 from featurepipe.quality import checks
 from featurepipe.quality.contracts import Contracts, TableContract, load_contracts
@@ -42,6 +55,7 @@ class MaterializeGate(Gate):
                  online_store: str, start: datetime, end: datetime) -> None:
         super().__init__(contracts, data, "materialize")
         self.contract: TableContract | None = contracts.feature_views.get(view)
+        self.source_contract: TableContract | None = None  # a windowed view's input (see prepare)
         self.view = view
         self.definition_hash = definition_hash
         self.online_store = online_store
@@ -56,12 +70,18 @@ class MaterializeGate(Gate):
         with the contract's row conditions."""
 
         self.offline_path = plan.query.path
+        if plan.kernel is not None and self.source_contract is not None:
+            plan = replace(plan, kernel=replace(plan.kernel, exclude=self._input_exclusions(plan.kernel.path)))
         if self.contract is None:
             return plan
-        results = self._describe(plan.query.path)
+        if plan.kernel is not None:
+            results = checks.schema_checks(STAGE, self.contract, schedule_types(plan.query, plan.kernel))
+        else:
+            results = self._describe(plan.query.path)
         self.keep(results)
         if self.any_blocking(results):
-            raise self.blocked(STAGE, self.view, results, stopped="the view", fix="the offline table",
+            fix = "the view's definition" if plan.kernel is not None else "the offline table"
+            raise self.blocked(STAGE, self.view, results, stopped="the view", fix=fix,
                                consequence="Nothing of this view was written to Redis")
         features = {f.name: DUCKDB_TYPES.get(f.value_type, "") for f in plan.query.features}
         self.conditions = [
@@ -72,6 +92,13 @@ class MaterializeGate(Gate):
         self.keys = [name for name, spec in keys if spec is not None and not spec.nullable]
         block_keys = any(spec is not None and not spec.nullable and spec.severity == "block" for _, spec in keys)
         return replace(plan, query=replace(plan.query, conditions=tuple(self.conditions)), block_null_keys=block_keys)
+
+    def _input_exclusions(self, path: str) -> tuple[str, ...]:
+        """SQL true for the raw rows the input source's contract row checks fail."""
+        assert self.source_contract is not None
+        with connect() as con:
+            types = checks.describe(con, checks.parquet_relation(path))
+        return tuple(c.fails for c in checks.row_checks(self.source_contract, types) if "__dup_rank" not in c.fails)
 
     def _describe(self, path: str) -> list[CheckResult]:
         """The contract's schema checks on the offline table's combined schema and on each
@@ -165,5 +192,31 @@ def open_materialize_gate(repo_config: Any, view: Any, project: str, registry: A
                 sources[name] = source
     kw = redis_connection_kwargs(online_connection_string(repo_config))
     online = f"redis://{kw['host']}:{kw['port']}/{kw.get('db', 0)}"
-    return MaterializeGate(load_contracts(repo), data_dir(repo), view.name, feature_view_hash(view, source),
-                           online, start, end)
+    contracts = load_contracts(repo)
+    gate = MaterializeGate(contracts, data_dir(repo), view.name, feature_view_hash(view, source), online, start, end)
+    gate.source_contract = _source_contract(contracts, repo, source, registry, project, sources)
+    return gate
+
+
+def _source_contract(contracts: Contracts, repo: Path, source: Any, registry: Any, project: str,
+                     sources: dict[str, Any] | None) -> TableContract | None:
+    """The contract of a windowed view's input source: its own, else that of a source
+    reading the same files (``transaction_labels`` reads the files ``transactions`` names)."""
+    if source is None:
+        return None
+    if source.name in contracts.sources:
+        return contracts.sources[source.name]
+    path = getattr(source, "path", None)
+    for name in sorted(contracts.sources):
+        other = (sources or {}).get(name)
+        if other is None and registry is not None:
+            try:
+                other = registry.get_data_source(name, project)
+            except Exception:  # a contract for a source the registry does not hold
+                other = None
+            if sources is not None:
+                sources[name] = other
+        if other is not None and path and resolve_source_path(repo, getattr(other, "path", "")) == \
+                resolve_source_path(repo, path):
+            return contracts.sources[name]
+    return None

@@ -1,0 +1,192 @@
+"""Each entity's window schedule at a materialisation, computed with DuckDB from raw events.
+
+A windowed-aggregate view is materialised from its *raw* input, not from its offline table:
+for every entity with an event in the materialised range ``[start, end]``, the kernel
+(:func:`featurepipe.core.windows.change_point_sql`) computes the change-point rows from the
+entity's newest event ``x`` on (``v >= x + 1 us``: the row right after the event, then one
+row per hop bucket leaving a window, down to every window empty), reading the entity's
+events of ``[x - horizon, x]``. Those rows are the entity's schedule
+(:mod:`featurepipe.online.schedule`); the first of them goes into Feast's own fields, its
+``v`` as Feast's event timestamp.
+
+Why from the newest event and not from the row in force at ``end``: the rows written then
+depend on the events alone, not on when the materialisation ran, so the stream job (which
+writes the same rows: :mod:`featurepipe.stream.online_rows`) and any rerun write the very
+same bytes, and the writer's newest-wins rule on the timestamp (``x + 1 us``) compares
+events. Rows already past when written cost a little memory and nothing else: the reader
+picks the row in force at its own clock.
+
+An entity whose newest event is older than ``end - horizon`` gets the same treatment: its
+schedule ends with the all-empty row (counts 0, ``last`` its newest event), in force from
+its last drop on, for ever (until its next event).
+
+One row per entity comes out, in Arrow batches: the join keys, :data:`EVENT_US` (``x + 1
+us``), the first row's features (Feast's fields), the schedule's change points and
+columns as lists (:data:`V_LIST`, :func:`list_column`), and ``__reason`` / ``__check`` as
+:mod:`featurepipe.online.latest` gives them: row conditions (the view's contract) are
+checked on *every* row of a schedule, and an entity with a failing row is quarantined
+whole (nothing of it is written).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import duckdb
+
+from featurepipe.core.sql import literal, quote, ts_literal
+from featurepipe.core.windows import Aggregate, ViewShape, change_point_sql, horizon, micros
+from featurepipe.errors import InvalidInput
+from featurepipe.online.latest import (
+    CHECK,
+    EVENT_US,
+    REASON,
+    LatestQuery,
+    LatestScan,
+    RowCondition,
+    connect,
+    pinned_files,
+    pinned_source,
+)
+
+V_LIST = "__sched_v"
+
+
+def list_column(index: int) -> str:
+    """The name of feature ``index``'s schedule column (a list, one value per change point)."""
+    return f"__sched_{index}"
+
+
+@dataclass(frozen=True)
+class KernelInput:
+    """What a windowed-aggregate view is computed from: its raw Parquet, event time column,
+    aggregates, and the SQL conditions that leave a raw row out (its source contract's row
+    checks, as the backfill's gate leaves them out)."""
+
+    path: str
+    timestamp: str
+    aggregations: tuple[Aggregate, ...]
+    exclude: tuple[str, ...] = ()
+
+
+def open_schedules(query: LatestQuery, kernel: KernelInput, start: datetime, end: datetime,
+                   batch_rows: int = 5_000, threads: int | None = None,
+                   null_key_file: Path | None = None) -> LatestScan:
+    """Start reading the schedule of every entity with an event in ``[start, end]`` (see the
+    module documentation). ``query`` names the join keys and features (in schedule column
+    order) and the row conditions; ``window_rows`` counts those entities' events in the
+    range, ``null_key_rows`` the range's events without a join key (copied to
+    ``null_key_file`` when given)."""
+    con = connect(threads)
+    files = pinned_files(con, kernel.path)
+    source = pinned_source(files)
+    types = {row[0]: str(row[1]) for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
+    keys = [k.source for k in query.join_keys]
+    columns = sorted({a.column for a in kernel.aggregations})
+    missing = sorted({c for c in [kernel.timestamp, *keys, *columns] if c not in types})
+    if missing:
+        raise InvalidInput(
+            f"{kernel.path} has no column(s) {missing}; it has {sorted(types)}. Check the view's input "
+            "source and its aggregations, then run `feast apply`"
+        )
+    ts = quote(kernel.timestamp)
+    key_list = ", ".join(quote(k) for k in keys)
+    not_null = " AND ".join(f"{quote(k)} IS NOT NULL" for k in keys)
+    excluded = "".join(f" AND NOT coalesce(({c}), FALSE)" for c in kernel.exclude)
+    in_range = f"{ts} >= {ts_literal(start)} AND {ts} <= {ts_literal(end)}"
+    needed = ", ".join(quote(c) for c in dict.fromkeys([*keys, kernel.timestamp, *columns]))
+    con.execute(f"CREATE TEMP VIEW __raw AS SELECT {needed} FROM {source} WHERE {ts} IS NOT NULL{excluded}")
+    con.execute(f"CREATE TEMP TABLE __ents AS SELECT {key_list}, max({ts}) AS __last, count(*) AS __rows "
+                f"FROM __raw WHERE {in_range} GROUP BY ALL")
+    null_rows = con.execute(f"SELECT coalesce(sum(__rows), 0) FROM __ents WHERE NOT ({not_null})").fetchall()[0][0]
+    con.execute(f"DELETE FROM __ents WHERE NOT ({not_null})")
+    entities, window_rows, oldest = con.execute(
+        "SELECT count(*), coalesce(sum(__rows), 0), min(__last) FROM __ents").fetchall()[0]
+    if null_rows and null_key_file is not None:
+        _copy_null_key_rows(con, source, query, keys, in_range, excluded, null_key_file)
+    on = " AND ".join(f"r.{quote(k)} = e.{quote(k)}" for k in keys)
+    reach = micros(horizon(kernel.aggregations))
+    con.execute(f"CREATE TEMP TABLE __ev AS SELECT r.* FROM __raw r JOIN __ents e ON {on} "
+                f"WHERE r.{ts} <= e.__last AND epoch_us(r.{ts}) >= epoch_us(e.__last) - {reach}")
+    shape = ViewShape(tuple(keys), kernel.timestamp, kernel.aggregations, types)
+    points = change_point_sql(shape, "__ev", start=oldest) if oldest is not None else "SELECT * FROM __ev LIMIT 0"
+    names = [f.name for f in query.features]
+    on_c = " AND ".join(f"c.{quote(k)} = e.{quote(k)}" for k in keys)
+    features = ", ".join(f"c.{quote(n)}" for n in names)
+    con.execute(
+        f"CREATE TEMP TABLE __sched AS SELECT {', '.join('c.' + quote(k) for k in keys)}, "
+        f"epoch_us(c.event_timestamp) AS __v, {features} FROM ({points}) c JOIN __ents e ON {on_c} "
+        "WHERE c.event_timestamp > e.__last"
+    ) if oldest is not None else con.execute(
+        f"CREATE TEMP TABLE __sched AS SELECT {key_list}, 0::BIGINT AS __v, "
+        + ", ".join(f"NULL AS {quote(n)}" for n in names) + " FROM __ents LIMIT 0")
+    blocked, sample = _blocked(con, query.conditions)
+    reasons = ", ".join(f"CASE WHEN {c.fails} THEN {c.reason} END" for c in query.conditions)
+    checks = ", ".join(f"CASE WHEN {c.fails} THEN {literal(c.name)} END" for c in query.conditions)
+    row_reason = f"concat_ws('; ', {reasons})" if query.conditions else "''"
+    row_check = f"concat_ws(',', {checks})" if query.conditions else "''"
+    lists = ", ".join(f"list({quote(n)} ORDER BY __v) AS {list_column(i)}" for i, n in enumerate(names))
+    firsts = ", ".join(f"{list_column(i)}[1] AS {quote(n)}" for i, n in enumerate(names))
+    grouped = (
+        f"SELECT {key_list}, list(__v ORDER BY __v) AS {V_LIST}, {lists}, "
+        f"coalesce(string_agg(DISTINCT NULLIF(__r, ''), '; '), '') AS {REASON}, "
+        f"array_to_string(list_sort(list_distinct(flatten(list(string_split(__c, ',')) FILTER (WHERE __c <> ''))))"
+        f", ',') AS {CHECK} "
+        f"FROM (SELECT *, {row_reason} AS __r, {row_check} AS __c FROM __sched) GROUP BY ALL"
+    )
+    sql = (f"SELECT {key_list}, {V_LIST}[1] AS {EVENT_US}, {firsts}, {V_LIST}, "
+           f"{', '.join(list_column(i) for i in range(len(names)))}, {REASON}, {CHECK} FROM ({grouped})")
+    reader = con.sql(sql).to_arrow_reader(batch_rows)
+    return LatestScan(entities=int(entities), window_rows=int(window_rows), null_key_rows=int(null_rows),
+                      reader=reader, connection=con, files=files, blocked=blocked, blocked_sample=sample)
+
+
+def schedule_types(query: LatestQuery, kernel: KernelInput) -> dict[str, str]:
+    """The DuckDB type of every column the kernel computes for the view (its join keys,
+    ``event_timestamp`` and features), without computing anything: what a contract's schema
+    checks compare with."""
+    con = connect(1)
+    try:
+        source = pinned_source(pinned_files(con, kernel.path))
+        types = {row[0]: str(row[1]) for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
+        keys = tuple(k.source for k in query.join_keys)
+        shape = ViewShape(keys, kernel.timestamp, kernel.aggregations, types)
+        sql = change_point_sql(shape, f"(SELECT * FROM {source} LIMIT 0)")
+        return {row[0]: str(row[1]) for row in con.execute(f"DESCRIBE {sql}").fetchall()}
+    finally:
+        con.close()
+
+
+def _blocked(con: duckdb.DuckDBPyConnection, conditions: Sequence[RowCondition]
+             ) -> tuple[dict[str, int], dict[str, list[dict[str, object]]]]:
+    """Schedule rows failing each blocking condition (only when there are such conditions),
+    and a few of them."""
+    blocking = [c for c in conditions if c.block]
+    if not blocking:
+        return {}, {}
+    counts = con.execute(
+        "SELECT " + ", ".join(f"coalesce(sum(CAST({c.fails} AS INTEGER)), 0)" for c in blocking) + " FROM __sched"
+    ).fetchall()[0]
+    blocked = {c.name: int(n) for c, n in zip(blocking, counts) if n}
+    sample = {}
+    for c in blocking:
+        if c.name in blocked:
+            cur = con.execute(f"SELECT * EXCLUDE (__v), make_timestamptz(__v) AS event_timestamp "
+                              f"FROM __sched WHERE {c.fails} LIMIT 3")
+            cols = [d[0] for d in cur.description]
+            sample[c.name] = [dict(zip(cols, row)) for row in cur.fetchall()]
+    return blocked, sample
+
+
+def _copy_null_key_rows(con: duckdb.DuckDBPyConnection, source: str, query: LatestQuery, keys: Sequence[str],
+                        in_range: str, excluded: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    null = " OR ".join(f"{quote(k)} IS NULL" for k in keys)
+    message = literal("join key " + ", ".join(k.name for k in query.join_keys) + " is null")
+    con.execute(
+        f"COPY (SELECT *, {message} AS quarantine_reason FROM {source} WHERE ({null}) AND {in_range}{excluded}) "
+        f"TO {literal(str(target))} (FORMAT parquet)"
+    ).fetchall()
