@@ -8,18 +8,28 @@ views). Nothing is parsed but the event times of views with a TTL.
 Field statuses: NOT_FOUND when the hash or the field is missing (the value is empty),
 NULL_VALUE when the stored value is null, OUTSIDE_MAX_AGE when the view has a TTL and the
 row's event time is older than now - ttl (the value is still returned), else PRESENT.
+
+A windowed-aggregate view's features come from the entity's window schedule instead
+(:func:`featurepipe.online.schedule.row_in_force`): the row in force at the request's clock,
+its change point as the event time, values as the offline join gives them at that instant
+(count int64, the rest double, a null as the empty Value with NULL_VALUE). No TTL applies:
+an entity idle for longer than the TTL has empty windows (count 0), not stale values. A
+hash with the view's Feast fields but no schedule holds data written before request-time
+windows: the request fails (:class:`~featurepipe.online.schedule.StaleSchedule`) rather
+than serve values whose windows never slide.
 """
 
 from __future__ import annotations
 
-import time
+import struct
 from operator import itemgetter
 from typing import NamedTuple
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from featurepipe.online.schedule import KIND_INT, StaleSchedule, row_in_force
 from serving import wire
-from serving.plan import Plan
+from serving.plan import Plan, ViewFields
 from serving.protos import FIELD_STATUS, Value
 
 PRESENT = FIELD_STATUS["PRESENT"]
@@ -47,11 +57,12 @@ _UNREAD = FetchedColumn([], [], [], [])  # the slot of a view's timestamp field
 
 
 def decode_replies(
-    plan: Plan, keys: list[list[bytes]], replies: Replies
+    plan: Plan, keys: list[list[bytes]], replies: Replies, now_us: int
 ) -> list[list[FetchedColumn]]:
     """Per hash of ``plan``, per field: the column over that hash's distinct entity
-    ``keys`` (timestamp fields hold an empty column)."""
-    now = time.time()
+    ``keys`` (timestamp and schedule fields hold an empty column), as of ``now_us``
+    (microseconds since the epoch: the request's clock)."""
+    now = now_us / 1e6
     framed_value, framed_ts = wire.framed_value, wire.framed_timestamp
     empty_value, empty_ts = wire.EMPTY_VALUE, wire.EMPTY_TIMESTAMP
     out: list[list[FetchedColumn]] = []
@@ -62,6 +73,10 @@ def decode_replies(
         block = replies[offset : offset + count]
         offset += count
         for vf in h.views:
+            if vf.schedule_field >= 0:
+                for fi, column in zip(vf.feature_fields, scheduled_columns(vf, block, now_us), strict=True):
+                    columns[fi] = column
+                continue
             stale_before = now - vf.ttl_seconds if vf.ttl_seconds else None
             raw_times = list(map(itemgetter(vf.ts_field), block))
             if None not in raw_times and b"" not in raw_times:  # every key has the view
@@ -100,3 +115,72 @@ def decode_replies(
                 columns[fi] = FetchedColumn(vals, stats, times, raws)
         out.append(columns)
     return out
+
+
+_unpack_int = struct.Struct("<q").unpack_from
+_unpack_double = struct.Struct("<d").unpack_from
+_INT_VALUE = [b"\x20" + wire.varint(i) for i in range(128)]  # int64_val of a small count
+
+
+def _int_value(x: int) -> bytes:
+    """A serialized Value holding int64_val ``x``."""
+    return _INT_VALUE[x] if 0 <= x < 128 else b"\x20" + wire.varint(x & 0xFFFFFFFFFFFFFFFF)
+
+
+def _timestamp(v_us: int) -> bytes:
+    """A serialized google.protobuf.Timestamp of epoch microseconds (zero fields left out)."""
+    seconds, micros = divmod(v_us, 1_000_000)
+    out = b"\x08" + wire.varint(seconds & 0xFFFFFFFFFFFFFFFF) if seconds else b""
+    return out + b"\x10" + wire.varint(micros * 1000) if micros else out
+
+
+def scheduled_columns(vf: ViewFields, block: Replies, now_us: int) -> list[FetchedColumn]:
+    """The columns of a windowed-aggregate view's requested features over the keys of
+    ``block``, read from each key's schedule at ``now_us`` (see the module documentation)."""
+    width = len(vf.feature_fields)
+    values: list[list[bytes]] = [[] for _ in range(width)]
+    statuses: list[list[int]] = [[] for _ in range(width)]
+    raws: list[list[bytes | None]] = [[] for _ in range(width)]
+    times: list[bytes] = []
+    empty_framed = [wire.framed_value(e) for e in vf.empty]
+    empty_status = [PRESENT if e else NULL_VALUE for e in vf.empty]
+    for reply in block:
+        data = reply[vf.schedule_field]
+        if not data:
+            if reply[vf.ts_field]:
+                raise StaleSchedule(
+                    f"the online store holds {vf.view!r} values written before request-time windows (no "
+                    "window schedule next to them); run `featurepipe materialize` to rebuild it"
+                )
+            times.append(wire.EMPTY_TIMESTAMP)
+            for i in range(width):
+                values[i].append(wire.EMPTY_VALUE)
+                statuses[i].append(NOT_FOUND)
+                raws[i].append(None)
+            continue
+        found = row_in_force(data, vf.names_crc, now_us)
+        if found.row < 0:  # before the schedule's first row: every window empty
+            times.append(wire.EMPTY_TIMESTAMP)
+            for i in range(width):
+                values[i].append(empty_framed[i])
+                statuses[i].append(empty_status[i])
+                raws[i].append(vf.empty[i])
+            continue
+        times.append(wire.framed_timestamp(_timestamp(found.v_us or 0)))
+        cell = found.cell
+        for i, c in enumerate(vf.columns):
+            kind, at = cell(c)
+            if kind == KIND_INT:
+                raw = _int_value(_unpack_int(data, at)[0])
+            else:
+                x = _unpack_double(data, at)[0]
+                if x != x:  # NaN: null
+                    values[i].append(wire.EMPTY_VALUE)
+                    statuses[i].append(NULL_VALUE)
+                    raws[i].append(b"")
+                    continue
+                raw = b"\x29" + data[at:at + 8]
+            values[i].append(wire.framed_value(raw))
+            statuses[i].append(PRESENT)
+            raws[i].append(raw)
+    return [FetchedColumn(values[i], statuses[i], times, raws[i]) for i in range(width)]

@@ -55,6 +55,9 @@ SERVER_FLAGS: tuple[ServerFlag, ...] = (
                "Serve Prometheus /metrics on this port (0: any free port)."),
     ServerFlag("--reuse-port", "reuse_port", bool,
                "Share the port with other processes (set for each --workers process)."),
+    ServerFlag("--clock", "clock", str,
+               "Test only: answer as if the clock read this ISO 8601 instant (default: $FEATUREPIPE_CLOCK, "
+               "else the real clock)."),
 )
 
 

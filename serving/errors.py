@@ -11,6 +11,7 @@ from __future__ import annotations
 import grpc
 
 from featurepipe.errors import BackendUnavailable, FeaturepipeError, InvalidInput, NotFound
+from featurepipe.online.schedule import StaleSchedule
 from serving.auth import PermissionDenied, Unauthenticated
 
 
@@ -22,6 +23,7 @@ class DeadlineExceeded(BackendUnavailable):
 STATUS_BY_ERROR: tuple[tuple[type[FeaturepipeError], grpc.StatusCode], ...] = (
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (StaleSchedule, grpc.StatusCode.FAILED_PRECONDITION),  # online data to rebuild: `featurepipe materialize`
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
@@ -36,6 +38,7 @@ ERROR_BY_STATUS: dict[grpc.StatusCode, type[FeaturepipeError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.FAILED_PRECONDITION: StaleSchedule,
     grpc.StatusCode.RESOURCE_EXHAUSTED: InvalidInput,
 }
 

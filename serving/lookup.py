@@ -19,6 +19,7 @@ from typing import Any
 import redis
 
 from serving import wire
+from serving.clock import request_clock
 from serving.columns import OUTSIDE_MAX_AGE, PRESENT, decode_replies
 from serving.fetch import RedisFetcher
 from serving.layout import encode_entity_column
@@ -36,9 +37,11 @@ class OnlineReader:
         client: redis.Redis,
         max_rows: int = 1000,
         on_fetch: Callable[[float], None] | None = None,
+        clock: Callable[[], int] | None = None,
     ) -> None:
         self.fetcher = RedisFetcher(client, on_fetch)  # on_fetch: seconds of each round trip
         self.max_rows = max_rows
+        self.clock = clock or request_clock()  # microseconds since the epoch, now
 
     @property
     def client(self) -> redis.Redis:
@@ -57,10 +60,11 @@ class OnlineReader:
     ) -> tuple[bytes, int]:
         """The serialized GetOnlineFeaturesResponse for ``entities`` under ``plan``, and
         its number of entity rows."""
+        now_us = self.clock()  # the request's instant: windowed features are asked at it
         n = row_count(plan, entities, request_context, self.max_rows)
         request = request_values(plan, entities, request_context, n)
         keys, row_slots = _entity_keys(plan, entities, n)
-        cells = decode_replies(plan, keys, self.fetcher.fetch(plan, keys))
+        cells = decode_replies(plan, keys, self.fetcher.fetch(plan, keys), now_us)
         pickers = [None if rows is None else itemgetter(*rows) for rows in row_slots]
 
         def pick(values: list[Any], hash_index: int) -> Any:

@@ -54,6 +54,9 @@ class ServerOptions:
         tokens: a :class:`~serving.auth.TokenPolicy` or its file; None: no authentication.
         metrics_port: port of the Prometheus ``/metrics`` endpoint (0: any free port, None: off).
         reuse_port: share the port with other server processes (SO_REUSEPORT).
+        clock: test only: answer as if the clock read this ISO 8601 instant (windowed
+            features are computed at the request's clock); None: ``$FEATUREPIPE_CLOCK`` if
+            set, else the real clock (see :mod:`serving.clock`).
     """
 
     host: str = "127.0.0.1"
@@ -69,6 +72,7 @@ class ServerOptions:
     tokens: TokenPolicy | str | os.PathLike[str] | None = None
     metrics_port: int | None = None
     reuse_port: bool = False
+    clock: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_rows < 1:

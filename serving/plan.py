@@ -27,12 +27,23 @@ class JoinKey:
 
 @dataclass(frozen=True)
 class ViewFields:
-    """One view's fields inside a hash: where its timestamp and features sit."""
+    """One view's fields inside a hash: where its timestamp and features sit.
+
+    A windowed-aggregate view also reads its schedule (``schedule_field`` >= 0): its
+    features' values are the schedule's row in force at the request's clock, ``columns``
+    the schedule column of each of ``feature_fields``, ``empty`` each one's Value bytes
+    when no row is in force yet (an empty window: a count or sum of 0, else null, ``b""``),
+    ``names_crc`` the checksum the schedule must carry (the view's features, in order).
+    """
 
     view: str
     ttl_seconds: float  # 0: values never go stale
     ts_field: int
     feature_fields: tuple[int, ...]
+    schedule_field: int = -1
+    names_crc: int = 0
+    columns: tuple[int, ...] = ()
+    empty: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,13 @@ registry does not hold, ``InvalidInput`` for what the server cannot serve.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from featurepipe.errors import InvalidInput, NotFound
+from featurepipe.online.schedule import empty_value, names_crc, schedule_field
 from serving import wire
 from serving.layout import ACCEPTED_KINDS, entity_key_prefix, feature_field, timestamp_field
 from serving.plan import (
@@ -33,6 +35,7 @@ from serving.plan import (
 from serving.registry import OnDemandDef, ServedValueType, ServiceDef, ViewDef
 
 _TIMESTAMP = "\0ts"  # the slot of a view's event time among its feature names
+_SCHEDULE = "\0sched"  # the slot of a windowed-aggregate view's schedule
 
 
 class DefinitionLookup(Protocol):
@@ -117,7 +120,7 @@ class _HashDraft:
 
     join_keys: tuple[JoinKey, ...]
     fields: dict[tuple[str, str], int] = field(default_factory=dict)  # (view, feature) -> slot
-    views: dict[str, tuple[float, list[int]]] = field(default_factory=dict)  # ttl, [ts, features]
+    views: dict[str, tuple[ViewDef, list[int]]] = field(default_factory=dict)  # [ts, features]
 
     def slot(self, view: str, feature: str) -> int:
         """The field index of ``view``'s ``feature`` (or its timestamp), added if new."""
@@ -189,8 +192,10 @@ class _PlanBuilder:
             return self.feature_index[key]
         draft = self.hashes[h]
         ts = draft.slot(view.name, _TIMESTAMP)
+        if view.windowed:
+            draft.slot(view.name, _SCHEDULE)
         f = draft.slot(view.name, feature)
-        draft.views.setdefault(view.name, (view.ttl_seconds, [ts]))[1].append(f)
+        draft.views.setdefault(view.name, (view, [ts]))[1].append(f)
         self.features.append(StoredFeature(
             input_name=f"{view.name}__{feature}", feature=feature, hash_index=h, field_index=f,
         ))
@@ -287,7 +292,8 @@ class _PlanBuilder:
     def _hash_read(self, draft: _HashDraft) -> HashRead:
         names: list[bytes] = [b""] * len(draft.fields)
         for (view, feature), i in draft.fields.items():
-            names[i] = timestamp_field(view) if feature == _TIMESTAMP else feature_field(view, feature)
+            names[i] = (timestamp_field(view) if feature == _TIMESTAMP else schedule_field(view)
+                        if feature == _SCHEDULE else feature_field(view, feature))
         return HashRead(
             join_keys=draft.join_keys,
             key_prefix=entity_key_prefix([jk.key for jk in draft.join_keys]),
@@ -295,8 +301,30 @@ class _PlanBuilder:
             fields=tuple(names),
             hmget_head=b"*%d\r\n$5\r\nHMGET\r\n" % (2 + len(names)),
             hmget_fields=b"".join(b"$%d\r\n%s\r\n" % (len(f), f) for f in names),
-            views=tuple(
-                ViewFields(view, ttl, slots[0], tuple(slots[1:]))
-                for view, (ttl, slots) in draft.views.items()
-            ),
+            views=tuple(_view_fields(draft, view, slots) for view, slots in draft.views.values()),
         )
+
+
+def _view_fields(draft: _HashDraft, view: ViewDef, slots: list[int]) -> ViewFields:
+    """Where one view's timestamp, features (and schedule) sit among a hash's fields."""
+    if not view.windowed:
+        return ViewFields(view.name, view.ttl_seconds, slots[0], tuple(slots[1:]))
+    names = [f.name for f in view.features]
+    slot_of = {i: feature for (v, feature), i in draft.fields.items() if v == view.name}
+    columns = tuple(names.index(slot_of[i]) for i in slots[1:])
+    return ViewFields(
+        view.name, view.ttl_seconds, slots[0], tuple(slots[1:]),
+        schedule_field=draft.fields[(view.name, _SCHEDULE)],
+        names_crc=names_crc(names),
+        columns=columns,
+        empty=tuple(_empty_value_bytes(view.functions[c]) for c in columns),
+    )
+
+
+def _empty_value_bytes(function: str) -> bytes:
+    """The serialized Value of an aggregate over an empty window (:func:`empty_value`):
+    int64_val 0 for a count, double_val 0.0 for a sum, the empty (null) Value otherwise."""
+    value = empty_value(function)
+    if value is None:
+        return b""
+    return b"\x20\x00" if isinstance(value, int) else b"\x29" + struct.pack("<d", value)

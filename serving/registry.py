@@ -11,6 +11,7 @@ is imported on first use. Names end in ``Def`` (and the type enum is
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -85,14 +86,31 @@ class FieldDef:
     value_type: ServedValueType
 
 
+# The tags featurepipe.definitions.WindowedFeatures puts on a windowed-aggregate view (the
+# server reads the registry without the Feast SDK, so without that module; a test checks
+# that the names agree).
+TAG_KIND, WINDOWED_KIND, TAG_AGGREGATIONS = "featurepipe.kind", "windowed_aggregates", "featurepipe.aggregations"
+
+
 @dataclass(frozen=True)
 class ViewDef:
-    """A (batch or stream) feature view: what the server reads of it."""
+    """A (batch or stream) feature view: what the server reads of it.
+
+    ``functions``: for a windowed-aggregate view, each feature's aggregation function
+    (``count``, ``sum``, ``mean``, ...), in ``features`` order; empty for any other view.
+    Its values are read from the entity's window schedule at the request's clock.
+    """
 
     name: str
     entity_columns: tuple[FieldDef, ...]
     features: tuple[FieldDef, ...]
     ttl_seconds: float  # 0: no TTL
+    functions: tuple[str, ...] = ()
+
+    @property
+    def windowed(self) -> bool:
+        """Whether the view is a windowed-aggregate view (served from its schedule)."""
+        return bool(self.functions)
 
 
 @dataclass(frozen=True)
@@ -208,7 +226,17 @@ def _value_type(number: int) -> ServedValueType:
 
 def _view(spec: Any) -> ViewDef:
     ttl = spec.ttl.seconds + spec.ttl.nanos * 1e-9 if spec.HasField("ttl") else 0.0
-    return ViewDef(spec.name, _fields(spec.entity_columns), _fields(spec.features), ttl)
+    features = _fields(spec.features)
+    functions: tuple[str, ...] = ()
+    if spec.tags.get(TAG_KIND) == WINDOWED_KIND:
+        try:
+            by_name = {a["name"]: a["function"] for a in json.loads(spec.tags[TAG_AGGREGATIONS])}
+            functions = tuple(by_name[f.name] for f in features)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidInput(
+                f"feature view {spec.name!r} has a broken {TAG_AGGREGATIONS!r} tag ({exc}); run `featurepipe apply`"
+            ) from exc
+    return ViewDef(spec.name, _fields(spec.entity_columns), features, ttl, functions)
 
 
 def _projection(proto: Any) -> ProjectionDef:

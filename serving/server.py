@@ -40,6 +40,7 @@ from featurepipe.config import export_redis_env, find_repo
 from featurepipe.errors import BackendUnavailable, FeaturepipeError, InvalidInput
 from serving import backend, protos
 from serving.catalog import Catalog
+from serving.clock import request_clock
 from serving.health import HealthStatus
 from serving.lookup import OnlineReader
 from serving.metrics import ServerMetrics
@@ -155,7 +156,8 @@ class FeatureServer:
             max_connections=self.options.max_workers + 4,
         )
         observe = self.metrics.redis_latency.observe if self.metrics is not None else None
-        self._reader = OnlineReader(client, max_rows=self.options.max_rows, on_fetch=observe)
+        self._reader = OnlineReader(client, max_rows=self.options.max_rows, on_fetch=observe,
+                                    clock=request_clock(self.options.clock))
 
     def _bind(self) -> None:
         options = self.options

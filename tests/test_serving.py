@@ -1,9 +1,18 @@
 """The gRPC feature server against Feast's own online path, on real Redis and a real repo.
 
 Module fixtures build a small store once (~20k transactions, 10 days): a private
-redis-server, a copy of feature_repo/ in a temp folder, registered with Feast,
-backfilled by featurepipe and materialised by Feast's own engine. The server runs
-in-process on an ephemeral port. Fixture names start with ``srv_``.
+redis-server, a copy of feature_repo/ in a temp folder with one more, plain feature view
+(``user_profile``: values as Feast stores them, with a TTL), registered with Feast,
+backfilled by featurepipe and materialised through Feast's ``materialize``. The server runs
+in-process on an ephemeral port, its clock pinned (``SRV_CLOCK``).
+
+What is compared with what: the plain view's values, statuses and event times with Feast's
+own SDK; the windowed views' values (request-time windows, which Feast's SDK does not
+compute) with featurepipe's library call at the server's clock
+(:func:`featurepipe.online.read.online_features`; ``tests/test_request_time_online.py``
+checks both against the raw events), and their on-demand outputs with the transformation
+applied to those. Names, order and the statuses of unknown entities come from Feast.
+Fixture names start with ``srv_``.
 """
 
 from __future__ import annotations
@@ -33,7 +42,26 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE_REPO = ROOT / "feature_repo"
 SERVICE = "fraud_detection_v1"
 USER_VIEW = "user_transaction_stats"
+PROFILE_VIEW = "user_profile"  # a plain view (not windowed), added to the repo copy
 UTC = timezone.utc
+SRV_CLOCK = datetime.now(UTC).replace(microsecond=0)  # the pinned server's clock
+PROFILE_DEFINITION = '''
+
+# Added by tests/test_serving.py: a plain feature view, served as Feast stores it.
+from feast import FeatureView as _FeatureView
+from feast.types import Int64 as _Int64
+
+user_profile = _FeatureView(
+    name="user_profile",
+    entities=[user],
+    ttl=timedelta(days=7),
+    schema=[Field(name="user_id", dtype=_Int64), Field(name="credit_limit", dtype=Float64),
+            Field(name="risk_band", dtype=_Int64)],
+    source=FileSource(name="user_profile_source", path=str(DATA / "profiles" / "*.parquet"),
+                      timestamp_field="event_timestamp"),
+    online=True,
+)
+'''
 
 
 @dataclass
@@ -52,6 +80,8 @@ def srv_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SrvEnv]:
     repo.mkdir()
     for name in ("feature_store.yaml", "features.py"):
         shutil.copy(SOURCE_REPO / name, repo / name)
+    with (repo / "features.py").open("a") as definitions:
+        definitions.write(PROFILE_DEFINITION)
     with RedisServer(workdir=root / "redis") as redis_server, pytest.MonkeyPatch.context() as mp:
         mp.setenv("REDIS_URL", redis_server.url)
         mp.setenv("FEATUREPIPE_REDIS", "")  # load_store() sets it; restored afterwards
@@ -78,6 +108,7 @@ def srv_store(srv_env: SrvEnv) -> Any:
     from featurepipe.jobs.backfill import backfill
 
     generate_transactions(20_000, srv_env.data / "raw" / "transactions", days=10)
+    _write_profiles(srv_env.data)
     store = load_store(srv_env.repo)
     _apply(store, srv_env.repo)
     backfill(store)
@@ -85,11 +116,29 @@ def srv_store(srv_env: SrvEnv) -> Any:
     return store
 
 
+def _write_profiles(data: Path) -> None:
+    """The plain view's table: users 0..49 with a credit limit (every fifth null) and a risk
+    band, half of them stamped 30 days ago (older than the view's TTL)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (data / "profiles").mkdir(parents=True, exist_ok=True)
+    now = datetime.now(UTC)
+    pq.write_table(pa.table({
+        "user_id": pa.array(range(50), pa.int64()),
+        "credit_limit": [None if u % 5 == 0 else 1000.0 + u for u in range(50)],
+        "risk_band": pa.array([u % 3 for u in range(50)], pa.int64()),
+        "event_timestamp": pa.array([now - timedelta(days=30 if u % 2 else 1) for u in range(50)],
+                                    pa.timestamp("us", tz="UTC")),
+    }), data / "profiles" / "profiles.parquet")
+
+
 @pytest.fixture(scope="module")
 def srv_server(srv_env: SrvEnv, srv_store: Any) -> Iterator[FeatureServer]:
-    """The server, opening the repo itself (as `featurepipe serve` does)."""
+    """The server, opening the repo itself (as `featurepipe serve` does), at SRV_CLOCK."""
     with FeatureServer(
-        srv_env.repo, port=0, registry_refresh_seconds=0.5, health_interval=0.25
+        srv_env.repo, port=0, registry_refresh_seconds=0.5, health_interval=0.25,
+        clock=SRV_CLOCK.isoformat(),
     ) as server:
         yield server
 
@@ -127,6 +176,7 @@ def srv_sample(srv_env: SrvEnv) -> dict[str, list[Any]]:
         merchant_of[user] = rows.column("merchant_id")[0].as_py()
     rng = random.Random(5)
     now = time.time()
+    users = users[:10] + list(range(10)) + users[10:]  # ten users with a profile too
     users += [10_000_000, by_age[-1]]
     merchants = [merchant_of.get(u, 99_999) for u in users]
     merchants[-1] = 99_999  # a known user with an unknown merchant
@@ -151,20 +201,35 @@ def _ours(client: FeatureClient, sample: dict[str, list[Any]], **kwargs: Any) ->
     return client.get_features(entities, request_context=context, **kwargs)
 
 
-def _feast_expected(store: Any, sample: dict[str, list[Any]], theirs: dict[str, Any], name: str) -> list[Any]:
-    """Feast's answer for ``name``, except that on-demand outputs of rows whose user
-    statistics are older than the view's TTL are missing: featurepipe feeds stale inputs to
-    on-demand views as missing (as the offline point-in-time join does); Feast feeds them
-    as present."""
-    odfv = {f.name for f in store.get_on_demand_feature_view("transaction_context").features}
-    values = theirs[name]
-    if name.split("__")[-1] not in odfv:
-        return values
-    ttl = store.get_feature_view(USER_VIEW).ttl
-    stamps = _feast(store, [f"{USER_VIEW}:last_txn_epoch"], sample)["last_txn_epoch__ts"]
-    now = datetime.now(UTC).timestamp()
-    stale = [bool(ts) and now - ts > ttl.total_seconds() for ts in stamps]
-    return [None if old else v for v, old in zip(values, stale, strict=True)]
+def _expected(store: Any, sample: dict[str, list[Any]], theirs: dict[str, Any], name: str) -> list[Any]:
+    """What the server must answer for ``name`` (a plain name or ``view__name``): Feast's
+    answer (``theirs``) for join keys and plain views; for windowed views the values at the
+    server's clock from featurepipe's library call; for the on-demand outputs, the
+    transformation of those."""
+    from featurepipe.online.plan import is_windowed
+    from featurepipe.online.read import online_features
+
+    feature = name.split("__")[-1]
+    odfv = store.get_on_demand_feature_view("transaction_context")
+    windowed = {f.name: fv.name for fv in store.list_feature_views() if is_windowed(fv) for f in fv.features}
+    if feature in {f.name for f in odfv.features}:
+        rows = online_features(store, [{"user_id": u} for u in sample["user_id"]],
+                               [f"{USER_VIEW}:amount_mean_7d", f"{USER_VIEW}:last_txn_epoch"], at=SRV_CLOCK)
+        inputs = {"amount": sample["amount"], "txn_epoch": sample["txn_epoch"],
+                  "amount_mean_7d": [_none(x) for x in rows["amount_mean_7d"]],
+                  "last_txn_epoch": [_none(x) for x in rows["last_txn_epoch"]]}
+        return [_none(x) for x in odfv.feature_transformation.udf(inputs)[feature]]
+    if feature in windowed:
+        view = windowed[feature]
+        keys = [k.name for k in store.get_feature_view(view).entity_columns]
+        rows = online_features(store, [{k: sample[k][i] for k in keys} for i in range(len(sample[keys[0]]))],
+                               [f"{view}:{feature}"], at=SRV_CLOCK)
+        return [_none(x) for x in rows[feature].tolist()]
+    return list(theirs[name])
+
+
+def _none(x: Any) -> Any:
+    return None if x is None or (isinstance(x, float) and x != x) else x
 
 
 def _service_columns(store: Any) -> list[tuple[str, str]]:
@@ -179,71 +244,73 @@ def test_feature_service_matches_feast(srv_store: Any, srv_client: FeatureClient
     expected_names = ["user_id", "merchant_id"] + [f for _, f in _service_columns(srv_store)]
     assert list(ours) == expected_names  # join keys first, then the service's declared order
     for name in expected_names:
-        assert ours[name] == _feast_expected(srv_store, srv_sample, theirs, name), name
+        assert ours[name] == _expected(srv_store, srv_sample, theirs, name), name
     odfv = {f.name for f in srv_store.get_on_demand_feature_view("transaction_context").features}
     for name in set(expected_names) - odfv - {"user_id", "merchant_id"}:
-        seconds = [ts and int(ts.timestamp()) for ts in ours.event_timestamps[name]]
-        assert seconds == [s or None for s in theirs[f"{name}__ts"]], name
+        # a windowed value's event time: the change point of its row in force, at most the clock
+        assert all(ts is None or ts <= SRV_CLOCK for ts in ours.event_timestamps[name]), name
 
     # the unknown user: NOT_FOUND with no value (Feast reports PRESENT with an empty value)
     assert ours.statuses["amount_sum_24h"][-2] == "NOT_FOUND"
     assert ours["amount_sum_24h"][-2] is None
     assert ours.statuses["merchant_txn_count_7d"][-1] == "NOT_FOUND"
     assert ours.statuses["amount_to_mean_7d"][-2] == "NULL_VALUE"
-    first = _feast_expected(srv_store, srv_sample, theirs, "amount_to_mean_7d")[0]
+    first = _expected(srv_store, srv_sample, theirs, "amount_to_mean_7d")[0]
     assert ours.statuses["amount_to_mean_7d"][0] == ("PRESENT" if first is not None else "NULL_VALUE")
 
 
 def test_statuses_follow_the_ttl(srv_store: Any, srv_stub: Any, srv_sample: dict) -> None:
+    """A plain view's value older than its TTL is OUTSIDE_MAX_AGE (still returned); a windowed
+    view's never is: its value at the clock is exact however long ago the entity's last event
+    was (an idle entity's count is 0), so it is PRESENT, NULL_VALUE or NOT_FOUND."""
     from feast.protos.feast.serving.ServingService_pb2 import FieldStatus
 
-    response = srv_stub.GetOnlineFeatures(_request(SERVICE, srv_sample))
-    ttl = {name: srv_store.get_feature_view(name).ttl for name in ("user_transaction_stats",
-                                                                    "merchant_activity",
-                                                                    "merchant_fraud")}
-    view_of = dict((f, v) for v, f in _service_columns(srv_store))
-    now = datetime.now(UTC)
-    seen = set()
+    from featurepipe.online.plan import is_windowed
+
+    profile = [f"{PROFILE_VIEW}:credit_limit", f"{PROFILE_VIEW}:risk_band"]
+    refs = [f"{v}:{f}" for v, f in _service_columns(srv_store)] + profile
+    response = srv_stub.GetOnlineFeatures(_request(None, srv_sample, features=refs))
+    on_demand = {v.name for v in srv_store.list_on_demand_feature_views()}
+    view_of = {f: v for v, f in (r.split(":") for r in refs) if v not in on_demand}
+    seen: dict[bool, set[str]] = {True: set(), False: set()}
     for name, vector in zip(response.metadata.feature_names.val, response.results, strict=True):
-        if name not in view_of or view_of[name] not in ttl:
+        if name not in view_of:
             continue
-        for value, status, ts in zip(vector.values, vector.statuses, vector.event_timestamps,
-                                     strict=True):
-            if not ts.seconds:
-                expected = FieldStatus.NOT_FOUND
+        fv = srv_store.get_feature_view(view_of[name])
+        for value, status, ts in zip(vector.values, vector.statuses, vector.event_timestamps, strict=True):
+            if not ts.seconds and value.WhichOneof("val") is None:
+                expected = {FieldStatus.NOT_FOUND, FieldStatus.NULL_VALUE}
             elif value.WhichOneof("val") is None:
-                expected = FieldStatus.NULL_VALUE
+                expected = {FieldStatus.NULL_VALUE}
+            elif is_windowed(fv):
+                expected = {FieldStatus.PRESENT}
             else:
-                age = now - ts.ToDatetime(tzinfo=UTC)
-                if abs(age - ttl[view_of[name]]) < timedelta(minutes=1):
+                age = SRV_CLOCK - ts.ToDatetime(tzinfo=UTC)
+                if abs(age - fv.ttl) < timedelta(minutes=1):
                     continue  # too close to the boundary to call
-                stale = age > ttl[view_of[name]]
-                expected = FieldStatus.OUTSIDE_MAX_AGE if stale else FieldStatus.PRESENT
-            assert status == expected, (name, value, ts)
-            seen.add(FieldStatus.Name(status))
-    assert {"PRESENT", "NOT_FOUND"} <= seen
+                expected = {FieldStatus.OUTSIDE_MAX_AGE if age > fv.ttl else FieldStatus.PRESENT}
+            assert status in expected, (name, value, ts)
+            seen[is_windowed(fv)].add(FieldStatus.Name(status))
+    assert {"PRESENT", "NOT_FOUND"} <= seen[True] and "OUTSIDE_MAX_AGE" not in seen[True]
+    assert {"PRESENT", "OUTSIDE_MAX_AGE", "NULL_VALUE", "NOT_FOUND"} <= seen[False]
 
 
 def test_null_and_stale_values_written_by_feast(srv_store: Any, srv_client: FeatureClient) -> None:
     import pandas as pd
 
     now = datetime.now(UTC)
-    features = [f.name for f in srv_store.get_feature_view(USER_VIEW).features]
-    rows = []
-    for user, ts in ((20_000_001, now - timedelta(minutes=5)), (20_000_002, now - timedelta(days=8))):
-        row: dict[str, Any] = {f: (1 if f.startswith("txn_count") else 1.5) for f in features}
-        row.update(user_id=user, event_timestamp=ts, amount_mean_7d=None)
-        rows.append(row)
-    srv_store.write_to_online_store(USER_VIEW, pd.DataFrame(rows))
+    rows = [{"user_id": user, "event_timestamp": ts, "credit_limit": None, "risk_band": 1}
+            for user, ts in ((20_000_001, now - timedelta(minutes=5)), (20_000_002, now - timedelta(days=8)))]
+    srv_store.write_to_online_store(PROFILE_VIEW, pd.DataFrame(rows))
 
     got = srv_client.get_features(
         {"user_id": [20_000_001, 20_000_002]},
-        features=[f"{USER_VIEW}:amount_mean_7d", f"{USER_VIEW}:amount_sum_24h"],
+        features=[f"{PROFILE_VIEW}:credit_limit", f"{PROFILE_VIEW}:risk_band"],
     )
-    assert got.statuses["amount_mean_7d"] == ["NULL_VALUE", "NULL_VALUE"]
-    assert got.statuses["amount_sum_24h"] == ["PRESENT", "OUTSIDE_MAX_AGE"]
-    assert got["amount_sum_24h"] == [1.5, 1.5]  # a stale value is still returned
-    assert got.event_timestamps["amount_sum_24h"][1] < now - timedelta(days=7)
+    assert got.statuses["credit_limit"] == ["NULL_VALUE", "NULL_VALUE"]
+    assert got.statuses["risk_band"] == ["PRESENT", "OUTSIDE_MAX_AGE"]
+    assert got["risk_band"] == [1, 1]  # a stale value is still returned
+    assert got.event_timestamps["risk_band"][1] < now - timedelta(days=7)
 
 
 def test_feature_refs_keep_the_requested_order(srv_store: Any, srv_client: FeatureClient,
@@ -255,7 +322,7 @@ def test_feature_refs_keep_the_requested_order(srv_store: Any, srv_client: Featu
     assert list(ours) == ["merchant_id", "user_id", "merchant_labels_30d", "amount_sum_24h",
                           "amount_to_mean_7d", "txn_count_1h"]
     for name in ours:
-        assert ours[name] == _feast_expected(srv_store, srv_sample, theirs, name), name
+        assert ours[name] == _expected(srv_store, srv_sample, theirs, name), name
 
 
 def test_full_feature_names(srv_store: Any, srv_client: FeatureClient, srv_sample: dict) -> None:
@@ -269,9 +336,9 @@ def test_full_feature_names(srv_store: Any, srv_client: FeatureClient, srv_sampl
         # Feast drops on-demand outputs when full_feature_names=True: compare those to its
         # plain-named answer.
         if name in full:
-            assert ours[name] == full[name], name
+            assert ours[name] == _expected(srv_store, srv_sample, full, name), name
         else:
-            assert ours[name] == _feast_expected(srv_store, srv_sample, plain, name.split("__", 1)[1]), name
+            assert ours[name] == _expected(srv_store, srv_sample, plain, name.split("__", 1)[1]), name
 
 
 def test_request_context_may_come_with_the_entities(srv_client: FeatureClient,
@@ -475,10 +542,8 @@ def test_redis_outage_is_unavailable_then_recovers(srv_env: SrvEnv, srv_store: A
     from featurepipe.config import load_store
 
     def write_one(store: Any) -> None:
-        features = [f.name for f in store.get_feature_view(USER_VIEW).features]
-        row: dict[str, Any] = {f: 3 if f.startswith("txn_count") else 2.0 for f in features}
-        row.update(user_id=7, event_timestamp=datetime.now(UTC))
-        store.write_to_online_store(USER_VIEW, pd.DataFrame([row]))
+        row = {"user_id": 7, "credit_limit": 2.0, "risk_band": 3, "event_timestamp": datetime.now(UTC)}
+        store.write_to_online_store(PROFILE_VIEW, pd.DataFrame([row]))
 
     redis_server = RedisServer(workdir=srv_env.root / "redis-outage").start()
     try:
@@ -486,7 +551,7 @@ def test_redis_outage_is_unavailable_then_recovers(srv_env: SrvEnv, srv_store: A
         monkeypatch.setenv("FEATUREPIPE_REDIS", "")
         store = load_store(srv_env.repo)
         write_one(store)
-        request = {"user_id": [7]}, [f"{USER_VIEW}:txn_count_24h"]
+        request = {"user_id": [7]}, [f"{PROFILE_VIEW}:risk_band"]
         with FeatureServer(srv_env.repo, port=0, health_interval=0.2) as server, \
                 FeatureClient(server.address, timeout=2.0, retries=0) as client, \
                 grpc.insecure_channel(server.address) as channel:
@@ -495,7 +560,7 @@ def test_redis_outage_is_unavailable_then_recovers(srv_env: SrvEnv, srv_store: A
             def status() -> int:
                 return health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME)).status
 
-            assert client.get_features(request[0], features=request[1])["txn_count_24h"] == [3]
+            assert client.get_features(request[0], features=request[1])["risk_band"] == [3]
 
             redis_server.stop()
             started = time.monotonic()
@@ -507,7 +572,7 @@ def test_redis_outage_is_unavailable_then_recovers(srv_env: SrvEnv, srv_store: A
             redis_server = RedisServer(workdir=srv_env.root / "redis-outage",
                                        port=redis_server.port).start()
             write_one(store)
-            assert client.get_features(request[0], features=request[1])["txn_count_24h"] == [3]
+            assert client.get_features(request[0], features=request[1])["risk_band"] == [3]
             deadline = time.monotonic() + 3
             while status() != health_pb2.HealthCheckResponse.SERVING:
                 assert time.monotonic() < deadline, "health never went back to SERVING"
