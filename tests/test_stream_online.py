@@ -6,6 +6,8 @@ vectorised encoder the job uses; and the kernel's rows against what the encoded 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -83,8 +85,22 @@ def test_online_rows_write_the_row_in_force_and_the_schedule() -> None:
     assert first.row_at(250) == 1 and first.row_at(99) == -1
     second = decode(bytes(sched.data[1, :sched.row_lengths()[1]]), ["n", "m"])
     assert second.v.tolist() == [150]
-    # split into writes at key boundaries only
+    # split into writes at key boundaries only, shortest schedules first
     parts = list(online_batches(table, plan, keys_per_write=1))
     assert [p.count for p in parts] == [1, 1]
-    assert bytes(parts[0].values[-1].data[0, :parts[0].values[-1].row_lengths()[0]]) == \
-        bytes(sched.data[0, :sched.row_lengths()[0]])
+    assert {_cell(p.keys, 0): _cell(p.values[-1], 0) for p in parts} == \
+        {_cell(rows.keys, i): _cell(sched, i) for i in range(2)}
+    assert parts[0].values[-1].row_lengths()[0] < parts[1].values[-1].row_lengths()[0]
+
+
+def _cell(piece: Any, i: int) -> bytes:
+    return bytes(piece.data[i, :piece.row_lengths()[i]])
+
+
+def test_with_positions_numbers_each_keys_rows() -> None:
+    from featurepipe.stream.online_rows import POSITION, with_positions
+
+    table = pa.table({"a": [1, 1, 1, 2, 2, 2], "b": ["x", "x", "y", "y", "y", "y"], "v": [1, 2, 3, 4, 5, 6]})
+    assert with_positions(table, ["a", "b"]).column(POSITION).to_pylist() == [0, 1, 0, 0, 1, 2]
+    assert with_positions(table, ["a"]).column(POSITION).to_pylist() == [0, 1, 2, 0, 1, 2]
+    assert with_positions(table.slice(0, 0), ["a"]).column(POSITION).to_pylist() == []

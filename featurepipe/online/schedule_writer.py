@@ -21,7 +21,6 @@ import pyarrow.compute as pc
 
 from featurepipe.core.errors import InvalidInput
 from featurepipe.core.windows import KERNEL_VERSION
-from featurepipe.online import rows
 from featurepipe.online.rows import Piece
 from featurepipe.online.schedule import _HEAD, MAGIC, names_crc
 
@@ -49,36 +48,38 @@ def encode_schedules(v: np.ndarray, columns: Sequence[np.ndarray], offsets: np.n
     """One schedule per entity: entity ``g`` has rows ``offsets[g]:offsets[g + 1]`` of the
     change points ``v`` (int64 microseconds, ascending within an entity) and of every
     column (int64, or float64 with NaN for null), in ``names`` order. Each is the bytes
-    ``schedule.encode`` gives for those rows."""
+    ``schedule.encode`` gives for those rows, written straight into the padded matrix of
+    the returned :class:`~featurepipe.online.rows.Piece` (entities of similar lengths
+    together waste the least padding)."""
     if len(columns) != len(names):
         raise InvalidInput(f"schedule: {len(columns)} columns for {len(names)} feature names")
     offsets = np.asarray(offsets, dtype=np.int64)
     n = np.diff(offsets)  # rows per entity
-    m = len(columns)
-    head = _HEAD.size
+    m, head = len(columns), _HEAD.size
     sizes = head + 8 * n + m * (1 + 8 * n)
-    starts = np.zeros(len(n) + 1, dtype=np.int64)
-    np.cumsum(sizes, out=starts[1:])
-    out = np.empty(int(starts[-1]), dtype=np.uint8)
+    if not len(n):
+        return Piece(np.zeros((0, 0), dtype=np.uint8), sizes.astype(np.int64))
+    width = int(sizes.max())
+    out = np.zeros((len(n), width), dtype=np.uint8)
+    flat = out.reshape(-1)
+    starts = np.arange(len(n), dtype=np.int64) * width  # each entity's first byte in ``flat``
     # headers: the constant part, then each entity's row count
-    const = np.frombuffer(_HEAD.pack(MAGIC, KERNEL_VERSION, 0, m, names_crc(names)), dtype=np.uint8)
-    heads = np.broadcast_to(const, (len(n), head)).copy()
-    heads[:, 4:8] = n.astype("<u4").view(np.uint8).reshape(-1, 4)
-    out[starts[:-1, None] + np.arange(head)] = heads
-    # each row's place within its entity
-    total = int(offsets[-1] - offsets[0]) if len(offsets) else 0
+    out[:, :head] = np.frombuffer(_HEAD.pack(MAGIC, KERNEL_VERSION, 0, m, names_crc(names)), dtype=np.uint8)
+    out[:, 4:8] = n.astype("<u4").view(np.uint8).reshape(-1, 4)
+    # each row's entity and place within it
+    first = int(offsets[0]) if len(offsets) else 0
     entity = np.repeat(np.arange(len(n)), n)
-    within = np.arange(total) - np.repeat(offsets[:-1] - offsets[0], n)
-    base = starts[:-1][entity]
-    _scatter(out, base + head + 8 * within, np.asarray(v[offsets[0]:offsets[-1]], dtype="<i8"))
+    within = np.arange(len(entity)) - (offsets[:-1] - first)[entity]
+    base = starts[entity]
+    _scatter(flat, base + head + 8 * within, np.asarray(v[first:first + len(entity)], dtype="<i8"))
     block = 1 + 8 * n  # one column: its kind byte then 8 bytes a row
     for c, column in enumerate(columns):
-        kind = b"i" if np.issubdtype(column.dtype, np.integer) else b"f"
-        col_at = starts[:-1] + head + 8 * n + c * block
-        out[col_at] = ord(kind)
-        values = np.asarray(column[offsets[0]:offsets[-1]], dtype="<i8" if kind == b"i" else "<f8")
-        _scatter(out, col_at[entity] + 1 + 8 * within, values)
-    return rows.from_flat(out, starts)
+        integer = np.issubdtype(column.dtype, np.integer)
+        col_at = starts + head + 8 * n + c * block
+        flat[col_at] = ord(b"i" if integer else b"f")
+        values = np.asarray(column[first:first + len(entity)], dtype="<i8" if integer else "<f8")
+        _scatter(flat, col_at[entity] + 1 + 8 * within, values)
+    return Piece(out, sizes.astype(np.int64))
 
 
 def _scatter(out: np.ndarray, at: np.ndarray, values: np.ndarray) -> None:

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from featurepipe.online.latest import EVENT_US
 from featurepipe.online.schedule_writer import encode_schedules, schedule_columns
@@ -29,15 +30,33 @@ from featurepipe.online.writer import EncodedRows
 POSITION = "__j"  # a row's place among its key's rows (0: the row in force)
 
 
-def online_batches(table: pa.Table, plan: ViewPlan, keys_per_write: int = 5_000) -> Iterator[EncodedRows]:
-    """:func:`online_rows` of ``table`` in writes of at most ``keys_per_write`` keys (a
-    key's rows are never split)."""
+def online_batches(table: pa.Table, plan: ViewPlan, keys_per_write: int = 2_000) -> Iterator[EncodedRows]:
+    """:func:`online_rows` of ``table`` in writes of at most ``keys_per_write`` keys, keys
+    with schedules of similar lengths together (a write pads every schedule to its
+    longest one); a key's rows are never split."""
     position = np.asarray(table.column(POSITION).to_numpy(zero_copy_only=False))
     firsts = np.flatnonzero(position == 0)
-    for k in range(0, len(firsts), keys_per_write):
-        lo = int(firsts[k])
-        hi = int(firsts[k + keys_per_write]) if k + keys_per_write < len(firsts) else table.num_rows
-        yield online_rows(table.slice(lo, hi - lo), plan)
+    lengths = np.diff(np.append(firsts, len(position)))
+    order = np.argsort(lengths, kind="stable")
+    for k in range(0, len(order), keys_per_write):
+        chosen = np.sort(order[k:k + keys_per_write])
+        n = lengths[chosen]
+        rows = np.repeat(firsts[chosen] - np.cumsum(n) + n, n) + np.arange(int(n.sum()))
+        yield online_rows(table.take(pa.array(rows)), plan)
+
+
+def with_positions(table: pa.Table, keys: list[str]) -> pa.Table:
+    """``table`` (sorted by ``keys``) with :data:`POSITION`: each row's place among its key's rows."""
+    n = table.num_rows
+    new = np.zeros(n, dtype=bool)
+    if n:
+        new[0] = True
+        for k in keys:
+            column = table.column(k)
+            new[1:] |= np.asarray(pc.not_equal(column.slice(1), column.slice(0, n - 1)).to_numpy(zero_copy_only=False))
+    starts = np.flatnonzero(new)
+    position = np.arange(n) - np.repeat(starts, np.diff(np.append(starts, n)))
+    return table.append_column(POSITION, pa.array(position.astype(np.int32)))
 
 
 def online_rows(table: pa.Table, plan: ViewPlan) -> EncodedRows:

@@ -28,7 +28,7 @@ from featurepipe.core.sql import literal, quote
 from featurepipe.core.windows import change_point_sql
 from featurepipe.online.latest import EVENT_US
 from featurepipe.stream.admission import Condition
-from featurepipe.stream.online_rows import POSITION
+from featurepipe.stream.online_rows import with_positions
 from featurepipe.stream.spec import StreamView
 from featurepipe.stream.watermark import NEG_INF, POS_INF, from_us, to_us, ts_sql
 
@@ -92,12 +92,11 @@ class WindowState:
         rows = change_point_sql(v.shape, _TOUCHED, start=from_us(start))  # no row before the oldest row in force
         on = " AND ".join(f"c.{quote(k)} = h.{quote(k)}" for k in spec.join_keys)
         by_key = ", ".join(f"c.{quote(k)}" for k in spec.join_keys)
-        return con.sql(
-            f"SELECT c.*, epoch_us(c.event_timestamp) AS {EVENT_US}, CAST(row_number() OVER "
-            f"(PARTITION BY {by_key} ORDER BY c.event_timestamp) - 1 AS INTEGER) AS {POSITION} "
-            f"FROM ({rows}) c JOIN {_IN_FORCE} h ON {on} WHERE epoch_us(c.event_timestamp) >= h.__in "
-            f"ORDER BY {by_key}, c.event_timestamp"
+        table = con.sql(
+            f"SELECT c.*, epoch_us(c.event_timestamp) AS {EVENT_US} FROM ({rows}) c JOIN {_IN_FORCE} h ON {on} "
+            f"WHERE epoch_us(c.event_timestamp) >= h.__in ORDER BY {by_key}, c.event_timestamp"
         ).to_arrow_table()
+        return with_positions(table, list(spec.join_keys))
 
     def final_rows_sql(self, i: int, lo: int, hi: int) -> str:
         """SELECT of view ``i``'s change-point rows with ``v`` in ``[lo, hi)`` (microseconds,
