@@ -83,9 +83,12 @@ def validate(aggregations: Sequence[Aggregate], view: str) -> None:
         if agg.window is not None:
             w, h = micros(agg.window), hop_for(agg.window)
             if w % h:
+                near = [timedelta(microseconds=m) for m in (w - w % h, w - w % h + h) if m > 0]
                 raise InvalidInput(
-                    f"feature view {view!r}: {agg.name} has a window of {agg.window}, which is not a multiple "
-                    f"of its hop ({timedelta(microseconds=h)}); use a multiple of the hop"
+                    f"feature view {view!r}: aggregate {agg.name!r} has a window of {agg.window}, which is not "
+                    f"a multiple of its hop ({timedelta(microseconds=h)}; windows hop by 5 minutes under 12 "
+                    f"hours, by the hour under 12 days, by the day beyond); use a multiple of the hop, e.g. "
+                    f"{' or '.join(str(n) for n in near)}"
                 )
 
 
@@ -203,7 +206,7 @@ def change_point_sql(view: ViewShape, events: str, start: datetime | None = None
            f"{', ' + running if running else ''} FROM src "
            f"WINDOW w AS (PARTITION BY {key_list} ORDER BY __x RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)")
     joins = [f"ASOF LEFT JOIN cum c ON {on} AND c.__x1 <= p.__v"]
-    picked = [f"c.__x AS __last"] + [f"c.{c}_n AS {c}_n_v, c.{c}_s AS {c}_s_v" for c in summed]
+    picked = ["c.__x AS __last"] + [f"c.{c}_n AS {c}_n_v, c.{c}_s AS {c}_s_v" for c in summed]
     for w in windows:
         alias = f"c{wname[w]}"
         joins.append(f"ASOF LEFT JOIN cum {alias} ON {on.replace('c.', alias + '.')} AND {alias}.__x1 <= p.{wname[w]}")
