@@ -675,6 +675,7 @@ def test_windows_by_hand(window_repo: Path, window_store: Any) -> None:
         t + 65 * MIN: (2, 12.0, 8.0, t + 7 * MIN + US),  # 1 h 5 min later: only 22:35's bucket is left
         t + 70 * MIN: (0, 0.0, None, t + 7 * MIN + US),  # empty: count and sum 0, max null, last kept
         t + 85 * MIN: (0, 0.0, None, t + 7 * MIN + US),  # 78 min after the last event, its TTL 10 min: still 0
+        t + timedelta(days=3): (0, 0.0, None, t + 7 * MIN + US),  # after the input ends: its drops are written
     }
     entity_df = pd.DataFrame({"user_id": 1, "event_timestamp": list(cases)})
     ours = retrieve(window_store, entity_df, ["user_windows:n_1h", "user_windows:sum_1h", "user_windows:max_1h",
@@ -683,7 +684,7 @@ def test_windows_by_hand(window_repo: Path, window_store: Any) -> None:
            for row in ours[["n_1h", "sum_1h", "max_1h", "last_ts"]].itertuples(index=False)]
     want = [(n, s, m, None if last is None else last.timestamp()) for n, s, m, last in cases.values()]
     assert got == want
-    assert ours["n_24h"].tolist()[-1] == 4  # the day-long window (hop 1 h) still holds all four at 23:55
+    assert ours["n_24h"].tolist()[-2:] == [4, 0]  # the day-long window (hop 1 h): all four at 23:55, none 3 days on
     unknown = retrieve(window_store, pd.DataFrame({"user_id": [2], "event_timestamp": [t + MIN]}), ["user_windows:n_1h"])
     assert unknown["n_1h"].isna().all()  # no event of user 2 ever: missing, not 0
 

@@ -9,8 +9,11 @@ files, and a partial rerun gives the rows of the full one in its range.
 
 Every file carries the kernel version in its key-value metadata (``featurepipe.kernel``);
 the offline store refuses a table written under another version rather than mix meanings.
-The table answers exactly for instants before the backfill's end: the rows of later change
-points (values dropping as windows empty) are written by the backfill that covers them.
+By default a backfill covers every change point of its input: from the day of the first
+event to the day after the last event's last drop (the last event plus the kernel's
+horizon), so the table answers at any instant, also after the input ends (an entity's last
+row says every window is empty: counts 0, not missing). An explicit ``[start, end)``
+writes that range only; rows of later change points are the next range's.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from featurepipe.batch.sql import SourceColumns, aggregate_sql
 from featurepipe.core.db import connect, one_row
 from featurepipe.core.parquet_io import atomic_parquet
 from featurepipe.core.sql import literal, quote
-from featurepipe.core.windows import KERNEL_VERSION
+from featurepipe.core.windows import KERNEL_VERSION, horizon
 from featurepipe.definitions import AggregateView, aggregate_views
 from featurepipe.errors import InvalidInput, NotFound
 
@@ -117,8 +120,9 @@ def backfill_view(
     gate: BackfillHook | None = None,
 ) -> BackfillResult:
     """Recompute the day partitions of ``view`` in ``[start, end)`` (default: from the day of
-    the first input event to the day after the last one): the rows of the change points in
-    that range, from the input events of ``[start - horizon, end)``.
+    the first input event to the day after its last change point, the last event plus the
+    kernel's horizon): the rows of the change points in that range, from the input events of
+    ``[start - horizon, end)``.
 
     With a ``gate`` (a :class:`BackfillHook`, e.g. a quality gate), only raw rows that pass
     it are read, and the staged feature rows are checked before they are published.
@@ -130,7 +134,7 @@ def backfill_view(
     columns.require(view)
     lo, hi = input_time_range(con, view)
     start_dt = _day(_as_utc(start)) if start is not None else _day(lo)
-    end_dt = _day(_as_utc(end)) if end is not None else _day(hi) + timedelta(days=1)
+    end_dt = _day(_as_utc(end)) if end is not None else _day(hi + horizon(view.aggregations)) + timedelta(days=1)
     if end_dt <= start_dt:
         raise InvalidInput(f"backfill range is empty: start {start_dt:%Y-%m-%d} >= end {end_dt:%Y-%m-%d}")
     sql = aggregate_sql(view, columns, start_dt, end_dt, source=checked_input)
