@@ -7,12 +7,18 @@ for streamed updates. The declaration itself is stored in the view's tags, so ev
 engine (batch SQL, streaming, serving) reads it back from the registry that
 ``feast apply`` writes: nothing is declared twice.
 
-Semantics (shared by every engine): a feature row is emitted at every input event time
-``t`` of an entity and describes the state *after* that event; a windowed aggregate
-covers the entity's input events with event time in ``[t - window, t]``; ``last`` of a
-timestamp column yields epoch seconds. ``count`` gives Int64, every other function
-Float64. Several events of one entity at the same instant yield one row that includes
-them all.
+Semantics (request-time windows, computed by :mod:`featurepipe.core.windows` for every
+engine): a windowed aggregate asked at time ``t`` covers the entity's input events with
+event time in ``[floor(t, hop) - window, t)``, where the hop is 5 minutes for windows
+under 12 hours, 1 hour under 12 days and 1 day beyond (so a 1h window covers 60 to 65
+minutes, 24h covers 24 to 25 hours, 7d covers 7 days to 7 days 1 hour); events at exactly
+``t`` are out. A window must be a multiple of its hop. ``t`` is the request's clock online
+and the entity row's timestamp offline. An empty window gives ``count`` and ``sum`` 0 and
+``mean``, ``min``, ``max`` null. ``last`` of a timestamp column is the epoch seconds of the
+latest event before ``t``. ``count`` gives Int64, every other function Float64. The feature
+table holds one row per *change point* (just after each event, and where a hop bucket
+leaves a window), valid until the entity's next row, so Feast's point-in-time join reads
+the value at any ``t``. docs/windows.md has the details and the measured bounds.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from feast.aggregation import Aggregation
 from feast.types import Float64, Int64, from_value_type
 
 from featurepipe.config import resolve_source_path
+from featurepipe.core.windows import ViewShape, validate
 from featurepipe.errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -80,6 +87,7 @@ class WindowedFeatures:
                 )
             if agg.time_window is not None and agg.time_window <= timedelta(0):
                 raise InvalidInput(f"{self.name}: time_window of {agg.column} must be positive")
+        validate([_spec(a) for a in self.aggregations], self.name)
 
     @property
     def offline_path(self) -> Path:
@@ -139,6 +147,11 @@ class WindowedFeatures:
         )
 
 
+def _spec(agg: Aggregation) -> AggregateSpec:
+    return AggregateSpec(name=agg.resolved_name(agg.time_window), function=agg.function, column=agg.column,
+                         window=agg.time_window)
+
+
 @dataclass(frozen=True)
 class AggregateSpec:
     """One aggregate as the engines see it."""
@@ -173,6 +186,12 @@ class AggregateView:
         return [a.name for a in self.aggregations]
 
 
+def shape(view: AggregateView, types: dict[str, str]) -> ViewShape:
+    """What the window kernel needs of ``view`` (:func:`featurepipe.core.windows.change_point_sql`),
+    given the DuckDB types of its input's columns (name -> type)."""
+    return ViewShape(view.join_keys, view.timestamp_field, view.aggregations, types)
+
+
 def _parse_view(store: FeatureStore, fv: FeatureView) -> AggregateView:
     tags = fv.tags
     try:
@@ -191,7 +210,7 @@ def _parse_view(store: FeatureStore, fv: FeatureView) -> AggregateView:
     assert isinstance(batch, FileSource)
     offline = Path(resolve_source_path(store.repo_path, batch.path).split("/**")[0])
     join_keys = tuple(sorted(c.name for c in fv.entity_columns))
-    return AggregateView(
+    view = AggregateView(
         name=fv.name,
         join_keys=join_keys,
         input_path=resolve_source_path(store.repo_path, source.path),
@@ -209,6 +228,8 @@ def _parse_view(store: FeatureStore, fv: FeatureView) -> AggregateView:
         push_source=fv.stream_source.name if fv.stream_source is not None else "",
         ttl=fv.ttl if fv.ttl else None,
     )
+    validate(view.aggregations, view.name)  # a view applied before windows were checked
+    return view
 
 
 def aggregate_views(store: FeatureStore, names: Sequence[str] | None = None) -> list[AggregateView]:

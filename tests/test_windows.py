@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -404,3 +405,33 @@ def test_window_start_floors_to_the_hop_also_before_1970() -> None:
     assert window_start_us(-1, H) == -5 * MINUTE - HOUR
     assert window_start_us(0, H) == -HOUR
     assert window_start_us(DAY + 3 * HOUR + 1, 7 * D) == DAY + 3 * HOUR - 7 * DAY
+
+
+def _declare(window: timedelta) -> Any:
+    from feast import Entity, FileSource, ValueType
+    from feast.aggregation import Aggregation
+
+    from featurepipe.definitions import WindowedFeatures
+
+    return WindowedFeatures(
+        name="user_stats", entity=Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64),
+        source=FileSource(name="transactions", path="transactions.parquet", timestamp_field="ts"),
+        aggregations=[Aggregation(column="amount", function="count", time_window=H, name="txn_count_1h"),
+                      Aggregation(column="amount", function="sum", time_window=window, name="amount_sum_x")],
+        ttl=7 * D, offline_root=Path("offline"),
+    )
+
+
+def test_a_declaration_with_a_window_off_its_hop_is_refused() -> None:
+    assert _declare(timedelta(minutes=90)).feature_view().name == "user_stats"
+    with pytest.raises(InvalidInput, match=r"'user_stats'.*'amount_sum_x'.*1:02:30.*0:05:00.*1:00:00 or 1:05:00"):
+        _declare(timedelta(hours=1, minutes=2, seconds=30))
+
+
+def test_shape_gives_the_kernel_what_it_needs_of_a_registered_view() -> None:
+    from featurepipe.definitions import AggregateSpec, AggregateView, shape
+
+    specs = (AggregateSpec("txn_count_1h", "count", "amount", H),)
+    view = AggregateView(name="user_stats", join_keys=("user_id",), input_path="in", timestamp_field="ts",
+                         aggregations=specs, offline_path=Path("out"), push_source="push", ttl=None)
+    assert shape(view, {"amount": "DOUBLE"}) == ViewShape(("user_id",), "ts", specs, {"amount": "DOUBLE"})
