@@ -64,7 +64,7 @@ user_transaction_stats = WindowedFeatures(
     ],
     ttl=7 * DAY,
     offline_root=DATA / "offline",
-    description="Per-user spending over 1h / 24h / 7d windows, as of each transaction",
+    description="Per-user spending in the 1h / 24h / 7d before the moment asked (request-time windows)",
 )
 
 merchant_activity = WindowedFeatures(

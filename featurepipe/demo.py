@@ -93,6 +93,7 @@ def run_demo(repo: Path | None, rows: int, score: int, keep_running: bool) -> di
     from featurepipe.generate import generate_transactions
     from featurepipe.jobs.backfill import backfill
     from featurepipe.jobs.materialize import materialize
+    from featurepipe.online.read import online_features
     from featurepipe.report import table
     from serving.client import FeatureClient
     from serving.server import FeatureServer
@@ -196,6 +197,17 @@ def run_demo(repo: Path | None, rows: int, score: int, keep_running: bool) -> di
                  for i, u in enumerate(keys["user_id"])],
             ))
             changed = sum(before["last_txn_epoch"][i] != after["last_txn_epoch"][i] for i in range(3))
+            # Windows slide with the clock: the same users asked an hour and five minutes from
+            # now (in-process, the server's own reader) have no purchase in their last hour.
+            later = datetime.now(timezone.utc) + timedelta(minutes=65)
+            windows = ["user_transaction_stats:txn_count_1h", "user_transaction_stats:txn_count_24h"]
+            ahead = online_features(store, [{"user_id": u} for u in keys["user_id"]], windows, at=later)
+            print(f"the same users at {later:%H:%M} UTC (request-time windows: the 1h window has slid past "
+                  "their purchases, the 24h one has not):")
+            print(table(["user_id", "txn_count_1h now -> +65 min", "txn_count_24h now -> +65 min"],
+                        [[u, f"{after['txn_count_1h'][i]} -> {ahead['txn_count_1h'][i]}",
+                          f"{after['txn_count_24h'][i]} -> {ahead['txn_count_24h'][i]}"]
+                         for i, u in enumerate(keys["user_id"])]))
             lat = streamed.latencies * 1000
             c = streamed.counters
             print(f"streamed {c.messages:,} events ({c.accepted:,} accepted, {c.dead:,} dead letters) in "
