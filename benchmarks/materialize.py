@@ -32,6 +32,16 @@ best settings above, each run from the same copy of the repo's registry and run 
     .venv/bin/python benchmarks/materialize.py                  # 100k entities x 20 features, 3M rows
     .venv/bin/python benchmarks/materialize.py --entities 20000 --skip feast-default   # quick
     .venv/bin/python benchmarks/materialize.py --demo-repo feature_repo --skip feast-default --runs 5
+
+``--windowed`` runs the request-time windows case instead: raw events (``--rows-per-entity``
+per entity over 30 days) and one windowed-aggregate view like the demo's user statistics
+(count, sum, mean, max over 1h / 24h / 7d, and the last event's time), each checkout's
+backfill run first (not timed), then ``FeatureStore.materialize`` with featurepipe's engine of
+this checkout (each entity's window schedule from its raw events), of ``--old-checkout``
+(default ``../main``: the latest row of its offline table, as before request-time windows), and
+Feast's ``local`` engine with the best settings over this checkout's offline table.
+
+    .venv/bin/python benchmarks/materialize.py --windowed --runs 3 --old-checkout /work/main
 """
 
 from __future__ import annotations
@@ -51,7 +61,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# a worker of the --windowed case may run another checkout's featurepipe (the old engine)
+sys.path.insert(0, os.environ.get("FEATUREPIPE_CHECKOUT") or str(ROOT))
 
 ENGINES = ("feast-default", "feast-best", "featurepipe")
 PROJECT = "bench"
@@ -87,6 +98,50 @@ def generate(folder: Path, entities: int, rows_per_entity: int, features: int) -
     """)
     con.close()
     return entities * rows_per_entity
+
+
+def generate_events(folder: Path, entities: int, events_per_entity: int) -> int:
+    """Raw events for the --windowed case: events_per_entity per entity over DAYS days, in
+    bursts (a third of them within minutes of the one before), an amount each."""
+    import duckdb
+
+    step_us = DAYS * 86_400 * 1_000_000 // events_per_entity
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    con.execute(f"""
+        COPY (
+          SELECT e AS entity_id,
+                 TIMESTAMPTZ '{START.isoformat()}' + to_microseconds(
+                   CASE WHEN hash(e, r, 1) % 3 = 0 AND r > 0
+                        THEN (r - 1) * {step_us} + (hash(e, r - 1) % {step_us})::BIGINT + (hash(e, r) % 600000000)::BIGINT
+                        ELSE r * {step_us} + (hash(e, r) % {step_us})::BIGINT END) AS event_timestamp,
+                 round((hash(e * 7 + r) % 100000) / 100.0, 2)::DOUBLE AS amount,
+                 strftime(TIMESTAMPTZ '{START.isoformat()}' + to_microseconds(r * {step_us}), '%Y-%m-%d') AS date
+          FROM range({entities}) t(e), range({events_per_entity}) s(r)
+        ) TO '{folder}' (FORMAT parquet, PARTITION_BY (date), COMPRESSION zstd)
+    """)
+    con.close()
+    return entities * events_per_entity
+
+
+def windowed_definitions(raw: str, offline_root: str) -> list[object]:
+    """The --windowed case's view: the demo's user statistics over the benchmark's events."""
+    from feast import Entity, FileSource, ValueType
+    from feast.aggregation import Aggregation
+
+    from featurepipe.definitions import WindowedFeatures
+
+    entity = Entity(name="entity", join_keys=["entity_id"], value_type=ValueType.INT64)
+    source = FileSource(name="entity_events", path=f"{raw}/**/*.parquet", timestamp_field="event_timestamp")
+    aggregations = [
+        Aggregation(column="amount", function=function, time_window=window, name=f"{name}_{suffix}")
+        for window, suffix in ((timedelta(hours=1), "1h"), (timedelta(days=1), "24h"), (timedelta(days=7), "7d"))
+        for function, name in (("count", "txn_count"), ("sum", "amount_sum"), ("mean", "amount_mean"),
+                               ("max", "amount_max"))
+    ] + [Aggregation(column="event_timestamp", function="last", name="last_txn_epoch")]
+    view = WindowedFeatures(name=VIEW, entity=entity, source=source, aggregations=aggregations,
+                            ttl=timedelta(days=7), offline_root=Path(offline_root))
+    return [entity, source, view.feature_view()]
 
 
 def write_repo(repo: Path, data: Path, redis_port: int, engine: str, features: int) -> None:
@@ -141,7 +196,10 @@ def worker(repo: Path, action: str) -> None:
     ``materialize`` and report."""
     if action == "generate":
         spec = json.loads((repo / "bench.json").read_text())
-        rows = generate(Path(spec["data"]), spec["entities"], spec["rows_per_entity"], spec["features"])
+        if spec.get("windowed"):
+            rows = generate_events(Path(spec["data"]), spec["entities"], spec["rows_per_entity"])
+        else:
+            rows = generate(Path(spec["data"]), spec["entities"], spec["rows_per_entity"], spec["features"])
         print("RESULT " + json.dumps({"rows": rows}))
         return
     t_import = time.perf_counter()
@@ -153,7 +211,17 @@ def worker(repo: Path, action: str) -> None:
         return
     spec = json.loads((repo / "bench.json").read_text())
     if action == "apply":
-        store.apply(definitions(spec["data"], spec["features"]))
+        if spec.get("windowed"):
+            store.apply(windowed_definitions(spec["data"], spec["offline_root"]))
+        else:
+            store.apply(definitions(spec["data"], spec["features"]))
+        return
+    if action == "backfill":
+        from featurepipe.jobs.backfill import backfill
+
+        t0 = time.perf_counter()
+        backfill(store, progress=False, quality=False)
+        print("RESULT " + json.dumps({"seconds": time.perf_counter() - t0}))
         return
     # Build the engine (Feast's or featurepipe's; Feast builds it lazily on the first
     # materialize) before the clock starts: imports are start-up, like ``import feast``.
@@ -410,6 +478,103 @@ def demo_case(args: argparse.Namespace) -> None:
           f"{statistics.median(float(r['startup']) for rs in runs.values() for r in rs):.1f}s median")
 
 
+# ---------------------------------------------------------------- request-time windows
+
+
+def windowed_repo(repo: Path, data: Path, offline_root: Path, port: int, engine: str, entities: int,
+                  events: int) -> None:
+    """A repo for the --windowed case: one engine's feature_store.yaml and the view's spec."""
+    yaml = [f"project: {PROJECT}", "provider: local", "registry: registry.db", "online_store:", "  type: redis",
+            f'  connection_string: "127.0.0.1:{port},db=0"']
+    if engine == "feast-best":
+        yaml += ["  skip_dedup: true", "offline_store:", "  type: duckdb", "materialization_config:",
+                 "  pull_latest_features: true", "  online_write_batch_size: 10000"]
+    else:
+        yaml += ["offline_store:", "  type: duckdb", "batch_engine:",
+                 "  type: featurepipe.feast.materialization_engine.FeaturepipeMaterializationEngine",
+                 "  progress: false", f"  quarantine_dir: {repo / 'quarantine'}"]
+    yaml.append("entity_key_serialization_version: 3")
+    repo.mkdir(parents=True, exist_ok=True)
+    (repo / "feature_store.yaml").write_text("\n".join(yaml) + "\n")
+    (repo / "bench.json").write_text(json.dumps({
+        "data": str(data), "offline_root": str(offline_root), "entities": entities, "rows_per_entity": events,
+        "windowed": True, "features": 13}))
+
+
+def windowed_case(args: argparse.Namespace) -> None:
+    """This checkout's engine (schedules from raw events) against the old checkout's (latest
+    offline row) and Feast's best, on one windowed view over generated events."""
+    from featurepipe.redis_server import RedisServer
+
+    old = args.old_checkout.resolve()
+    if not (old / "featurepipe" / "feast" / "materialization_engine.py").is_file():
+        raise SystemExit(f"{old}: not a featurepipe checkout (--old-checkout)")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-materialize-windowed-"))
+    checkouts = {"featurepipe": ROOT, "featurepipe-old": old, "feast-best": ROOT}
+    engines = [e for e in checkouts if e not in args.skip]
+    results: dict[str, list[dict[str, float]]] = {e: [] for e in engines}
+    keys: dict[str, tuple[int, str]] = {}
+    memory: dict[str, float] = {}
+    try:
+        with RedisServer(workdir=tmp / "redis") as server:
+            import redis
+
+            client = redis.Redis(port=server.port)
+            raw = tmp / "raw"
+            spec_dir = tmp / "spec"
+            windowed_repo(spec_dir, raw, tmp / "unused", server.port, "featurepipe", args.entities, args.rows_per_entity)
+            t = time.perf_counter()
+            rows = int(run_worker(spec_dir, "generate")["rows"])
+            print(f"generated {rows:,} raw events ({args.entities:,} entities) in {time.perf_counter() - t:.1f}s",
+                  flush=True)
+            repos = {}
+            for engine in engines:
+                offline = tmp / ("offline-old" if engine == "featurepipe-old" else "offline-new")
+                repos[engine] = tmp / f"repo-{engine}"
+                windowed_repo(repos[engine], raw, offline, server.port, engine, args.entities, args.rows_per_entity)
+                env = {"FEATUREPIPE_CHECKOUT": str(checkouts[engine])}
+                run_worker(repos[engine], "apply", env)
+            backfilled: set[Path] = set()
+            for engine in engines:
+                if engine == "featurepipe":
+                    continue  # schedules come from the raw events: no offline table needed
+                offline = tmp / ("offline-old" if engine == "featurepipe-old" else "offline-new")
+                if offline not in backfilled:
+                    env = {"FEATUREPIPE_CHECKOUT": str(checkouts[engine]), "FEATUREPIPE_DATA_DIR": str(tmp / "d")}
+                    took = run_worker(repos[engine], "backfill", env)["seconds"]
+                    print(f"  backfill for {engine} ({checkouts[engine]}): {took:.1f}s (not timed)", flush=True)
+                    backfilled.add(offline)
+            for _ in range(args.runs):
+                for engine in engines:
+                    client.flushall()
+                    env = {"FEATUREPIPE_CHECKOUT": str(checkouts[engine]), "FEATUREPIPE_DATA_DIR": str(tmp / "d")}
+                    result = run_worker(repos[engine], "materialize", env)
+                    results[engine].append(result)
+                    keys[engine] = digest(server.port)
+                    sample = list(client.scan_iter(count=1000))[:2000]
+                    memory[engine] = statistics.median(int(client.memory_usage(k, samples=0)) for k in sample)
+                    print(f"  {engine:16s} {result['seconds']:7.2f}s  {args.entities / result['seconds']:>10,.0f} "
+                          f"entity rows/s  peak RSS {result['rss_mb']:,.0f} MB  keys {keys[engine][0]:,}  "
+                          f"MEMORY USAGE p50 {memory[engine]:,.0f} B", flush=True)
+    finally:
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print()
+    print(f"windowed view (13 features: 1h / 24h / 7d count, sum, mean, max; last), {args.entities:,} entities, "
+          f"{rows:,} raw events, medians of {args.runs} run(s):")
+    medians = {e: statistics.median(r["seconds"] for r in results[e]) for e in engines}
+    for engine in engines:
+        print(f"  {engine:16s} {medians[engine]:7.2f}s  {args.entities / medians[engine]:>10,.0f} entity rows/s  "
+              f"runs {[round(r['seconds'], 2) for r in results[engine]]}  peak RSS "
+              f"{max(r['rss_mb'] for r in results[engine]):,.0f} MB  key p50 {memory[engine]:,.0f} B")
+    if "featurepipe" in medians:
+        for other in ("featurepipe-old", "feast-best"):
+            if other in medians:
+                print(f"featurepipe (schedules) vs {other}: {medians[other] / medians['featurepipe']:.2f}x the speed")
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -420,13 +585,18 @@ def main() -> None:
                         help="offline rows per entity in the window (default 30: 3M rows)")
     parser.add_argument("--features", type=int, default=20, help="features in the view, half Int64, half Float64")
     parser.add_argument("--runs", type=int, default=1, help="runs per engine; the median is shown (default 1)")
-    parser.add_argument("--skip", action="append", default=[], choices=ENGINES, help="leave an engine out")
+    parser.add_argument("--skip", action="append", default=[], choices=[*ENGINES, "featurepipe-old"],
+                        help="leave an engine out")
     parser.add_argument("--no-double", action="store_true",
                         help="skip featurepipe's second run on a table twice as long")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument("--demo-repo", type=Path, metavar="PATH",
                         help="instead of generated data: every view of this feature repo after `make demo`")
-    parser.add_argument("--worker", choices=["generate", "apply", "materialize", "materialize-demo"],
+    parser.add_argument("--windowed", action="store_true",
+                        help="the request-time windows case: raw events, one windowed view (see above)")
+    parser.add_argument("--old-checkout", type=Path, default=ROOT.parent / "main",
+                        help="--windowed: the checkout whose engine is 'today's' (default ../main)")
+    parser.add_argument("--worker", choices=["generate", "apply", "backfill", "materialize", "materialize-demo"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--repo", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -435,6 +605,9 @@ def main() -> None:
         return
     if args.demo_repo:
         demo_case(args)
+        return
+    if args.windowed:
+        windowed_case(args)
         return
 
     from featurepipe.redis_server import RedisServer

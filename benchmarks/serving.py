@@ -22,6 +22,7 @@ Start-up: process start to first served request (a poll every 10 ms).
     .venv/bin/python benchmarks/serving.py                    # about 5 minutes
     .venv/bin/python benchmarks/serving.py --seconds 3 --skip feast-serve-2
     .venv/bin/python benchmarks/serving.py --json results.json
+    .venv/bin/python benchmarks/serving.py --only echo-floor,featurepipe-1,featurepipe-old-1 --old-checkout ../main
 
 It builds its own small repo (generate, ``feast apply``, backfill, materialize) into a private
 redis-server, unless ``--repo`` names a repo already materialised into ``$REDIS_URL``.
@@ -142,6 +143,7 @@ class Server:
     command: list[str]
     port: int
     check: Callable[[Server, dict[str, list[Any]]], int]  # one real call: response bytes
+    cwd: Path | None = None  # the old checkout's server runs from there
     expected_bytes: dict[str, int] = field(default_factory=dict)  # per case, from check()
     process: subprocess.Popen[bytes] | None = None
     startup_seconds: float = float("nan")
@@ -153,7 +155,8 @@ class Server:
 
     def start(self, rows: dict[str, list[Any]], log: Path, timeout: float = 120) -> None:
         started = time.perf_counter()
-        self.process = subprocess.Popen(self.command, stdout=log.open("ab"),
+        env = None if self.cwd is None else {**os.environ, "PYTHONPATH": str(self.cwd)}
+        self.process = subprocess.Popen(self.command, stdout=log.open("ab"), cwd=self.cwd, env=env,
                                         stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -223,22 +226,25 @@ def free_port() -> int:
     return port()
 
 
-def servers(repo: Path, selected: set[str]) -> list[Server]:
+def servers(repo: Path, selected: set[str], old_checkout: Path | None = None) -> list[Server]:
     py, feast = str(BIN / "python"), str(BIN / "feast")
     out = []
 
     def add(name: str, kind: str, path: str, command: Callable[[int], list[str]],
-            check: Callable[[Server, dict[str, list[Any]]], int]) -> None:
+            check: Callable[[Server, dict[str, list[Any]]], int], cwd: Path | None = None) -> None:
         key = name.replace(" ", "-").replace("(", "").replace(")", "")
         if key in selected or not selected:
             port = free_port()
-            out.append(Server(name, kind, path, command(port), port, check))
+            out.append(Server(name, kind, path, command(port), port, check, cwd))
 
     serving = "/feast.serving.ServingService/GetOnlineFeatures"
     add("echo floor", "grpc", serving,
         lambda p: [py, str(Path(__file__).resolve()), "--echo-server", str(p)], grpc_check)
     add("featurepipe-1", "grpc", serving,
         lambda p: [py, "-m", "serving", "--repo", str(repo), "--port", str(p)], grpc_check)
+    if old_checkout is not None:  # today's server, on the same Redis (it reads Feast's fields only)
+        add("featurepipe-old-1", "grpc", serving,
+            lambda p: [py, "-m", "serving", "--repo", str(repo), "--port", str(p)], grpc_check, old_checkout)
     add("featurepipe-2", "grpc", serving,
         lambda p: [py, "-m", "serving", "--repo", str(repo), "--port", str(p), "--workers", "2"],
         grpc_check)
@@ -387,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
                         "echo-floor, featurepipe-1, featurepipe-2, feast-listen, feast-serve-1, feast-serve-2")
     parser.add_argument("--skip", default="", help="comma-separated servers to skip")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--old-checkout", type=Path, default=None,
+                        help="also run this checkout's server (featurepipe-old-1), e.g. ../main: "
+                        "today's latency on the same Redis, side by side")
     parser.add_argument("--echo-server", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.echo_server is not None:
@@ -427,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
                   + "; ".join(f"at {r:.0f}/s p50 {paced[case, r]['p50']:.3f} p99 {paced[case, r]['p99']:.3f}"
                               for r in rates[case]), file=sys.stderr)
         selected = {s for s in args.only.split(",") if s}
-        chosen = [s for s in servers(repo, selected) if s.name.replace(" ", "-") not in
+        old = args.old_checkout.resolve() if args.old_checkout else None
+        chosen = [s for s in servers(repo, selected, old) if s.name.replace(" ", "-") not in
                   set(args.skip.split(","))]
         for server in chosen:
             log = work / f"{server.name.replace(' ', '_')}.log"

@@ -366,6 +366,45 @@ def test_online_data_without_a_schedule_is_a_clear_error_until_rematerialised(on
     assert got["txn_count_24h"] == [_expected(online, USERS, (u,), t_us)["txn_count_24h"] for u in user_ids]
 
 
+def test_contract_checks_every_schedule_row(online: Online, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A warn check of the view's contract applies to every row of a schedule: an entity with
+    one failing change point is quarantined whole (all its rows, none written), the others
+    are written."""
+    import pyarrow.parquet as pq
+
+    from featurepipe.config import load_store
+    from featurepipe.jobs.materialize import materialize
+
+    names = [a.name for a in online.raw.aggregations[USERS]]
+    count_24h = names.index("txn_count_24h")
+    schedules = {}
+    for key in online.client().scan_iter(count=1000):
+        data = online.client().hget(key, schedule_field(USERS))
+        if data:
+            schedules[key] = decode(data, names)
+    failing = {k for k, sch in schedules.items() if int(sch.columns[count_24h].max()) > 2}
+    assert 0 < len(failing) < len(schedules)
+    (online.repo / "contracts.yaml").write_text(
+        "feature_views:\n  user_transaction_stats:\n    columns:\n      txn_count_24h: {type: BIGINT, max: 2}\n")
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{online.redis.port}/3")
+    try:
+        result = materialize(load_store(online.repo), views=[USERS], progress=False).per_view[0]
+    finally:
+        (online.repo / "contracts.yaml").unlink()
+    client = redis.Redis(port=online.redis.port, db=3)
+    try:
+        assert set(client.scan_iter(count=1000)) == set(schedules) - failing
+        assert result.written == len(schedules) - len(failing)
+        assert result.quarantined == sum(len(schedules[k].v) for k in failing)
+        assert result.check_failures["txn_count_24h.range"] == sum(
+            int((schedules[k].columns[count_24h] > 2).sum()) for k in failing)
+        kept = pq.read_table(result.quarantine_files[0])
+        assert kept.num_rows == result.quarantined
+        assert set(kept.column("quarantine_reason").to_pylist()) >= {"another change point of this entity failed a check"}
+    finally:
+        client.flushdb()
+
+
 def test_memory_per_entity_key(online: Online, record_property: Any) -> None:
     """Redis MEMORY USAGE of a user key (one view) and a merchant key (two views) with their
     schedules, against the same hash without them (Feast's own fields only)."""

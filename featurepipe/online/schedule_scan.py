@@ -20,22 +20,25 @@ An entity whose newest event is older than ``end - horizon`` gets the same treat
 schedule ends with the all-empty row (counts 0, ``last`` its newest event), in force from
 its last drop on, for ever (until its next event).
 
-One row per entity comes out, in Arrow batches: the join keys, :data:`EVENT_US` (``x + 1
-us``), the first row's features (Feast's fields), the schedule's change points and
-columns as lists (:data:`V_LIST`, :func:`list_column`), and ``__reason`` / ``__check`` as
-:mod:`featurepipe.online.latest` gives them: row conditions (the view's contract) are
-checked on *every* row of a schedule, and an entity with a failing row is quarantined
-whole (nothing of it is written).
+The schedules come out as Arrow batches of change-point rows sorted by key then ``v``, never
+splitting an entity across two batches: the join keys, :data:`EVENT_US` (``v``), the
+features, :data:`FIRST` (true on an entity's first row) and ``__reason`` / ``__check`` as
+:mod:`featurepipe.online.latest` gives them: row conditions (the view's contract) are checked
+on *every* row of a schedule, and an entity with a failing row is quarantined whole (all its
+rows carry a reason, so nothing of it is written).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from featurepipe.core.sql import literal, quote, ts_literal
 from featurepipe.core.windows import Aggregate, ViewShape, change_point_sql, horizon, micros
@@ -52,12 +55,8 @@ from featurepipe.online.latest import (
     pinned_source,
 )
 
-V_LIST = "__sched_v"
-
-
-def list_column(index: int) -> str:
-    """The name of feature ``index``'s schedule column (a list, one value per change point)."""
-    return f"__sched_{index}"
+FIRST = "__first"  # true on the first change point of an entity (the one in Feast's fields)
+_OTHER_ROW_FAILED = "another change point of this entity failed a check"
 
 
 @dataclass(frozen=True)
@@ -112,36 +111,76 @@ def open_schedules(query: LatestQuery, kernel: KernelInput, start: datetime, end
     con.execute(f"CREATE TEMP TABLE __ev AS SELECT r.* FROM __raw r JOIN __ents e ON {on} "
                 f"WHERE r.{ts} <= e.__last AND epoch_us(r.{ts}) >= epoch_us(e.__last) - {reach}")
     shape = ViewShape(tuple(keys), kernel.timestamp, kernel.aggregations, types)
-    points = change_point_sql(shape, "__ev", start=oldest) if oldest is not None else "SELECT * FROM __ev LIMIT 0"
     names = [f.name for f in query.features]
-    on_c = " AND ".join(f"c.{quote(k)} = e.{quote(k)}" for k in keys)
     features = ", ".join(f"c.{quote(n)}" for n in names)
-    con.execute(
-        f"CREATE TEMP TABLE __sched AS SELECT {', '.join('c.' + quote(k) for k in keys)}, "
-        f"epoch_us(c.event_timestamp) AS __v, {features} FROM ({points}) c JOIN __ents e ON {on_c} "
-        "WHERE c.event_timestamp > e.__last"
-    ) if oldest is not None else con.execute(
-        f"CREATE TEMP TABLE __sched AS SELECT {key_list}, 0::BIGINT AS __v, "
-        + ", ".join(f"NULL AS {quote(n)}" for n in names) + " FROM __ents LIMIT 0")
+    if oldest is not None:
+        # the kernel's rows from the oldest newest event on, then each entity's after its own
+        con.execute(f"CREATE TEMP TABLE __points AS {change_point_sql(shape, '__ev', start=oldest)}")
+        con.execute(
+            f"CREATE TEMP TABLE __sched AS SELECT {', '.join('c.' + quote(k) for k in keys)}, "
+            f"epoch_us(c.event_timestamp) AS __v, {features} FROM __points c JOIN __ents e ON "
+            + " AND ".join(f"c.{quote(k)} = e.{quote(k)}" for k in keys) + " WHERE c.event_timestamp > e.__last")
+        con.execute("DROP TABLE __points")
+    else:
+        con.execute(f"CREATE TEMP TABLE __sched AS SELECT {key_list}, 0::BIGINT AS __v, "
+                    + ", ".join(f"NULL::DOUBLE AS {quote(n)}" for n in names) + " FROM __ents LIMIT 0")
     blocked, sample = _blocked(con, query.conditions)
     reasons = ", ".join(f"CASE WHEN {c.fails} THEN {c.reason} END" for c in query.conditions)
     checks = ", ".join(f"CASE WHEN {c.fails} THEN {literal(c.name)} END" for c in query.conditions)
     row_reason = f"concat_ws('; ', {reasons})" if query.conditions else "''"
     row_check = f"concat_ws(',', {checks})" if query.conditions else "''"
-    lists = ", ".join(f"list({quote(n)} ORDER BY __v) AS {list_column(i)}" for i, n in enumerate(names))
-    firsts = ", ".join(f"{list_column(i)}[1] AS {quote(n)}" for i, n in enumerate(names))
-    grouped = (
-        f"SELECT {key_list}, list(__v ORDER BY __v) AS {V_LIST}, {lists}, "
-        f"coalesce(string_agg(DISTINCT NULLIF(__r, ''), '; '), '') AS {REASON}, "
-        f"array_to_string(list_sort(list_distinct(flatten(list(string_split(__c, ',')) FILTER (WHERE __c <> ''))))"
-        f", ',') AS {CHECK} "
-        f"FROM (SELECT *, {row_reason} AS __r, {row_check} AS __c FROM __sched) GROUP BY ALL"
-    )
-    sql = (f"SELECT {key_list}, {V_LIST}[1] AS {EVENT_US}, {firsts}, {V_LIST}, "
-           f"{', '.join(list_column(i) for i in range(len(names)))}, {REASON}, {CHECK} FROM ({grouped})")
+    sql = (f"SELECT {key_list}, __v AS {EVENT_US}, {', '.join(quote(n) for n in names)}, "
+           f"{row_reason} AS {REASON}, {row_check} AS {CHECK} FROM __sched ORDER BY {key_list}, __v")
     reader = con.sql(sql).to_arrow_reader(batch_rows)
+    rows = pa.RecordBatchReader.from_batches(
+        reader.schema.append(pa.field(FIRST, pa.bool_())), whole_entities(reader, keys, bool(query.conditions)))
     return LatestScan(entities=int(entities), window_rows=int(window_rows), null_key_rows=int(null_rows),
-                      reader=reader, connection=con, files=files, blocked=blocked, blocked_sample=sample)
+                      reader=rows, connection=con, files=files, blocked=blocked, blocked_sample=sample)
+
+
+def whole_entities(reader: pa.RecordBatchReader, keys: Sequence[str], checked: bool) -> Iterator[pa.RecordBatch]:
+    """``reader``'s rows (sorted by key) re-cut so that no entity spans two batches, with
+    :data:`FIRST` marking each entity's first row; with ``checked``, every row of an entity
+    with a failing row gets a reason (the entity is quarantined whole)."""
+    carry: pa.Table | None = None
+    for batch in reader:
+        table = pa.Table.from_batches([batch]) if carry is None else pa.concat_tables([carry, pa.Table.from_batches([batch])])
+        first = _firsts(table, keys)
+        starts = np.flatnonzero(first)
+        cut = int(starts[-1]) if len(starts) else 0  # the last entity may go on in the next batch
+        if cut:
+            yield _marked(table.slice(0, cut), first[:cut], checked)
+        carry = table.slice(cut)
+    if carry is not None and carry.num_rows:
+        yield _marked(carry, _firsts(carry, keys), checked)
+
+
+def _firsts(table: pa.Table, keys: Sequence[str]) -> np.ndarray:
+    """True where a row's key differs from the row before (and on the first row)."""
+    first = np.zeros(table.num_rows, dtype=bool)
+    if table.num_rows:
+        first[0] = True
+        for k in keys:
+            column = table.column(k).combine_chunks()
+            first[1:] |= np.asarray(pc.not_equal(column.slice(1), column.slice(0, len(column) - 1))
+                                    .to_numpy(zero_copy_only=False), dtype=bool)
+    return first
+
+
+def _marked(table: pa.Table, first: np.ndarray, checked: bool) -> pa.RecordBatch:
+    """One batch of whole entities, :data:`FIRST` added, a failing entity's rows all with a reason."""
+    if checked:
+        reason = table.column(REASON).combine_chunks()
+        bad = np.asarray(pc.not_equal(reason, "").to_numpy(zero_copy_only=False), dtype=bool)
+        if bad.any():
+            entity = np.cumsum(first) - 1
+            whole = np.isin(entity, entity[bad])
+            filled = np.where(whole & ~bad, _OTHER_ROW_FAILED, np.asarray(reason.to_pylist(), dtype=object))
+            index = table.schema.get_field_index(REASON)
+            table = table.set_column(index, table.schema.field(index), pa.array(filled, table.schema.field(index).type))
+    table = table.append_column(FIRST, pa.array(first))
+    return table.combine_chunks().to_batches(max_chunksize=max(table.num_rows, 1))[0] if table.num_rows else \
+        pa.RecordBatch.from_pylist([], schema=table.schema)
 
 
 def schedule_types(query: LatestQuery, kernel: KernelInput) -> dict[str, str]:

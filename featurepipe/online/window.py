@@ -45,7 +45,7 @@ from featurepipe.online.latest import (
 )
 from featurepipe.online.layout import feature_field, timestamp_field
 from featurepipe.online.schedule import schedule_field
-from featurepipe.online.schedule_scan import V_LIST, KernelInput, list_column, open_schedules
+from featurepipe.online.schedule_scan import FIRST, KernelInput, open_schedules
 from featurepipe.online.schedule_writer import encode_schedules, schedule_columns
 from featurepipe.online.writer import EncodedRows, HashWriter
 
@@ -136,16 +136,15 @@ def encode(batch: pa.RecordBatch, plan: ViewPlan) -> EncodedRows:
 
 
 def encode_with_schedules(batch: pa.RecordBatch, plan: ViewPlan) -> EncodedRows:
-    """:func:`encode` of a batch from :func:`~featurepipe.online.schedule_scan.open_schedules`,
-    each entity's encoded schedule appended as the last value (:attr:`ViewPlan.fields`)."""
-    rows = encode(batch, plan)
+    """Feast's bytes of each entity's first change point, and its whole schedule appended as
+    the last value (:attr:`ViewPlan.fields`), from a batch of
+    :func:`~featurepipe.online.schedule_scan.open_schedules` (whole entities, good rows only)."""
+    first = np.asarray(batch.column(FIRST).to_numpy(zero_copy_only=False), dtype=bool)
+    starts = np.flatnonzero(first)
+    rows = encode(batch.take(pa.array(starts)), plan)
     names = [f.name for f in plan.features]
-    lists = batch.column(V_LIST)
-    offsets = np.asarray(lists.offsets.to_numpy(zero_copy_only=False), dtype=np.int64)
-    offsets = offsets - offsets[0]
-    flat = pa.table({"v": lists.flatten(), **{n: batch.column(list_column(i)).flatten() for i, n in enumerate(names)}})
-    v = np.asarray(flat.column("v").to_numpy(zero_copy_only=False), dtype=np.int64)
-    schedules = encode_schedules(v, schedule_columns(flat, names), offsets, names)
+    v = np.asarray(batch.column(EVENT_US).to_numpy(zero_copy_only=False), dtype=np.int64)
+    schedules = encode_schedules(v, schedule_columns(batch, names), np.append(starts, len(first)), names)
     return EncodedRows(keys=rows.keys, timestamps=rows.timestamps, values=[*rows.values, schedules])
 
 
@@ -268,7 +267,7 @@ def materialize_window(
             # (closing: the reading thread stops before the DuckDB connection closes)
             newest = None
             for batch in batches:
-                read = batch.num_rows
+                read = batch.num_rows if plan.kernel is None else int(pc.sum(batch.column(FIRST)).as_py() or 0)
                 bad = pc.not_equal(batch.column(REASON), "")
                 if pc.any(bad).as_py():
                     rejected = batch.filter(bad)
@@ -278,9 +277,11 @@ def materialize_window(
                     batch = batch.filter(pc.invert(bad))
                 if batch.num_rows:
                     writer.write(to_bytes(batch, plan))
-                    if plan.kernel is not None:
-                        result.schedule_rows += len(batch.column(V_LIST).flatten())
-                    top = pc.max(batch.column(EVENT_US)).as_py()
+                    stamps = batch.column(EVENT_US)
+                    if plan.kernel is not None:  # the entities' first change points: newest event + 1 us
+                        result.schedule_rows += batch.num_rows
+                        stamps = pc.filter(stamps, batch.column(FIRST))
+                    top = pc.max(stamps).as_py()
                     newest = top if newest is None or top > newest else newest
                 bar.update(read)
         result.written, result.skipped = writer.counts.written, writer.counts.skipped
