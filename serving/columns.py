@@ -22,11 +22,13 @@ than serve values whose windows never slide.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from operator import itemgetter
 from typing import NamedTuple
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from featurepipe.online.schedule import HEADER_SIZE as SCHEDULE_HEAD
 from featurepipe.online.schedule import KIND_INT, StaleSchedule, row_in_force
 from serving import wire
 from serving.plan import Plan, ViewFields
@@ -50,7 +52,16 @@ class FetchedColumn(NamedTuple):
     values: list[bytes]  # framed as field 1 of a FeatureVector
     statuses: list[int]  # FieldStatus numbers
     timestamps: list[bytes]  # framed as field 3 of a FeatureVector
-    raws: list[bytes | None]  # the stored Value bytes (None: missing)
+    raws: list[bytes | None] | None  # the stored Value bytes (None: missing); None: see stored_values
+
+
+def stored_values(column: FetchedColumn) -> list[bytes | None]:
+    """The Value bytes of a column (None where missing), for on-demand views. A windowed
+    view's column leaves them out (``raws`` None: most are never asked for): they are its
+    framed values less the frame (2 bytes: every Value it frames is under 128 bytes)."""
+    if column.raws is not None:
+        return column.raws
+    return [None if st == NOT_FOUND else v[2:] for v, st in zip(column.values, column.statuses, strict=True)]
 
 
 _UNREAD = FetchedColumn([], [], [], [])  # the slot of a view's timestamp field
@@ -120,6 +131,9 @@ def decode_replies(
 _unpack_int = struct.Struct("<q").unpack_from
 _unpack_double = struct.Struct("<d").unpack_from
 _INT_VALUE = [b"\x20" + wire.varint(i) for i in range(128)]  # int64_val of a small count
+_FRAMED_INT = [wire.framed_value(v) for v in _INT_VALUE]
+_FRAMED_DOUBLE = b"\x0a\x09\x29"  # FeatureVector field 1, 9 bytes: Value field 5 (double_val), fixed64
+_ZEROS = bytes(7)
 
 
 def _int_value(x: int) -> bytes:
@@ -127,23 +141,37 @@ def _int_value(x: int) -> bytes:
     return _INT_VALUE[x] if 0 <= x < 128 else b"\x20" + wire.varint(x & 0xFFFFFFFFFFFFFFFF)
 
 
-def _timestamp(v_us: int) -> bytes:
-    """A serialized google.protobuf.Timestamp of epoch microseconds (zero fields left out)."""
-    seconds, micros = divmod(v_us, 1_000_000)
-    out = b"\x08" + wire.varint(seconds & 0xFFFFFFFFFFFFFFFF) if seconds else b""
-    return out + b"\x10" + wire.varint(micros * 1000) if micros else out
+_FRAMED_TIMESTAMPS: dict[int, bytes] = {}  # recent change points, framed (many keys share hop boundaries)
+
+
+def _framed_timestamp(v_us: int) -> bytes:
+    """A google.protobuf.Timestamp of epoch microseconds (zero fields left out), framed as
+    field 3 of a FeatureVector."""
+    framed = _FRAMED_TIMESTAMPS.get(v_us)
+    if framed is None:
+        seconds, micros = divmod(v_us, 1_000_000)
+        out = b"\x08" + wire.varint(seconds & 0xFFFFFFFFFFFFFFFF) if seconds else b""
+        framed = wire.framed_timestamp(out + b"\x10" + wire.varint(micros * 1000) if micros else out)
+        if len(_FRAMED_TIMESTAMPS) >= 65_536:
+            _FRAMED_TIMESTAMPS.clear()
+        _FRAMED_TIMESTAMPS[v_us] = framed
+    return framed
 
 
 def scheduled_columns(vf: ViewFields, block: Replies, now_us: int) -> list[FetchedColumn]:
     """The columns of a windowed-aggregate view's requested features over the keys of
-    ``block``, read from each key's schedule at ``now_us`` (see the module documentation)."""
-    width = len(vf.feature_fields)
-    values: list[list[bytes]] = [[] for _ in range(width)]
-    statuses: list[list[int]] = [[] for _ in range(width)]
-    raws: list[list[bytes | None]] = [[] for _ in range(width)]
+    ``block``, read from each key's schedule at ``now_us`` (see the module documentation).
+
+    The hot loop of a windowed request: per key, the row in force is found with
+    :func:`~featurepipe.online.schedule.row_in_force` and each requested column's 8 bytes are
+    copied into a framed Value (a double as it is stored, a small count from a table)."""
+    columns = vf.columns
+    width = len(columns)
+    missing = (wire.EMPTY_VALUE,) * width, (NOT_FOUND,) * width
+    empty = tuple(wire.framed_value(e) for e in vf.empty), tuple(PRESENT if e else NULL_VALUE for e in vf.empty)
+    rows: list[Sequence[bytes]] = []
+    stats: list[Sequence[int]] = []
     times: list[bytes] = []
-    empty_framed = [wire.framed_value(e) for e in vf.empty]
-    empty_status = [PRESENT if e else NULL_VALUE for e in vf.empty]
     for reply in block:
         data = reply[vf.schedule_field]
         if not data:
@@ -152,35 +180,40 @@ def scheduled_columns(vf: ViewFields, block: Replies, now_us: int) -> list[Fetch
                     f"the online store holds {vf.view!r} values written before request-time windows (no "
                     "window schedule next to them); run `featurepipe materialize` to rebuild it"
                 )
+            rows.append(missing[0])
+            stats.append(missing[1])
             times.append(wire.EMPTY_TIMESTAMP)
-            for i in range(width):
-                values[i].append(wire.EMPTY_VALUE)
-                statuses[i].append(NOT_FOUND)
-                raws[i].append(None)
             continue
         found = row_in_force(data, vf.names_crc, now_us)
-        if found.row < 0:  # before the schedule's first row: every window empty
+        row = found.row
+        if row < 0:  # before the schedule's first row: every window empty
+            rows.append(empty[0])
+            stats.append(empty[1])
             times.append(wire.EMPTY_TIMESTAMP)
-            for i in range(width):
-                values[i].append(empty_framed[i])
-                statuses[i].append(empty_status[i])
-                raws[i].append(vf.empty[i])
             continue
-        times.append(wire.framed_timestamp(_timestamp(found.v_us or 0)))
-        cell = found.cell
-        for i, c in enumerate(vf.columns):
-            kind, at = cell(c)
-            if kind == KIND_INT:
-                raw = _int_value(_unpack_int(data, at)[0])
+        n = found.n
+        step, kinds = 1 + 8 * n, SCHEDULE_HEAD + 8 * n
+        first = kinds + 1 + 8 * row
+        times.append(_framed_timestamp(_unpack_int(data, SCHEDULE_HEAD + 8 * row)[0]))
+        values: list[bytes] = []
+        status: list[int] = []
+        for c in columns:
+            at = first + c * step
+            if data[kinds + c * step] == KIND_INT:
+                x = data[at]
+                values.append(_FRAMED_INT[x] if x < 128 and data[at + 1:at + 8] == _ZEROS
+                              else wire.framed_value(_int_value(_unpack_int(data, at)[0])))
+                status.append(PRESENT)
+            elif (data[at + 7] & 0x7F) == 0x7F and (data[at + 6] & 0xF0) == 0xF0 \
+                    and _unpack_double(data, at)[0] != _unpack_double(data, at)[0]:  # NaN: null
+                values.append(wire.EMPTY_VALUE)
+                status.append(NULL_VALUE)
             else:
-                x = _unpack_double(data, at)[0]
-                if x != x:  # NaN: null
-                    values[i].append(wire.EMPTY_VALUE)
-                    statuses[i].append(NULL_VALUE)
-                    raws[i].append(b"")
-                    continue
-                raw = b"\x29" + data[at:at + 8]
-            values[i].append(wire.framed_value(raw))
-            statuses[i].append(PRESENT)
-            raws[i].append(raw)
-    return [FetchedColumn(values[i], statuses[i], times, raws[i]) for i in range(width)]
+                values.append(_FRAMED_DOUBLE + data[at:at + 8])
+                status.append(PRESENT)
+        rows.append(values)
+        stats.append(status)
+    if not rows:
+        return [FetchedColumn([], [], times, []) for _ in range(width)]
+    return [FetchedColumn(list(vals), list(sts), times, None)
+            for vals, sts in zip(zip(*rows, strict=True), zip(*stats, strict=True), strict=True)]

@@ -20,7 +20,7 @@ import redis
 
 from serving import wire
 from serving.clock import request_clock
-from serving.columns import OUTSIDE_MAX_AGE, PRESENT, decode_replies
+from serving.columns import OUTSIDE_MAX_AGE, PRESENT, decode_replies, stored_values
 from serving.fetch import RedisFetcher
 from serving.layout import encode_entity_column
 from serving.on_demand import run_on_demand
@@ -80,7 +80,7 @@ class OnlineReader:
             # point-in-time join gives it to training (no train/serve skew)
             feature = plan.features[index]
             fetched = cells[feature.hash_index][feature.field_index]
-            raws, stats = fetched.raws, fetched.statuses
+            raws, stats = stored_values(fetched), fetched.statuses
             if OUTSIDE_MAX_AGE in stats:
                 raws = [None if st == OUTSIDE_MAX_AGE else raw for raw, st in zip(raws, stats, strict=True)]
             return pick(raws, feature.hash_index)  # type: ignore[no-any-return]

@@ -438,7 +438,7 @@ def test_scheduled_columns_read_the_row_in_force() -> None:
     first row an empty window (count 0 PRESENT, sum 0.0, mean null); NaN is null; another
     feature list or kernel version is refused."""
     from featurepipe.online.schedule import encode, names_crc
-    from serving.columns import NULL_VALUE, PRESENT, scheduled_columns
+    from serving.columns import NULL_VALUE, PRESENT, scheduled_columns, stored_values
     from serving.plan import ViewFields
     from serving.values import python_value
 
@@ -450,7 +450,7 @@ def test_scheduled_columns_read_the_row_in_force() -> None:
     block = [[b"\x08\x01", None, None, None, data]] * 5
     clocks = [99, 100, 250, 300, 10**12]
     got = [scheduled_columns(vf, [row], t) for row, t in zip(block, clocks, strict=True)]
-    values = [[python_value(c.raws[0]) if c.raws[0] else None for c in cols] for cols in got]
+    values = [[python_value(stored_values(c)[0]) if stored_values(c)[0] else None for c in cols] for cols in got]
     assert values == [[0, 0.0, None], [1, 1.5, 1.5], [2, 4.0, 2.0], [0, 0.0, None], [0, 0.0, None]]
     assert [cols[2].statuses[0] for cols in got] == [NULL_VALUE, PRESENT, PRESENT, NULL_VALUE, NULL_VALUE]
     assert [cols[0].statuses[0] for cols in got] == [PRESENT] * 5
@@ -460,7 +460,7 @@ def test_scheduled_columns_read_the_row_in_force() -> None:
     with pytest.raises(StaleSchedule, match="materialize"):
         scheduled_columns(vf, [[b"\x08\x01", None, None, None, None]], 150)
     missing = scheduled_columns(vf, [[None] * 5], 150)
-    assert missing[0].statuses == [3] and missing[0].raws == [None]  # NOT_FOUND
+    assert missing[0].statuses == [3] and stored_values(missing[0]) == [None]  # NOT_FOUND
 
 
 def test_the_server_reads_the_registry_tags_featurepipe_writes() -> None:

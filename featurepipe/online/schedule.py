@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 MAGIC = b"FPS"
 _HEAD = struct.Struct("<3sBIHI")
+HEADER_SIZE = _HEAD.size  # the change points start here
 
 
 _FIELD_PREFIX = b"_fp_sched:"
