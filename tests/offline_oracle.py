@@ -14,7 +14,9 @@ window ``W`` asked at ``t`` covers the key's events with event time in
 is the latest event before ``t`` (epoch seconds); an empty window gives count and sum 0,
 mean, min and max null; a key with no event before ``t`` gets nulls everywhere; the view's
 TTL plays no part. Feast's own stores cannot compute these values (they join stored rows
-as of an event time), which is why the oracle is this brute force.
+as of an event time), which is why the oracle is this brute force. (It groups events by key
+for speed; :mod:`tests.window_oracle`, the kernel's own reference, is one event list per
+query; both cast a double to ``DECIMAL(38, 9)`` with ``as_decimal``.)
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from tests.window_oracle import as_decimal
 
 DEFINITIONS = '''
 from datetime import timedelta
@@ -366,10 +370,11 @@ def write_events(repo: Path, events: pd.DataFrame) -> None:
 
 
 def _exact(value: Any) -> Decimal:
-    """A number as the exact sums of the semantics hold it (``DECIMAL(38, 9)`` for a float)."""
+    """A number as the exact sums of the semantics hold it (``DECIMAL(38, 9)`` for a float,
+    cast as DuckDB casts it: :func:`tests.window_oracle.as_decimal`)."""
     if isinstance(value, (int, np.integer)):
         return Decimal(int(value))
-    return Decimal(float(value)).quantize(Decimal("1e-9"))
+    return as_decimal(float(value))
 
 
 def window_reference(entity_df: pd.DataFrame, events: pd.DataFrame, view: str | WindowView,

@@ -696,7 +696,8 @@ def _window_events(draw: Any) -> pd.DataFrame:
     rows = draw(st.lists(st.fixed_dictionaries({
         "user_id": st.integers(1, 3), "merchant_id": st.integers(1, 2),
         "ts": st.builds(stamp, st.integers(0, 400), st.sampled_from([0, 0, 0, 1, 999_999])),
-        "amount": st.one_of(st.integers(-500, 500).map(lambda c: c / 4), st.none()),
+        "amount": st.one_of(st.integers(-500, 500).map(lambda c: c / 4), st.none(),
+                            st.floats(-1e7, 1e7, allow_nan=False, allow_infinity=False)),
     }), min_size=1, max_size=30))
     return pd.DataFrame(rows, columns=list(EVENT_COLUMNS))
 
