@@ -112,13 +112,14 @@ def feast(repo: Path | None, args: tuple[str, ...]) -> None:
 
 @click.command()
 @click.option("--start", callback=parse_date, default=None, help="First day to (re)compute, YYYY-MM-DD (default: first day of data).")
-@click.option("--end", callback=parse_date, default=None, help="Day after the last one, YYYY-MM-DD (default: after the last day of data).")
+@click.option("--end", callback=parse_date, default=None, help="Day after the last one, YYYY-MM-DD (default: after the last change point: "
+              "the last event plus the longest window and its hop).")
 @VIEWS_OPTION
 @click.option("--index/--no-index", default=True, show_default=True,
               help="Then build the offline index of the backfilled views (see `featurepipe index`).")
 @REPO_OPTION
 def backfill(start: date | None, end: date | None, views: tuple[str, ...], index: bool, repo: Path | None) -> None:
-    """Compute the offline feature tables with DuckDB over the raw Parquet.
+    """Compute the offline feature tables (each view's change-point rows) with DuckDB over the raw Parquet.
 
     Only the day partitions in [start, end) are replaced, so reruns are idempotent. The
     offline index of each backfilled view is rebuilt afterwards (--no-index: leave it to
