@@ -2,10 +2,12 @@
 
 Sets up a temporary copy of ``feature_repo/`` with generated transactions (the demo's
 density: about 33k a day), ``feast apply``, a private ``redis-server`` on a free loopback
-port, and the batch backfill (whose rows are what Feast is given to push). Then:
+port, and the batch backfill (whose row right after each event, its change point x + 1 us,
+is what Feast is given to push). Then:
 
 1. **Throughput**: every event is published to a Redis stream up front; the stream job
-   (the demo's two views, 13 aggregates over 1h / 24h / 7d windows, dead letters, raw
+   (the demo's two views, 16 aggregates over 1h / 24h / 7d windows, request-time: each
+   touched key's row in force and its window schedule written online; dead letters, raw
    archive, checkpoints every 5 s, ``--final``) consumes it to the end with 1 worker,
    then with 2 workers (two processes, each owning half of the keys). Sustained events/s =
    events / the time until the slowest worker has the last event online, periodic
@@ -23,7 +25,10 @@ port, and the batch backfill (whose rows are what Feast is given to push). Then:
    events' precomputed rows per read batch.
 
 Runs go in rounds (featurepipe, then Feast, per round) and the medians are printed with
-their ratio. Each run is its own process (fork); Redis is flushed before it.
+their ratio. Each run is its own process (fork); Redis is flushed before it. Each run also
+reports the CPU seconds the job used (``job_cpu_s``, its DuckDB threads included) and the
+machine's 1-minute load average as it ended (``load``): on a shared machine the wall-clock
+figures depend on it.
 
     .venv/bin/python benchmarks/streaming.py                      # 400k events, 10k/s for 15 s, 3 rounds
     .venv/bin/python benchmarks/streaming.py --events 100000 --rounds 1 --seconds 5   # quick
@@ -122,10 +127,12 @@ def _job(s: Setup, job: str, stream: str, worker: int, workers: int, total: int,
     source = RedisStreamSource(redis.Redis.from_url(_db(s.url, 0)), stream, f"featurepipe-{job}-w{worker}")
     j = StreamJob(load_store(s.repo), source, redis.Redis.from_url(_db(s.url, sink_db), socket_timeout=120), options)
     queue.put(("ready", worker))
+    cpu = time.process_time()
     result = j.run()
+    cpu = time.process_time() - cpu
     j.close()
     queue.put(("done", worker, result.seconds, result.run_messages, result.counters.accepted,
-               result.latencies, _peak_rss_mb(), result.loop_seconds))
+               result.latencies, _peak_rss_mb(), result.loop_seconds, cpu))
 
 
 def featurepipe_throughput(s: Setup, workers: int, rnd: int) -> dict[str, float]:
@@ -149,7 +156,8 @@ def featurepipe_throughput(s: Setup, workers: int, rnd: int) -> dict[str, float]
     seconds = max(r[2] for r in results)
     return {"events_per_s": len(s.payloads) / loop, "online_s": loop,
             "with_final_flush_per_s": len(s.payloads) / seconds, "total_s": seconds,
-            "rss_mb": max(r[6] for r in results)}
+            "rss_mb": max(r[6] for r in results), "job_cpu_s": sum(r[8] for r in results),
+            "load": os.getloadavg()[0]}
 
 
 def _publisher(url: str, stream: str, payloads: list[bytes], rate: int, start_at: float) -> None:
@@ -194,7 +202,7 @@ def featurepipe_latency(s: Setup, rate: int, seconds: float, rnd: int) -> dict[s
     proc.join()
     lat = np.asarray(msg[5]) * 1000
     return {"p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
-            "max_ms": float(lat.max()), "events": len(lat)}
+            "max_ms": float(lat.max()), "events": len(lat), "job_cpu_s": msg[8], "load": os.getloadavg()[0]}
 
 
 # ---------------------------------------------------------------- Feast
@@ -217,8 +225,9 @@ def _feast_rows(s: Setup) -> dict[str, tuple[Any, Any]]:
             f"SELECT * EXCLUDE (date), row_number() OVER () - 1 AS __r FROM read_parquet("
             f"'{s.data}/offline/{view}/date=*/part-*.parquet', hive_partitioning = true)").to_arrow_table()
         con.register("rows", rows)
-        idx = con.sql(f"SELECT r.__r FROM ev e JOIN rows r ON e.{key} = r.{key} AND e.event_timestamp = "
-                      "r.event_timestamp ORDER BY e.__i").fetchnumpy()["__r"]
+        # the row in force right after the event (its change point x + 1 us): what the job writes
+        idx = con.sql(f"SELECT r.__r FROM ev e JOIN rows r ON e.{key} = r.{key} AND e.event_timestamp "
+                      "+ INTERVAL 1 MICROSECOND = r.event_timestamp ORDER BY e.__i").fetchnumpy()["__r"]
         assert len(idx) == s.events.num_rows, (view, len(idx))
         out[view] = (rows.drop_columns(["__r"]), np.asarray(idx))
     return out

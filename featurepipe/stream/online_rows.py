@@ -52,7 +52,7 @@ def with_positions(table: pa.Table, keys: list[str]) -> pa.Table:
     if n:
         new[0] = True
         for k in keys:
-            column = table.column(k)
+            column = table.column(k).combine_chunks()
             new[1:] |= np.asarray(pc.not_equal(column.slice(1), column.slice(0, n - 1)).to_numpy(zero_copy_only=False))
     starts = np.flatnonzero(new)
     position = np.arange(n) - np.repeat(starts, np.diff(np.append(starts, n)))
