@@ -1,8 +1,8 @@
 """The streaming engine against a real Redis and a real Feast repo.
 
-Oracles: the kernel's change-point rows (:func:`featurepipe.core.windows.change_point_sql`,
-what the batch backfill writes) over the same events, and a brute-force reference (each
-window's events filtered at each instant, :func:`_brute_force`). The stream gets the
+Oracles: the batch backfill's rows (the kernel's change-point rows,
+:func:`featurepipe.core.windows.change_point_sql`) over the same events, and a brute-force
+reference (each window's events filtered at each instant, ``tests/window_oracle.py``). The stream gets the
 events shuffled (out of order within the allowed lateness), mixed with bad messages, late
 events and resent duplicates, and must end with the kernel's rows, value for value, in its
 offline log; online, each key's row in force at its newest event + 1 us in Feast's fields
@@ -44,7 +44,7 @@ class StreamRepo:
     data: Path
     store: Any
     events: pa.Table  # the generated transactions, in event-time order
-    batch: dict[str, pa.Table]  # the kernel's rows per view over them (a backfill of all time)
+    batch: dict[str, pa.Table]  # the backfill's rows per view (the kernel's over all the events)
     redis_url: str
 
 
@@ -72,20 +72,25 @@ def _base_url(url: str) -> str:
 
 @pytest.fixture(scope="module")
 def stream_repo(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[StreamRepo]:
-    """A copy of feature_repo with its own data: generated events, feast apply, the kernel's
-    rows over all of them."""
+    """A copy of feature_repo with its own data: generated events, feast apply, the batch
+    backfill (its default range: every change point, down to every window empty), which
+    is the kernel's rows over all the events."""
     from featurepipe.config import load_store
+    from featurepipe.jobs.backfill import backfill
 
     url = _base_url(redis_url) + "/3"
     with deployed_repo(tmp_path_factory.mktemp("stream"), url, ROWS, DAYS, seed=11) as (repo, data):
         store = load_store(repo)
+        backfill(store, progress=False, quality=False)
         con = duckdb.connect()
         con.execute("SET TimeZone = 'UTC'")
         raw = f"read_parquet('{data}/raw/transactions/**/*.parquet', hive_partitioning = true)"
         events = con.sql(
             f"SELECT * EXCLUDE (date) FROM {raw} ORDER BY event_timestamp, transaction_id"
         ).to_arrow_table()
-        batch = {view: _kernel_rows(con, store, view, raw) for view in VIEWS}
+        batch = {view: _rows(data / "offline" / view, "part-*") for view in VIEWS}
+        for view in VIEWS:
+            _assert_same_rows(batch[view], _kernel_rows(con, store, view, raw), view)
         yield StreamRepo(repo, data, store, events, batch, url)
 
 
