@@ -120,7 +120,7 @@ def reference(msgs: Sequence[Msg], lateness: timedelta, partition_max: dict[str,
               seen: set[int]) -> dict[int, str]:
     """The rules, message by message in arrival order."""
     newest = dict(partition_max)
-    batch: set[int | None] = set()
+    batch: set[int | None] = set()  # accepted so far (a duplicate repeats an accepted event)
     out: dict[int, str] = {}
     lateness_us = int(lateness / timedelta(microseconds=1))
     for i, m in enumerate(msgs):
@@ -140,12 +140,12 @@ def reference(msgs: Sequence[Msg], lateness: timedelta, partition_max: dict[str,
             before = newest.get(name, NEG_INF)
             newest[name] = max(before, ts)
             if ts < before - lateness_us or ts < finalised_to:
-                out[i] = "late"
+                out[i] = "late"  # not accepted: a later copy that is on time is not its duplicate
             elif e["transaction_id"] in batch or e["transaction_id"] in seen:
                 out[i] = "duplicate"
             else:
                 out[i] = "accepted"
-            batch.add(e["transaction_id"])
+                batch.add(e["transaction_id"])
     return out
 
 
