@@ -138,23 +138,40 @@ def test_skew_check_is_clean_then_finds_an_injected_value(pipeline: Pipeline) ->
     assert np.isfinite(clean.features[0].smape)
 
 
-def test_stale_values_enter_on_demand_views_as_missing(pipeline: Pipeline) -> None:
-    """A value older than its view's TTL is missing for on-demand features too, online as offline."""
+def test_a_user_idle_past_the_ttl_counts_zero_online_and_offline(pipeline: Pipeline) -> None:
+    """A known user whose last purchase is older than the view's TTL (7 days) has empty
+    windows, not missing ones: counts and sums 0, means and maxima null, the last purchase
+    kept, and the on-demand features computed from them; the online store (read in-process
+    at the same instant) says the same. A user never seen is missing in both."""
+    from featurepipe.online.read import online_features
+
     store = pipeline.store
-    user = 999_999_001  # never in the generated data
+    raw = duckdb.sql(f"SELECT user_id, max(event_timestamp) AS last FROM read_parquet('{_raw(pipeline)}') "
+                     "GROUP BY user_id ORDER BY user_id LIMIT 5").df()
     view = store.get_feature_view("user_transaction_stats")
-    old = pd.Timestamp(datetime.now(timezone.utc)) - view.ttl - timedelta(hours=1)
-    row = {f.name: [1.0] for f in view.features}
-    row.update(txn_count_1h=[1], txn_count_24h=[1], txn_count_7d=[1], last_txn_epoch=[old.timestamp()])
-    store.write_to_online_store("user_transaction_stats", pd.DataFrame({"user_id": [user], **row, "event_timestamp": [old]}))
-    entities = pd.DataFrame({"user_id": [user], "merchant_id": [1], "amount": [50.0]})
-    with FeatureServer(pipeline.repo, port=0) as server, FeatureClient(server.address) as client:
-        online = client.get_features({"user_id": [user], "merchant_id": [1]}, feature_service="fraud_detection_v1",
-                                     request_context={"amount": [50.0], "txn_epoch": [datetime.now(timezone.utc).timestamp()]})
-        assert online.statuses["amount_mean_7d"] == ["OUTSIDE_MAX_AGE"]
-        assert online["seconds_since_last_txn"] == [None] and online["amount_to_mean_7d"] == [None]
-        report = check_skew(store, client, entities, "fraud_detection_v1")
-    assert report.clean, [(f.feature, f.extra_online, f.missing_online) for f in report.features]
+    at = pd.Timestamp(raw["last"].max()) + view.ttl + timedelta(hours=2)  # past every window and the TTL
+    never = 999_999_001
+    users = [*map(int, raw["user_id"]), never]
+    entity_df = pd.DataFrame({"user_id": users, "merchant_id": 1, "amount": 50.0, "event_timestamp": at,
+                              "txn_epoch": at.timestamp()})
+    refs = [f"user_transaction_stats:{f.name}" for f in view.features]
+    offline = store.get_historical_features(
+        entity_df=entity_df, features=[*refs, "transaction_context:seconds_since_last_txn",
+                                       "transaction_context:amount_to_mean_7d"],
+    ).to_df().set_index("user_id").loc[users]
+    known = offline.loc[users[:-1]]
+    for window in ("1h", "24h", "7d"):
+        assert (known[f"txn_count_{window}"] == 0).all() and (known[f"amount_sum_{window}"] == 0).all()
+        assert known[f"amount_mean_{window}"].isna().all() and known[f"amount_max_{window}"].isna().all()
+    expected_last = [t.timestamp() for t in pd.to_datetime(raw["last"], utc=True)]
+    assert known["last_txn_epoch"].tolist() == pytest.approx(expected_last)
+    assert known["seconds_since_last_txn"].tolist() == pytest.approx([at.timestamp() - t for t in expected_last])
+    assert known["amount_to_mean_7d"].isna().all()  # no 7-day mean to compare with
+    assert offline.loc[never].drop(["merchant_id", "amount", "event_timestamp", "txn_epoch"]).isna().all()
+    online = online_features(store, [{"user_id": u} for u in users], refs, at=at.to_pydatetime()).set_index("user_id")
+    for f in view.features:
+        ours = online.loc[users, f.name].astype("float64").to_numpy()
+        np.testing.assert_array_equal(ours, offline[f.name].astype("float64").to_numpy(), err_msg=f.name)
 
 
 def test_training_set_saved_as_feast_dataset_with_its_fingerprint(pipeline: Pipeline, trained: tuple, tmp_path: Path) -> None:
