@@ -190,8 +190,9 @@ def unsupported_reason(view: FeatureView, repo_config: Any) -> str | None:
 
 class FeaturepipeMaterializationEngine(ComputeEngine):
     """Materialises feature views from Parquet into Redis (Feast's layout): DuckDB for the
-    latest rows, NumPy for Feast's bytes, ``RESTORE`` for new keys, a Lua compare-and-set
-    for existing ones.
+    latest rows (a windowed-aggregate view: each entity's window schedule, with the kernel
+    from the raw events), NumPy for Feast's bytes, ``RESTORE`` for new keys, a Lua
+    compare-and-set for existing ones.
 
     See the module documentation for the configuration.
     """

@@ -1,10 +1,18 @@
-"""``featurepipe materialize``: latest feature values from the offline tables into Redis.
+"""``featurepipe materialize``: feature values into Redis, in Feast's layout.
 
 Drives Feast's own ``FeatureStore.materialize`` / ``materialize_incremental`` (so the
 registry records the materialised intervals as Feast does), which hands each view to the
 batch engine configured in ``feature_store.yaml``: featurepipe's
 :class:`~featurepipe.feast.materialization_engine.FeaturepipeMaterializationEngine`. Its per-view
 outcomes (rows, entities, rows written, rows quarantined, seconds) come back in the result.
+
+A plain view gets the latest row per entity of its offline table. A windowed-aggregate view
+gets, per entity with an event in the range, its window schedule computed from the raw
+events (:mod:`featurepipe.online.schedule_scan`): readers (the feature server,
+:func:`featurepipe.online.read.online_features`) pick the values at their own clock, so a
+"1h count" is the hour before the request. Feast's own fields hold the values right after
+the entity's newest event (Feast's SDK reads those: they do not slide with time). Online data
+written before request-time windows is rebuilt by one run over the whole range (the default).
 """
 
 from __future__ import annotations
@@ -62,7 +70,8 @@ def materialize(
     batch_rows: int | None = None,
     progress: bool | None = None,
 ) -> MaterializeResult:
-    """Load the latest value per entity with event time in ``[start, end]`` into Redis.
+    """Load the values of every entity with event time in ``[start, end]`` into Redis: the
+    latest row (plain views), the window schedule from the raw events (windowed views).
 
     With ``incremental``, each view starts where its previous materialisation ended (as
     ``feast materialize-incremental``); ``start`` must then be None.

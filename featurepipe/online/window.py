@@ -99,8 +99,8 @@ class ViewMaterialization:
     view: str
     start: datetime
     end: datetime
-    window_rows: int = 0  # offline rows with event time in the window (and a join key)
-    entities: int = 0  # latest rows, one per entity
+    window_rows: int = 0  # offline rows (windowed views: raw events) with event time in the window and a join key
+    entities: int = 0  # latest rows (windowed views: schedules), one per entity
     written: int = 0  # hashes updated
     skipped: int = 0  # Redis already held a value at least as new
     restored: int = 0  # of written: new keys created whole with RESTORE
@@ -108,7 +108,7 @@ class ViewMaterialization:
     seconds: float = 0.0
     quarantine_files: list[str] = field(default_factory=list)
     null_key_rows: int = 0  # of quarantined: window rows without a join key
-    check_failures: dict[str, int] = field(default_factory=dict)  # latest rows failing each contract check
+    check_failures: dict[str, int] = field(default_factory=dict)  # rows (latest or schedule) failing each check
     newest_event: datetime | None = None  # newest event time among the rows written or kept
     files: list[str] = field(default_factory=list)  # the offline files read (raw files: windowed views)
     schedule_rows: int = 0  # windowed views: change-point rows in the schedules sent
@@ -228,7 +228,8 @@ def materialize_window(
     client: redis.Redis,
     options: WindowOptions = WindowOptions(),
 ) -> ViewMaterialization:
-    """Write the latest value per entity in ``[start, end]`` of one view into Redis."""
+    """Write the latest value (windowed views: the window schedule) of every entity with a
+    row (an event) in ``[start, end]`` of one view into Redis."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
