@@ -7,20 +7,16 @@ an entity (see :mod:`featurepipe.core.windows`, the kernel that computes them), 
 events in ``[floor(t, hop) - window, t)``: events at ``t`` itself are out. So a
 point-in-time join (feature time ``<=`` the entity row's time) returns the value at the
 entity row's time exactly, whatever that time is.
-
-:func:`latest_sql` is the streaming engine's former online update (the row at each key's
-newest event, kernel version 1); it stays until the stream engine computes its rows with
-the kernel too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from featurepipe.core.sql import literal, quote, ts_literal
 from featurepipe.core.windows import ViewShape, change_point_sql, horizon, validate
-from featurepipe.definitions import AggregateSpec, AggregateView
+from featurepipe.definitions import AggregateView
 from featurepipe.errors import InvalidInput
 
 
@@ -86,67 +82,3 @@ def aggregate_sql(
     shape = ViewShape(view.join_keys, view.timestamp_field, view.aggregations, columns.types)
     return change_point_sql(shape, events, start, end)
 
-
-# --- kernel version 1, the stream engine's online update until it moves to the kernel -------
-
-_SQL_FUNCTION = {"count": "count", "sum": "sum", "mean": "avg", "min": "min", "max": "max"}
-_INTEGER_TYPES = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT", "HUGEINT"}
-
-
-def _value_expr(agg: AggregateSpec, columns: SourceColumns) -> str:
-    """The expression an aggregate runs over.
-
-    Sums and means of fractional columns run over ``DECIMAL(38, 9)``: exact, so the result
-    does not depend on summation order (DuckDB's window segment trees add in an order that
-    depends on which rows are read, and a partial rerun must give the same bytes as a full
-    one; the streaming engine must agree with both).
-    """
-    col = quote(agg.column)
-    column_type = columns.types[agg.column].upper()
-    if "TIMESTAMP" in column_type:
-        return f"(epoch_us({col}) / 1e6)"
-    if agg.function == "count" or column_type in _INTEGER_TYPES:
-        return col
-    if agg.function in ("sum", "mean"):
-        return f"CAST({col} AS DECIMAL(38, 9))"
-    return f"CAST({col} AS DOUBLE)"
-
-
-def _output(agg: AggregateSpec, columns: SourceColumns, over: str) -> str:
-    """One aggregate's output column: the function over its value expression, then ``over``
-    (a window frame or a filter), cast to the output type."""
-    expr = _value_expr(agg, columns)
-    if agg.function == "last":
-        return f"max({expr}) {over} AS {quote(agg.name)}"
-    cast = "BIGINT" if agg.function == "count" else "DOUBLE"
-    return f"CAST({_SQL_FUNCTION[agg.function]}({expr}) {over} AS {cast}) AS {quote(agg.name)}"
-
-
-def latest_sql(view: AggregateView, columns: SourceColumns, source: str) -> str:
-    """SELECT giving, for every key in ``source``, its aggregates as of its newest event
-    time ``t`` under kernel version 1 (windows ``[t - window, t]``, as of each event): one
-    grouped aggregate with a filter per window (the streaming engine's online update, until
-    it computes change points with :func:`aggregate_sql`'s kernel).
-    """
-    columns.require(view)
-    keys = ", ".join(quote(k) for k in view.join_keys)
-    ts = quote(view.timestamp_field)
-    outputs = []
-    for agg in view.aggregations:
-        if agg.window is None:
-            cond = f"{ts} = __hi"
-        else:
-            micros = int(agg.window / timedelta(microseconds=1))
-            cond = f"{ts} >= __hi - INTERVAL ({micros}) MICROSECONDS"
-        outputs.append(_output(agg, columns, f"FILTER (WHERE {cond})"))
-    not_null = " AND ".join([f"{ts} IS NOT NULL", *(f"{quote(k)} IS NOT NULL" for k in view.join_keys)])
-    max_window = int(view.max_window / timedelta(microseconds=1))
-    return f"""
-WITH src AS (SELECT * FROM {source} WHERE {not_null}),
-hi AS (SELECT {keys}, max({ts}) AS __hi FROM src GROUP BY {keys})
-SELECT {keys}, any_value(__hi) AS event_timestamp,
-    {(", " + chr(10) + "    ").join(outputs)}
-FROM src JOIN hi USING ({keys})
-WHERE {ts} >= __hi - INTERVAL ({max_window}) MICROSECONDS
-GROUP BY {keys}
-""".strip()
