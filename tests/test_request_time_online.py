@@ -208,7 +208,7 @@ def test_materialised_schedules_hold_every_row_from_the_newest_event_on(online: 
             assert {n: _value(values[n]) for n in names} == first
 
 
-def test_a_second_run_writes_nothing_and_a_newer_write_survives(online: Online) -> None:
+def test_a_second_run_writes_nothing(online: Online) -> None:
     from featurepipe.jobs.materialize import materialize
 
     client = online.client()
