@@ -352,6 +352,32 @@ def test_null_keys_and_times_are_skipped() -> None:
         (1, _dt(TEN + 1), 1), (1, _dt(TEN + HOUR + 5 * MINUTE), 0)]
 
 
+def test_last_of_another_timestamp_column_is_its_value_on_the_latest_event() -> None:
+    # the view's event time is ts; last(seen) reads seen on the events at the latest instant
+    # before t (the greatest of them; null when they have none)
+    seen = [TEN + 5 * MINUTE, None, TEN - DAY, None]
+    times = [TEN, TEN + MINUTE, TEN + MINUTE, TEN + 2 * MINUTE]
+    aggs = (Agg("last_seen", "last", "seen", None), Agg("last_ts", "last", "ts", None))
+    types = {**TYPES, "seen": "TIMESTAMP WITH TIME ZONE"}
+    con = db.connect("deterministic")
+    con.register("events", pa.table({"uid": [1] * 4, "ts": pa.array(times, pa.timestamp("us", tz="UTC")),
+                                     "seen": pa.array(seen, pa.timestamp("us", tz="UTC"))}))
+    rows = con.execute(change_point_sql(ViewShape(("uid",), "ts", aggs, types), "events")).fetchall()
+    points = ChangePoints.from_rows(rows, ["uid", "event_timestamp", "last_seen", "last_ts"], ["uid"])
+    events = [Event((1,), t, {"seen": s}) for t, s in zip(times, seen)]
+    for t in [TEN, TEN + 1, TEN + MINUTE + 1, TEN + 2 * MINUTE + 1]:
+        want = values_at(events, aggs, types, (1,), t)
+        assert differences(points.at((1,), t) or empty_values(aggs), want) == {}, t
+    assert points.at((1,), TEN + MINUTE + 1) == {"last_seen": (TEN - DAY) / 1e6, "last_ts": (TEN + MINUTE) / 1e6}
+    assert points.at((1,), TEN + 2 * MINUTE + 1) == {"last_seen": None, "last_ts": (TEN + 2 * MINUTE) / 1e6}
+
+
+def test_last_of_a_column_that_is_not_a_timestamp_is_refused() -> None:
+    shape = ViewShape(("uid",), "ts", (Agg("last_amount", "last", "amount", None),), TYPES)
+    with pytest.raises(InvalidInput, match="'last_amount'.*timestamp"):
+        change_point_sql(shape, "events")
+
+
 def test_no_events_no_rows() -> None:
     _, rows = run([], ALL)
     assert rows == []

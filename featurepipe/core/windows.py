@@ -44,7 +44,6 @@ _MINUTE = 60 * US
 _HOUR = 60 * _MINUTE
 _DAY = 24 * _HOUR
 
-_SQL_FUNCTION = {"count": "count", "sum": "sum", "min": "min", "max": "max"}
 _INTEGER_TYPES = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT",
                   "HUGEINT"}
 
@@ -120,31 +119,8 @@ def value_expr(agg: Aggregate, column_type: str) -> str:
 
 
 def _floor(expr: str, hop: int) -> str:
+    """``expr`` rounded down to a multiple of ``hop`` (also below zero)."""
     return f"({expr} - ((({expr}) % {hop}) + {hop}) % {hop})"
-
-
-def _frame(keys: str, agg: Aggregate) -> str:
-    if agg.window is None:
-        return f"(PARTITION BY {keys} ORDER BY __o RANGE BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)"
-    offset = f"(__v - {_floor('__v', hop_for(agg.window))} + {micros(agg.window)})"
-    return f"(PARTITION BY {keys} ORDER BY __o RANGE BETWEEN COALESCE({offset}, 0) PRECEDING AND 1 PRECEDING)"
-
-
-def output(agg: Aggregate, column_type: str, keys: str) -> str:
-    """One aggregate's column at a change point: merge the events of its frame, finalise."""
-    expr = value_expr(agg, column_type)
-    frame = _frame(keys, agg)
-    if agg.function == "last":
-        return f"max(__a_{agg.name}) OVER {frame} AS {quote(agg.name)}"
-    if agg.function == "count":
-        return f"CAST(count(__a_{agg.name}) OVER {frame} AS BIGINT) AS {quote(agg.name)}"
-    if agg.function == "sum":
-        return f"CAST(COALESCE(sum(__a_{agg.name}) OVER {frame}, 0) AS DOUBLE) AS {quote(agg.name)}"
-    if agg.function == "mean":
-        return (f"CAST(sum(__a_{agg.name}) OVER {frame} AS DOUBLE) / "
-                f"CAST(NULLIF(count(__a_{agg.name}) OVER {frame}, 0) AS DOUBLE) AS {quote(agg.name)}")
-    del expr
-    return f"CAST({_SQL_FUNCTION[agg.function]}(__a_{agg.name}) OVER {frame} AS DOUBLE) AS {quote(agg.name)}"
 
 
 @dataclass(frozen=True)
@@ -157,117 +133,170 @@ class ViewShape:
     types: dict[str, str]
 
 
+@dataclass(frozen=True)
+class _Columns:
+    """The partial aggregates a view needs, each computed once: per input column ``__k<i>``,
+    its count (``_n``), exact sum (``_s``) and extremes (``_min``, ``_max``) as needed."""
+
+    prefix: dict[str, str]  # input column -> its prefix (__k<i>)
+    parts: dict[str, str]  # partial aggregate column -> its SQL over one instant's events
+    windows: list[timedelta]  # the distinct windows (one lookup of a first group each)
+
+
+def _columns(view: ViewShape) -> _Columns:
+    prefix: dict[str, str] = {}
+    parts: dict[str, str] = {}
+    for a in view.aggregations:
+        column_type = view.types[a.column].upper()
+        k = prefix.setdefault(a.column, f"__k{len(prefix)}")
+        if a.function == "last":
+            if "TIMESTAMP" not in column_type:
+                raise InvalidInput(
+                    f"aggregate {a.name!r}: last of {a.column!r} ({column_type}) is not supported; "
+                    "last takes a timestamp column and gives its epoch seconds"
+                )
+            if a.column != view.timestamp_field:
+                parts[f"{k}_last"] = f"max(epoch_us({quote(a.column)}))"
+        elif a.function in ("count", "sum", "mean"):
+            parts[f"{k}_n"] = f"count({quote(a.column)})"
+            if a.function != "count":
+                parts[f"{k}_s"] = f"sum({value_expr(a, column_type)})"
+        elif a.function in ("min", "max"):
+            parts[f"{k}_{a.function}"] = f"{a.function}({value_expr(a, column_type)})"
+        else:
+            raise InvalidInput(f"aggregate {a.name!r}: unknown function {a.function!r}")
+    windows = sorted({a.window for a in view.aggregations if a.window is not None})
+    return _Columns(prefix, parts, windows)
+
+
 def change_point_sql(view: ViewShape, events: str, start: datetime | None = None,
                      end: datetime | None = None) -> str:
     """SELECT of the view's rows at every change point ``v`` in ``[start, end)``: the join keys,
     ``event_timestamp`` (= ``v``, as TIMESTAMPTZ) and one column per aggregate, valid for
-    ``v <= t`` until the key's next row.
+    ``v <= t`` until the key's next row; ordered by ``event_timestamp``, then the keys.
 
     ``events`` is a relation of raw events (the view's input); rows with a null key or
     event time are skipped. It must hold every event from ``start - horizon`` (or all of
     them when an aggregate has no window and is not ``last``), which the caller filters.
 
-    How: counts and sums are differences of exact running totals (``DECIMAL``, so the
-    difference is exact), each read with an as-of join at ``v`` and at the window's start;
-    ``last`` is the as-of event itself; only ``min`` and ``max``, which do not subtract, use
-    a window frame whose start moves with ``v``.
+    How: a key's events at one instant ``x`` form one *group* (count, exact sum, extremes),
+    which arrives at ``x + 1us``; groups are numbered per key in time order. Running totals
+    over a key's groups give the count and sum before any instant, so a window ``[s, v)``
+    holds the totals of the latest group before ``v`` minus those before the first group at
+    or after ``s``. Min and max do not subtract: ``[s, v)`` spans the end of one block of
+    ``W`` (blocks aligned to multiples of ``W``) and the start of the next, so its extreme is
+    the greater of the first block's extreme from that first group on and the second
+    block's extreme up to that latest group: running extremes per block. Which groups those
+    are at each change point is counted, not searched: each change point records how many
+    groups arrive there and how many leave each window, and one running sum over a key's
+    change points (the counts packed side by side into HUGEINTs) gives both numbers; equality
+    joins on them fetch the two groups' totals. No window frame moves row by row, no as-of
+    join.
     """
+    cols = _columns(view)
+    aggs = view.aggregations
     keys = [quote(k) for k in view.join_keys]
     key_list = ", ".join(keys)
-    on = " AND ".join(f"p.{k} = c.{k}" for k in keys)
     ts = quote(view.timestamp_field)
-    aggs = view.aggregations
     not_null = " AND ".join([f"{ts} IS NOT NULL", *(f"{k} IS NOT NULL" for k in keys)])
-    # one value column per distinct (column, expression)
-    exprs: dict[str, str] = {}
-    col_of: dict[str, str] = {}
+    inputs = [quote(c) for c in cols.prefix if c not in view.join_keys]
+
+    # per group: totals up to and including it (_i) and before it (_e); extremes so far (_all);
+    # per window with a min or max: extremes of the group's block up to it (_p<i>) and from it (_s<i>)
+    running = ["row_number() OVER w AS __r"]
+    running += [f"sum({p}) OVER w AS {p}_i" for p in cols.parts if p.endswith(("_n", "_s"))]
+    before = [f"{p}_i - COALESCE({p}, 0) AS {p}_e" for p in cols.parts if p.endswith(("_n", "_s"))]
     for a in aggs:
-        e = value_expr(a, view.types[a.column])
-        if a.function != "last":
-            col_of[a.name] = exprs.setdefault(e, f"__c{len(exprs)}")
-    values = ", ".join(f"{e} AS {c}" for e, c in exprs.items())
-    windows = sorted({a.window for a in aggs if a.window is not None})
-    wname = {w: f"__w{i}" for i, w in enumerate(windows)}
-    drops = [f"SELECT DISTINCT {key_list}, {_floor('__x', hop_for(w))} + {hop_for(w) + micros(w)} AS __v FROM src"
-             for w in windows]
+        if a.function not in ("min", "max"):
+            continue
+        part = f"{cols.prefix[a.column]}_{a.function}"
+        if a.window is None:
+            running.append(f"{a.function}({part}) OVER w AS {part}_all")
+        else:
+            i = cols.windows.index(a.window)
+            block = f"PARTITION BY {key_list}, {_floor('__x', micros(a.window))} ORDER BY __x ROWS BETWEEN"
+            running += [f"{a.function}({part}) OVER ({block} UNBOUNDED PRECEDING AND CURRENT ROW) AS {part}_p{i}",
+                        f"{a.function}({part}) OVER ({block} CURRENT ROW AND UNBOUNDED FOLLOWING) AS {part}_s{i}"]
+    running = list(dict.fromkeys(running))
+
+    # change points: just after each group, and where a bucket leaves a window. Each change
+    # point counts the groups that arrive there (component 0) and those that leave window i
+    # (component i + 1); running counts over a key's change points then give the ordinal of
+    # the latest group before it and of the first group still in each window. Components are
+    # packed 32 bits apiece, four to a HUGEINT, so one running sum counts them all (a key
+    # may have up to 2**31 groups in the input)
+    n = len(cols.windows)
+    marks = [f"SELECT {key_list}, __x + 1 AS __v, 1::HUGEINT AS __d0 FROM g"]
+    marks += [f"SELECT {key_list}, {_floor('__x', hop_for(w))} + {hop_for(w) + micros(w)} AS __v, "
+              f"{1 << 32 * ((i + 1) % 4)}::HUGEINT AS __d{(i + 1) // 4} FROM g" for i, w in enumerate(cols.windows)]
+    packs = range(n // 4 + 1)
+    merged = ", ".join(f"sum(__d{j}) AS __d{j}" for j in packs)
+    sums = ", ".join(f"COALESCE(sum(__d{j}) OVER w, 0) AS __d{j}" for j in packs)
+
+    def component(j: int) -> str:
+        return f"((__d{j // 4} >> {32 * (j % 4)}) & 4294967295)::BIGINT"
+
+    ranks = ", ".join([f"{component(0)} AS __rc", *(f"{component(i + 1)} + 1 AS __r{i}" for i in range(n))])
     bounds = []
     if start is not None:
         bounds.append(f"__v >= {_epoch_us(start)}")
     if end is not None:
         bounds.append(f"__v < {_epoch_us(end)}")
-    probes = " UNION ".join([f"SELECT DISTINCT {key_list}, __x + 1 AS __v FROM src", *drops])
-    starts = ", ".join(f"{_floor('__v', hop_for(w))} - {micros(w)} AS {wname[w]}" for w in windows)
-    # running totals per key, one row per distinct event time (ties at x all count from x + 1)
-    summed = sorted({c for a in aggs if a.function in ("count", "sum", "mean") for c in [col_of[a.name]]})
-    running = ", ".join(
-        f"count({c}) OVER w AS {c}_n, sum({c}) OVER w AS {c}_s" for c in summed
-    )
-    cum = (f"SELECT DISTINCT ON ({key_list}, __x) {key_list}, __x + 1 AS __x1, __x"
-           f"{', ' + running if running else ''} FROM src "
-           f"WINDOW w AS (PARTITION BY {key_list} ORDER BY __x RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)")
-    joins = [f"ASOF LEFT JOIN cum c ON {on} AND c.__x1 <= p.__v"]
-    picked = ["c.__x AS __last"] + [f"c.{c}_n AS {c}_n_v, c.{c}_s AS {c}_s_v" for c in summed]
-    for w in windows:
-        alias = f"c{wname[w]}"
-        joins.append(f"ASOF LEFT JOIN cum {alias} ON {on.replace('c.', alias + '.')} AND {alias}.__x1 <= p.{wname[w]}")
-        picked += [f"{alias}.{c}_n AS {c}_n{wname[w]}, {alias}.{c}_s AS {c}_s{wname[w]}" for c in summed]
-    # min / max: a frame over events and probes together, starting at the window's start
-    extremes = [a for a in aggs if a.function in ("min", "max")]
-    outputs = []
-    for a in aggs:
-        name = quote(a.name)
-        if a.function == "last":
-            outputs.append(f"__last / 1e6 AS {name}" if "TIMESTAMP" in view.types[a.column].upper()
-                           else f"__last_{a.name} AS {name}")
-            continue
-        if a.function in ("min", "max"):
-            outputs.append(f"__e_{a.name} AS {name}")
-            continue
-        c = col_of[a.name]
-        suffix = wname[a.window] if a.window is not None else None
-        n = f"(COALESCE({c}_n_v, 0) - COALESCE({c}_n{suffix}, 0))" if suffix else f"COALESCE({c}_n_v, 0)"
-        total = (f"(COALESCE({c}_s_v, 0) - COALESCE({c}_s{suffix}, 0))" if suffix else f"COALESCE({c}_s_v, 0)")
-        if a.function == "count":
-            outputs.append(f"CAST({n} AS BIGINT) AS {name}")
-        elif a.function == "sum":
-            outputs.append(f"CAST({total} AS DOUBLE) AS {name}")
-        else:
-            outputs.append(f"CAST({total} AS DOUBLE) / CAST(NULLIF({n}, 0) AS DOUBLE) AS {name}")
-    extreme_sql = ""
-    if extremes:
-        frames = []
-        for a in extremes:
-            c = col_of[a.name]
-            if a.window is None:
-                frame = "RANGE BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING"
-            else:
-                off = f"(__v - {_floor('__v', hop_for(a.window))} + {micros(a.window)})"
-                frame = f"RANGE BETWEEN COALESCE({off}, 0) PRECEDING AND 1 PRECEDING"
-            frames.append(f"CAST({a.function}({c}) OVER (PARTITION BY {key_list} ORDER BY __o {frame}) AS DOUBLE)"
-                          f" AS __e_{a.name}")
-        extreme_cols = sorted({col_of[a.name] for a in extremes})
-        extreme_sql = f""",
-u AS (
-  SELECT {key_list}, __x AS __o, NULL::BIGINT AS __v, {", ".join(extreme_cols)} FROM src
-  UNION ALL BY NAME
-  SELECT {key_list}, __v AS __o, __v FROM probes
-),
-ext AS (SELECT * FROM (SELECT {key_list}, __v, {", ".join(frames)} FROM u) WHERE __v IS NOT NULL)"""
-    last_other = [a for a in aggs if a.function == "last" and "TIMESTAMP" not in view.types[a.column].upper()]
-    if last_other:
-        raise InvalidInput(f"last of a non-timestamp column is not supported yet: {[a.name for a in last_other]}")
-    ext_join = f" JOIN ext USING ({key_list}, __v)" if extremes else ""
+
+    def on(alias: str, rank: str) -> str:
+        return " AND ".join([*(f"p.{k} = {alias}.{k}" for k in keys), f"{alias}.__r = p.{rank}"])
+
+    fetch = [f"LEFT JOIN e c ON {on('c', '__rc')}"]
+    fetch += [f"LEFT JOIN e s{i} ON {on(f's{i}', f'__r{i}')}" for i in range(n)]
+    outputs = [f"{_output(a, cols)} AS {quote(a.name)}" for a in aggs]
+    sep = ",\n    "
     return f"""
-WITH src AS (SELECT {key_list}, epoch_us({ts}) AS __x{", " + values if values else ""} FROM {events} WHERE {not_null}),
-probes AS (SELECT * FROM ({probes}) {"WHERE " + " AND ".join(bounds) if bounds else ""}),
-cum AS ({cum}),
-pv AS (SELECT p.{key_list.replace(", ", ", p.")}, p.__v, {", ".join(picked)}
-       FROM (SELECT *{", " + starts if starts else ""} FROM probes) p {" ".join(joins)}){extreme_sql}
-SELECT {key_list}, make_timestamptz(__v) AS event_timestamp,
-    {(","+chr(10)+"    ").join(outputs)}
-FROM pv{ext_join}
-ORDER BY event_timestamp, {key_list}
+WITH src AS (SELECT {", ".join([*keys, f"epoch_us({ts}) AS __x", *inputs])} FROM {events} WHERE {not_null}),
+g AS (SELECT {", ".join([*keys, "__x", *(f"{sql} AS {p}" for p, sql in cols.parts.items())])}
+      FROM src GROUP BY {key_list}, __x),
+e AS (SELECT {", ".join(["*", *before])} FROM (
+  SELECT {", ".join(["*", *running])} FROM g WINDOW w AS (PARTITION BY {key_list} ORDER BY __x ROWS UNBOUNDED PRECEDING))),
+probes AS (SELECT {key_list}, __v, {merged} FROM ({" UNION ALL BY NAME ".join(marks)}) GROUP BY {key_list}, __v),
+ranked AS (SELECT {key_list}, __v, {ranks} FROM (
+  SELECT {key_list}, __v, {sums} FROM probes WINDOW w AS (PARTITION BY {key_list} ORDER BY __v ROWS UNBOUNDED PRECEDING))
+  {"WHERE " + " AND ".join(bounds) if bounds else ""})
+SELECT {", ".join(f"p.{k}" for k in keys)}, make_timestamptz(p.__v) AS event_timestamp,
+    {sep.join(outputs)}
+FROM ranked p
+{chr(10).join(fetch)}
+ORDER BY p.__v, {", ".join(f"p.{k}" for k in keys)}
 """.strip()
+
+
+def _output(agg: Aggregate, cols: _Columns) -> str:
+    """One aggregate's value at ``p.__v`` from the latest group before it (``c``) and, for a
+    window, the first group at or after the window's start (``s<i>``; all null: none);
+    finalised (count BIGINT, the others DOUBLE)."""
+    k = cols.prefix[agg.column]
+    if agg.function == "last":
+        return f"c.{k}_last / 1e6" if f"{k}_last" in cols.parts else "c.__x / 1e6"
+    if agg.function in ("min", "max"):
+        part = f"{k}_{agg.function}"
+        if agg.window is None:
+            return f"CAST(c.{part}_all AS DOUBLE)"
+        i = cols.windows.index(agg.window)
+        # the start's block ends where v's block begins
+        block = _floor("p.__v", micros(agg.window))
+        suffix = f"CASE WHEN s{i}.__x < {block} THEN s{i}.{part}_s{i} END"
+        prefix = f"CASE WHEN c.__x >= {block} THEN c.{part}_p{i} END"
+        return f"CAST({'greatest' if agg.function == 'max' else 'least'}({suffix}, {prefix}) AS DOUBLE)"
+    if agg.window is None:
+        n, total = f"COALESCE(c.{k}_n_i, 0)", f"COALESCE(c.{k}_s_i, 0)"
+    else:
+        i = cols.windows.index(agg.window)
+        # no group at or after the start: nothing in the window
+        n = f"(CASE WHEN s{i}.__x IS NULL THEN 0 ELSE COALESCE(c.{k}_n_i, 0) - s{i}.{k}_n_e END)"
+        total = f"(CASE WHEN s{i}.__x IS NULL THEN 0 ELSE COALESCE(c.{k}_s_i, 0) - COALESCE(s{i}.{k}_s_e, 0) END)"
+    if agg.function == "count":
+        return f"CAST({n} AS BIGINT)"
+    if agg.function == "sum":
+        return f"CAST({total} AS DOUBLE)"
+    return f"CAST({total} AS DOUBLE) / CAST(NULLIF({n}, 0) AS DOUBLE)"
 
 
 def _epoch_us(value: datetime) -> int:
