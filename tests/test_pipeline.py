@@ -123,24 +123,43 @@ def test_backfill_rerun_gives_the_same_files(pipeline: Pipeline) -> None:
     assert _digest(folder) == before
 
 
-def test_grpc_equals_feast_equals_latest_offline(pipeline: Pipeline) -> None:
+def test_grpc_equals_offline_at_the_same_instant(pipeline: Pipeline) -> None:
+    """The server's values at its clock equal the offline join at that instant; Feast's SDK,
+    which reads Feast's own fields, gets the row in force when they were written: the
+    offline values at the event timestamp Feast returns with them (to the second)."""
     from serving.client import FeatureClient
     from serving.server import FeatureServer
 
     store = pipeline.store
-    latest = duckdb.sql(
-        f"SELECT * FROM read_parquet('{pipeline.data}/offline/user_transaction_stats/**/*.parquet') "
-        "QUALIFY row_number() OVER (PARTITION BY user_id ORDER BY event_timestamp DESC) = 1"
-    ).df().set_index("user_id")
-    users = [int(u) for u in latest.sample(40, random_state=4).index]
-    refs = [f"user_transaction_stats:{f}" for f in [*USER_FEATURES, "last_txn_epoch"]]
-    feast = store.get_online_features(features=refs, entity_rows=[{"user_id": u} for u in users]).to_dict()
+    users = [int(u) for u in raw_frame(pipeline)["user_id"].drop_duplicates().sample(40, random_state=4)]
+    names = [*USER_FEATURES, "last_txn_epoch"]
+    refs = [f"user_transaction_stats:{f}" for f in names]
+
+    def offline_at(instants: list[pd.Timestamp]) -> pd.DataFrame:
+        entity_df = pd.DataFrame({"user_id": users, "event_timestamp": instants})
+        return store.get_historical_features(entity_df=entity_df, features=refs).to_df()
+
     with FeatureServer(pipeline.repo, port=0) as server, FeatureClient(server.address) as client:
-        ours = client.get_features({"user_id": users}, features=refs)
-    for name in [*USER_FEATURES, "last_txn_epoch"]:
-        expected = [latest.loc[u, name] for u in users]
-        assert ours.values[name] == pytest.approx(feast[name], rel=1e-12), name
-        assert ours.values[name] == pytest.approx(expected, rel=1e-12), name
+        before = pd.Timestamp.now(tz="UTC")
+        ours = client.get_features({"user_id": users}, features=refs).values
+        after = pd.Timestamp.now(tz="UTC")
+    first, last = offline_at([before] * len(users)), offline_at([after] * len(users))
+    steady = np.ones(len(users), dtype=bool)  # no value changed while the request ran
+    for name in names:
+        a, b = first[name].astype("float64").to_numpy(), last[name].astype("float64").to_numpy()
+        steady &= (a == b) | (np.isnan(a) & np.isnan(b))
+    assert steady.sum() >= 35
+    for name in names:
+        got = np.array([np.nan if v is None else float(v) for v in ours[name]])[steady]
+        np.testing.assert_array_equal(got, first[name].astype("float64").to_numpy()[steady], err_msg=name)
+    feast = store.get_online_features(features=refs, entity_rows=[{"user_id": u} for u in users]).to_dict(
+        include_event_timestamps=True)
+    # Feast's Redis store keeps whole seconds of the row's time (its change point v): v is in that second
+    written = pd.to_datetime(feast[f"{names[0]}__ts"], unit="s", utc=True) + pd.Timedelta(seconds=1) - pd.Timedelta(microseconds=1)
+    at_write = offline_at(list(written))
+    for name in names:
+        theirs = np.array([np.nan if v is None else float(v) for v in feast[name]])
+        np.testing.assert_array_equal(theirs, at_write[name].astype("float64").to_numpy(), err_msg=name)
 
 
 def test_training_rows_only_see_the_past(pipeline: Pipeline) -> None:
