@@ -204,7 +204,8 @@ def change_point_sql(view: ViewShape, events: str, start: datetime | None = None
     # per group: totals up to and including it (_i) and before it (_e); extremes so far (_all);
     # per window with a min or max: extremes of the group's block up to it (_p<i>) and from it (_s<i>)
     running = ["row_number() OVER w AS __r"]
-    running += [f"sum({p}) OVER w AS {p}_i" for p in cols.parts if p.endswith(("_n", "_s"))]
+    running += [f"CAST(sum({p}) OVER w AS BIGINT) AS {p}_i" if p.endswith("_n") else f"sum({p}) OVER w AS {p}_i"
+                for p in cols.parts if p.endswith(("_n", "_s"))]
     before = [f"{p}_i - COALESCE({p}, 0) AS {p}_e" for p in cols.parts if p.endswith(("_n", "_s"))]
     for a in aggs:
         if a.function not in ("min", "max"):
