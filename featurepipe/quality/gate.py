@@ -309,6 +309,10 @@ class BatchGate(Gate):
         for extra in (checks.volume_check(stage, contract, scan, self.now), fresh):
             if extra is not None:
                 results.append(extra)
+        if input_newest is not None:
+            # days after the newest input event only hold windows emptying out (request-time
+            # windows): no event made them, so they are neither judged nor kept as history
+            day_stats = [d for d in day_stats if d.day <= input_newest.date()]
         if contract.anomalies is not None and day_stats:
             history = stats.load_history(self.data, stage, contract.name, con)
             results += anomaly.judge(stage, contract.name, contract.anomalies, day_stats, history, self.now,
