@@ -30,6 +30,7 @@ from featurepipe.core.windows import (
     hop_for,
     horizon,
     micros,
+    schedule_sql,
     validate,
     window_start_us,
 )
@@ -251,6 +252,29 @@ def test_start_and_end_bound_the_rows_and_match_the_full_run(case: tuple[list[Ev
     for key, vs in whole.v_us.items():
         for t in vs:
             assert differences(bits.at(key, t) or {}, whole.at(key, t) or {}) == {}
+
+
+@RANDOM
+@given(case=scenarios(compound=True))
+def test_schedules_are_the_change_point_rows_from_each_keys_newest_event_on(
+        case: tuple[list[Event], list[int]]) -> None:
+    """schedule_sql (what materialisation and the stream write online) gives exactly
+    change_point_sql's rows with v >= the key's newest event + 1 us, bit for bit, in key then
+    v order; also when the events reach back further than the horizon."""
+    events, _ = case
+    shape = ViewShape(("uid", "region"), "ts", ALL, TYPES)
+    _, full = run(events, ALL, ("uid", "region"))
+    newest: dict[tuple[Any, ...], int] = {}
+    for e in events:
+        newest[e.key] = max(newest.get(e.key, e.t_us), e.t_us)
+    expected = sorted((r for r in full if epoch_us(r[2]) > newest[(r[0], r[1])]), key=lambda r: (r[0], r[1], r[2]))
+    con = db.connect("deterministic")
+    try:
+        con.register("events", table(events, ("uid", "region")))
+        got = con.execute(schedule_sql(shape, "events")).fetchall()
+    finally:
+        con.close()
+    assert [repr(r) for r in got] == [repr(r) for r in expected]
 
 
 # --- hand-made cases -----------------------------------------------------------------------

@@ -269,10 +269,100 @@ ORDER BY p.__v, {", ".join(f"p.{k}" for k in keys)}
 """.strip()
 
 
-def _output(agg: Aggregate, cols: _Columns) -> str:
+def schedule_sql(view: ViewShape, events: str) -> str:
+    """SELECT of each key's *schedule*: the rows of :func:`change_point_sql` from the key's
+    newest event ``x`` on (``v >= x + 1 us``: the row in force right after it, then one
+    row per change still to come, the drops), ordered by the keys then ``event_timestamp``.
+    The same rows as :func:`change_point_sql` over the same events, bit for bit (tested);
+    what materialisation and the stream write online.
+
+    ``events`` must hold each key's events from ``x - horizon`` on (all of them for an
+    aggregate without a window); older ones change nothing.
+
+    Cheaper than the general SQL because no row comes before the key's newest event: every
+    group has arrived, so the latest group is the key's last one, a window's value is the
+    totals from its first group to the end (extremes too: one running extreme from the end
+    replaces the blocks), and only drops after ``x + 1 us`` are change points. The first
+    group of each window is counted as in :func:`change_point_sql`: at ``x + 1 us`` from the
+    groups whose bucket has already left, then one more at each later drop.
+    """
+    cols = _columns(view)
+    aggs = view.aggregations
+    keys = [quote(k) for k in view.join_keys]
+    key_list = ", ".join(keys)
+    ts = quote(view.timestamp_field)
+    not_null = " AND ".join([f"{ts} IS NOT NULL", *(f"{k} IS NOT NULL" for k in keys)])
+    inputs = [quote(c) for c in cols.prefix if c not in view.join_keys]
+
+    running = ["row_number() OVER w AS __r"]
+    running += [f"CAST(sum({p}) OVER w AS BIGINT) AS {p}_i" if p.endswith("_n") else f"sum({p}) OVER w AS {p}_i"
+                for p in cols.parts if p.endswith(("_n", "_s"))]
+    before = [f"{p}_i - COALESCE({p}, 0) AS {p}_e" for p in cols.parts if p.endswith(("_n", "_s"))]
+    for a in aggs:
+        if a.function in ("min", "max"):
+            part = f"{cols.prefix[a.column]}_{a.function}"
+            running.append(f"{a.function}({part}) OVER w AS {part}_all" if a.window is None else
+                           f"{a.function}({part}) OVER (PARTITION BY {key_list} ORDER BY __x ROWS BETWEEN "
+                           f"CURRENT ROW AND UNBOUNDED FOLLOWING) AS {part}_suf")
+    running = list(dict.fromkeys(running))
+
+    n = len(cols.windows)
+    packs = range(n // 4 + 1)
+    drops = [f"{_floor('__x', hop_for(w))} + {hop_for(w) + micros(w)}" for w in cols.windows]
+
+    def shift(i: int) -> tuple[int, int]:  # window i's component: (pack, bit offset)
+        return (i + 1) // 4, 32 * ((i + 1) % 4)
+
+    # at x + 1 us: every group arrived (component 0), those whose bucket already left window i
+    base: dict[int, list[str]] = {j: [] for j in packs}
+    base[0].append("count(*)::HUGEINT")
+    for i, d in enumerate(drops):
+        j, s = shift(i)
+        base[j].append(f"((count(*) FILTER (WHERE {d} <= __v0))::HUGEINT << {s})")
+    first = (f"SELECT {key_list}, __v0 AS __v, "
+             + ", ".join(f"{' + '.join(base[j]) if base[j] else '0::HUGEINT'} AS __d{j}" for j in packs)
+             + f" FROM t GROUP BY {key_list}, __v0")
+    later = [f"SELECT {key_list}, {d} AS __v, {1 << shift(i)[1]}::HUGEINT AS __d{shift(i)[0]} FROM t "
+             f"WHERE {d} > __v0" for i, d in enumerate(drops)]
+    merged = ", ".join(f"sum(__d{j}) AS __d{j}" for j in packs)
+    sums = ", ".join(f"COALESCE(sum(__d{j}) OVER w, 0) AS __d{j}" for j in packs)
+
+    def component(j: int) -> str:
+        return f"((__d{j // 4} >> {32 * (j % 4)}) & 4294967295)::BIGINT"
+
+    ranks = ", ".join([f"{component(0)} AS __rc", *(f"{component(i + 1)} + 1 AS __r{i}" for i in range(n))])
+
+    def on(alias: str, rank: str) -> str:
+        return " AND ".join([*(f"p.{k} = {alias}.{k}" for k in keys), f"{alias}.__r = p.{rank}"])
+
+    fetch = [f"JOIN e c ON {on('c', '__rc')}"]
+    fetch += [f"LEFT JOIN e s{i} ON {on(f's{i}', f'__r{i}')}" for i in range(n)]
+    outputs = [f"{_output(a, cols, to_end=True)} AS {quote(a.name)}" for a in aggs]
+    sep = ",\n    "
+    return f"""
+WITH src AS (SELECT {", ".join([*keys, f"epoch_us({ts}) AS __x", *inputs])} FROM {events} WHERE {not_null}),
+g AS (SELECT {", ".join([*keys, "__x", *(f"{sql} AS {p}" for p, sql in cols.parts.items())])}
+      FROM src GROUP BY {key_list}, __x),
+e AS (SELECT {", ".join(["*", *before])} FROM (
+  SELECT {", ".join(["*", *running])} FROM g WINDOW w AS (PARTITION BY {key_list} ORDER BY __x ROWS UNBOUNDED PRECEDING))),
+t AS (SELECT {key_list}, __x, max(__x) OVER (PARTITION BY {key_list}) + 1 AS __v0 FROM g),
+probes AS (SELECT {key_list}, __v, {merged} FROM ({" UNION ALL BY NAME ".join([first, *later])})
+  GROUP BY {key_list}, __v),
+ranked AS (SELECT {key_list}, __v, {ranks} FROM (
+  SELECT {key_list}, __v, {sums} FROM probes WINDOW w AS (PARTITION BY {key_list} ORDER BY __v ROWS UNBOUNDED PRECEDING)))
+SELECT {", ".join(f"p.{k}" for k in keys)}, make_timestamptz(p.__v) AS event_timestamp,
+    {sep.join(outputs)}
+FROM ranked p
+{chr(10).join(fetch)}
+ORDER BY {", ".join(f"p.{k}" for k in keys)}, p.__v
+""".strip()
+
+
+def _output(agg: Aggregate, cols: _Columns, to_end: bool = False) -> str:
     """One aggregate's value at ``p.__v`` from the latest group before it (``c``) and, for a
     window, the first group at or after the window's start (``s<i>``; all null: none);
-    finalised (count BIGINT, the others DOUBLE)."""
+    finalised (count BIGINT, the others DOUBLE). ``to_end``: ``c`` is the key's last group
+    (:func:`schedule_sql`), so a window's extreme is the running one from ``s<i>`` to the end."""
     k = cols.prefix[agg.column]
     if agg.function == "last":
         return f"c.{k}_last / 1e6" if f"{k}_last" in cols.parts else "c.__x / 1e6"
@@ -281,6 +371,8 @@ def _output(agg: Aggregate, cols: _Columns) -> str:
         if agg.window is None:
             return f"CAST(c.{part}_all AS DOUBLE)"
         i = cols.windows.index(agg.window)
+        if to_end:
+            return f"CAST(s{i}.{part}_suf AS DOUBLE)"
         # the start's block ends where v's block begins
         block = _floor("p.__v", micros(agg.window))
         suffix = f"CASE WHEN s{i}.__x < {block} THEN s{i}.{part}_s{i} END"

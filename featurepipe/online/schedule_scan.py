@@ -2,8 +2,8 @@
 
 A windowed-aggregate view is materialised from its *raw* input, not from its offline table:
 for every entity with an event in the materialised range ``[start, end]``, the kernel
-(:func:`featurepipe.core.windows.change_point_sql`) computes the change-point rows from the
-entity's newest event ``x`` on (``v >= x + 1 us``: the row right after the event, then one
+(:func:`featurepipe.core.windows.schedule_sql`: the rows of ``change_point_sql``) computes the
+change-point rows from the entity's newest event ``x`` on (``v >= x + 1 us``: the row right after the event, then one
 row per hop bucket leaving a window, down to every window empty), reading the entity's
 events of ``[x - horizon, x]``. Those rows are the entity's schedule
 (:mod:`featurepipe.online.schedule`); the first of them goes into Feast's own fields, its
@@ -41,7 +41,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from featurepipe.core.sql import literal, quote, ts_literal
-from featurepipe.core.windows import Aggregate, ViewShape, change_point_sql, horizon, micros
+from featurepipe.core.windows import (
+    Aggregate,
+    ViewShape,
+    change_point_sql,
+    horizon,
+    micros,
+    schedule_sql,
+)
 from featurepipe.errors import InvalidInput
 from featurepipe.online.latest import (
     CHECK,
@@ -102,8 +109,7 @@ def open_schedules(query: LatestQuery, kernel: KernelInput, start: datetime, end
                 f"FROM __raw WHERE {in_range} GROUP BY ALL")
     null_rows = con.execute(f"SELECT coalesce(sum(__rows), 0) FROM __ents WHERE NOT ({not_null})").fetchall()[0][0]
     con.execute(f"DELETE FROM __ents WHERE NOT ({not_null})")
-    entities, window_rows, oldest = con.execute(
-        "SELECT count(*), coalesce(sum(__rows), 0), min(__last) FROM __ents").fetchall()[0]
+    entities, window_rows = con.execute("SELECT count(*), coalesce(sum(__rows), 0) FROM __ents").fetchall()[0]
     if null_rows and null_key_file is not None:
         _copy_null_key_rows(con, source, query, keys, in_range, excluded, null_key_file)
     on = " AND ".join(f"r.{quote(k)} = e.{quote(k)}" for k in keys)
@@ -112,18 +118,9 @@ def open_schedules(query: LatestQuery, kernel: KernelInput, start: datetime, end
                 f"WHERE r.{ts} <= e.__last AND epoch_us(r.{ts}) >= epoch_us(e.__last) - {reach}")
     shape = ViewShape(tuple(keys), kernel.timestamp, kernel.aggregations, types)
     names = [f.name for f in query.features]
-    features = ", ".join(f"c.{quote(n)}" for n in names)
-    if oldest is not None:
-        # the kernel's rows from the oldest newest event on, then each entity's after its own
-        con.execute(f"CREATE TEMP TABLE __points AS {change_point_sql(shape, '__ev', start=oldest)}")
-        con.execute(
-            f"CREATE TEMP TABLE __sched AS SELECT {', '.join('c.' + quote(k) for k in keys)}, "
-            f"epoch_us(c.event_timestamp) AS __v, {features} FROM __points c JOIN __ents e ON "
-            + " AND ".join(f"c.{quote(k)} = e.{quote(k)}" for k in keys) + " WHERE c.event_timestamp > e.__last")
-        con.execute("DROP TABLE __points")
-    else:
-        con.execute(f"CREATE TEMP TABLE __sched AS SELECT {key_list}, 0::BIGINT AS __v, "
-                    + ", ".join(f"NULL::DOUBLE AS {quote(n)}" for n in names) + " FROM __ents LIMIT 0")
+    features = ", ".join(quote(n) for n in names)
+    con.execute(f"CREATE TEMP TABLE __sched AS SELECT {key_list}, epoch_us(event_timestamp) AS __v, {features} "
+                f"FROM ({schedule_sql(shape, '__ev')})")
     blocked, sample = _blocked(con, query.conditions)
     reasons = ", ".join(f"CASE WHEN {c.fails} THEN {c.reason} END" for c in query.conditions)
     checks = ", ".join(f"CASE WHEN {c.fails} THEN {literal(c.name)} END" for c in query.conditions)

@@ -4,8 +4,9 @@ Per view, table ``state_<i>`` holds the events of the keys this worker owns back
 watermark minus the view's horizon (:func:`featurepipe.core.windows.horizon`: the longest
 window plus its hop; the columns the view's aggregates read). Every row the job writes,
 online and offline, is computed from it with the kernel's SQL
-(:func:`featurepipe.core.windows.change_point_sql`), the very SQL the batch backfill
-runs, so stream and batch agree to the bit. Table ``seen`` holds the contract's unique
+(:func:`featurepipe.core.windows.change_point_sql`, the very SQL the batch backfill
+runs, and :func:`~featurepipe.core.windows.schedule_sql`, its rows from each key's newest
+event on), so stream and batch agree to the bit. Table ``seen`` holds the contract's unique
 columns of the events accepted since the watermark, against which resent events are told
 apart.
 
@@ -25,7 +26,7 @@ import pyarrow as pa
 
 from featurepipe.batch.sql import aggregate_sql
 from featurepipe.core.sql import literal, quote
-from featurepipe.core.windows import change_point_sql
+from featurepipe.core.windows import schedule_sql
 from featurepipe.online.latest import EVENT_US
 from featurepipe.stream.admission import Condition
 from featurepipe.stream.online_rows import with_positions
@@ -35,7 +36,6 @@ from featurepipe.stream.watermark import NEG_INF, POS_INF, from_us, to_us, ts_sq
 _EVENTS = "__events"  # the micro-batch's accepted events, while a view is updated
 _KEYS = "__keys"  # the micro-batch's events, while the seen set is asked about them
 _TOUCHED = "__touched"  # the state's events of the keys a micro-batch touched, while they are computed
-_IN_FORCE = "__in_force"  # each touched key's row in force: its newest event + 1 us
 
 
 class WindowState:
@@ -83,19 +83,10 @@ class WindowState:
                         f"(SELECT DISTINCT {keys} FROM {_EVENTS} WHERE {self.owned(i)}) a ON {join}")
         finally:
             con.unregister(_EVENTS)
-        ts = quote(self.timestamp)
-        con.execute(f"CREATE OR REPLACE TEMP TABLE {_IN_FORCE} AS "
-                    f"SELECT {keys}, epoch_us(max({ts})) + 1 AS __in FROM {_TOUCHED} GROUP BY {keys}")
-        (start,) = con.execute(f"SELECT min(__in) FROM {_IN_FORCE}").fetchall()[0]
-        if start is None:
+        rows = schedule_sql(v.shape, _TOUCHED)  # from each key's row in force on, sorted by key then v
+        table = con.sql(f"SELECT *, epoch_us(event_timestamp) AS {EVENT_US} FROM ({rows})").to_arrow_table()
+        if not table.num_rows:
             return None
-        rows = change_point_sql(v.shape, _TOUCHED, start=from_us(start))  # no row before the oldest row in force
-        on = " AND ".join(f"c.{quote(k)} = h.{quote(k)}" for k in spec.join_keys)
-        by_key = ", ".join(f"c.{quote(k)}" for k in spec.join_keys)
-        table = con.sql(
-            f"SELECT c.*, epoch_us(c.event_timestamp) AS {EVENT_US} FROM ({rows}) c JOIN {_IN_FORCE} h ON {on} "
-            f"WHERE epoch_us(c.event_timestamp) >= h.__in ORDER BY {by_key}, c.event_timestamp"
-        ).to_arrow_table()
         return with_positions(table, list(spec.join_keys))
 
     def final_rows_sql(self, i: int, lo: int, hi: int) -> str:
