@@ -19,13 +19,17 @@ from featurepipe.online.schedule_writer import encode_schedules, schedule_column
 
 
 @settings(max_examples=60, deadline=None)
-@given(sizes=st.lists(st.integers(1, 12), max_size=8), columns=st.integers(0, 4), seed=st.integers(0, 2**31))
-def test_encode_schedules_is_encode_per_entity(sizes: list[int], columns: int, seed: int) -> None:
+@given(sizes=st.lists(st.integers(1, 12), max_size=8), columns=st.integers(0, 4), seed=st.integers(0, 2**31),
+       use_compiled=st.booleans(), skip=st.integers(0, 3))
+def test_encode_schedules_is_encode_per_entity(sizes: list[int], columns: int, seed: int, use_compiled: bool,
+                                               skip: int) -> None:
+    """The compiled and the NumPy paths both give each entity's ``encode`` bytes, also for
+    offsets that do not start at row 0."""
     rng = np.random.default_rng(seed)
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64) + skip
     total = int(offsets[-1])
-    v = np.concatenate([np.sort(rng.choice(10**12, n, replace=False)) - 5 * 10**11 for n in sizes]).astype(np.int64) \
-        if sizes else np.zeros(0, np.int64)
+    v = np.concatenate([rng.integers(0, 9, skip)] + [np.sort(rng.choice(10**12, n, replace=False)) - 5 * 10**11
+                                                    for n in sizes]).astype(np.int64)
     cols: list[np.ndarray] = []
     for c in range(columns):
         if c % 2:
@@ -35,7 +39,7 @@ def test_encode_schedules_is_encode_per_entity(sizes: list[int], columns: int, s
         else:
             cols.append(rng.integers(-(2**40), 2**40, total))
     names = [f"f{c}" for c in range(columns)]
-    piece = encode_schedules(v, cols, offsets, names)
+    piece = encode_schedules(v, cols, offsets, names, use_compiled=use_compiled)
     assert piece.rows == len(sizes)
     for g in range(len(sizes)):
         lo, hi = offsets[g], offsets[g + 1]

@@ -271,7 +271,7 @@ def test_schedules_are_the_change_point_rows_from_each_keys_newest_event_on(
     con = db.connect("deterministic")
     try:
         con.register("events", table(events, ("uid", "region")))
-        got = con.execute(schedule_sql(shape, "events")).fetchall()
+        got = con.execute(f"SELECT * FROM ({schedule_sql(shape, 'events')}) ORDER BY uid, region, event_timestamp").fetchall()
     finally:
         con.close()
     assert [repr(r) for r in got] == [repr(r) for r in expected]

@@ -24,6 +24,10 @@
  *   key is keys[i, :key_lengths[i]] (uint8 matrix, int64 lengths); its hash holds
  *   fields[j] (bytes) = values[j][0][i, :values[j][1][i]] for each (matrix, lengths)
  *   pair, in that order; ttl is the TTL argument in milliseconds, as decimal digits.
+ *
+ *   schedules(v, columns, kinds, offsets, head) -> (data, lengths)
+ *
+ *   Window schedules (featurepipe.online.schedule), one per entity; see the function.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -496,11 +500,102 @@ done:
     return result;
 }
 
+/* schedules(v, columns, kinds, offsets, head) -> (data, lengths)
+ *
+ * Window schedules (featurepipe.online.schedule's layout), one per entity: entity g has
+ * rows offsets[g]:offsets[g + 1] of v (int64) and of each column (8-byte items, kinds[c]
+ * b'i' or b'f', written as they are: NaN stays NaN). head is the 14-byte header with the
+ * row count left 0; the count goes in bytes 4-7. Row g of the result is
+ * data[g * width : g * width + lengths[g]], width the longest schedule. */
+static PyObject *schedules(PyObject *self, PyObject *args) {
+    PyObject *vo, *co, *oo;
+    Py_buffer kinds, head;
+    if (!PyArg_ParseTuple(args, "OOy*Oy*", &vo, &co, &kinds, &oo, &head)) return NULL;
+    PyObject *result = NULL, *data = NULL, *lengths = NULL, *cseq = NULL;
+    Py_buffer vb, ob, *cols = NULL;
+    int have_v = 0, have_o = 0;
+    Py_ssize_t m = 0, got = 0;
+    if (head.len != 14) {
+        PyErr_SetString(PyExc_ValueError, "schedules: the header is 14 bytes");
+        goto done;
+    }
+    if (get(vo, &vb, "v", 1, 8) < 0) goto done;
+    have_v = 1;
+    if (get(oo, &ob, "offsets", 1, 8) < 0) goto done;
+    have_o = 1;
+    cseq = PySequence_Fast(co, "schedules: columns must be a sequence");
+    if (cseq == NULL) goto done;
+    m = PySequence_Fast_GET_SIZE(cseq);
+    if (m != kinds.len) {
+        PyErr_SetString(PyExc_ValueError, "schedules: one kind per column");
+        goto done;
+    }
+    cols = PyMem_Calloc((size_t)(m ? m : 1), sizeof(Py_buffer));
+    if (cols == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; got < m; got++)
+        if (get(PySequence_Fast_GET_ITEM(cseq, got), &cols[got], "column", 1, 8) < 0) goto done;
+    Py_ssize_t e = ob.shape[0] > 0 ? ob.shape[0] - 1 : 0, total = vb.shape[0];
+    const int64_t *off = ob.buf;
+    int64_t width = 0;
+    for (Py_ssize_t g = 0; g < e; g++) {
+        int64_t n = off[g + 1] - off[g];
+        if (n < 0 || off[g] < 0 || off[g + 1] > total || n > 0xFFFFFFFFLL) {
+            PyErr_SetString(PyExc_ValueError, "schedules: offsets out of order or beyond the rows");
+            goto done;
+        }
+        int64_t size = 14 + 8 * n + (int64_t)m * (1 + 8 * n);
+        if (size > width) width = size;
+    }
+    for (Py_ssize_t c = 0; c < m; c++)
+        if (cols[c].shape[0] != total) {
+            PyErr_SetString(PyExc_ValueError, "schedules: a column differs in length from v");
+            goto done;
+        }
+    if (new_rows(e, (Py_ssize_t)width, &data, &lengths) < 0) goto done;
+    uint8_t *out = (uint8_t *)PyBytes_AS_STRING(data);
+    int64_t *len = (int64_t *)PyBytes_AS_STRING(lengths);
+    const uint8_t *kind = kinds.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t g = 0; g < e; g++) {
+        uint8_t *p = out + g * width;
+        int64_t lo = off[g], n = off[g + 1] - lo;
+        uint32_t count = (uint32_t)n;
+        memcpy(p, head.buf, 14);
+        memcpy(p + 4, &count, 4);
+        p += 14;
+        memcpy(p, (const int64_t *)vb.buf + lo, (size_t)(8 * n));
+        p += 8 * n;
+        for (Py_ssize_t c = 0; c < m; c++) {
+            *p++ = kind[c];
+            memcpy(p, (const uint8_t *)cols[c].buf + 8 * lo, (size_t)(8 * n));
+            p += 8 * n;
+        }
+        len[g] = p - (out + g * width);
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("(OO)", data, lengths);
+done:
+    Py_XDECREF(data);
+    Py_XDECREF(lengths);
+    for (Py_ssize_t c = 0; c < got; c++) PyBuffer_Release(&cols[c]);
+    PyMem_Free(cols);
+    Py_XDECREF(cseq);
+    if (have_v) PyBuffer_Release(&vb);
+    if (have_o) PyBuffer_Release(&ob);
+    PyBuffer_Release(&kinds);
+    PyBuffer_Release(&head);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"asof_rows", asof_rows, METH_VARARGS, "The offline index's point-in-time lookup, one binary search pair a row."},
     {"scalar_values", scalar_values, METH_VARARGS, "Serialized feast Value protos of a numeric column."},
     {"timestamps", timestamps, METH_VARARGS, "Serialized protobuf Timestamps of epoch microseconds."},
     {"restore_commands", restore_commands, METH_VARARGS, "RESTORE commands of whole hashes, one per row."},
+    {"schedules", schedules, METH_VARARGS, "Window schedules, one per entity."},
     {"crc64", py_crc64, METH_VARARGS, "CRC-64/Redis of a bytes-like object."},
     {NULL, NULL, 0, NULL},
 };

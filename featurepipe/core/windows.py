@@ -272,8 +272,8 @@ ORDER BY p.__v, {", ".join(f"p.{k}" for k in keys)}
 def schedule_sql(view: ViewShape, events: str) -> str:
     """SELECT of each key's *schedule*: the rows of :func:`change_point_sql` from the key's
     newest event ``x`` on (``v >= x + 1 us``: the row in force right after it, then one
-    row per change still to come, the drops), ordered by the keys then ``event_timestamp``.
-    The same rows as :func:`change_point_sql` over the same events, bit for bit (tested);
+    row per change still to come, the drops), in no particular order (the caller sorts, by
+    the keys then ``event_timestamp`` to encode schedules). The same rows as :func:`change_point_sql` over the same events, bit for bit (tested);
     what materialisation and the stream write online.
 
     ``events`` must hold each key's events from ``x - horizon`` on (all of them for an
@@ -354,7 +354,6 @@ SELECT {", ".join(f"p.{k}" for k in keys)}, make_timestamptz(p.__v) AS event_tim
     {sep.join(outputs)}
 FROM ranked p
 {chr(10).join(fetch)}
-ORDER BY {", ".join(f"p.{k}" for k in keys)}, p.__v
 """.strip()
 
 

@@ -30,6 +30,8 @@ rows carry a reason, so nothing of it is written).
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -61,6 +63,11 @@ from featurepipe.online.latest import (
     pinned_files,
     pinned_source,
 )
+
+# the schedules are computed in parts (entities split by the hash of their key), so that
+# the next part is computed while the one before is encoded and written
+_ENTITIES_PER_PART = 20_000
+_MAX_PARTS = 8
 
 FIRST = "__first"  # true on the first change point of an entity (the one in Feast's fields)
 _OTHER_ROW_FAILED = "another change point of this entity failed a check"
@@ -119,20 +126,69 @@ def open_schedules(query: LatestQuery, kernel: KernelInput, start: datetime, end
     shape = ViewShape(tuple(keys), kernel.timestamp, kernel.aggregations, types)
     names = [f.name for f in query.features]
     features = ", ".join(quote(n) for n in names)
-    con.execute(f"CREATE TEMP TABLE __sched AS SELECT {key_list}, epoch_us(event_timestamp) AS __v, {features} "
-                f"FROM ({schedule_sql(shape, '__ev')})")
+    parts = max(1, min(_MAX_PARTS, int(entities) // _ENTITIES_PER_PART))
+
+    def computed(events: str) -> str:
+        return f"(SELECT {key_list}, epoch_us(event_timestamp) AS __v, {features} FROM ({schedule_sql(shape, events)}))"
+
+    part = [f"hash({key_list}) % {parts} = {p}" for p in range(parts)] if parts > 1 else ["TRUE"]
+    if any(c.block for c in query.conditions):  # all counted before anything is written
+        con.execute(f"CREATE TEMP TABLE __sched AS SELECT * FROM {computed('__ev')}")
+        schedules = [f"(SELECT * FROM __sched WHERE {where})" for where in part]
+    else:  # streamed, each part's sort the only pass over its rows
+        schedules = [computed(f"(SELECT * FROM __ev WHERE {where})") for where in part]
     blocked, sample = _blocked(con, query.conditions)
     reasons = ", ".join(f"CASE WHEN {c.fails} THEN {c.reason} END" for c in query.conditions)
     checks = ", ".join(f"CASE WHEN {c.fails} THEN {literal(c.name)} END" for c in query.conditions)
     row_reason = f"concat_ws('; ', {reasons})" if query.conditions else "''"
     row_check = f"concat_ws(',', {checks})" if query.conditions else "''"
-    sql = (f"SELECT {key_list}, __v AS {EVENT_US}, {', '.join(quote(n) for n in names)}, "
-           f"{row_reason} AS {REASON}, {row_check} AS {CHECK} FROM __sched ORDER BY {key_list}, __v")
-    reader = con.sql(sql).to_arrow_reader(batch_rows)
+    sqls = [f"SELECT {key_list}, __v AS {EVENT_US}, {', '.join(quote(n) for n in names)}, "
+            f"{row_reason} AS {REASON}, {row_check} AS {CHECK} FROM {relation} ORDER BY {key_list}, __v"
+            for relation in schedules]
+    schema = con.sql(sqls[0] + " LIMIT 0").to_arrow_table().schema
     rows = pa.RecordBatchReader.from_batches(
-        reader.schema.append(pa.field(FIRST, pa.bool_())), whole_entities(reader, keys, bool(query.conditions)))
+        schema.append(pa.field(FIRST, pa.bool_())),
+        (batch for table in ahead(con, sqls) for batch in
+         whole_entities(table.to_reader(batch_rows), keys, bool(query.conditions))))
     return LatestScan(entities=int(entities), window_rows=int(window_rows), null_key_rows=int(null_rows),
                       reader=rows, connection=con, files=files, blocked=blocked, blocked_sample=sample)
+
+
+def ahead(con: duckdb.DuckDBPyConnection, sqls: Sequence[str]) -> Iterator[pa.Table]:
+    """The result of each query in turn, the next one computed (by DuckDB, in a thread of
+    its own) while the caller works through the one before."""
+    done = object()
+    slots: queue.Queue[object] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for sql in sqls:
+                if stop.is_set():
+                    return
+                slots.put(con.sql(sql).to_arrow_table())
+            slots.put(done)
+        except BaseException as exc:  # handed to the consumer
+            slots.put(exc)
+
+    thread = threading.Thread(target=run, name="schedule-parts", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, pa.Table)
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # let a producer waiting on the full slot finish
+            try:
+                slots.get_nowait()
+            except queue.Empty:
+                thread.join(0.05)
 
 
 def whole_entities(reader: pa.RecordBatchReader, keys: Sequence[str], checked: bool) -> Iterator[pa.RecordBatch]:

@@ -83,8 +83,9 @@ class WindowState:
                         f"(SELECT DISTINCT {keys} FROM {_EVENTS} WHERE {self.owned(i)}) a ON {join}")
         finally:
             con.unregister(_EVENTS)
-        rows = schedule_sql(v.shape, _TOUCHED)  # from each key's row in force on, sorted by key then v
-        table = con.sql(f"SELECT *, epoch_us(event_timestamp) AS {EVENT_US} FROM ({rows})").to_arrow_table()
+        rows = schedule_sql(v.shape, _TOUCHED)  # from each key's row in force on
+        table = con.sql(f"SELECT *, epoch_us(event_timestamp) AS {EVENT_US} FROM ({rows}) "
+                        f"ORDER BY {keys}, event_timestamp").to_arrow_table()
         if not table.num_rows:
             return None
         return with_positions(table, list(spec.join_keys))
