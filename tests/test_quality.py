@@ -370,7 +370,9 @@ def test_status_and_lineage_on_a_real_run(pipeline: Pipeline) -> None:
     online = info["online"]
     assert online["written"] + online["not_newer"] > 0 and online["online_store"].startswith("redis://")
     assert online["definition_hash"] == info["current_definition_hash"] and not online["definitions_changed_since"]
-    newest = query(f"SELECT max(event_timestamp) FROM read_parquet('{pipeline.data}/offline/user_transaction_stats/*/*.parquet')")
+    # the newest event's row (1 us after it; the table's later rows are its windows emptying out)
+    newest = query(f"SELECT max(event_timestamp) + INTERVAL 1 MICROSECOND FROM "
+                   f"read_parquet('{pipeline.data}/raw/transactions/*/*.parquet')")
     assert online["newest_event"] == newest[0][0].isoformat()
     text = pipeline.run("lineage", "user_transaction_stats")
     assert "online: materialised by run " in text.stdout and "computed as" not in text.stdout, text.stdout
@@ -399,7 +401,9 @@ def test_status_prometheus_and_the_metrics_file(pipeline: Pipeline) -> None:
     users = (("job", "backfill"), ("stage", "features"), ("table", "user_transaction_stats"))
     assert printed[("featurepipe_rows_published_total", users)] == sum(
         o.rows for r in ok_backfills for o in r.outputs if o.view == "user_transaction_stats")
-    newest = query(f"SELECT epoch(max(event_timestamp)) FROM read_parquet('{pipeline.data}/offline/user_transaction_stats/*/*.parquet')")
+    # fresh as of the newest event it accounts for (its row 1 us after it), not its windows' later drops
+    newest = query(f"SELECT epoch(max(event_timestamp) + INTERVAL 1 MICROSECOND) FROM "
+                   f"read_parquet('{pipeline.data}/raw/transactions/*/*.parquet')")
     offline = (("feature_view", "user_transaction_stats"), ("store", "offline"))
     assert printed[("featurepipe_feature_view_newest_event_timestamp_seconds", offline)] == newest[0][0]
     assert printed[("featurepipe_feature_view_freshness_sla_seconds", (("feature_view", "merchant_fraud"),))] == 72 * 3600

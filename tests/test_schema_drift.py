@@ -159,21 +159,23 @@ def test_backfill_blocks_a_raw_file_with_epoch_millisecond_timestamps(deployed: 
 # ------------------------------------------------------------------------------ materialisation
 
 def _amount_as_text(t: pa.Table) -> pa.Table:
-    return retype(t, "amount_sum_1h", t.column("amount_sum_1h").cast(pa.string()))
+    return retype(t, "amount", t.column("amount").cast(pa.string()))
 
 
 def _timestamp_as_epoch_ms(t: pa.Table) -> pa.Table:
     return retype(t, "event_timestamp", epoch_ms(t))
 
 
-@pytest.mark.parametrize("column, mutate, found, expected", [
-    ("amount_sum_1h", _amount_as_text, "VARCHAR", "DOUBLE"),
-    ("event_timestamp", _timestamp_as_epoch_ms, "BIGINT", TS_TYPE),
+@pytest.mark.parametrize("column, mutate", [
+    ("amount", _amount_as_text),
+    ("event_timestamp", _timestamp_as_epoch_ms),
 ], ids=["float-as-string", "timestamp-as-epoch-ms"])
-def test_materialize_blocks_an_offline_file_with_a_retyped_column(deployed: Deployed, column: str, mutate: Any,
-                                                                  found: str, expected: str) -> None:
-    table_dir = deployed.data / "offline" / VIEW
-    day = sorted(p for p in table_dir.glob("date=*") if p.is_dir())[-1]
+def test_materialize_blocks_a_raw_file_with_a_retyped_column(deployed: Deployed, column: str, mutate: Any) -> None:
+    """A windowed view is materialised from its raw events (its schedules): a raw file whose
+    column changed type, with events newer than any written, stops the view with the file
+    named, and nothing is written."""
+    raw_dir = deployed.data / "raw" / "transactions"
+    day = sorted(p for p in raw_dir.glob("date=*") if p.is_dir())[-1]
     clean = pq.read_table(next(day.glob("*.parquet")))
     # one second newer than the rows it copies: a materialisation that read it would write it
     newer = retype(clean, "event_timestamp",
@@ -184,12 +186,13 @@ def test_materialize_blocks_an_offline_file_with_a_retyped_column(deployed: Depl
     pq.write_table(mutate(newer), drifted)
     try:
         done = deployed.cli("materialize", "--no-progress", "--view", VIEW)
-        msg = assert_blocked(done, drifted, column, [f"quality gate materialize/{VIEW} blocked the view",
-                                                     f"column `{column}` is {found}, expected {expected}",
-                                                     "Nothing of this view was written to Redis"])
-        assert f"the schema of `{drifted}` does not match" in msg
+        out = done.stdout + done.stderr
+        assert done.returncode != 0, out[-3000:]
+        assert "Traceback" not in out, out[-5000:]
+        assert str(drifted) in done.stderr and column in done.stderr, done.stderr
+        for words in (f"quality gate materialize/{VIEW} blocked the view", "Nothing of this view was written to Redis"):
+            assert words in done.stderr, done.stderr
         assert redis_dump(deployed.redis_url) == online_before
-        assert_failed_check_in_run_log(deployed.data, "materialize", drifted, column)
     finally:
         drifted.unlink()
 

@@ -301,6 +301,12 @@ class BatchGate(Gate):
                 detail=f"{n:,} of {scan.rows:,} rows quarantined to {quarantine}" if n else "",
                 sample=checks.sample_rows(con, quarantine, rc.name) if n and quarantine else [],
             ))
+        if input_newest is not None and scan.newest is not None and scan.newest > input_newest:
+            # a windowed table holds rows after its newest event (its windows emptying out, up
+            # to the horizon later): what it is fresh as of is the newest event it accounts
+            # for, whose row is 1 us after it (the online store's newest event says the same)
+            newest = input_newest if input_newest.tzinfo else input_newest.replace(tzinfo=timezone.utc)
+            scan = dataclasses.replace(scan, newest=min(scan.newest, newest + timedelta(microseconds=1)))
         fresh = checks.freshness_check(stage, contract, scan, self.now)
         if fresh is not None and not fresh.passed and scan.newest and input_newest \
                 and scan.newest < input_newest - timedelta(days=1):

@@ -71,6 +71,13 @@ class MaterializeGate(Gate):
 
         self.offline_path = plan.query.path
         if plan.kernel is not None and self.source_contract is not None:
+            # the raw files the schedules are computed from: each file's schema, as the backfill checks them
+            with connect() as con:
+                raw = checks.table_schema_checks(con, STAGE, self.source_contract, plan.kernel.path)[1]
+            self.keep(raw)
+            if self.any_blocking(raw):
+                raise self.blocked(STAGE, self.view, raw, stopped="the view", fix=f"the raw files ({plan.kernel.path})",
+                                   consequence="Nothing of this view was written to Redis")
             plan = replace(plan, kernel=replace(plan.kernel, exclude=self._input_exclusions(plan.kernel.path)))
         if self.contract is None:
             return plan
