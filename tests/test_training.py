@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta, timezone
 from pathlib import Path
 
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
+import redis
 
-from featurepipe.config import source_path
+from featurepipe.config import redis_connection_kwargs, source_path
 from featurepipe.errors import InvalidInput
 from featurepipe.jobs.backfill import backfill
+from featurepipe.online import codec, schedule
+from featurepipe.online.schedule import schedule_field
 from serving.client import FeatureClient
 from serving.server import FeatureServer
 from tests.conftest import Pipeline
@@ -116,25 +120,30 @@ def test_skew_check_is_clean_then_finds_an_injected_value(pipeline: Pipeline) ->
     with FeatureServer(pipeline.repo, port=0) as server, FeatureClient(server.address) as client:
         clean = check_skew(store, client, entities, "fraud_detection_v1")
         assert clean.clean, [(f.feature, f.mismatches, f.missing_online, f.extra_online, f.worst) for f in clean.features if not f.mismatches == f.missing_online == f.extra_online == 0]
-        # inject: one user's 24h sum changes online only
+        # inject: one user's 24h sum changes online only (in every row of its schedule, which
+        # is what the server reads; Feast's own fields are not served)
         user = int(entities["user_id"].iloc[0])
-        now = pd.Timestamp(datetime.now(timezone.utc))
-        latest = store.get_historical_features(
-            entity_df=pd.DataFrame({"user_id": [user], "event_timestamp": [now]}),
-            features=[f"user_transaction_stats:{f.name}" for f in store.get_feature_view("user_transaction_stats").features],
-        ).to_df()
-        row = latest.drop(columns=["event_timestamp"]).assign(event_timestamp=now)
-        store.write_to_online_store("user_transaction_stats", row.assign(amount_sum_24h=row["amount_sum_24h"].fillna(0) + 1000.0))
+        names = [f.name for f in store.get_feature_view("user_transaction_stats").features]
+        keys = codec.encode_entity_keys({"user_id": pa.array([user], pa.int64())},
+                                        [codec.JoinKeySpec("user_id", "INT64")], store.project)
+        key = bytes(keys.data[0, :keys.row_lengths()[0]])
+        db = redis.Redis(**redis_connection_kwargs(pipeline.env["REDIS_URL"]))  # type: ignore[arg-type]
+        (field,) = [f for f in db.hkeys(key) if f.startswith(schedule_field("user_transaction_stats"))]
+        stored = db.hget(key, field)
+        assert stored is not None
+        decoded = schedule.decode(stored, names)
+        columns = [np.array(c) for c in decoded.columns]
+        columns[names.index("amount_sum_24h")] += 1000.0
+        db.hset(key, field, schedule.encode(np.array(decoded.v), columns, names))
         try:
             dirty = check_skew(store, client, entities, "fraud_detection_v1")
             by_name = {f.feature: f for f in dirty.features}
             assert not dirty.clean
-            assert by_name["amount_sum_24h"].mismatches + by_name["amount_sum_24h"].extra_online >= 1
-            worst = by_name["amount_sum_24h"].worst
-            assert by_name["amount_sum_24h"].extra_online or worst[0]["user_id"] == user
+            assert by_name["amount_sum_24h"].mismatches >= 1 and by_name["amount_sum_24h"].worst[0]["user_id"] == user
             assert by_name["txn_count_24h"].mismatches == 0
-        finally:  # restore what offline says, a moment later
-            store.write_to_online_store("user_transaction_stats", row.assign(event_timestamp=now + pd.Timedelta(seconds=1)))
+        finally:  # restore what was written
+            db.hset(key, field, stored)
+            db.close()
     assert np.isfinite(clean.features[0].smape)
 
 
