@@ -34,16 +34,13 @@ from featurepipe.batch.sql import SourceColumns, aggregate_sql
 from featurepipe.core.db import connect, one_row
 from featurepipe.core.parquet_io import atomic_parquet
 from featurepipe.core.sql import literal, quote
-from featurepipe.core.windows import KERNEL_VERSION, horizon
+from featurepipe.core.windows import KERNEL_METADATA_KEY, KERNEL_VERSION, horizon
 from featurepipe.definitions import AggregateView, aggregate_views
 from featurepipe.errors import InvalidInput, NotFound
 
 if TYPE_CHECKING:
     from feast import FeatureStore
 
-KERNEL_METADATA_KEY = "featurepipe.kernel"
-"""Parquet key-value metadata naming the kernel version a feature table was computed with
-(the offline store reads it back: :mod:`featurepipe.offline.versions`)."""
 
 
 @dataclass(frozen=True)

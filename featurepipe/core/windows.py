@@ -39,6 +39,10 @@ from featurepipe.core.sql import quote
 KERNEL_VERSION = 2
 """Bumped when the meaning of a stored feature row changes (1: as of each event)."""
 
+KERNEL_METADATA_KEY = "featurepipe.kernel"
+"""Parquet key-value metadata naming the kernel version a feature table was computed with
+(written by the backfill and the stream, read back by :mod:`featurepipe.offline.versions`)."""
+
 US = 1_000_000
 _MINUTE = 60 * US
 _HOUR = 60 * _MINUTE

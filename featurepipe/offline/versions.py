@@ -21,12 +21,9 @@ import duckdb
 import pyarrow.parquet as pq
 
 from featurepipe.core.sql import literal
-from featurepipe.core.windows import KERNEL_VERSION
+from featurepipe.core.windows import KERNEL_METADATA_KEY, KERNEL_VERSION
 from featurepipe.errors import InvalidInput
 from featurepipe.offline.view import ViewRequest
-
-KERNEL_METADATA_KEY = "featurepipe.kernel"
-"""The key ``featurepipe backfill`` writes (``featurepipe.batch.backfill.KERNEL_METADATA_KEY``)."""
 
 MEANING = {1: "windows as of each event"}
 

@@ -25,10 +25,9 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from featurepipe.batch.backfill import KERNEL_METADATA_KEY
 from featurepipe.core.errors import InvalidInput
 from featurepipe.core.parquet_io import atomic_parquet
-from featurepipe.core.windows import KERNEL_VERSION
+from featurepipe.core.windows import KERNEL_METADATA_KEY, KERNEL_VERSION
 from featurepipe.stream.state import WindowState
 from featurepipe.stream.watermark import US, duration_us, from_us
 
