@@ -58,7 +58,7 @@ def truth(raw: str, sample: pd.DataFrame) -> pd.DataFrame:
     return con.execute(f"""
         WITH p AS (SELECT s.transaction_id, max(e.x) AS prev FROM s JOIN e ON e.user_id = s.user_id
                    AND e.x < s.t_us GROUP BY s.transaction_id)
-        SELECT s.transaction_id, {", ".join(cols)}
+        SELECT s.transaction_id, any_value(p.prev) AS prev, {", ".join(cols)}
         FROM s LEFT JOIN p USING (transaction_id)
         LEFT JOIN e ON e.user_id = s.user_id AND e.x < s.t_us AND e.x >= s.t_us - {longest + 7 * 24 * 3600 * US}
         GROUP BY s.transaction_id""").df()
@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in WINDOWS:
         for fn, feature in (("count", f"txn_count_{name}"), ("sum", f"amount_sum_{name}")):
-            now = both[feature].fillna(0) if fn == "count" else both[feature]
+            # null: the user had no event before t (unknown to the store then), where the windows are empty
+            now = both[feature].fillna(0)
             doc, exact, old = both[f"doc_{fn}_{name}"], both[f"exact_{fn}_{name}"], both[f"old_{fn}_{name}"]
             row = {
                 "feature": feature,
@@ -95,10 +96,12 @@ def main(argv: list[str] | None = None) -> int:
                 "documented != exact": f"{(doc != exact).mean():.2%}",
                 "served before != exact": f"{(old != exact).mean():.2%}",
             }
+            row["served null, events before t"] = f"{(both[feature].isna() & both['prev'].notna()).mean():.2%}"
             if fn == "count":
                 row["before: activity claimed, none true"] = f"{((old > 0) & (exact == 0)).mean():.2%}"
             rows.append(row)
-    print(f"{len(both):,} scored transactions (sample of {len(entity_df):,}), each at its own time")
+    print(f"{len(both):,} scored transactions (sample of {len(entity_df):,}), each at its own time; "
+          f"{both['prev'].isna().mean():.2%} are their user's first (served null: no event before t)")
     print(pd.DataFrame(rows).fillna("").to_string(index=False))
     return 0
 
