@@ -14,7 +14,7 @@ import dataclasses
 import io
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -370,10 +370,10 @@ def test_status_and_lineage_on_a_real_run(pipeline: Pipeline) -> None:
     online = info["online"]
     assert online["written"] + online["not_newer"] > 0 and online["online_store"].startswith("redis://")
     assert online["definition_hash"] == info["current_definition_hash"] and not online["definitions_changed_since"]
-    # the newest event's row (1 us after it; the table's later rows are its windows emptying out)
-    newest = query(f"SELECT max(event_timestamp) + INTERVAL 1 MICROSECOND FROM "
-                   f"read_parquet('{pipeline.data}/raw/transactions/*/*.parquet')")
-    assert online["newest_event"] == newest[0][0].isoformat()
+    # the newest event's row (1 us after it; the schedule's later rows are its windows
+    # emptying out), among the raw files that materialisation read (pushes add others later)
+    last = [r for r in materialised if r.outputs[0].view == "user_transaction_stats"][-1]
+    assert online["newest_event"] == newest_event_row(last.inputs[0].files, "event_timestamp").isoformat()
     text = pipeline.run("lineage", "user_transaction_stats")
     assert "online: materialised by run " in text.stdout and "computed as" not in text.stdout, text.stdout
     with pytest.raises(NotFound, match="no feature view or feature named 'nope'"):
@@ -401,11 +401,13 @@ def test_status_prometheus_and_the_metrics_file(pipeline: Pipeline) -> None:
     users = (("job", "backfill"), ("stage", "features"), ("table", "user_transaction_stats"))
     assert printed[("featurepipe_rows_published_total", users)] == sum(
         o.rows for r in ok_backfills for o in r.outputs if o.view == "user_transaction_stats")
-    # fresh as of the newest event it accounts for (its row 1 us after it), not its windows' later drops
-    newest = query(f"SELECT epoch(max(event_timestamp) + INTERVAL 1 MICROSECOND) FROM "
-                   f"read_parquet('{pipeline.data}/raw/transactions/*/*.parquet')")
+    # fresh as of the newest event it accounts for (its row 1 us after it), not its windows'
+    # later drops: of the events the last backfill read
+    last = [r for r in ok_backfills if any(o.view == "user_transaction_stats" for o in r.outputs)][-1]
+    table = query(f"SELECT max(event_timestamp) FROM read_parquet('{pipeline.data}/offline/user_transaction_stats/*/*.parquet')")
+    newest = min(table[0][0], newest_event_row(last.inputs[0].files, "event_timestamp")).timestamp()
     offline = (("feature_view", "user_transaction_stats"), ("store", "offline"))
-    assert printed[("featurepipe_feature_view_newest_event_timestamp_seconds", offline)] == newest[0][0]
+    assert printed[("featurepipe_feature_view_newest_event_timestamp_seconds", offline)] == newest
     assert printed[("featurepipe_feature_view_freshness_sla_seconds", (("feature_view", "merchant_fraud"),))] == 72 * 3600
     assert printed[("featurepipe_last_run_duration_seconds", (("job", "backfill"),))] == [
         r for r in runs if r.kind == "backfill"][-1].seconds
@@ -749,6 +751,17 @@ def test_materialisation_blocks_and_writes_nothing(online_case: Callable[..., On
 
 # ---------------------------------------------------------------- lineage events, metrics, report
 
+VIEW_TIMESTAMPS = {"user_transaction_stats": "event_timestamp", "merchant_activity": "event_timestamp",
+                   "merchant_fraud": "label_timestamp"}
+
+
+def newest_event_row(files: Sequence[str], timestamp: str) -> datetime:
+    """The change point of the newest event among ``files``: 1 us after it."""
+    listed = ", ".join(f"'{f}'" for f in files)
+    return query(f"SELECT max({timestamp}) + INTERVAL 1 MICROSECOND FROM "
+                 f"read_parquet([{listed}], union_by_name = true)")[0][0]
+
+
 def lineage_events(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -878,7 +891,10 @@ def test_metrics_file_counts_what_a_run_quarantined(make_case: Callable[..., Cas
     assert not any(k[0] == "featurepipe_check_failures_total" and ("stage", "features") in k[1] for k in got)
     assert got[("featurepipe_last_run_duration_seconds", (("job", "backfill"),))] == run.seconds
     for view in VIEWS:
-        newest = query(f"SELECT epoch(max(event_timestamp)) FROM {offline(case, view)}")[0][0]
+        # a windowed table's rows after its input's newest event count as that event's row
+        table = query(f"SELECT max(event_timestamp) FROM {offline(case, view)}")[0][0]
+        # (the labels view reads the same files, by their label time)
+        newest = min(table, newest_event_row(inp.files, VIEW_TIMESTAMPS[view])).timestamp()
         assert got[("featurepipe_feature_view_newest_event_timestamp_seconds",
                     (("feature_view", view), ("store", "offline")))] == newest
 

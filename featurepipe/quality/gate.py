@@ -107,9 +107,10 @@ def _column_metrics(day_stats: list[stats.DayStats]) -> dict[str, dict[str, floa
     return out
 
 
-def _newest_event(offline: Path) -> str | None:
+def _newest_event(offline: Path, input_newest: datetime | None = None) -> str | None:
     """The newest event time in a published offline table (for freshness metrics): read
-    from its newest day partition only."""
+    from its newest day partition only; a windowed table's rows after its input's newest
+    event (its windows emptying out) count as that event's row, 1 us after it."""
     days = sorted(p for p in offline.glob("date=*") if any(p.glob("*.parquet")))
     if not days:
         return None
@@ -119,7 +120,11 @@ def _newest_event(offline: Path) -> str | None:
         )[0]
     if newest is None:
         return None
-    return (newest if newest.tzinfo else newest.replace(tzinfo=timezone.utc)).isoformat()
+    newest = newest if newest.tzinfo else newest.replace(tzinfo=timezone.utc)
+    if input_newest is not None:
+        last = input_newest if input_newest.tzinfo else input_newest.replace(tzinfo=timezone.utc)
+        newest = min(newest, last + timedelta(microseconds=1))
+    return newest.isoformat()
 
 
 def _passed_with_ids(glob_path: str, quarantine_file: Path) -> str:
@@ -162,6 +167,8 @@ class BatchGate(Gate):
         self._input_newest: dict[str, datetime | None] = {}
         self._input_first_day: dict[str, date | None] = {}
         self._staged_newest: dict[str, datetime | None] = {}
+        self._view_input_newest: dict[str, datetime | None] = {}  # each view's input's newest event
+        self._input_timestamp: dict[str, str] = {}  # the event time column each input was checked by
         self.day_stats: list[stats.DayStats] = []
 
     # -- raw ingest -------------------------------------------------------------------
@@ -185,6 +192,7 @@ class BatchGate(Gate):
         files = sorted(glob.glob(ref.path, recursive=True))
         outcome = self._check(con, STAGE_RAW, contract, ref.path, ref.timestamp_field)
         self._input_newest[ref.path] = outcome.newest
+        self._input_timestamp[ref.path] = ref.timestamp_field
         self._input_first_day[ref.path] = outcome.first_day
         self.inputs[ref.name] = {
             "source": ref.name, "path": ref.path, "files": files, "rows": outcome.rows_in,
@@ -218,9 +226,15 @@ class BatchGate(Gate):
         files = str(staging / "**" / "*.parquet")
         first = self._input_first_day.get(view.input_path)
         warm_until = first + timedelta(days=-(-view.max_window // timedelta(days=1))) if first else None
+        input_newest = self._input_newest.get(view.input_path)
+        if input_newest is not None and self._input_timestamp.get(view.input_path) != view.timestamp_field:
+            # the same files by another event time (the labels' arrival): its own newest
+            input_newest = one_row(con, f"SELECT max({quote(view.timestamp_field)}) FROM "
+                                        f"{parquet_relation(view.input_path)}")[0]
         outcome = self._check(con, STAGE_FEATURES, contract, files, "event_timestamp",
-                              input_newest=self._input_newest.get(view.input_path), warm_until=warm_until)
+                              input_newest=input_newest, warm_until=warm_until)
         self._staged_newest[view.name] = outcome.newest
+        self._view_input_newest[view.name] = input_newest
         record.update(quarantined=outcome.rows_quarantined, check_seconds=round(outcome.seconds, 4),
                       quarantine_files=(str(outcome.quarantine_file),) if outcome.quarantine_file else (),
                       schema={k: v for k, v in outcome.types.items() if k != "date"}, columns=outcome.columns)
@@ -243,7 +257,7 @@ class BatchGate(Gate):
         newest = self._staged_newest.get(result.view)
         later = [p for p in out.glob("date=*") if p.name >= f"date={result.end:%Y-%m-%d}"]
         if newest is None or later or record.get("quarantined"):  # then the staged newest is not the table's
-            newest_event = _newest_event(out)
+            newest_event = _newest_event(out, self._view_input_newest.get(result.view))
         else:
             newest_event = (newest if newest.tzinfo else newest.replace(tzinfo=timezone.utc)).isoformat()
         record.update(rows=result.rows, entities=result.entities, partitions=partitions,
