@@ -197,32 +197,21 @@ def change_point_sql(view: ViewShape, events: str, start: datetime | None = None
     joins on them fetch the two groups' totals. No window frame moves row by row, no as-of
     join.
     """
-    cols = _columns(view)
-    aggs = view.aggregations
-    keys = [quote(k) for k in view.join_keys]
-    key_list = ", ".join(keys)
-    ts = quote(view.timestamp_field)
-    not_null = " AND ".join([f"{ts} IS NOT NULL", *(f"{k} IS NOT NULL" for k in keys)])
-    inputs = [quote(c) for c in cols.prefix if c not in view.join_keys]
-
-    # per group: totals up to and including it (_i) and before it (_e); extremes so far (_all);
+    sql = _KernelSql(view)
+    cols, key_list = sql.cols, sql.key_list
     # per window with a min or max: extremes of the group's block up to it (_p<i>) and from it (_s<i>)
-    running = ["row_number() OVER w AS __r"]
-    running += [f"CAST(sum({p}) OVER w AS BIGINT) AS {p}_i" if p.endswith("_n") else f"sum({p}) OVER w AS {p}_i"
-                for p in cols.parts if p.endswith(("_n", "_s"))]
-    before = [f"{p}_i - COALESCE({p}, 0) AS {p}_e" for p in cols.parts if p.endswith(("_n", "_s"))]
-    for a in aggs:
+    extremes = []
+    for a in view.aggregations:
         if a.function not in ("min", "max"):
             continue
         part = f"{cols.prefix[a.column]}_{a.function}"
         if a.window is None:
-            running.append(f"{a.function}({part}) OVER w AS {part}_all")
+            extremes.append(f"{a.function}({part}) OVER w AS {part}_all")
         else:
             i = cols.windows.index(a.window)
             block = f"PARTITION BY {key_list}, {_floor('__x', micros(a.window))} ORDER BY __x ROWS BETWEEN"
-            running += [f"{a.function}({part}) OVER ({block} UNBOUNDED PRECEDING AND CURRENT ROW) AS {part}_p{i}",
-                        f"{a.function}({part}) OVER ({block} CURRENT ROW AND UNBOUNDED FOLLOWING) AS {part}_s{i}"]
-    running = list(dict.fromkeys(running))
+            extremes += [f"{a.function}({part}) OVER ({block} UNBOUNDED PRECEDING AND CURRENT ROW) AS {part}_p{i}",
+                         f"{a.function}({part}) OVER ({block} CURRENT ROW AND UNBOUNDED FOLLOWING) AS {part}_s{i}"]
 
     # change points: just after each group, and where a bucket leaves a window. Each change
     # point counts the groups that arrive there (component 0) and those that leave window i
@@ -230,46 +219,19 @@ def change_point_sql(view: ViewShape, events: str, start: datetime | None = None
     # the latest group before it and of the first group still in each window. Components are
     # packed 32 bits apiece, four to a HUGEINT, so one running sum counts them all (a key
     # may have up to 2**31 groups in the input)
-    n = len(cols.windows)
     marks = [f"SELECT {key_list}, __x + 1 AS __v, 1::HUGEINT AS __d0 FROM g"]
-    marks += [f"SELECT {key_list}, {_floor('__x', hop_for(w))} + {hop_for(w) + micros(w)} AS __v, "
-              f"{1 << 32 * ((i + 1) % 4)}::HUGEINT AS __d{(i + 1) // 4} FROM g" for i, w in enumerate(cols.windows)]
-    packs = range(n // 4 + 1)
-    merged = ", ".join(f"sum(__d{j}) AS __d{j}" for j in packs)
-    sums = ", ".join(f"COALESCE(sum(__d{j}) OVER w, 0) AS __d{j}" for j in packs)
-
-    def component(j: int) -> str:
-        return f"((__d{j // 4} >> {32 * (j % 4)}) & 4294967295)::BIGINT"
-
-    ranks = ", ".join([f"{component(0)} AS __rc", *(f"{component(i + 1)} + 1 AS __r{i}" for i in range(n))])
+    marks += [f"SELECT {key_list}, {drop} AS __v, {1 << bit}::HUGEINT AS __d{pack} FROM g"
+              for drop, (pack, bit) in zip(sql.drops, sql.components)]
     bounds = []
     if start is not None:
         bounds.append(f"__v >= {_epoch_us(start)}")
     if end is not None:
         bounds.append(f"__v < {_epoch_us(end)}")
-
-    def on(alias: str, rank: str) -> str:
-        return " AND ".join([*(f"p.{k} = {alias}.{k}" for k in keys), f"{alias}.__r = p.{rank}"])
-
-    fetch = [f"LEFT JOIN e c ON {on('c', '__rc')}"]
-    fetch += [f"LEFT JOIN e s{i} ON {on(f's{i}', f'__r{i}')}" for i in range(n)]
-    outputs = [f"{_output(a, cols)} AS {quote(a.name)}" for a in aggs]
-    sep = ",\n    "
     return f"""
-WITH src AS (SELECT {", ".join([*keys, f"epoch_us({ts}) AS __x", *inputs])} FROM {events} WHERE {not_null}),
-g AS (SELECT {", ".join([*keys, "__x", *(f"{sql} AS {p}" for p, sql in cols.parts.items())])}
-      FROM src GROUP BY {key_list}, __x),
-e AS (SELECT {", ".join(["*", *before])} FROM (
-  SELECT {", ".join(["*", *running])} FROM g WINDOW w AS (PARTITION BY {key_list} ORDER BY __x ROWS UNBOUNDED PRECEDING))),
-probes AS (SELECT {key_list}, __v, {merged} FROM ({" UNION ALL BY NAME ".join(marks)}) GROUP BY {key_list}, __v),
-ranked AS (SELECT {key_list}, __v, {ranks} FROM (
-  SELECT {key_list}, __v, {sums} FROM probes WINDOW w AS (PARTITION BY {key_list} ORDER BY __v ROWS UNBOUNDED PRECEDING))
-  {"WHERE " + " AND ".join(bounds) if bounds else ""})
-SELECT {", ".join(f"p.{k}" for k in keys)}, make_timestamptz(p.__v) AS event_timestamp,
-    {sep.join(outputs)}
-FROM ranked p
-{chr(10).join(fetch)}
-ORDER BY p.__v, {", ".join(f"p.{k}" for k in keys)}
+WITH {sql.groups(events, extremes)},
+{sql.ranked(marks, bounds)}
+{sql.select([_output(a, cols) for a in view.aggregations], "LEFT JOIN")}
+ORDER BY p.__v, {", ".join(f"p.{k}" for k in sql.keys)}
 """.strip()
 
 
@@ -290,75 +252,104 @@ def schedule_sql(view: ViewShape, events: str) -> str:
     group of each window is counted as in :func:`change_point_sql`: at ``x + 1 us`` from the
     groups whose bucket has already left, then one more at each later drop.
     """
-    cols = _columns(view)
-    aggs = view.aggregations
-    keys = [quote(k) for k in view.join_keys]
-    key_list = ", ".join(keys)
-    ts = quote(view.timestamp_field)
-    not_null = " AND ".join([f"{ts} IS NOT NULL", *(f"{k} IS NOT NULL" for k in keys)])
-    inputs = [quote(c) for c in cols.prefix if c not in view.join_keys]
-
-    running = ["row_number() OVER w AS __r"]
-    running += [f"CAST(sum({p}) OVER w AS BIGINT) AS {p}_i" if p.endswith("_n") else f"sum({p}) OVER w AS {p}_i"
-                for p in cols.parts if p.endswith(("_n", "_s"))]
-    before = [f"{p}_i - COALESCE({p}, 0) AS {p}_e" for p in cols.parts if p.endswith(("_n", "_s"))]
-    for a in aggs:
+    sql = _KernelSql(view)
+    cols, key_list = sql.cols, sql.key_list
+    extremes = []
+    for a in view.aggregations:
         if a.function in ("min", "max"):
             part = f"{cols.prefix[a.column]}_{a.function}"
-            running.append(f"{a.function}({part}) OVER w AS {part}_all" if a.window is None else
-                           f"{a.function}({part}) OVER (PARTITION BY {key_list} ORDER BY __x ROWS BETWEEN "
-                           f"CURRENT ROW AND UNBOUNDED FOLLOWING) AS {part}_suf")
-    running = list(dict.fromkeys(running))
-
-    n = len(cols.windows)
-    packs = range(n // 4 + 1)
-    drops = [f"{_floor('__x', hop_for(w))} + {hop_for(w) + micros(w)}" for w in cols.windows]
-
-    def shift(i: int) -> tuple[int, int]:  # window i's component: (pack, bit offset)
-        return (i + 1) // 4, 32 * ((i + 1) % 4)
+            extremes.append(f"{a.function}({part}) OVER w AS {part}_all" if a.window is None else
+                            f"{a.function}({part}) OVER (PARTITION BY {key_list} ORDER BY __x ROWS BETWEEN "
+                            f"CURRENT ROW AND UNBOUNDED FOLLOWING) AS {part}_suf")
 
     # at x + 1 us: every group arrived (component 0), those whose bucket already left window i
-    base: dict[int, list[str]] = {j: [] for j in packs}
+    base: dict[int, list[str]] = {j: [] for j in sql.packs}
     base[0].append("count(*)::HUGEINT")
-    for i, d in enumerate(drops):
-        j, s = shift(i)
-        base[j].append(f"((count(*) FILTER (WHERE {d} <= __v0))::HUGEINT << {s})")
+    for drop, (pack, bit) in zip(sql.drops, sql.components):
+        base[pack].append(f"((count(*) FILTER (WHERE {drop} <= __v0))::HUGEINT << {bit})")
     first = (f"SELECT {key_list}, __v0 AS __v, "
-             + ", ".join(f"{' + '.join(base[j]) if base[j] else '0::HUGEINT'} AS __d{j}" for j in packs)
+             + ", ".join(f"{' + '.join(base[j]) if base[j] else '0::HUGEINT'} AS __d{j}" for j in sql.packs)
              + f" FROM t GROUP BY {key_list}, __v0")
-    later = [f"SELECT {key_list}, {d} AS __v, {1 << shift(i)[1]}::HUGEINT AS __d{shift(i)[0]} FROM t "
-             f"WHERE {d} > __v0" for i, d in enumerate(drops)]
-    merged = ", ".join(f"sum(__d{j}) AS __d{j}" for j in packs)
-    sums = ", ".join(f"COALESCE(sum(__d{j}) OVER w, 0) AS __d{j}" for j in packs)
-
-    def component(j: int) -> str:
-        return f"((__d{j // 4} >> {32 * (j % 4)}) & 4294967295)::BIGINT"
-
-    ranks = ", ".join([f"{component(0)} AS __rc", *(f"{component(i + 1)} + 1 AS __r{i}" for i in range(n))])
-
-    def on(alias: str, rank: str) -> str:
-        return " AND ".join([*(f"p.{k} = {alias}.{k}" for k in keys), f"{alias}.__r = p.{rank}"])
-
-    fetch = [f"JOIN e c ON {on('c', '__rc')}"]
-    fetch += [f"LEFT JOIN e s{i} ON {on(f's{i}', f'__r{i}')}" for i in range(n)]
-    outputs = [f"{_output(a, cols, to_end=True)} AS {quote(a.name)}" for a in aggs]
-    sep = ",\n    "
+    later = [f"SELECT {key_list}, {drop} AS __v, {1 << bit}::HUGEINT AS __d{pack} FROM t WHERE {drop} > __v0"
+             for drop, (pack, bit) in zip(sql.drops, sql.components)]
     return f"""
-WITH src AS (SELECT {", ".join([*keys, f"epoch_us({ts}) AS __x", *inputs])} FROM {events} WHERE {not_null}),
-g AS (SELECT {", ".join([*keys, "__x", *(f"{sql} AS {p}" for p, sql in cols.parts.items())])}
-      FROM src GROUP BY {key_list}, __x),
-e AS (SELECT {", ".join(["*", *before])} FROM (
-  SELECT {", ".join(["*", *running])} FROM g WINDOW w AS (PARTITION BY {key_list} ORDER BY __x ROWS UNBOUNDED PRECEDING))),
+WITH {sql.groups(events, extremes)},
 t AS (SELECT {key_list}, __x, max(__x) OVER (PARTITION BY {key_list}) + 1 AS __v0 FROM g),
-probes AS (SELECT {key_list}, __v, {merged} FROM ({" UNION ALL BY NAME ".join([first, *later])})
+{sql.ranked([first, *later], [])}
+{sql.select([_output(a, cols, to_end=True) for a in view.aggregations], "JOIN")}
+""".strip()
+
+
+class _KernelSql:
+    """The parts :func:`change_point_sql` and :func:`schedule_sql` share: per key and instant
+    the groups of events with their running totals (``src``, ``g``, ``e``), the ranking of
+    change points (``probes``, ``ranked``: the latest group before each and the first group
+    still in each window, counted) and the final select fetching those groups."""
+
+    def __init__(self, view: ViewShape) -> None:
+        self.view = view
+        self.cols = _columns(view)
+        self.keys = [quote(k) for k in view.join_keys]
+        self.key_list = ", ".join(self.keys)
+        n = len(self.cols.windows)
+        self.packs = range(n // 4 + 1)
+        # where each window's bucket holding __x leaves it, and its count's (pack, bit offset)
+        self.drops = [f"{_floor('__x', hop_for(w))} + {hop_for(w) + micros(w)}" for w in self.cols.windows]
+        self.components = [((i + 1) // 4, 32 * ((i + 1) % 4)) for i in range(n)]
+
+    def groups(self, events: str, extremes: list[str]) -> str:
+        """CTEs ``src`` (the events with a key and time), ``g`` (one row per key and instant:
+        the partial aggregates) and ``e`` (``g`` numbered per key, ``__r``, with totals up to
+        and including each group, ``_i``, and before it, ``_e``, and ``extremes``)."""
+        view, cols, keys = self.view, self.cols, self.keys
+        ts = quote(view.timestamp_field)
+        not_null = " AND ".join([f"{ts} IS NOT NULL", *(f"{k} IS NOT NULL" for k in keys)])
+        inputs = [quote(c) for c in cols.prefix if c not in view.join_keys]
+        totals = [p for p in cols.parts if p.endswith(("_n", "_s"))]
+        running = ["row_number() OVER w AS __r"]
+        running += [f"CAST(sum({p}) OVER w AS BIGINT) AS {p}_i" if p.endswith("_n") else f"sum({p}) OVER w AS {p}_i"
+                    for p in totals]
+        running = list(dict.fromkeys([*running, *extremes]))
+        before = [f"{p}_i - COALESCE({p}, 0) AS {p}_e" for p in totals]
+        return f"""src AS (SELECT {", ".join([*keys, f"epoch_us({ts}) AS __x", *inputs])} FROM {events} WHERE {not_null}),
+g AS (SELECT {", ".join([*keys, "__x", *(f"{sql} AS {p}" for p, sql in cols.parts.items())])}
+      FROM src GROUP BY {self.key_list}, __x),
+e AS (SELECT {", ".join(["*", *before])} FROM (
+  SELECT {", ".join(["*", *running])} FROM g WINDOW w AS (PARTITION BY {self.key_list} ORDER BY __x ROWS UNBOUNDED PRECEDING)))"""
+
+    def ranked(self, marks: list[str], bounds: list[str]) -> str:
+        """CTEs ``probes`` (the change points of ``marks``, their packed counts summed) and
+        ``ranked`` (per change point, ``__rc``: the number of groups before it, and ``__r<i>``:
+        the number of the first group still in window i), kept where all ``bounds`` hold."""
+        key_list = self.key_list
+        merged = ", ".join(f"sum(__d{j}) AS __d{j}" for j in self.packs)
+        sums = ", ".join(f"COALESCE(sum(__d{j}) OVER w, 0) AS __d{j}" for j in self.packs)
+
+        def component(j: int) -> str:
+            return f"((__d{j // 4} >> {32 * (j % 4)}) & 4294967295)::BIGINT"
+
+        ranks = ", ".join([f"{component(0)} AS __rc",
+                           *(f"{component(i + 1)} + 1 AS __r{i}" for i in range(len(self.cols.windows)))])
+        return f"""probes AS (SELECT {key_list}, __v, {merged} FROM ({" UNION ALL BY NAME ".join(marks)})
   GROUP BY {key_list}, __v),
 ranked AS (SELECT {key_list}, __v, {ranks} FROM (
-  SELECT {key_list}, __v, {sums} FROM probes WINDOW w AS (PARTITION BY {key_list} ORDER BY __v ROWS UNBOUNDED PRECEDING)))
-SELECT {", ".join(f"p.{k}" for k in keys)}, make_timestamptz(p.__v) AS event_timestamp,
-    {sep.join(outputs)}
+  SELECT {key_list}, __v, {sums} FROM probes WINDOW w AS (PARTITION BY {key_list} ORDER BY __v ROWS UNBOUNDED PRECEDING))
+  {"WHERE " + " AND ".join(bounds) if bounds else ""})"""
+
+    def select(self, outputs: list[str], join_latest: str) -> str:
+        """The final SELECT: keys, ``event_timestamp`` (= ``__v``) and ``outputs`` (one per
+        aggregate), from ``ranked`` with the latest group (``c``, joined by ``join_latest``)
+        and each window's first group (``s<i>``)."""
+        def on(alias: str, rank: str) -> str:
+            return " AND ".join([*(f"p.{k} = {alias}.{k}" for k in self.keys), f"{alias}.__r = p.{rank}"])
+
+        fetch = [f"{join_latest} e c ON {on('c', '__rc')}"]
+        fetch += [f"LEFT JOIN e s{i} ON {on(f's{i}', f'__r{i}')}" for i in range(len(self.cols.windows))]
+        columns = ",\n    ".join(f"{o} AS {quote(a.name)}" for o, a in zip(outputs, self.view.aggregations))
+        return f"""SELECT {", ".join(f"p.{k}" for k in self.keys)}, make_timestamptz(p.__v) AS event_timestamp,
+    {columns}
 FROM ranked p
-{chr(10).join(fetch)}
-""".strip()
+{chr(10).join(fetch)}"""
 
 
 def _output(agg: Aggregate, cols: _Columns, to_end: bool = False) -> str:

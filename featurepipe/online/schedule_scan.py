@@ -30,8 +30,6 @@ rows carry a reason, so nothing of it is written).
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -43,6 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from featurepipe.core.sql import literal, quote, ts_literal
+from featurepipe.core.threads import prefetch
 from featurepipe.core.windows import (
     Aggregate,
     ViewShape,
@@ -148,47 +147,10 @@ def open_schedules(query: LatestQuery, kernel: KernelInput, start: datetime, end
     schema = con.sql(sqls[0] + " LIMIT 0").to_arrow_table().schema
     rows = pa.RecordBatchReader.from_batches(
         schema.append(pa.field(FIRST, pa.bool_())),
-        (batch for table in ahead(con, sqls) for batch in
+        (batch for table in prefetch((con.sql(sql).to_arrow_table() for sql in sqls), depth=1) for batch in
          whole_entities(table.to_reader(batch_rows), keys, bool(query.conditions))))
     return LatestScan(entities=int(entities), window_rows=int(window_rows), null_key_rows=int(null_rows),
                       reader=rows, connection=con, files=files, blocked=blocked, blocked_sample=sample)
-
-
-def ahead(con: duckdb.DuckDBPyConnection, sqls: Sequence[str]) -> Iterator[pa.Table]:
-    """The result of each query in turn, the next one computed (by DuckDB, in a thread of
-    its own) while the caller works through the one before."""
-    done = object()
-    slots: queue.Queue[object] = queue.Queue(maxsize=1)
-    stop = threading.Event()
-
-    def run() -> None:
-        try:
-            for sql in sqls:
-                if stop.is_set():
-                    return
-                slots.put(con.sql(sql).to_arrow_table())
-            slots.put(done)
-        except BaseException as exc:  # handed to the consumer
-            slots.put(exc)
-
-    thread = threading.Thread(target=run, name="schedule-parts", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = slots.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            assert isinstance(item, pa.Table)
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # let a producer waiting on the full slot finish
-            try:
-                slots.get_nowait()
-            except queue.Empty:
-                thread.join(0.05)
 
 
 def whole_entities(reader: pa.RecordBatchReader, keys: Sequence[str], checked: bool) -> Iterator[pa.RecordBatch]:

@@ -17,11 +17,9 @@ a failing ``block`` check stops the view before anything is written
 from __future__ import annotations
 
 import contextlib
-import queue
-import threading
 import time
 import uuid
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from featurepipe.core.threads import prefetch
 from featurepipe.errors import GateBlocked
 from featurepipe.online import codec
 from featurepipe.online.latest import (
@@ -146,42 +145,6 @@ def encode_with_schedules(batch: pa.RecordBatch, plan: ViewPlan) -> EncodedRows:
     v = np.asarray(batch.column(EVENT_US).to_numpy(zero_copy_only=False), dtype=np.int64)
     schedules = encode_schedules(v, schedule_columns(batch, names), np.append(starts, len(first)), names)
     return EncodedRows(keys=rows.keys, timestamps=rows.timestamps, values=[*rows.values, schedules])
-
-
-def prefetch(batches: Iterator[pa.RecordBatch], depth: int = 2) -> Generator[pa.RecordBatch, None, None]:
-    """Read ``batches`` in a background thread, ``depth`` ahead: DuckDB scans (it releases
-    the GIL) while this thread encodes and writes the previous batch."""
-    done = object()
-    slots: queue.Queue[object] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def pump() -> None:
-        try:
-            for batch in batches:
-                if stop.is_set():
-                    return
-                slots.put(batch)
-            slots.put(done)
-        except BaseException as exc:  # handed to the consumer
-            slots.put(exc)
-
-    thread = threading.Thread(target=pump, name="duckdb-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = slots.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                slots.get_nowait()
-            except queue.Empty:
-                thread.join(0.05)
 
 
 def _utc(value: datetime) -> datetime:
