@@ -28,7 +28,6 @@ from typing import NamedTuple
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from featurepipe.online.schedule import HEADER_SIZE as SCHEDULE_HEAD
 from featurepipe.online.schedule import KIND_INT, StaleSchedule, row_in_force
 from serving import wire
 from serving.plan import Plan, ViewFields
@@ -191,15 +190,13 @@ def scheduled_columns(vf: ViewFields, block: Replies, now_us: int) -> list[Fetch
             stats.append(empty[1])
             times.append(wire.EMPTY_TIMESTAMP)
             continue
-        n = found.n
-        step, kinds = 1 + 8 * n, SCHEDULE_HEAD + 8 * n
-        first = kinds + 1 + 8 * row
-        times.append(_framed_timestamp(_unpack_int(data, SCHEDULE_HEAD + 8 * row)[0]))
+        times.append(_framed_timestamp(found.v_us or 0))
         values: list[bytes] = []
         status: list[int] = []
+        cell = found.cell
         for c in columns:
-            at = first + c * step
-            if data[kinds + c * step] == KIND_INT:
+            kind, at = cell(c)
+            if kind == KIND_INT:
                 x = data[at]
                 values.append(_FRAMED_INT[x] if x < 128 and data[at + 1:at + 8] == _ZEROS
                               else wire.framed_value(_int_value(_unpack_int(data, at)[0])))

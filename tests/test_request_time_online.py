@@ -395,9 +395,9 @@ def test_contract_checks_every_schedule_row(online: Online, monkeypatch: pytest.
     try:
         assert set(client.scan_iter(count=1000)) == set(schedules) - failing
         assert result.written == len(schedules) - len(failing)
-        assert result.quarantined == sum(len(schedules[k].v) for k in failing)
+        assert result.quarantined == sum(schedules[k].stored_rows for k in failing)
         assert result.check_failures["txn_count_24h.range"] == sum(
-            int((schedules[k].columns[count_24h] > 2).sum()) for k in failing)
+            int((schedules[k].stored[count_24h] > 2).sum()) for k in failing)
         kept = pq.read_table(result.quarantine_files[0])
         assert kept.num_rows == result.quarantined
         assert set(kept.column("quarantine_reason").to_pylist()) >= {"another change point of this entity failed a check"}
@@ -443,8 +443,8 @@ def test_scheduled_columns_read_the_row_in_force() -> None:
     from serving.values import python_value
 
     names = ["n", "s", "m"]
-    data = encode(np.array([100, 200, 300]), [np.array([1, 2, 0]), np.array([1.5, 4.0, 0.0]),
-                                              np.array([1.5, 2.0, np.nan])], names)
+    data = encode(np.array([100, 200, 300]), np.array([-1, 0, 0]),
+                  [np.array([1, 2, 0]), np.array([1.5, 4.0, 0.0]), np.array([1.5, 2.0, np.nan])], [0, 0, 0], names)
     vf = ViewFields("v", 0.0, 0, (1, 2, 3), schedule_field=4, names_crc=names_crc(names), columns=(0, 1, 2),
                     empty=(b"\x20\x00", b"\x29" + bytes(8), b""))
     block = [[b"\x08\x01", None, None, None, data]] * 5

@@ -134,7 +134,8 @@ def test_skew_check_is_clean_then_finds_an_injected_value(pipeline: Pipeline) ->
         decoded = schedule.decode(stored, names)
         columns = [np.array(c) for c in decoded.columns]
         columns[names.index("amount_sum_24h")] += 1000.0
-        db.hset(key, field, schedule.encode(np.array(decoded.v), columns, names))
+        whole_rows = np.array([-1] + [0] * (len(decoded.v) - 1))  # one group holding every column
+        db.hset(key, field, schedule.encode(np.array(decoded.v), whole_rows, columns, [0] * len(names), names))
         try:
             dirty = check_skew(store, client, entities, "fraud_detection_v1")
             by_name = {f.feature: f for f in dirty.features}

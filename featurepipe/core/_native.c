@@ -25,7 +25,7 @@
  *   fields[j] (bytes) = values[j][0][i, :values[j][1][i]] for each (matrix, lengths)
  *   pair, in that order; ttl is the TTL argument in milliseconds, as decimal digits.
  *
- *   schedules(v, columns, kinds, offsets, head) -> (data, lengths)
+ *   schedules(v, row_groups, columns, kinds, offsets, head) -> (data, lengths)
  *
  *   Window schedules (featurepipe.online.schedule), one per entity; see the function.
  */
@@ -500,78 +500,116 @@ done:
     return result;
 }
 
-/* schedules(v, columns, kinds, offsets, head) -> (data, lengths)
+/* schedules(v, row_groups, columns, kinds, offsets, head) -> (data, lengths)
  *
- * Window schedules (featurepipe.online.schedule's layout), one per entity: entity g has
- * rows offsets[g]:offsets[g + 1] of v (int64) and of each column (8-byte items, kinds[c]
- * b'i' or b'f', written as they are: NaN stays NaN). head is the 14-byte header with the
- * row count left 0; the count goes in bytes 4-7. Row g of the result is
- * data[g * width : g * width + lengths[g]], width the longest schedule. */
+ * Window schedules (featurepipe.online.schedule's layout), one per entity: entity e has
+ * rows offsets[e]:offsets[e + 1] of v (int64), of row_groups (int64: -1 on the entity's
+ * first row, then each group's rows, groups ascending) and of each column (8-byte items,
+ * kinds[c] b'i' or b'f', written as they are: NaN stays NaN). head is the schedule's
+ * header followed by its m column groups (head[14 + c]); k, the number of groups, is in
+ * bytes 4-7. Group g of an entity is its first row then its rows of group g. Row e of
+ * the result is data[e * width : e * width + lengths[e]], width the longest schedule. */
 static PyObject *schedules(PyObject *self, PyObject *args) {
-    PyObject *vo, *co, *oo;
+    PyObject *vo, *go, *co, *oo;
     Py_buffer kinds, head;
-    if (!PyArg_ParseTuple(args, "OOy*Oy*", &vo, &co, &kinds, &oo, &head)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOOy*Oy*", &vo, &go, &co, &kinds, &oo, &head)) return NULL;
     PyObject *result = NULL, *data = NULL, *lengths = NULL, *cseq = NULL;
-    Py_buffer vb, ob, *cols = NULL;
-    int have_v = 0, have_o = 0;
+    Py_buffer vb, gb, ob, *cols = NULL;
+    int have_v = 0, have_g = 0, have_o = 0;
     Py_ssize_t m = 0, got = 0;
-    if (head.len != 14) {
-        PyErr_SetString(PyExc_ValueError, "schedules: the header is 14 bytes");
-        goto done;
-    }
+    int64_t *count = NULL;
+    uint32_t k = 0;
     if (get(vo, &vb, "v", 1, 8) < 0) goto done;
     have_v = 1;
+    if (get(go, &gb, "row_groups", 1, 8) < 0) goto done;
+    have_g = 1;
     if (get(oo, &ob, "offsets", 1, 8) < 0) goto done;
     have_o = 1;
     cseq = PySequence_Fast(co, "schedules: columns must be a sequence");
     if (cseq == NULL) goto done;
     m = PySequence_Fast_GET_SIZE(cseq);
-    if (m != kinds.len) {
-        PyErr_SetString(PyExc_ValueError, "schedules: one kind per column");
+    if (m != kinds.len || head.len != 14 + m) {
+        PyErr_SetString(PyExc_ValueError, "schedules: one kind and one group per column after a 14-byte header");
         goto done;
     }
+    const uint8_t *colgroup = (const uint8_t *)head.buf + 14;
+    memcpy(&k, (const uint8_t *)head.buf + 4, 4);
+    for (Py_ssize_t c = 0; c < m; c++)
+        if (colgroup[c] >= k) {
+            PyErr_SetString(PyExc_ValueError, "schedules: a column's group is beyond the groups");
+            goto done;
+        }
     cols = PyMem_Calloc((size_t)(m ? m : 1), sizeof(Py_buffer));
-    if (cols == NULL) {
+    count = PyMem_Calloc((size_t)(k ? k : 1), sizeof(int64_t));
+    if (cols == NULL || count == NULL) {
         PyErr_NoMemory();
         goto done;
     }
     for (; got < m; got++)
         if (get(PySequence_Fast_GET_ITEM(cseq, got), &cols[got], "column", 1, 8) < 0) goto done;
     Py_ssize_t e = ob.shape[0] > 0 ? ob.shape[0] - 1 : 0, total = vb.shape[0];
-    const int64_t *off = ob.buf;
-    int64_t width = 0;
-    for (Py_ssize_t g = 0; g < e; g++) {
-        int64_t n = off[g + 1] - off[g];
-        if (n < 0 || off[g] < 0 || off[g + 1] > total || n > 0xFFFFFFFFLL) {
-            PyErr_SetString(PyExc_ValueError, "schedules: offsets out of order or beyond the rows");
-            goto done;
-        }
-        int64_t size = 14 + 8 * n + (int64_t)m * (1 + 8 * n);
-        if (size > width) width = size;
+    const int64_t *off = ob.buf, *rg = gb.buf;
+    if (gb.shape[0] != total) {
+        PyErr_SetString(PyExc_ValueError, "schedules: row_groups differs in length from v");
+        goto done;
     }
     for (Py_ssize_t c = 0; c < m; c++)
         if (cols[c].shape[0] != total) {
             PyErr_SetString(PyExc_ValueError, "schedules: a column differs in length from v");
             goto done;
         }
+    /* sizes: each group holds the first row and its own rows */
+    int64_t width = 0;
+    for (Py_ssize_t g = 0; g < e; g++) {
+        int64_t lo = off[g], hi = off[g + 1];
+        if (hi <= lo || lo < 0 || hi > total || hi - lo > 0xFFFFFFFFLL) {
+            PyErr_SetString(PyExc_ValueError, "schedules: offsets out of order, empty or beyond the rows");
+            goto done;
+        }
+        if (rg[lo] != -1) {
+            PyErr_SetString(PyExc_ValueError, "schedules: an entity's first row is not of group -1");
+            goto done;
+        }
+        int64_t size = 14 + m, prev = 0;
+        for (int64_t i = lo + 1; i < hi; i++)
+            if (rg[i] < prev || rg[i] >= (int64_t)k) {
+                PyErr_SetString(PyExc_ValueError, "schedules: rows out of group order, or of no group");
+                goto done;
+            } else prev = rg[i];
+        memset(count, 0, sizeof(int64_t) * k);
+        for (int64_t i = lo + 1; i < hi; i++) count[rg[i]]++;
+        for (uint32_t j = 0; j < k; j++) size += 4 + 8 * (count[j] + 1);
+        for (Py_ssize_t c = 0; c < m; c++) size += 1 + 8 * (count[colgroup[c]] + 1);
+        if (size > width) width = size;
+    }
     if (new_rows(e, (Py_ssize_t)width, &data, &lengths) < 0) goto done;
     uint8_t *out = (uint8_t *)PyBytes_AS_STRING(data);
     int64_t *len = (int64_t *)PyBytes_AS_STRING(lengths);
     const uint8_t *kind = kinds.buf;
+    const int64_t *vv = vb.buf;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t g = 0; g < e; g++) {
         uint8_t *p = out + g * width;
-        int64_t lo = off[g], n = off[g + 1] - lo;
-        uint32_t count = (uint32_t)n;
-        memcpy(p, head.buf, 14);
-        memcpy(p + 4, &count, 4);
-        p += 14;
-        memcpy(p, (const int64_t *)vb.buf + lo, (size_t)(8 * n));
-        p += 8 * n;
-        for (Py_ssize_t c = 0; c < m; c++) {
-            *p++ = kind[c];
-            memcpy(p, (const uint8_t *)cols[c].buf + 8 * lo, (size_t)(8 * n));
-            p += 8 * n;
+        int64_t lo = off[g], hi = off[g + 1], i = lo + 1;
+        memcpy(p, head.buf, (size_t)(14 + m));
+        p += 14 + m;
+        for (uint32_t j = 0; j < k; j++) {
+            int64_t from = i;  /* this group's rows: from .. i - 1 */
+            while (i < hi && rg[i] == (int64_t)j) i++;
+            uint32_t n = (uint32_t)(i - from + 1);
+            memcpy(p, &n, 4);
+            p += 4;
+            memcpy(p, vv + lo, 8);
+            memcpy(p + 8, vv + from, (size_t)(8 * (i - from)));
+            p += 8 * (int64_t)n;
+            for (Py_ssize_t c = 0; c < m; c++) {
+                if (colgroup[c] != j) continue;
+                const uint8_t *src = cols[c].buf;
+                *p++ = kind[c];
+                memcpy(p, src + 8 * lo, 8);
+                memcpy(p + 8, src + 8 * from, (size_t)(8 * (i - from)));
+                p += 8 * (int64_t)n;
+            }
         }
         len[g] = p - (out + g * width);
     }
@@ -582,8 +620,10 @@ done:
     Py_XDECREF(lengths);
     for (Py_ssize_t c = 0; c < got; c++) PyBuffer_Release(&cols[c]);
     PyMem_Free(cols);
+    PyMem_Free(count);
     Py_XDECREF(cseq);
     if (have_v) PyBuffer_Release(&vb);
+    if (have_g) PyBuffer_Release(&gb);
     if (have_o) PyBuffer_Release(&ob);
     PyBuffer_Release(&kinds);
     PyBuffer_Release(&head);

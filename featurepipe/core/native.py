@@ -33,11 +33,12 @@ class NativeKernels(Protocol):
         key lengths; per field, a uint8 value matrix and int64 value lengths)."""
         ...
 
-    def schedules(self, v: np.ndarray, columns: Sequence[np.ndarray], kinds: bytes, offsets: np.ndarray,
-                  head: bytes, /) -> tuple[bytes, bytes]:
-        """Window schedules, one per entity (rows ``offsets[g]:offsets[g + 1]`` of int64 ``v`` and
-        of each 8-byte column, ``kinds`` b"i"/b"f" per column; ``head`` the 14-byte header with a
-        row count of 0), as a padded row matrix and int64 row lengths."""
+    def schedules(self, v: np.ndarray, row_groups: np.ndarray, columns: Sequence[np.ndarray], kinds: bytes,
+                  offsets: np.ndarray, head: bytes, /) -> tuple[bytes, bytes]:
+        """Window schedules, one per entity (rows ``offsets[e]:offsets[e + 1]`` of int64 ``v``,
+        of int64 ``row_groups`` and of each 8-byte column, ``kinds`` b"i"/b"f" per column;
+        ``head`` the schedule's header and column groups), as a padded row matrix and int64
+        row lengths."""
         ...
 
     def crc64(self, data: bytes, /) -> int:

@@ -28,7 +28,7 @@ compute to the same bits.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -235,48 +235,131 @@ ORDER BY p.__v, {", ".join(f"p.{k}" for k in sql.keys)}
 """.strip()
 
 
+SCHEDULE_GROUP = "__g"
+"""The column of :func:`schedule_sql` naming a row's group (-1: the row at the newest event)."""
+
+
+def schedule_groups(aggregations: Sequence[Aggregate]) -> list[int]:
+    """Each aggregate's *group* in a schedule (:func:`schedule_sql`): the index of its window
+    among the view's distinct windows, shortest first, or one past the last for an aggregate
+    without a window (its value never changes after the newest event)."""
+    windows = sorted({a.window for a in aggregations if a.window is not None})
+    return [windows.index(a.window) if a.window is not None else len(windows) for a in aggregations]
+
+
+def feature_groups(aggregations: Sequence[Aggregate], names: Sequence[str]) -> tuple[list[int], int]:
+    """The group (:func:`schedule_groups`) of each feature in ``names`` (aggregate names, in
+    the order a schedule stores them), and the number of groups."""
+    by_name = dict(zip((a.name for a in aggregations), schedule_groups(aggregations)))
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise InvalidInput(f"features {missing} are not aggregates of the view ({sorted(by_name)})")
+    return [by_name[n] for n in names], max(by_name.values(), default=-1) + 1
+
+
 def schedule_sql(view: ViewShape, events: str) -> str:
     """SELECT of each key's *schedule*: the rows of :func:`change_point_sql` from the key's
-    newest event ``x`` on (``v >= x + 1 us``: the row in force right after it, then one
-    row per change still to come, the drops), in no particular order (the caller sorts, by
-    the keys then ``event_timestamp`` to encode schedules). The same rows as :func:`change_point_sql` over the same events, bit for bit (tested);
-    what materialisation and the stream write online.
+    newest event ``x`` on, grouped by window. Columns: the join keys, ``__g``,
+    ``event_timestamp`` (``v``) and one per aggregate; in no particular order (the caller
+    sorts by the keys, ``__g``, then ``event_timestamp``).
+
+    * ``__g = -1``: one row per key at ``v0 = x + 1 us``, every aggregate's value right after
+      the newest event (the row :func:`change_point_sql` gives there).
+    * ``__g = i`` (:func:`schedule_groups`): one row per hop bucket of window ``i`` still in
+      that window at ``v0``, at the instant ``v`` it leaves (``floor(x, hop) + hop + W``), with
+      the values of window ``i``'s aggregates from ``v`` on. The other aggregates' columns hold
+      a placeholder (0 for a count, null otherwise) and mean nothing.
+
+    The value of a window's aggregate at any ``t >= v0`` is the one in the key's latest row of
+    ``__g = -1`` or of that window's group with ``v <= t``: exactly :func:`change_point_sql`'s
+    value at ``t``, bit for bit (tested), as the window's value only changes where one of its
+    own buckets leaves it. Stored per group (:mod:`featurepipe.online.schedule`), a schedule
+    repeats no value, so it takes a fraction of the memory of whole rows.
 
     ``events`` must hold each key's events from ``x - horizon`` on (all of them for an
-    aggregate without a window); older ones change nothing.
+    aggregate without a window that is not ``last``); older ones change nothing.
 
-    Cheaper than the general SQL because no row comes before the key's newest event: every
-    group has arrived, so the latest group is the key's last one, a window's value is the
-    totals from its first group to the end (extremes too: one running extreme from the end
-    replaces the blocks), and only drops after ``x + 1 us`` are change points. The first
-    group of each window is counted as in :func:`change_point_sql`: at ``x + 1 us`` from the
-    groups whose bucket has already left, then one more at each later drop.
+    How: after ``x`` no event arrives, so a window's value at ``t`` is the total of its buckets
+    leaving after ``t``: per window, the events grouped by the instant their bucket leaves, and
+    a running total over those buckets from the last one back (excluding the bucket itself).
     """
-    sql = _KernelSql(view)
-    cols, key_list = sql.cols, sql.key_list
-    extremes = []
-    for a in view.aggregations:
-        if a.function in ("min", "max"):
-            part = f"{cols.prefix[a.column]}_{a.function}"
-            extremes.append(f"{a.function}({part}) OVER w AS {part}_all" if a.window is None else
-                            f"{a.function}({part}) OVER (PARTITION BY {key_list} ORDER BY __x ROWS BETWEEN "
-                            f"CURRENT ROW AND UNBOUNDED FOLLOWING) AS {part}_suf")
+    cols = _columns(view)
+    keys = [quote(k) for k in view.join_keys]
+    key_list = ", ".join(keys)
+    ts = quote(view.timestamp_field)
+    not_null = " AND ".join([f"{ts} IS NOT NULL", *(f"{k} IS NOT NULL" for k in keys)])
+    inputs = [quote(c) for c in cols.prefix if c not in view.join_keys]
+    drops = [f"{_floor('__x', hop_for(w))} + {hop_for(w) + micros(w)}" for w in cols.windows]
+    groups = schedule_groups(view.aggregations)
+    types = {c: view.types[c].upper() for c in cols.prefix}
 
-    # at x + 1 us: every group arrived (component 0), those whose bucket already left window i
-    base: dict[int, list[str]] = {j: [] for j in sql.packs}
-    base[0].append("count(*)::HUGEINT")
-    for drop, (pack, bit) in zip(sql.drops, sql.components):
-        base[pack].append(f"((count(*) FILTER (WHERE {drop} <= __v0))::HUGEINT << {bit})")
-    first = (f"SELECT {key_list}, __v0 AS __v, "
-             + ", ".join(f"{' + '.join(base[j]) if base[j] else '0::HUGEINT'} AS __d{j}" for j in sql.packs)
-             + f" FROM t GROUP BY {key_list}, __v0")
-    later = [f"SELECT {key_list}, {drop} AS __v, {1 << bit}::HUGEINT AS __d{pack} FROM t WHERE {drop} > __v0"
-             for drop, (pack, bit) in zip(sql.drops, sql.components)]
+    def partials(aggs: Sequence[Aggregate], where: str | None) -> dict[str, str]:
+        """The partial aggregates ``aggs`` need (``__k<i>_n``, ``_s``, ``_min``, ``_max``) over
+        the events (those meeting ``where``)."""
+        only = f" FILTER (WHERE {where})" if where else ""
+        out: dict[str, str] = {}
+        for a in aggs:
+            k = cols.prefix[a.column]
+            if a.function in ("count", "sum", "mean"):
+                out[f"{k}_n"] = f"count({quote(a.column)}){only}"
+                if a.function != "count":
+                    out[f"{k}_s"] = f"sum({value_expr(a, types[a.column])}){only}"
+            elif a.function in ("min", "max"):
+                out[f"{k}_{a.function}"] = f"{a.function}({value_expr(a, types[a.column])}){only}"
+        return out
+
+    def final(a: Aggregate, part: Callable[[str], str]) -> str:
+        """An aggregate's value from its partials (``part(name)``: the SQL of one)."""
+        k = cols.prefix[a.column]
+        if a.function == "last":
+            if a.column == view.timestamp_field:
+                return "(__v0 - 1) / 1e6"
+            return f"max(epoch_us({quote(a.column)})) FILTER (WHERE __x = __v0 - 1) / 1e6"
+        if a.function in ("min", "max"):
+            return f"CAST({part(f'{k}_{a.function}')} AS DOUBLE)"
+        n, total = f"COALESCE({part(f'{k}_n')}, 0)", f"COALESCE({part(f'{k}_s')}, 0)" if a.function != "count" else ""
+        if a.function == "count":
+            return f"CAST({n} AS BIGINT)"
+        if a.function == "sum":
+            return f"CAST({total} AS DOUBLE)"
+        return f"CAST({total} AS DOUBLE) / CAST(NULLIF({n}, 0) AS DOUBLE)"
+
+    def placeholder(a: Aggregate) -> str:
+        return "0::BIGINT" if a.function == "count" else "NULL::DOUBLE"
+
+    # the row at v0: every aggregate, a window's over the events whose bucket leaves after v0
+    first_parts: dict[str, str] = {}
+    for a, g in zip(view.aggregations, groups):
+        where = drops[g] + " > __v0" if a.window is not None else None
+        first_parts.update({f"{p}_{g}": sql for p, sql in partials([a], where).items()})
+    def of_group(g: int) -> Callable[[str], str]:
+        return lambda p: first_parts[f"{p}_{g}"]
+
+    first = ", ".join(f"{final(a, of_group(g))} AS {quote(a.name)}" for a, g in zip(view.aggregations, groups))
+    selects = [f"SELECT {key_list}, -1 AS __g, __v0 AS __v, {first} FROM t GROUP BY {key_list}, __v0"]
+    buckets = []
+    for i, drop in enumerate(drops):
+        mine = [a for a, g in zip(view.aggregations, groups) if g == i]
+        parts = partials(mine, None)
+        buckets.append(f"b{i} AS (SELECT {key_list}, {drop} AS __v, "
+                       + ", ".join(f"{sql} AS {p}" for p, sql in parts.items())
+                       + f" FROM t WHERE {drop} > __v0 GROUP BY {key_list}, {drop})")
+        after = f"OVER (PARTITION BY {key_list} ORDER BY __v DESC ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)"
+
+        def running(p: str, after: str = after) -> str:
+            fn = "sum" if p.endswith(("_n", "_s")) else p.rsplit("_", 1)[1]
+            return f"{fn}({p}) {after}"
+
+        values = ", ".join(f"{final(a, running) if g == i else placeholder(a)} AS {quote(a.name)}"
+                           for a, g in zip(view.aggregations, groups))
+        selects.append(f"SELECT {key_list}, {i} AS __g, __v, {values} FROM b{i}")
+    union = "\n  UNION ALL ".join(selects)
+    more = "".join(",\n" + b for b in buckets)
     return f"""
-WITH {sql.groups(events, extremes)},
-t AS (SELECT {key_list}, __x, max(__x) OVER (PARTITION BY {key_list}) + 1 AS __v0 FROM g),
-{sql.ranked([first, *later], [])}
-{sql.select([_output(a, cols, to_end=True) for a in view.aggregations], "JOIN")}
+WITH src AS (SELECT {", ".join([*keys, f"epoch_us({ts}) AS __x", *inputs])} FROM {events} WHERE {not_null}),
+t AS (SELECT *, max(__x) OVER (PARTITION BY {key_list}) + 1 AS __v0 FROM src){more}
+SELECT {key_list}, __g AS {SCHEDULE_GROUP}, make_timestamptz(__v) AS event_timestamp, {", ".join(quote(a.name) for a in view.aggregations)}
+FROM ({union})
 """.strip()
 
 
@@ -352,11 +435,10 @@ FROM ranked p
 {chr(10).join(fetch)}"""
 
 
-def _output(agg: Aggregate, cols: _Columns, to_end: bool = False) -> str:
+def _output(agg: Aggregate, cols: _Columns) -> str:
     """One aggregate's value at ``p.__v`` from the latest group before it (``c``) and, for a
     window, the first group at or after the window's start (``s<i>``; all null: none);
-    finalised (count BIGINT, the others DOUBLE). ``to_end``: ``c`` is the key's last group
-    (:func:`schedule_sql`), so a window's extreme is the running one from ``s<i>`` to the end."""
+    finalised (count BIGINT, the others DOUBLE)."""
     k = cols.prefix[agg.column]
     if agg.function == "last":
         return f"c.{k}_last / 1e6" if f"{k}_last" in cols.parts else "c.__x / 1e6"
@@ -365,8 +447,6 @@ def _output(agg: Aggregate, cols: _Columns, to_end: bool = False) -> str:
         if agg.window is None:
             return f"CAST(c.{part}_all AS DOUBLE)"
         i = cols.windows.index(agg.window)
-        if to_end:
-            return f"CAST(s{i}.{part}_suf AS DOUBLE)"
         # the start's block ends where v's block begins
         block = _floor("p.__v", micros(agg.window))
         suffix = f"CASE WHEN s{i}.__x < {block} THEN s{i}.{part}_s{i} END"

@@ -2,12 +2,12 @@
 
 A windowed-aggregate view is materialised from its *raw* input, not from its offline table:
 for every entity with an event in the materialised range ``[start, end]``, the kernel
-(:func:`featurepipe.core.windows.schedule_sql`: the rows of ``change_point_sql``) computes the
-change-point rows from the entity's newest event ``x`` on (``v >= x + 1 us``: the row right after the event, then one
-row per hop bucket leaving a window, down to every window empty), reading the entity's
-events of ``[x - horizon, x]``. Those rows are the entity's schedule
-(:mod:`featurepipe.online.schedule`); the first of them goes into Feast's own fields, its
-``v`` as Feast's event timestamp.
+(:func:`featurepipe.core.windows.schedule_sql`: the rows of ``change_point_sql``, grouped by
+window) computes the rows from the entity's newest event ``x`` on: the row right after the
+event (``v0 = x + 1 us``, every value), then per window one row per hop bucket leaving it,
+down to the window empty; it reads the entity's events of ``[x - horizon, x]``. Those rows
+are the entity's schedule (:mod:`featurepipe.online.schedule`); the first goes into Feast's
+own fields, ``v0`` as Feast's event timestamp.
 
 Why from the newest event and not from the row in force at ``end``: the rows written then
 depend on the events alone, not on when the materialisation ran, so the stream job (which
@@ -20,18 +20,20 @@ An entity whose newest event is older than ``end - horizon`` gets the same treat
 schedule ends with the all-empty row (counts 0, ``last`` its newest event), in force from
 its last drop on, for ever (until its next event).
 
-The schedules come out as Arrow batches of change-point rows sorted by key then ``v``, never
-splitting an entity across two batches: the join keys, :data:`EVENT_US` (``v``), the
-features, :data:`FIRST` (true on an entity's first row) and ``__reason`` / ``__check`` as
-:mod:`featurepipe.online.latest` gives them: row conditions (the view's contract) are checked
-on *every* row of a schedule, and an entity with a failing row is quarantined whole (all its
-rows carry a reason, so nothing of it is written).
+The schedules come out as Arrow batches of rows sorted by key, group, then ``v``, never
+splitting an entity across two batches: the join keys, the group
+(:data:`~featurepipe.core.windows.SCHEDULE_GROUP`), :data:`EVENT_US` (``v``), the features,
+:data:`FIRST` (true on an entity's first row, the one at ``v0``) and ``__reason`` /
+``__check`` as :mod:`featurepipe.online.latest` gives them: row conditions (the view's
+contract) are checked on *every* value of a schedule (a feature's on the rows of its
+window), and an entity with a failing row is quarantined whole (all its rows carry a
+reason, so nothing of it is written).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -43,9 +45,11 @@ import pyarrow.compute as pc
 from featurepipe.core.sql import literal, quote, ts_literal
 from featurepipe.core.threads import prefetch
 from featurepipe.core.windows import (
+    SCHEDULE_GROUP,
     Aggregate,
     ViewShape,
     change_point_sql,
+    feature_groups,
     horizon,
     micros,
     schedule_sql,
@@ -119,16 +123,20 @@ def open_schedules(query: LatestQuery, kernel: KernelInput, start: datetime, end
     if null_rows and null_key_file is not None:
         _copy_null_key_rows(con, source, query, keys, in_range, excluded, null_key_file)
     on = " AND ".join(f"r.{quote(k)} = e.{quote(k)}" for k in keys)
-    reach = micros(horizon(kernel.aggregations))
+    # the events the schedules depend on: each entity's of its last horizon (all of them
+    # when an aggregate without a window is not ``last``: it counts the whole history)
+    reach = "" if any(a.window is None and a.function != "last" for a in kernel.aggregations) else \
+        f" AND epoch_us(r.{ts}) >= epoch_us(e.__last) - {micros(horizon(kernel.aggregations))}"
     con.execute(f"CREATE TEMP TABLE __ev AS SELECT r.* FROM __raw r JOIN __ents e ON {on} "
-                f"WHERE r.{ts} <= e.__last AND epoch_us(r.{ts}) >= epoch_us(e.__last) - {reach}")
+                f"WHERE r.{ts} <= e.__last{reach}")
     shape = ViewShape(tuple(keys), kernel.timestamp, kernel.aggregations, types)
     names = [f.name for f in query.features]
     features = ", ".join(quote(n) for n in names)
     parts = max(1, min(_MAX_PARTS, int(entities) // _ENTITIES_PER_PART))
 
     def computed(events: str) -> str:
-        return f"(SELECT {key_list}, epoch_us(event_timestamp) AS __v, {features} FROM ({schedule_sql(shape, events)}))"
+        return (f"(SELECT {key_list}, {SCHEDULE_GROUP}, epoch_us(event_timestamp) AS __v, {features} "
+                f"FROM ({schedule_sql(shape, events)}))")
 
     part = [f"hash({key_list}) % {parts} = {p}" for p in range(parts)] if parts > 1 else ["TRUE"]
     if any(c.block for c in query.conditions):  # all counted before anything is written
@@ -136,13 +144,14 @@ def open_schedules(query: LatestQuery, kernel: KernelInput, start: datetime, end
         schedules = [f"(SELECT * FROM __sched WHERE {where})" for where in part]
     else:  # streamed, each part's sort the only pass over its rows
         schedules = [computed(f"(SELECT * FROM __ev WHERE {where})") for where in part]
-    blocked, sample = _blocked(con, query.conditions)
-    reasons = ", ".join(f"CASE WHEN {c.fails} THEN {c.reason} END" for c in query.conditions)
-    checks = ", ".join(f"CASE WHEN {c.fails} THEN {literal(c.name)} END" for c in query.conditions)
-    row_reason = f"concat_ws('; ', {reasons})" if query.conditions else "''"
-    row_check = f"concat_ws(',', {checks})" if query.conditions else "''"
-    sqls = [f"SELECT {key_list}, __v AS {EVENT_US}, {', '.join(quote(n) for n in names)}, "
-            f"{row_reason} AS {REASON}, {row_check} AS {CHECK} FROM {relation} ORDER BY {key_list}, __v"
+    conditions = _scoped(query.conditions, kernel.aggregations, keys, names)
+    blocked, sample = _blocked(con, conditions)
+    reasons = ", ".join(f"CASE WHEN {c.fails} THEN {c.reason} END" for c in conditions)
+    checks = ", ".join(f"CASE WHEN {c.fails} THEN {literal(c.name)} END" for c in conditions)
+    row_reason = f"concat_ws('; ', {reasons})" if conditions else "''"
+    row_check = f"concat_ws(',', {checks})" if conditions else "''"
+    sqls = [f"SELECT {key_list}, {SCHEDULE_GROUP}, __v AS {EVENT_US}, {', '.join(quote(n) for n in names)}, "
+            f"{row_reason} AS {REASON}, {row_check} AS {CHECK} FROM {relation} ORDER BY {key_list}, {SCHEDULE_GROUP}, __v"
             for relation in schedules]
     schema = con.sql(sqls[0] + " LIMIT 0").to_arrow_table().schema
     rows = pa.RecordBatchReader.from_batches(
@@ -151,6 +160,22 @@ def open_schedules(query: LatestQuery, kernel: KernelInput, start: datetime, end
          whole_entities(table.to_reader(batch_rows), keys, bool(query.conditions))))
     return LatestScan(entities=int(entities), window_rows=int(window_rows), null_key_rows=int(null_rows),
                       reader=rows, connection=con, files=files, blocked=blocked, blocked_sample=sample)
+
+
+def _scoped(conditions: Sequence[RowCondition], aggregations: Sequence[Aggregate], keys: Sequence[str],
+            names: Sequence[str]) -> list[RowCondition]:
+    """The row conditions as they apply to schedule rows: a feature's on the row at the newest
+    event and on its own window's rows (in another group's rows its column is a placeholder),
+    a join key's on every row, any other on the row at the newest event."""
+    groups = dict(zip(names, feature_groups(aggregations, names)[0]))
+    out = []
+    for c in conditions:
+        if c.column in keys:
+            out.append(c)
+            continue
+        rows = f"{SCHEDULE_GROUP} IN (-1, {groups[c.column]})" if c.column in groups else f"{SCHEDULE_GROUP} = -1"
+        out.append(replace(c, fails=f"({rows} AND ({c.fails}))"))
+    return out
 
 
 def whole_entities(reader: pa.RecordBatchReader, keys: Sequence[str], checked: bool) -> Iterator[pa.RecordBatch]:
@@ -228,7 +253,7 @@ def _blocked(con: duckdb.DuckDBPyConnection, conditions: Sequence[RowCondition]
     sample = {}
     for c in blocking:
         if c.name in blocked:
-            cur = con.execute(f"SELECT * EXCLUDE (__v), make_timestamptz(__v) AS event_timestamp "
+            cur = con.execute(f"SELECT * EXCLUDE (__v, {SCHEDULE_GROUP}), make_timestamptz(__v) AS event_timestamp "
                               f"FROM __sched WHERE {c.fails} LIMIT 3")
             cols = [d[0] for d in cur.description]
             sample[c.name] = [dict(zip(cols, row)) for row in cur.fetchall()]

@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from featurepipe.core.threads import prefetch
+from featurepipe.core.windows import SCHEDULE_GROUP, feature_groups
 from featurepipe.errors import GateBlocked
 from featurepipe.online import codec
 from featurepipe.online.latest import (
@@ -69,6 +70,13 @@ class ViewPlan:
         the schedule of a windowed-aggregate view."""
         names = [feature_field(self.view, f.name) for f in self.features]
         return names + ([schedule_field(self.view)] if self.kernel is not None else [])
+
+    @property
+    def schedule_groups(self) -> tuple[list[int], int]:
+        """Each feature's group in the schedule of a windowed-aggregate view, and the number
+        of groups (:func:`featurepipe.core.windows.feature_groups`)."""
+        assert self.kernel is not None, "only a windowed-aggregate view has a schedule"
+        return feature_groups(self.kernel.aggregations, [f.name for f in self.features])
 
     @property
     def join_keys(self) -> list[codec.JoinKeySpec]:
@@ -143,7 +151,10 @@ def encode_with_schedules(batch: pa.RecordBatch, plan: ViewPlan) -> EncodedRows:
     rows = encode(batch.take(pa.array(starts)), plan)
     names = [f.name for f in plan.features]
     v = np.asarray(batch.column(EVENT_US).to_numpy(zero_copy_only=False), dtype=np.int64)
-    schedules = encode_schedules(v, schedule_columns(batch, names), np.append(starts, len(first)), names)
+    row_groups = np.asarray(batch.column(SCHEDULE_GROUP).to_numpy(zero_copy_only=False), dtype=np.int64)
+    groups, k = plan.schedule_groups
+    schedules = encode_schedules(v, row_groups, schedule_columns(batch, names), np.append(starts, len(first)),
+                                 groups, names, k)
     return EncodedRows(keys=rows.keys, timestamps=rows.timestamps, values=[*rows.values, schedules])
 
 

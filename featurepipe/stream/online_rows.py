@@ -1,7 +1,7 @@
 """What a micro-batch writes online for one view: each touched key's row in force and its schedule.
 
-The state gives, per touched key, the kernel's change-point rows from the key's row in
-force on (``v >= newest event + 1 us``), sorted by key then ``v``
+The state gives, per touched key, its schedule: the kernel's row at the key's newest event
++ 1 us, then each window's later change points, sorted by key, group, then ``v``
 (:meth:`featurepipe.stream.state.WindowState.update`). Of those, the first row of each
 key goes into Feast's own fields, its ``v`` as Feast's event timestamp; all of them go,
 encoded (:mod:`featurepipe.online.schedule`), into the ``_fp_sched:<view>`` field, in the
@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from featurepipe.core.windows import SCHEDULE_GROUP
 from featurepipe.online.latest import EVENT_US
 from featurepipe.online.schedule_writer import encode_schedules, schedule_columns
 from featurepipe.online.window import ViewPlan, encode
@@ -60,15 +61,18 @@ def with_positions(table: pa.Table, keys: list[str]) -> pa.Table:
 
 
 def online_rows(table: pa.Table, plan: ViewPlan) -> EncodedRows:
-    """Feast's bytes of each key's row in force plus its schedule, one row per key.
-    ``table``: the state's rows (keys, features, ``__event_us``, :data:`POSITION`),
-    sorted by key then change point (at least one row)."""
+    """Feast's bytes of each key's row at its newest event plus its schedule, one row per
+    key. ``table``: the state's rows (keys, :data:`~featurepipe.core.windows.SCHEDULE_GROUP`,
+    features, ``__event_us``, :data:`POSITION`), sorted by key, group, then change point (at
+    least one row)."""
     position = np.asarray(table.column(POSITION).to_numpy(zero_copy_only=False))
     firsts = np.flatnonzero(position == 0)
     offsets = np.append(firsts, len(position))
     names = [f.name for f in plan.features]
     v = np.asarray(table.column(EVENT_US).to_numpy(zero_copy_only=False), dtype=np.int64)
-    schedules = encode_schedules(v, schedule_columns(table, names), offsets, names)
+    row_groups = np.asarray(table.column(SCHEDULE_GROUP).to_numpy(zero_copy_only=False), dtype=np.int64)
+    groups, k = plan.schedule_groups
+    schedules = encode_schedules(v, row_groups, schedule_columns(table, names), offsets, groups, names, k)
     in_force = table.take(pa.array(firsts)).combine_chunks().to_batches()[0]
     rows = encode(in_force, plan)
     return EncodedRows(keys=rows.keys, timestamps=rows.timestamps, values=[*rows.values, schedules])

@@ -2,13 +2,13 @@
 
 New events are appended to the raw Parquet (their own file in the day partition, so the
 next backfill includes them), then, for every aggregate view fed by that source and every
-key the events touch, the kernel's change-point rows are recomputed with the very SQL the
-backfill uses (:func:`featurepipe.batch.sql.aggregate_sql`, from the raw events back to
-the views' horizon) and written online as the stream engine writes them
-(:mod:`featurepipe.stream.online_rows`): the row in force at the key's newest event + 1 us
-into Feast's fields, it and every later row (the drops still to come) into the key's
-window schedule, in one atomic write per key where an older write never overwrites a newer
-one. The server then serves the row in force at the request's clock.
+key the events touch, its schedule is recomputed with the kernel's SQL
+(:func:`featurepipe.core.windows.schedule_sql`, from the raw events back to the view's
+horizon) and written online as the stream engine writes it
+(:mod:`featurepipe.stream.online_rows`): the row at the key's newest event + 1 us into
+Feast's fields, it and every later change (each window's drops still to come) into the
+key's window schedule, in one atomic write per key where an older write never overwrites
+a newer one. The server then serves the row in force at the request's clock.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import pyarrow.parquet as pq
 import redis
 
 from featurepipe.batch.backfill import source_columns
-from featurepipe.batch.sql import aggregate_sql
 from featurepipe.config import (
     find_repo,
     online_connection_string,
@@ -33,6 +32,7 @@ from featurepipe.config import (
 )
 from featurepipe.core.db import connect
 from featurepipe.core.sql import literal, quote
+from featurepipe.core.windows import SCHEDULE_GROUP, ViewShape, horizon, micros, schedule_sql
 from featurepipe.definitions import AggregateView, aggregate_views
 from featurepipe.errors import InvalidInput
 from featurepipe.online.latest import EVENT_US
@@ -42,8 +42,7 @@ from featurepipe.online.schedule import schedule_field
 from featurepipe.online.writer import HashWriter
 from featurepipe.quality.contracts import load_contracts
 from featurepipe.stream.history import check_raw_history, unreadable_history
-from featurepipe.stream.online_rows import POSITION, online_batches
-from featurepipe.stream.watermark import from_us
+from featurepipe.stream.online_rows import POSITION, online_batches, with_positions
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -66,29 +65,34 @@ def _raw_root(input_path: str) -> Path:
 
 def touched_rows(con: duckdb.DuckDBPyConnection, view: AggregateView, events: str) -> pa.Table:
     """For every key of ``view`` in the relation ``events`` (already in the raw files), its
-    change-point rows from its row in force on (at its newest event + 1 us, as the stream
-    engine writes them): keys, ``event_timestamp``, the features, ``v`` in microseconds and
-    the row's place among its key's (0: in force), sorted by key then ``v``."""
+    schedule as the stream engine writes it (:func:`~featurepipe.core.windows.schedule_sql`
+    over the key's events of its last horizon): keys, the group, ``event_timestamp``, the
+    features, ``v`` in microseconds and the row's place among its key's (0: the row at its
+    newest event), sorted by key, group, then ``v``."""
     columns = source_columns(con, view.input_path)
+    columns.require(view)
     keys = ", ".join(quote(k) for k in view.join_keys)
     ts = quote(view.timestamp_field)
     raw = f"read_parquet({literal(view.input_path)}, hive_partitioning = true, union_by_name = true)"
     con.execute(
-        f"CREATE OR REPLACE TEMP TABLE __in_force AS SELECT {keys}, epoch_us(max({ts})) + 1 AS __in FROM {raw} "
+        f"CREATE OR REPLACE TEMP TABLE __in_force AS SELECT {keys}, epoch_us(max({ts})) AS __newest FROM {raw} "
         f"WHERE ({keys}) IN (SELECT ({keys}) FROM {events}) AND {ts} IS NOT NULL GROUP BY {keys}"
     )
-    (start,) = con.execute("SELECT min(__in) FROM __in_force").fetchall()[0]
-    if start is None:
-        return con.sql(f"SELECT * FROM ({aggregate_sql(view, columns)}) LIMIT 0").to_arrow_table()
-    rows = aggregate_sql(view, columns, from_us(start))
-    on = " AND ".join(f"c.{quote(k)} = h.{quote(k)}" for k in view.join_keys)
-    by_key = ", ".join(f"c.{quote(k)}" for k in view.join_keys)
-    return con.sql(
-        f"SELECT c.*, epoch_us(c.event_timestamp) AS {EVENT_US}, CAST(row_number() OVER (PARTITION BY {by_key} "
-        f"ORDER BY c.event_timestamp) - 1 AS INTEGER) AS {POSITION} "
-        f"FROM ({rows}) c JOIN __in_force h ON {on} WHERE epoch_us(c.event_timestamp) >= h.__in "
-        f"ORDER BY {by_key}, c.event_timestamp"
+    # each key's events its schedule depends on (all of them when an aggregate without a
+    # window is not ``last``)
+    reach = "" if any(a.window is None and a.function != "last" for a in view.aggregations) else \
+        f" AND epoch_us(r.{ts}) >= h.__newest - {micros(horizon(view.aggregations))}"
+    needed = dict.fromkeys([*view.join_keys, view.timestamp_field, *(a.column for a in view.aggregations)])
+    on = " AND ".join(f"r.{quote(k)} = h.{quote(k)}" for k in view.join_keys)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE __touched_events AS SELECT {', '.join(f'r.{quote(c)}' for c in needed)} "
+                f"FROM {raw} r JOIN __in_force h ON {on} WHERE r.{ts} IS NOT NULL{reach}")
+    shape = ViewShape(tuple(view.join_keys), view.timestamp_field, tuple(view.aggregations),
+                      {c: columns.types[c] for c in needed})
+    table = con.sql(
+        f"SELECT *, epoch_us(event_timestamp) AS {EVENT_US} FROM ({schedule_sql(shape, '__touched_events')}) "
+        f"ORDER BY {keys}, {SCHEDULE_GROUP}, event_timestamp"
     ).to_arrow_table()
+    return with_positions(table, list(view.join_keys))
 
 
 def push_events(store: FeatureStore, events: pa.Table, source: str) -> PushResult:

@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from featurepipe.batch.sql import aggregate_sql
 from featurepipe.core.sql import literal, quote
-from featurepipe.core.windows import schedule_sql
+from featurepipe.core.windows import SCHEDULE_GROUP, schedule_sql
 from featurepipe.online.latest import EVENT_US
 from featurepipe.stream.admission import Condition
 from featurepipe.stream.online_rows import with_positions
@@ -66,11 +66,11 @@ class WindowState:
 
     def update(self, i: int, events: pa.Table) -> pa.Table | None:
         """Add the events of owned keys to view ``i``'s state; return, for each key they
-        touched, the kernel's change-point rows from the key's row in force on (the
-        greatest ``v`` at most its newest event + 1 us, which is that very instant) with
-        every later one: keys, ``event_timestamp``, the features, ``v`` in microseconds
-        (``__event_us``) and the row's place among its key's (``__j``, 0: in force),
-        sorted by key then ``v``. None when no key of this worker was touched."""
+        touched, its schedule (:func:`~featurepipe.core.windows.schedule_sql`: the row at
+        its newest event + 1 us, then each window's later change points): keys, the group,
+        ``event_timestamp``, the features, ``v`` in microseconds (``__event_us``) and the
+        row's place among its key's (``__j``, 0: the row at the newest event), sorted by
+        key, group, then ``v``. None when no key of this worker was touched."""
         con, v = self.con, self.views[i]
         spec, table = v.spec, self.tables[i]
         keys = self._keys_sql[i]
@@ -85,7 +85,7 @@ class WindowState:
             con.unregister(_EVENTS)
         rows = schedule_sql(v.shape, _TOUCHED)  # from each key's row in force on
         table = con.sql(f"SELECT *, epoch_us(event_timestamp) AS {EVENT_US} FROM ({rows}) "
-                        f"ORDER BY {keys}, event_timestamp").to_arrow_table()
+                        f"ORDER BY {keys}, {SCHEDULE_GROUP}, event_timestamp").to_arrow_table()
         if not table.num_rows:
             return None
         return with_positions(table, list(spec.join_keys))
