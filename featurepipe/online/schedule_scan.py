@@ -92,7 +92,7 @@ def open_schedules(query: LatestQuery, kernel: KernelInput, start: datetime, end
                    batch_rows: int = 5_000, threads: int | None = None,
                    null_key_file: Path | None = None) -> LatestScan:
     """Start reading the schedule of every entity with an event in ``[start, end]`` (see the
-    module documentation). ``query`` names the join keys and features (in schedule column
+    module documentation), in batches of about ``batch_rows`` entities. ``query`` names the join keys and features (in schedule column
     order) and the row conditions; ``window_rows`` counts those entities' events in the
     range, ``null_key_rows`` the range's events without a join key (copied to
     ``null_key_file`` when given)."""
@@ -157,9 +157,15 @@ def open_schedules(query: LatestQuery, kernel: KernelInput, start: datetime, end
     rows = pa.RecordBatchReader.from_batches(
         schema.append(pa.field(FIRST, pa.bool_())),
         (batch for table in prefetch((con.sql(sql).to_arrow_table() for sql in sqls), depth=1) for batch in
-         whole_entities(table.to_reader(batch_rows), keys, bool(query.conditions))))
+         whole_entities(table.to_reader(batch_rows * _rows_per_entity(table, entities, parts)), keys,
+                        bool(query.conditions))))
     return LatestScan(entities=int(entities), window_rows=int(window_rows), null_key_rows=int(null_rows),
                       reader=rows, connection=con, files=files, blocked=blocked, blocked_sample=sample)
+
+
+def _rows_per_entity(table: pa.Table, entities: int, parts: int) -> int:
+    """About how many schedule rows each entity of a part has (``batch_rows`` counts entities)."""
+    return max(1, round(table.num_rows / max(1, entities / parts)))
 
 
 def _scoped(conditions: Sequence[RowCondition], aggregations: Sequence[Aggregate], keys: Sequence[str],

@@ -18,7 +18,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from featurepipe.core.errors import InvalidInput
 from featurepipe.core.native import NativeKernels, kernels
@@ -39,8 +38,8 @@ def schedule_columns(table: pa.Table | pa.RecordBatch, names: Sequence[str]) -> 
                 raise InvalidInput(f"schedule: integer feature {name!r} has nulls (an int64 column cannot say null)")
             out.append(np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.int64))
         else:
-            out.append(np.asarray(pc.fill_null(column.cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False),
-                                  dtype=np.float64))
+            # Arrow gives a float column's nulls as NaN
+            out.append(np.asarray(column.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64))
     return out
 
 
