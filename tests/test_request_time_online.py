@@ -406,8 +406,9 @@ def test_contract_checks_every_schedule_row(online: Online, monkeypatch: pytest.
 
 
 def test_memory_per_entity_key(online: Online, record_property: Any) -> None:
-    """Redis MEMORY USAGE of a user key (one view) and a merchant key (two views) with their
-    schedules, against the same hash without them (Feast's own fields only)."""
+    """Redis MEMORY USAGE of a user key (one view) with its schedule, against the same hash
+    without it (Feast's own fields only); every key within 8 KB (whole-row schedules, layout
+    version 2, reached 10 KB on the demo data; benchmarks/online_memory.py)."""
     client = online.client()
     field = schedule_field(USERS)
     users = [k for k in client.scan_iter(count=1000) if client.hexists(k, field)][:200]
@@ -427,7 +428,7 @@ def test_memory_per_entity_key(online: Online, record_property: Any) -> None:
     for name, value in figures.items():
         record_property(name, value)
     print(figures)
-    assert statistics.median(with_schedule) <= 8 * 1024
+    assert max(with_schedule) <= 8 * 1024  # the issue's bound: at most 8 KB per entity and view
 
 
 # ---------------------------------------------------------------- the serving pieces alone
