@@ -193,9 +193,7 @@ def scheduled_columns(vf: ViewFields, block: Replies, now_us: int) -> list[Fetch
         times.append(_framed_timestamp(found.v_us or 0))
         values: list[bytes] = []
         status: list[int] = []
-        cell = found.cell
-        for c in columns:
-            kind, at = cell(c)
+        for kind, at in found.cells(columns):
             if kind == KIND_INT:
                 x = data[at]
                 values.append(_FRAMED_INT[x] if x < 128 and data[at + 1:at + 8] == _ZEROS

@@ -505,10 +505,11 @@ done:
  * Window schedules (featurepipe.online.schedule's layout), one per entity: entity e has
  * rows offsets[e]:offsets[e + 1] of v (int64), of row_groups (int64: -1 on the entity's
  * first row, then each group's rows, groups ascending) and of each column (8-byte items,
- * kinds[c] b'i' or b'f', written as they are: NaN stays NaN). head is the schedule's
- * header followed by its m column groups (head[14 + c]); k, the number of groups, is in
- * bytes 4-7. Group g of an entity is its first row then its rows of group g. Row e of
- * the result is data[e * width : e * width + lengths[e]], width the longest schedule. */
+ * kinds[c] b'i' or b'f', written as they are: NaN stays NaN). head is what every
+ * schedule of the view starts with: the header, the m column groups (head[14 + c]) and
+ * kinds, padded to a multiple of 8; k, the number of groups, is in bytes 4-7. Group g of
+ * an entity is its first row then its rows of group g: n (int64), v, its columns. Row e
+ * of the result is data[e * width : e * width + lengths[e]], width the longest schedule. */
 static PyObject *schedules(PyObject *self, PyObject *args) {
     PyObject *vo, *go, *co, *oo;
     Py_buffer kinds, head;
@@ -528,8 +529,11 @@ static PyObject *schedules(PyObject *self, PyObject *args) {
     cseq = PySequence_Fast(co, "schedules: columns must be a sequence");
     if (cseq == NULL) goto done;
     m = PySequence_Fast_GET_SIZE(cseq);
-    if (m != kinds.len || head.len != 14 + m) {
-        PyErr_SetString(PyExc_ValueError, "schedules: one kind and one group per column after a 14-byte header");
+    if (m != kinds.len || head.len < 14 + 2 * m || head.len % 8 ||
+        memcmp((const uint8_t *)head.buf + 14 + m, kinds.buf, (size_t)m) != 0) {
+        PyErr_SetString(PyExc_ValueError,
+                        "schedules: the head must hold one group and one kind per column (the kinds given), "
+                        "padded to a multiple of 8 bytes");
         goto done;
     }
     const uint8_t *colgroup = (const uint8_t *)head.buf + 14;
@@ -570,7 +574,7 @@ static PyObject *schedules(PyObject *self, PyObject *args) {
             PyErr_SetString(PyExc_ValueError, "schedules: an entity's first row is not of group -1");
             goto done;
         }
-        int64_t size = 14 + m, prev = 0;
+        int64_t size = head.len, prev = 0;
         for (int64_t i = lo + 1; i < hi; i++)
             if (rg[i] < prev || rg[i] >= (int64_t)k) {
                 PyErr_SetString(PyExc_ValueError, "schedules: rows out of group order, or of no group");
@@ -578,37 +582,35 @@ static PyObject *schedules(PyObject *self, PyObject *args) {
             } else prev = rg[i];
         memset(count, 0, sizeof(int64_t) * k);
         for (int64_t i = lo + 1; i < hi; i++) count[rg[i]]++;
-        for (uint32_t j = 0; j < k; j++) size += 4 + 8 * (count[j] + 1);
-        for (Py_ssize_t c = 0; c < m; c++) size += 1 + 8 * (count[colgroup[c]] + 1);
+        for (uint32_t j = 0; j < k; j++) size += 8 + 8 * (count[j] + 1);
+        for (Py_ssize_t c = 0; c < m; c++) size += 8 * (count[colgroup[c]] + 1);
         if (size > width) width = size;
     }
     if (new_rows(e, (Py_ssize_t)width, &data, &lengths) < 0) goto done;
     uint8_t *out = (uint8_t *)PyBytes_AS_STRING(data);
     int64_t *len = (int64_t *)PyBytes_AS_STRING(lengths);
-    const uint8_t *kind = kinds.buf;
     const int64_t *vv = vb.buf;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t g = 0; g < e; g++) {
         uint8_t *p = out + g * width;
         int64_t lo = off[g], hi = off[g + 1], i = lo + 1;
-        memcpy(p, head.buf, (size_t)(14 + m));
-        p += 14 + m;
+        memcpy(p, head.buf, (size_t)head.len);
+        p += head.len;
         for (uint32_t j = 0; j < k; j++) {
             int64_t from = i;  /* this group's rows: from .. i - 1 */
             while (i < hi && rg[i] == (int64_t)j) i++;
-            uint32_t n = (uint32_t)(i - from + 1);
-            memcpy(p, &n, 4);
-            p += 4;
+            int64_t n = i - from + 1;
+            memcpy(p, &n, 8);
+            p += 8;
             memcpy(p, vv + lo, 8);
             memcpy(p + 8, vv + from, (size_t)(8 * (i - from)));
-            p += 8 * (int64_t)n;
+            p += 8 * n;
             for (Py_ssize_t c = 0; c < m; c++) {
                 if (colgroup[c] != j) continue;
                 const uint8_t *src = cols[c].buf;
-                *p++ = kind[c];
                 memcpy(p, src + 8 * lo, 8);
                 memcpy(p + 8, src + 8 * from, (size_t)(8 * (i - from)));
-                p += 8 * (int64_t)n;
+                p += 8 * n;
             }
         }
         len[g] = p - (out + g * width);

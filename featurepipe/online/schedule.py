@@ -14,13 +14,14 @@ event). The value of a column at ``t`` is its group's row with the greatest ``v 
 binary search per group, no aggregate arithmetic. Nothing is repeated, so a schedule is a
 fraction of whole rows (measured in docs/benchmarks.md).
 
-Layout (little endian)::
+Layout (little endian), aligned so that the reader sees it as one array of 8-byte words::
 
     magic  b"FPS"   version u8 (= LAYOUT_VERSION)   k groups u32   m columns u16   names crc32 u32
     group  u8[m]    each column's group
-    k groups, each   n rows u32   v int64[n] (microseconds since the epoch, strictly ascending)
-                     then its columns in column order, each  kind u8 (b"i": int64, b"f": float64)
-                     and 8 * n bytes; a float NaN is null
+    kind   u8[m]    each column's kind: b"i" int64, b"f" float64 (a NaN is null)
+    zero bytes up to a multiple of 8
+    k groups, each   n int64 (its rows), v int64[n] (microseconds since the epoch, strictly
+                     ascending), then its columns in column order, 8 * n bytes each
 
 ``names crc32`` is the CRC-32 of the view's feature names joined with ``,`` in column order:
 a reader whose registry orders or names the features differently refuses the schedule
@@ -53,7 +54,7 @@ LAYOUT_VERSION = 3
 """Version byte of a schedule: 2 was kernel 2's whole rows, 3 the same kernel's groups."""
 _HEAD = struct.Struct("<3sBIHI")
 HEADER_SIZE = _HEAD.size  # the column groups start here
-_COUNT = struct.Struct("<I")
+KIND_INT, KIND_FLOAT = ord("i"), ord("f")
 
 _FIELD_PREFIX = b"_fp_sched:"
 
@@ -73,15 +74,25 @@ def names_crc(names: Sequence[str]) -> int:
     return zlib.crc32(",".join(names).encode())
 
 
-def header(groups: Sequence[int], names: Sequence[str], k: int | None = None) -> bytes:
-    """What every schedule of a view starts with: the header and the column groups (``k``
-    groups, by default one past the greatest in ``groups``)."""
-    if len(groups) != len(names):
-        raise InvalidInput(f"schedule: {len(groups)} column groups for {len(names)} feature names")
+def header(groups: Sequence[int], kinds: bytes, names: Sequence[str], k: int | None = None) -> bytes:
+    """What every schedule of a view starts with, padded to a multiple of 8 bytes: the header,
+    the column groups and kinds (``k`` groups, by default one past the greatest in ``groups``)."""
+    if not len(groups) == len(kinds) == len(names):
+        raise InvalidInput(f"schedule: {len(groups)} column groups and {len(kinds)} kinds for {len(names)} "
+                           "feature names")
     k = max(groups, default=-1) + 1 if k is None else k
-    if any(not 0 <= g < k for g in groups) or k > 255:
-        raise InvalidInput(f"schedule: column groups {list(groups)} not all within {k} groups")
-    return _HEAD.pack(MAGIC, LAYOUT_VERSION, k, len(groups), names_crc(names)) + bytes(groups)
+    if any(not 0 <= g < k for g in groups) or k > 255 or set(kinds) - {KIND_INT, KIND_FLOAT}:
+        raise InvalidInput(f"schedule: column groups {list(groups)} not all within {k} groups, or kinds {kinds!r} "
+                           "not all b'i' or b'f'")
+    head = _HEAD.pack(MAGIC, LAYOUT_VERSION, k, len(groups), names_crc(names)) + bytes(groups) + kinds
+    return head + bytes(-len(head) % 8)
+
+
+def kinds_of(columns: Sequence[np.ndarray]) -> bytes:
+    """The kind of each column as a schedule stores it: b"i" for integers, b"f" otherwise."""
+    import numpy as np
+
+    return bytes(KIND_INT if np.issubdtype(c.dtype, np.integer) else KIND_FLOAT for c in columns)
 
 
 def encode(v: np.ndarray, row_groups: np.ndarray, columns: Sequence[np.ndarray], groups: Sequence[int],
@@ -95,7 +106,8 @@ def encode(v: np.ndarray, row_groups: np.ndarray, columns: Sequence[np.ndarray],
 
     if len(columns) != len(names):
         raise InvalidInput(f"schedule: {len(columns)} columns for {len(names)} feature names")
-    head = header(groups, names, k)
+    kinds = kinds_of(columns)
+    head = header(groups, kinds, names, k)
     k = _HEAD.unpack_from(head)[2]
     row_groups = np.asarray(row_groups)
     if not len(row_groups) or row_groups[0] != -1 or (row_groups[1:] < 0).any() or \
@@ -104,14 +116,10 @@ def encode(v: np.ndarray, row_groups: np.ndarray, columns: Sequence[np.ndarray],
     parts = [head]
     for g in range(k):
         rows = np.concatenate([[0], np.flatnonzero(row_groups == g)])
-        parts += [_COUNT.pack(len(rows)), np.ascontiguousarray(np.asarray(v)[rows], dtype="<i8").tobytes()]
+        parts += [np.array([len(rows)], dtype="<i8").tobytes(), np.ascontiguousarray(np.asarray(v)[rows], dtype="<i8").tobytes()]
         for c, column in enumerate(columns):
-            if groups[c] != g:
-                continue
-            if np.issubdtype(column.dtype, np.integer):
-                parts += [b"i", np.ascontiguousarray(column[rows], dtype="<i8").tobytes()]
-            else:
-                parts += [b"f", np.ascontiguousarray(column[rows], dtype="<f8").tobytes()]
+            if groups[c] == g:
+                parts.append(np.ascontiguousarray(column[rows], dtype="<i8" if kinds[c] == KIND_INT else "<f8").tobytes())
     return b"".join(parts)
 
 
@@ -164,22 +172,28 @@ def decode(data: bytes, names: Sequence[str] | None = None) -> Schedule:
 
     k, m = _checked_head(data, None if names is None else names_crc(names))
     groups = list(data[_HEAD.size:_HEAD.size + m])
-    offset = _HEAD.size + m
+    kinds = data[_HEAD.size + m:_HEAD.size + 2 * m]
+    words = np.frombuffer(data, dtype="<i8", offset=_words_start(m))
+    at = 0
     vs, cols = [], [np.empty(0)] * m
     for g in range(k):
-        (n,) = _COUNT.unpack_from(data, offset)
-        offset += 4
-        vs.append(np.frombuffer(data, dtype="<i8", count=n, offset=offset))
-        offset += 8 * n
+        n = int(words[at])
+        vs.append(words[at + 1:at + 1 + n])
+        at += 1 + n
         for c in range(m):
             if groups[c] == g:
-                kind = data[offset:offset + 1]
-                cols[c] = np.frombuffer(data, dtype="<i8" if kind == b"i" else "<f8", count=n, offset=offset + 1)
-                offset += 1 + 8 * n
+                cols[c] = words[at:at + n] if kinds[c] == KIND_INT else words[at:at + n].view("<f8")
+                at += n
     v = np.unique(np.concatenate(vs)) if vs else np.zeros(0, dtype=np.int64)
-    at = [np.searchsorted(g_v, v, side="right") - 1 for g_v in vs]
-    return Schedule(v, tuple(cols[c][at[groups[c]]] for c in range(m)), tuple(cols),
+    found = [np.searchsorted(g_v, v, side="right") - 1 for g_v in vs]
+    return Schedule(v, tuple(cols[c][found[groups[c]]] for c in range(m)), tuple(cols),
                     1 + sum(len(g_v) - 1 for g_v in vs))
+
+
+def _words_start(m: int) -> int:
+    """Where the groups start: after the header, groups and kinds, at a multiple of 8."""
+    head = _HEAD.size + 2 * m
+    return head + -head % 8
 
 
 # --- the reader the server and the library call share (standard library only) -------------
@@ -193,20 +207,21 @@ def empty_value(function: str) -> int | float | None:
     return _EMPTY_WINDOW.get(function)
 
 
+_UNPACK_HEAD = _HEAD.unpack_from
 _UNPACK_DOUBLE = struct.Struct("<d").unpack_from
 _UNPACK_INT = struct.Struct("<q").unpack_from
-_UNPACK_COUNT = _COUNT.unpack_from
 _NATIVE_LITTLE = struct.pack("=q", 1) == struct.pack("<q", 1)
-KIND_INT, KIND_FLOAT = ord("i"), ord("f")
 
-# per distinct column-group map (one per view): each column's group, its place among its
-# group's columns, and each group's column count
-_LAYOUTS: dict[bytes, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {}
+# per distinct column map (one per view): each column's group, kind, place among its group's
+# columns, and each group's column count
+_Layout = tuple[tuple[int, ...], bytes, tuple[int, ...], tuple[int, ...]]
+_LAYOUTS: dict[bytes, _Layout] = {}
 
 
-def _layout(groups: bytes, k: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    found = _LAYOUTS.get(groups)
+def _layout(columns: bytes, k: int, m: int) -> _Layout:
+    found = _LAYOUTS.get(columns)
     if found is None:
+        groups, kinds = columns[:m], columns[m:]
         counts = [0] * k
         place = []
         for g in groups:
@@ -214,9 +229,9 @@ def _layout(groups: bytes, k: int) -> tuple[tuple[int, ...], tuple[int, ...], tu
                 raise StaleSchedule("schedule with a column in no group; run `featurepipe materialize` to rebuild it")
             place.append(counts[g])
             counts[g] += 1
-        found = (tuple(groups), tuple(place), tuple(counts))
+        found = (tuple(groups), bytes(kinds), tuple(place), tuple(counts))
         if len(_LAYOUTS) < 1024:
-            _LAYOUTS[bytes(groups)] = found
+            _LAYOUTS[bytes(columns)] = found
     return found
 
 
@@ -230,19 +245,24 @@ class RowInForce:
     group): when the values in force took effect.
     """
 
-    __slots__ = ("data", "row", "v_us", "_group", "_place", "_kinds", "_steps", "_rows")
+    __slots__ = ("data", "row", "v_us", "_layout", "_at")
 
-    def __init__(self, data: bytes, row: int, v_us: int | None, group: tuple[int, ...], place: tuple[int, ...],
-                 kinds: list[int], steps: list[int], rows: list[int]) -> None:
-        self.data, self.row, self.v_us = data, row, v_us
-        self._group, self._place, self._kinds, self._steps, self._rows = group, place, kinds, steps, rows
+    def __init__(self, data: bytes, row: int, v_us: int | None, layout: _Layout, at: list[int]) -> None:
+        self.data, self.row, self.v_us, self._layout, self._at = data, row, v_us, layout, at
 
     def cell(self, column: int) -> tuple[int, int]:
         """``(kind, offset)``: the column's kind byte (:data:`KIND_INT` or :data:`KIND_FLOAT`)
         and where its 8 little-endian bytes in force start in ``data`` (``row`` >= 0)."""
-        g = self._group[column]
-        at = self._kinds[g] + self._place[column] * self._steps[g]
-        return self.data[at], at + 1 + 8 * self._rows[g]
+        groups, kinds, place, _ = self._layout
+        first, n = self._at[2 * groups[column]], self._at[2 * groups[column] + 1]
+        return kinds[column], first + 8 * n * place[column]
+
+    def cells(self, columns: Sequence[int]) -> list[tuple[int, int]]:
+        """:meth:`cell` of each of ``columns`` (one call for a request's columns: the server's
+        hot loop)."""
+        groups, kinds, place, _ = self._layout
+        at = self._at
+        return [(kinds[c], at[2 * groups[c]] + 8 * at[2 * groups[c] + 1] * place[c]) for c in columns]
 
     def value(self, column: int) -> int | float | None:
         """The column's value in force as Python gives it (a float NaN is None)."""
@@ -257,28 +277,30 @@ def row_in_force(data: bytes, crc: int, t_us: int) -> RowInForce:
     """The values of the stored schedule ``data`` in force at ``t_us`` (in each group, the
     row with the greatest ``v <= t``), checked first to be of this layout and written for
     the features whose :func:`names_crc` is ``crc`` (raises :class:`StaleSchedule`). No
-    copy, no NumPy: a header unpack and a binary search per group."""
-    k, m = _checked_head(data, crc)
-    group, place, counts = _layout(data[_HEAD.size:_HEAD.size + m], k)
-    at = _HEAD.size + m
-    view = memoryview(data) if _NATIVE_LITTLE else None
-    kinds, steps, rows = [], [], []
+    copy, no NumPy: a header unpack, then the words as one int64 view and a binary search per
+    group."""
+    magic, version, k, m, written_for = _UNPACK_HEAD(data)
+    if magic != MAGIC or version != LAYOUT_VERSION or written_for != crc:
+        _checked_head(data, crc)  # raises with the reason
+    columns = data[_HEAD.size:_HEAD.size + 2 * m]
+    layout = _LAYOUTS.get(columns) or _layout(columns, k, m)
+    start = (_HEAD.size + 2 * m + 7) & ~7
+    at: list[int] = []  # per group: the byte offset of its first column's row in force, and n
     v_us: int | None = None
-    for g in range(k):
-        (n,) = _UNPACK_COUNT(data, at)
-        at += 4
-        if view is not None:
-            changes: Sequence[int] = view[at:at + 8 * n].cast("q")
-        else:  # pragma: no cover (big-endian machines)
-            changes = struct.unpack_from(f"<{n}q", data, at)
-        r = bisect_right(changes, t_us) - 1
-        if r >= 0 and (v_us is None or changes[r] > v_us):
-            v_us = changes[r]
-        at += 8 * n
-        kinds.append(at)
-        steps.append(1 + 8 * n)
-        rows.append(r)
-        at += counts[g] * (1 + 8 * n)
-    if len(data) < at:
-        raise StaleSchedule("schedule field cut short; run `featurepipe materialize` to rebuild the online store")
-    return RowInForce(data, rows[0] if rows else -1, v_us, group, place, kinds, steps, rows)
+    try:
+        words: Sequence[int] = memoryview(data)[start:].cast("q") if _NATIVE_LITTLE else \
+            struct.unpack_from(f"<{(len(data) - start) // 8}q", data, start)  # pragma: no cover (big-endian)
+        i = 0
+        for count in layout[3]:
+            n = words[i]
+            j = bisect_right(words, t_us, i + 1, i + 1 + n)
+            if j > i + 1 and (v_us is None or words[j - 1] > v_us):
+                v_us = words[j - 1]
+            at += (start + 8 * (j - 1 + n), n)
+            i += 1 + n + count * n
+    except (TypeError, IndexError):  # a length not a multiple of 8, or a count past the end
+        i = -1
+    if 8 * i + start != len(data):
+        raise StaleSchedule("schedule field malformed; run `featurepipe materialize` to rebuild the online store")
+    row = (at[0] - start) // 8 - at[1] - 1 if at else -1  # the first group's row (they all start at v0)
+    return RowInForce(data, row, v_us, layout, at)

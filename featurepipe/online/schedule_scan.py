@@ -165,7 +165,7 @@ def open_schedules(query: LatestQuery, kernel: KernelInput, start: datetime, end
 
 def _rows_per_entity(table: pa.Table, entities: int, parts: int) -> int:
     """About how many schedule rows each entity of a part has (``batch_rows`` counts entities)."""
-    return max(1, round(table.num_rows / max(1, entities / parts)))
+    return max(1, int(round(table.num_rows / max(1, entities / parts))))
 
 
 def _scoped(conditions: Sequence[RowCondition], aggregations: Sequence[Aggregate], keys: Sequence[str],

@@ -22,7 +22,7 @@ import pyarrow as pa
 from featurepipe.core.errors import InvalidInput
 from featurepipe.core.native import NativeKernels, kernels
 from featurepipe.online.rows import Piece
-from featurepipe.online.schedule import encode, header
+from featurepipe.online.schedule import KIND_INT, encode, header, kinds_of
 
 compiled: NativeKernels | None = kernels  # None: not compiled, NumPy only
 
@@ -58,11 +58,11 @@ def encode_schedules(v: np.ndarray, row_groups: np.ndarray, columns: Sequence[np
     if len(columns) != len(names):
         raise InvalidInput(f"schedule: {len(columns)} columns for {len(names)} feature names")
     offsets = np.ascontiguousarray(offsets, dtype=np.int64)
-    head = header(groups, names, k)
+    kinds = kinds_of(columns)
+    head = header(groups, kinds, names, k)
     rows = max(len(offsets) - 1, 0)
     if use_compiled and compiled is not None:
-        kinds = bytes(b"i"[0] if np.issubdtype(c.dtype, np.integer) else b"f"[0] for c in columns)
-        cols = [np.ascontiguousarray(c, dtype="<i8" if k == b"i"[0] else "<f8") for c, k in zip(columns, kinds)]
+        cols = [np.ascontiguousarray(c, dtype="<i8" if kind == KIND_INT else "<f8") for c, kind in zip(columns, kinds)]
         data, lengths = compiled.schedules(np.ascontiguousarray(v, dtype="<i8"),
                                            np.ascontiguousarray(row_groups, dtype="<i8"), cols, kinds, offsets, head)
         return Piece(np.frombuffer(data, dtype=np.uint8).reshape(rows, len(data) // rows if rows else 0),
