@@ -10,7 +10,7 @@ NULL_VALUE when the stored value is null, OUTSIDE_MAX_AGE when the view has a TT
 row's event time is older than now - ttl (the value is still returned), else PRESENT.
 
 A windowed-aggregate view's features come from the entity's window schedule instead
-(:func:`featurepipe.online.schedule.row_in_force`): the row in force at the request's clock,
+(:func:`featurepipe.online.schedule.cells_in_force`): the row in force at the request's clock,
 its change point as the event time, values as the offline join gives them at that instant
 (count int64, the rest double, a null as the empty Value with NULL_VALUE). No TTL applies:
 an entity idle for longer than the TTL has empty windows (count 0), not stale values. A
@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from featurepipe.online.schedule import KIND_INT, StaleSchedule, row_in_force
+from featurepipe.online.schedule import KIND_INT, StaleSchedule, cells_in_force
 from serving import wire
 from serving.plan import Plan, ViewFields
 from serving.protos import FIELD_STATUS, Value
@@ -162,7 +162,7 @@ def scheduled_columns(vf: ViewFields, block: Replies, now_us: int) -> list[Fetch
     ``block``, read from each key's schedule at ``now_us`` (see the module documentation).
 
     The hot loop of a windowed request: per key, the row in force is found with
-    :func:`~featurepipe.online.schedule.row_in_force` and each requested column's 8 bytes are
+    :func:`~featurepipe.online.schedule.cells_in_force` and each requested column's 8 bytes are
     copied into a framed Value (a double as it is stored, a small count from a table)."""
     columns = vf.columns
     width = len(columns)
@@ -183,17 +183,17 @@ def scheduled_columns(vf: ViewFields, block: Replies, now_us: int) -> list[Fetch
             stats.append(missing[1])
             times.append(wire.EMPTY_TIMESTAMP)
             continue
-        found = row_in_force(data, vf.names_crc, now_us)
-        row = found.row
-        if row < 0:  # before the schedule's first row: every window empty
+        found = cells_in_force(data, vf.names_crc, now_us, columns)
+        if found is None:  # before the schedule's first row: every window empty
             rows.append(empty[0])
             stats.append(empty[1])
             times.append(wire.EMPTY_TIMESTAMP)
             continue
-        times.append(_framed_timestamp(found.v_us or 0))
+        v_us, cells = found
+        times.append(_framed_timestamp(v_us))
         values: list[bytes] = []
         status: list[int] = []
-        for kind, at in found.cells(columns):
+        for kind, at in cells:
             if kind == KIND_INT:
                 x = data[at]
                 values.append(_FRAMED_INT[x] if x < 128 and data[at + 1:at + 8] == _ZEROS

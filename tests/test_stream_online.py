@@ -6,6 +6,8 @@ vectorised encoder the job uses; and the kernel's rows against what the encoded 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -46,6 +48,19 @@ def random_schedules(rng: np.random.Generator, sizes: list[list[int]], groups: l
     return np.array(v, dtype=np.int64), np.array(row_groups, dtype=np.int64), cols, np.array(offsets, dtype=np.int64)
 
 
+@contextmanager
+def monkeypatch_compiled_cells(value: Any) -> Iterator[None]:
+    """The schedule reader's compiled part replaced by ``value`` (None: the Python path)."""
+    from featurepipe.online import schedule
+
+    saved = schedule._compiled_cells
+    schedule._compiled_cells = value
+    try:
+        yield
+    finally:
+        schedule._compiled_cells = saved
+
+
 @settings(max_examples=60, deadline=None)
 @given(data=st.data(), k=st.integers(1, 4), extra=st.integers(0, 3), seed=st.integers(0, 2**31),
        use_compiled=st.booleans(), skip=st.integers(0, 3))
@@ -55,7 +70,7 @@ def test_encode_schedules_is_encode_per_entity(data: st.DataObject, k: int, extr
     offsets that do not start at row 0), and every column read back at any instant, by the
     NumPy decoder and by the server's reader, is the value of the latest row of the first
     row or its own group at or before it (brute force)."""
-    from featurepipe.online.schedule import names_crc, row_in_force
+    from featurepipe.online.schedule import cells_in_force, names_crc, row_in_force
 
     rng = np.random.default_rng(seed)
     groups = list(range(k)) + data.draw(st.lists(st.integers(0, k - 1), min_size=extra, max_size=extra))
@@ -74,9 +89,15 @@ def test_encode_schedules_is_encode_per_entity(data: st.DataObject, k: int, extr
             found = row_in_force(got, names_crc(names), t)
             if not mine:
                 assert found.row == -1 and decoded.row_at(t) == -1
+                assert cells_in_force(got, names_crc(names), t, [0]) is None
                 continue
             r = decoded.row_at(t)
             assert found.v_us == max(v[i] for i in mine) == decoded.v[r]
+            # the server's read: compiled and in Python, the same as row_in_force
+            every = list(range(len(groups)))
+            assert cells_in_force(got, names_crc(names), t, every) == (found.v_us, found.cells(every))
+            with monkeypatch_compiled_cells(None):
+                assert cells_in_force(got, names_crc(names), t, every) == (found.v_us, found.cells(every))
             for c, g in enumerate(groups):
                 latest = max((i for i in mine if row_groups[i] in (-1, g)), key=lambda i: v[i])
                 want = cols[c][latest]
@@ -167,3 +188,23 @@ def test_with_positions_numbers_each_keys_rows() -> None:
     assert with_positions(table, ["a", "b"]).column(POSITION).to_pylist() == [0, 1, 0, 0, 1, 2]
     assert with_positions(table, ["a"]).column(POSITION).to_pylist() == [0, 1, 2, 0, 1, 2]
     assert with_positions(table.slice(0, 0), ["a"]).column(POSITION).to_pylist() == []
+
+
+def test_a_malformed_schedule_is_refused_by_both_readers() -> None:
+    """Cut short, or with a row count beyond the field: StaleSchedule from the compiled and
+    the Python reader alike (never a crash or a read past the end)."""
+    from featurepipe.online import schedule
+    from featurepipe.online.schedule import StaleSchedule, cells_in_force, names_crc
+
+    assert schedule._compiled_cells is not None  # the C part is built by `make install`
+    names = ["a", "b"]
+    good = encode(np.array([10, 20, 30]), np.array([-1, 0, 1]), [np.array([1, 0, 0]), np.array([1.5, 2.5, np.nan])],
+                  [0, 1], names)
+    assert cells_in_force(good, names_crc(names), 25, [0, 1]) is not None
+    bad_count = bytearray(good)
+    bad_count[24:32] = (10**6).to_bytes(8, "little")  # the first group's row count (after a 24-byte head)
+    for data in (good[:-8], good[:-3], bytes(bad_count)):
+        for python in (False, True):
+            with monkeypatch_compiled_cells(None) if python else nullcontext():
+                with pytest.raises(StaleSchedule, match="malformed|materialize"):
+                    cells_in_force(data, names_crc(names), 25, [0, 1])

@@ -632,12 +632,108 @@ done:
     return result;
 }
 
+/* schedule_cells(data, t_us, columns) -> None or (v_us, [(kind, offset), ...])
+ *
+ * The server's read of one stored window schedule (featurepipe.online.schedule's layout 3,
+ * whose header the caller has checked): in each group the row with the greatest v <= t_us,
+ * the latest such v over the groups, and for each requested column its kind byte and the
+ * offset of its 8 bytes in force. None when t_us is before the first change point.
+ * ValueError when the field is malformed. */
+static PyObject *schedule_cells(PyObject *self, PyObject *args) {
+    Py_buffer b;
+    long long t;
+    PyObject *co, *seq = NULL, *result = NULL, *list = NULL;
+    int64_t *base = NULL, *place = NULL;
+    if (!PyArg_ParseTuple(args, "y*LO", &b, &t, &co)) return NULL;
+    const uint8_t *d = b.buf;
+    Py_ssize_t len = b.len;
+    uint32_t k = 0;
+    uint16_t m = 0;
+    if (len >= 14) {
+        memcpy(&k, d + 4, 4);
+        memcpy(&m, d + 8, 2);
+    }
+    Py_ssize_t start = 14 + 2 * (Py_ssize_t)m;
+    start += (8 - start % 8) % 8;
+    if (len < 14 || k > 255 || start > len || (len - start) % 8) goto malformed;
+    const uint8_t *groups = d + 14, *kinds = d + 14 + m, *w = d + start;
+    int64_t words = (len - start) / 8, i = 0, v_us = 0, first_row = -1, count[256] = {0};
+    int have = 0;
+    base = PyMem_Calloc((size_t)(k ? k : 1), sizeof(int64_t));
+    place = PyMem_Calloc((size_t)(m ? m : 1), sizeof(int64_t));
+    if (base == NULL || place == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t c = 0; c < m; c++) {
+        if (groups[c] >= k) goto malformed;
+        place[c] = count[groups[c]]++;
+    }
+    for (uint32_t g = 0; g < k; g++) {
+        int64_t n, lo = 0, hi, v;
+        if (i >= words) goto malformed;
+        memcpy(&n, w + 8 * i, 8);
+        if (n < 1 || n > words - i - 1) goto malformed;
+        hi = n;
+        while (lo < hi) {  /* the number of change points at or before t */
+            int64_t mid = lo + (hi - lo) / 2;
+            memcpy(&v, w + 8 * (i + 1 + mid), 8);
+            if (v <= t) lo = mid + 1; else hi = mid;
+        }
+        if (g == 0) first_row = lo - 1;
+        if (lo > 0) {
+            memcpy(&v, w + 8 * (i + lo), 8);
+            if (!have || v > v_us) v_us = v;
+            have = 1;
+        }
+        base[g] = start + 8 * (i + n + lo);  /* the group's first column, at row lo - 1 */
+        if (count[g] > (words - i - 1 - n) / n) goto malformed;
+        i += 1 + n + count[g] * n;
+        count[g] = (count[g] << 32) | n;  /* from here: columns << 32 | rows */
+    }
+    if (i != words) goto malformed;
+    if (first_row < 0) {
+        Py_INCREF(Py_None);
+        result = Py_None;
+        goto done;
+    }
+    seq = PySequence_Fast(co, "schedule_cells: columns must be a sequence");
+    if (seq == NULL) goto done;
+    Py_ssize_t q = PySequence_Fast_GET_SIZE(seq);
+    list = PyList_New(q);
+    if (list == NULL) goto done;
+    for (Py_ssize_t j = 0; j < q; j++) {
+        Py_ssize_t c = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(seq, j));
+        if (c == -1 && PyErr_Occurred()) goto done;
+        if (c < 0 || c >= m) {
+            PyErr_SetString(PyExc_IndexError, "schedule_cells: a column beyond the schedule's");
+            goto done;
+        }
+        int64_t n = count[groups[c]] & 0xFFFFFFFFLL;
+        PyObject *cell = Py_BuildValue("(iL)", (int)kinds[c], (long long)(base[groups[c]] + 8 * n * place[c]));
+        if (cell == NULL) goto done;
+        PyList_SET_ITEM(list, j, cell);
+    }
+    result = Py_BuildValue("(LO)", (long long)v_us, list);
+    goto done;
+malformed:
+    PyErr_SetString(PyExc_ValueError, "schedule_cells: malformed schedule");
+done:
+    Py_XDECREF(list);
+    Py_XDECREF(seq);
+    PyMem_Free(base);
+    PyMem_Free(place);
+    PyBuffer_Release(&b);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"asof_rows", asof_rows, METH_VARARGS, "The offline index's point-in-time lookup, one binary search pair a row."},
     {"scalar_values", scalar_values, METH_VARARGS, "Serialized feast Value protos of a numeric column."},
     {"timestamps", timestamps, METH_VARARGS, "Serialized protobuf Timestamps of epoch microseconds."},
     {"restore_commands", restore_commands, METH_VARARGS, "RESTORE commands of whole hashes, one per row."},
     {"schedules", schedules, METH_VARARGS, "Window schedules, one per entity."},
+    {"schedule_cells", schedule_cells, METH_VARARGS, "The values of a window schedule in force at an instant."},
     {"crc64", py_crc64, METH_VARARGS, "CRC-64/Redis of a bytes-like object."},
     {NULL, NULL, 0, NULL},
 };

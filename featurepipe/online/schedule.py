@@ -39,7 +39,7 @@ from __future__ import annotations
 import struct
 import zlib
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -207,6 +207,13 @@ def empty_value(function: str) -> int | float | None:
     return _EMPTY_WINDOW.get(function)
 
 
+_CellsReader = Callable[[bytes, int, Sequence[int]], "tuple[int, list[tuple[int, int]]] | None"]
+_compiled_cells: _CellsReader | None
+try:  # the compiled reader (featurepipe/core/_native.c); without a C compiler, row_in_force below
+    from featurepipe.core._native import schedule_cells as _compiled_cells
+except ImportError:  # pragma: no cover (installed without a C compiler)
+    _compiled_cells = None
+
 _UNPACK_HEAD = _HEAD.unpack_from
 _UNPACK_DOUBLE = struct.Struct("<d").unpack_from
 _UNPACK_INT = struct.Struct("<q").unpack_from
@@ -304,3 +311,26 @@ def row_in_force(data: bytes, crc: int, t_us: int) -> RowInForce:
         raise StaleSchedule("schedule field malformed; run `featurepipe materialize` to rebuild the online store")
     row = (at[0] - start) // 8 - at[1] - 1 if at else -1  # the first group's row (they all start at v0)
     return RowInForce(data, row, v_us, layout, at)
+
+
+def cells_in_force(data: bytes, crc: int, t_us: int, columns: Sequence[int]
+                   ) -> tuple[int, list[tuple[int, int]]] | None:
+    """What the server needs of a stored schedule at ``t_us``: None before its first change
+    point (every window empty), else the latest change point at or before ``t_us`` and, for
+    each of ``columns``, its kind and the offset of its 8 bytes in force (as
+    :meth:`RowInForce.cells`). Checked as :func:`row_in_force` checks; the compiled reader
+    when it was built, else :func:`row_in_force` (the same answer: tested)."""
+    if len(data) < _HEAD.size:
+        _checked_head(data, crc)
+    magic, version, _k, _m, written_for = _UNPACK_HEAD(data)
+    if magic != MAGIC or version != LAYOUT_VERSION or written_for != crc:
+        _checked_head(data, crc)  # raises with the reason
+    if _compiled_cells is not None:
+        try:
+            found: tuple[int, list[tuple[int, int]]] | None = _compiled_cells(data, t_us, columns)
+        except ValueError:
+            raise StaleSchedule("schedule field malformed; run `featurepipe materialize` to rebuild the online store") \
+                from None
+        return found
+    in_force = row_in_force(data, crc, t_us)
+    return None if in_force.row < 0 else (in_force.v_us or 0, in_force.cells(columns))
