@@ -161,16 +161,26 @@ def _columns(view: ViewShape) -> _Columns:
                 )
             if a.column != view.timestamp_field:
                 parts[f"{k}_last"] = f"max(epoch_us({quote(a.column)}))"
-        elif a.function in ("count", "sum", "mean"):
-            parts[f"{k}_n"] = f"count({quote(a.column)})"
-            if a.function != "count":
-                parts[f"{k}_s"] = f"sum({value_expr(a, column_type)})"
-        elif a.function in ("min", "max"):
-            parts[f"{k}_{a.function}"] = f"{a.function}({value_expr(a, column_type)})"
+        elif a.function in ("count", "sum", "mean", "min", "max"):
+            parts.update(_partials(a, k, column_type))
         else:
             raise InvalidInput(f"aggregate {a.name!r}: unknown function {a.function!r}")
     windows = sorted({a.window for a in view.aggregations if a.window is not None})
     return _Columns(prefix, parts, windows)
+
+
+def _partials(a: Aggregate, k: str, column_type: str, only: str = "") -> dict[str, str]:
+    """The partial aggregates a count, sum, mean, min or max over column prefix ``k`` needs,
+    each as SQL over a group of events (``only``: a FILTER clause appended to each):
+    ``<k>_n`` the count of values, ``<k>_s`` their exact sum, ``<k>_min`` / ``<k>_max``."""
+    out: dict[str, str] = {}
+    if a.function in ("count", "sum", "mean"):
+        out[f"{k}_n"] = f"count({quote(a.column)}){only}"
+        if a.function != "count":
+            out[f"{k}_s"] = f"sum({value_expr(a, column_type)}){only}"
+    elif a.function in ("min", "max"):
+        out[f"{k}_{a.function}"] = f"{a.function}({value_expr(a, column_type)}){only}"
+    return out
 
 
 def change_point_sql(view: ViewShape, events: str, start: datetime | None = None,
@@ -299,13 +309,7 @@ def schedule_sql(view: ViewShape, events: str) -> str:
         only = f" FILTER (WHERE {where})" if where else ""
         out: dict[str, str] = {}
         for a in aggs:
-            k = cols.prefix[a.column]
-            if a.function in ("count", "sum", "mean"):
-                out[f"{k}_n"] = f"count({quote(a.column)}){only}"
-                if a.function != "count":
-                    out[f"{k}_s"] = f"sum({value_expr(a, types[a.column])}){only}"
-            elif a.function in ("min", "max"):
-                out[f"{k}_{a.function}"] = f"{a.function}({value_expr(a, types[a.column])}){only}"
+            out.update(_partials(a, cols.prefix[a.column], types[a.column], only))
         return out
 
     def final(a: Aggregate, part: Callable[[str], str]) -> str:
@@ -317,12 +321,8 @@ def schedule_sql(view: ViewShape, events: str) -> str:
             return f"max(epoch_us({quote(a.column)})) FILTER (WHERE __x = __v0 - 1) / 1e6"
         if a.function in ("min", "max"):
             return f"CAST({part(f'{k}_{a.function}')} AS DOUBLE)"
-        n, total = f"COALESCE({part(f'{k}_n')}, 0)", f"COALESCE({part(f'{k}_s')}, 0)" if a.function != "count" else ""
-        if a.function == "count":
-            return f"CAST({n} AS BIGINT)"
-        if a.function == "sum":
-            return f"CAST({total} AS DOUBLE)"
-        return f"CAST({total} AS DOUBLE) / CAST(NULLIF({n}, 0) AS DOUBLE)"
+        total = f"COALESCE({part(f'{k}_s')}, 0)" if a.function != "count" else ""
+        return _finalised(a.function, f"COALESCE({part(f'{k}_n')}, 0)", total)
 
     def placeholder(a: Aggregate) -> str:
         return "0::BIGINT" if a.function == "count" else "NULL::DOUBLE"
@@ -459,9 +459,15 @@ def _output(agg: Aggregate, cols: _Columns) -> str:
         # no group at or after the start: nothing in the window
         n = f"(CASE WHEN s{i}.__x IS NULL THEN 0 ELSE COALESCE(c.{k}_n_i, 0) - s{i}.{k}_n_e END)"
         total = f"(CASE WHEN s{i}.__x IS NULL THEN 0 ELSE COALESCE(c.{k}_s_i, 0) - COALESCE(s{i}.{k}_s_e, 0) END)"
-    if agg.function == "count":
+    return _finalised(agg.function, n, total)
+
+
+def _finalised(function: str, n: str, total: str) -> str:
+    """The value of a count, sum or mean from the SQL of its window's count ``n`` and exact
+    total ``total`` (both 0 for an empty window): the one place these formulas live."""
+    if function == "count":
         return f"CAST({n} AS BIGINT)"
-    if agg.function == "sum":
+    if function == "sum":
         return f"CAST({total} AS DOUBLE)"
     return f"CAST({total} AS DOUBLE) / CAST(NULLIF({n}, 0) AS DOUBLE)"
 
