@@ -35,6 +35,26 @@ def cli(repo: Path, *args: str, env: dict[str, str] | None = None, timeout: floa
                           timeout=timeout)
 
 
+def cli_at_once(repo: Path, commands: list[tuple[str, ...]], env: dict[str, str] | None = None,
+                timeout: float = 300) -> list[subprocess.CompletedProcess[str]]:
+    """:func:`cli` of each command, all started at once (as users run read-only commands side
+    by side); the results in the order given."""
+    procs = [subprocess.Popen([sys.executable, "-m", "featurepipe.cli", *args, "--repo", str(repo)],
+                              env=env if env is not None else CLEAN_ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for args in commands]
+    done = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    finally:
+        for proc in procs:  # ours, by handle: none is left behind if one times out
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return done
+
+
 @pytest.fixture(scope="module")
 def project(pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A copy of the pipeline's whole project (repo, its data beside it, registry) in a new
@@ -322,31 +342,30 @@ def test_every_read_only_command_works_after_the_demo(demo_project: Path) -> Non
     stream = next(r for r in runs if r.kind == KIND_STREAM)
     assert stream.ok and stream.stream is not None and stream.inputs[0].rows == 2_000
 
-    status = _ok(cli(repo, "status"))
-    for view in VIEWS:
-        assert view in status
+    # the read-only commands side by side (each process pays Feast's import on its own)
+    status, prometheus, report, view, feature, info = (_ok(done) for done in cli_at_once(repo, [
+        ("status",), ("status", "--prometheus"), ("report",), ("lineage", "user_transaction_stats"),
+        ("lineage", "amount_sum_1h"), ("lineage", "user_transaction_stats:txn_count_1h", "--json")]))
+    for view_name in VIEWS:
+        assert view_name in status
     assert stream.run_id in status and "stream_checkpoint" in status and "checks of run" in status
 
-    prometheus = _ok(cli(repo, "status", "--prometheus"))
     assert 'featurepipe_runs_total{job="stream_checkpoint",status="ok"} 1.0' in prometheus
     assert 'featurepipe_runs_total{job="materialize",status="ok"} 3.0' in prometheus
-    for view in VIEWS:
-        assert f'featurepipe_feature_view_newest_event_timestamp_seconds{{feature_view="{view}",store="online"}}' \
+    for view_name in VIEWS:
+        assert f'featurepipe_feature_view_newest_event_timestamp_seconds{{feature_view="{view_name}",store="online"}}' \
             in prometheus
 
-    report = _ok(cli(repo, "report"))
     page = repo / "data" / "reports" / "quality.html"
     assert f"wrote {page}" in report and f"({len(runs)} runs," in report
     html = page.read_text()
     assert all(r.run_id in html for r in runs)
 
-    view = _ok(cli(repo, "lineage", "user_transaction_stats"))
     assert view.startswith("feature view user_transaction_stats")
     assert "online: materialised by run" in view and f"stream: last checkpoint {stream.run_id}" in view
-    feature = _ok(cli(repo, "lineage", "amount_sum_1h"))
     assert feature.startswith("feature amount_sum_1h of view user_transaction_stats")
     assert "computed as sum(amount) over 1.0h" in feature and "input transactions:" in feature
-    info = json.loads(_ok(cli(repo, "lineage", "user_transaction_stats:txn_count_1h", "--json")))
+    info = json.loads(info)
     assert info["feature"] == "txn_count_1h" and info["runs"] and info["online"] and info["stream"]
 
     index = _ok(cli(repo, "index"))
@@ -387,8 +406,8 @@ def test_an_old_run_log_does_not_crash_the_commands(demo_project: Path, tmp_path
     current = log.read_text()
     log.write_text("".join(json.dumps(r) + "\n" for r in OLD_RUN_LOG) + '{"run_id": "torn\n' + current)
     env = {**CLEAN_ENV, "REDIS_URL": "redis://127.0.0.1:1/0"}  # read-only commands need no Redis
-    for args in (("status", "--runs", "20"), ("status", "--prometheus"), ("report",), ("lineage", "amount_sum_1h")):
-        done = cli(repo, *args, env=env)
+    commands = [("status", "--runs", "20"), ("status", "--prometheus"), ("report",), ("lineage", "amount_sum_1h")]
+    for args, done in zip(commands, cli_at_once(repo, commands, env=env), strict=True):
         out = _ok(done)
         assert f"{log} line 3 is not a run record" in done.stderr, (args, done.stderr[-2000:])
         if args[0] == "status" and len(args) == 3:
