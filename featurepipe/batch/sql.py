@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from featurepipe.core.sql import literal, quote, ts_literal
-from featurepipe.core.windows import ViewShape, change_point_sql, horizon, validate
+from featurepipe.core.windows import ViewShape, change_point_sql, history, validate
 from featurepipe.definitions import AggregateView
 from featurepipe.errors import InvalidInput
 
@@ -39,9 +39,8 @@ class SourceColumns:
 def input_start(view: AggregateView, start: datetime) -> datetime | None:
     """The first event time the rows from ``start`` on depend on, or None (every event:
     an aggregate without a window that is not ``last`` counts the whole history)."""
-    if any(a.window is None and a.function != "last" for a in view.aggregations):
-        return None
-    return start - horizon(view.aggregations)
+    reach = history(view.aggregations)
+    return None if reach is None else start - reach
 
 
 def aggregate_sql(

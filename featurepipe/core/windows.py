@@ -108,6 +108,15 @@ def horizon(aggregations: Sequence[Aggregate]) -> timedelta:
     return timedelta(microseconds=max(spans, default=0))
 
 
+def history(aggregations: Sequence[Aggregate]) -> timedelta | None:
+    """How far before the rows it computes an engine must read events: :func:`horizon`, or
+    None (every event) when an aggregate without a window is not ``last`` (it counts the
+    whole history)."""
+    if any(a.window is None and a.function != "last" for a in aggregations):
+        return None
+    return horizon(aggregations)
+
+
 def value_expr(agg: Aggregate, column_type: str) -> str:
     """The expression an aggregate runs over (exact decimals for fractional sums and means;
     epoch seconds for a timestamp column)."""
@@ -120,6 +129,11 @@ def value_expr(agg: Aggregate, column_type: str) -> str:
     if agg.function in ("sum", "mean"):
         return f"CAST({col} AS DECIMAL(38, 9))"
     return f"CAST({col} AS DOUBLE)"
+
+
+def _drops(windows: Sequence[timedelta]) -> list[str]:
+    """Per window, SQL for the instant the hop bucket holding the event at ``__x`` leaves it."""
+    return [f"{_floor('__x', hop_for(w))} + {hop_for(w) + micros(w)}" for w in windows]
 
 
 def _floor(expr: str, hop: int) -> str:
@@ -299,7 +313,7 @@ def schedule_sql(view: ViewShape, events: str) -> str:
     ts = quote(view.timestamp_field)
     not_null = " AND ".join([f"{ts} IS NOT NULL", *(f"{k} IS NOT NULL" for k in keys)])
     inputs = [quote(c) for c in cols.prefix if c not in view.join_keys]
-    drops = [f"{_floor('__x', hop_for(w))} + {hop_for(w) + micros(w)}" for w in cols.windows]
+    drops = _drops(cols.windows)
     groups = schedule_groups(view.aggregations)
     types = {c: view.types[c].upper() for c in cols.prefix}
 
@@ -364,10 +378,10 @@ FROM ({union})
 
 
 class _KernelSql:
-    """The parts :func:`change_point_sql` and :func:`schedule_sql` share: per key and instant
-    the groups of events with their running totals (``src``, ``g``, ``e``), the ranking of
-    change points (``probes``, ``ranked``: the latest group before each and the first group
-    still in each window, counted) and the final select fetching those groups."""
+    """The parts of :func:`change_point_sql`: per key and instant the groups of events with
+    their running totals (``src``, ``g``, ``e``), the ranking of change points (``probes``,
+    ``ranked``: the latest group before each and the first group still in each window,
+    counted) and the final select fetching those groups."""
 
     def __init__(self, view: ViewShape) -> None:
         self.view = view
@@ -377,7 +391,7 @@ class _KernelSql:
         n = len(self.cols.windows)
         self.packs = range(n // 4 + 1)
         # where each window's bucket holding __x leaves it, and its count's (pack, bit offset)
-        self.drops = [f"{_floor('__x', hop_for(w))} + {hop_for(w) + micros(w)}" for w in self.cols.windows]
+        self.drops = _drops(self.cols.windows)
         self.components = [((i + 1) // 4, 32 * ((i + 1) % 4)) for i in range(n)]
 
     def groups(self, events: str, extremes: list[str]) -> str:

@@ -214,7 +214,7 @@ try:  # the compiled reader (featurepipe/core/_native.c); without a C compiler, 
 except ImportError:  # pragma: no cover (installed without a C compiler)
     _compiled_cells = None
 
-_UNPACK_HEAD = _HEAD.unpack_from
+_MALFORMED = "schedule field malformed; run `featurepipe materialize` to rebuild the online store"
 _UNPACK_DOUBLE = struct.Struct("<d").unpack_from
 _UNPACK_INT = struct.Struct("<q").unpack_from
 _NATIVE_LITTLE = struct.pack("=q", 1) == struct.pack("<q", 1)
@@ -260,9 +260,7 @@ class RowInForce:
     def cell(self, column: int) -> tuple[int, int]:
         """``(kind, offset)``: the column's kind byte (:data:`KIND_INT` or :data:`KIND_FLOAT`)
         and where its 8 little-endian bytes in force start in ``data`` (``row`` >= 0)."""
-        groups, kinds, place, _ = self._layout
-        first, n = self._at[2 * groups[column]], self._at[2 * groups[column] + 1]
-        return kinds[column], first + 8 * n * place[column]
+        return self.cells((column,))[0]
 
     def cells(self, columns: Sequence[int]) -> list[tuple[int, int]]:
         """:meth:`cell` of each of ``columns`` (one call for a request's columns: the server's
@@ -286,11 +284,8 @@ def row_in_force(data: bytes, crc: int, t_us: int) -> RowInForce:
     the features whose :func:`names_crc` is ``crc`` (raises :class:`StaleSchedule`). No
     copy, no NumPy: a header unpack, then the words as one int64 view and a binary search per
     group."""
-    magic, version, k, m, written_for = _UNPACK_HEAD(data)
-    if magic != MAGIC or version != LAYOUT_VERSION or written_for != crc:
-        _checked_head(data, crc)  # raises with the reason
-    columns = data[_HEAD.size:_HEAD.size + 2 * m]
-    layout = _LAYOUTS.get(columns) or _layout(columns, k, m)
+    k, m = _checked_head(data, crc)
+    layout = _layout(data[_HEAD.size:_HEAD.size + 2 * m], k, m)
     start = (_HEAD.size + 2 * m + 7) & ~7
     at: list[int] = []  # per group: the byte offset of its first column's row in force, and n
     v_us: int | None = None
@@ -308,7 +303,7 @@ def row_in_force(data: bytes, crc: int, t_us: int) -> RowInForce:
     except (TypeError, IndexError):  # a length not a multiple of 8, or a count past the end
         i = -1
     if 8 * i + start != len(data):
-        raise StaleSchedule("schedule field malformed; run `featurepipe materialize` to rebuild the online store")
+        raise StaleSchedule(_MALFORMED)
     row = (at[0] - start) // 8 - at[1] - 1 if at else -1  # the first group's row (they all start at v0)
     return RowInForce(data, row, v_us, layout, at)
 
@@ -320,17 +315,12 @@ def cells_in_force(data: bytes, crc: int, t_us: int, columns: Sequence[int]
     each of ``columns``, its kind and the offset of its 8 bytes in force (as
     :meth:`RowInForce.cells`). Checked as :func:`row_in_force` checks; the compiled reader
     when it was built, else :func:`row_in_force` (the same answer: tested)."""
-    if len(data) < _HEAD.size:
-        _checked_head(data, crc)
-    magic, version, _k, _m, written_for = _UNPACK_HEAD(data)
-    if magic != MAGIC or version != LAYOUT_VERSION or written_for != crc:
-        _checked_head(data, crc)  # raises with the reason
     if _compiled_cells is not None:
+        _checked_head(data, crc)
         try:
             found: tuple[int, list[tuple[int, int]]] | None = _compiled_cells(data, t_us, columns)
         except ValueError:
-            raise StaleSchedule("schedule field malformed; run `featurepipe materialize` to rebuild the online store") \
-                from None
+            raise StaleSchedule(_MALFORMED) from None
         return found
     in_force = row_in_force(data, crc, t_us)
     return None if in_force.row < 0 else (in_force.v_us or 0, in_force.cells(columns))

@@ -50,7 +50,7 @@ from featurepipe.core.windows import (
     ViewShape,
     change_point_sql,
     feature_groups,
-    horizon,
+    history,
     micros,
     schedule_sql,
 )
@@ -125,8 +125,8 @@ def open_schedules(query: LatestQuery, kernel: KernelInput, start: datetime, end
     on = " AND ".join(f"r.{quote(k)} = e.{quote(k)}" for k in keys)
     # the events the schedules depend on: each entity's of its last horizon (all of them
     # when an aggregate without a window is not ``last``: it counts the whole history)
-    reach = "" if any(a.window is None and a.function != "last" for a in kernel.aggregations) else \
-        f" AND epoch_us(r.{ts}) >= epoch_us(e.__last) - {micros(horizon(kernel.aggregations))}"
+    back = history(kernel.aggregations)
+    reach = "" if back is None else f" AND epoch_us(r.{ts}) >= epoch_us(e.__last) - {micros(back)}"
     con.execute(f"CREATE TEMP TABLE __ev AS SELECT r.* FROM __raw r JOIN __ents e ON {on} "
                 f"WHERE r.{ts} <= e.__last{reach}")
     shape = ViewShape(tuple(keys), kernel.timestamp, kernel.aggregations, types)

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from featurepipe.core.windows import SCHEDULE_GROUP
+from featurepipe.core.sql import quote
+from featurepipe.core.windows import SCHEDULE_GROUP, ViewShape, schedule_sql
 from featurepipe.online.latest import EVENT_US
 from featurepipe.online.schedule_writer import encode_schedules, schedule_columns
 from featurepipe.online.window import ViewPlan, encode
@@ -44,6 +46,17 @@ def online_batches(table: pa.Table, plan: ViewPlan, keys_per_write: int = 2_000)
         n = lengths[chosen]
         rows = np.repeat(firsts[chosen] - np.cumsum(n) + n, n) + np.arange(int(n.sum()))
         yield online_rows(table.take(pa.array(rows)), plan)
+
+
+def schedule_rows(con: duckdb.DuckDBPyConnection, shape: ViewShape, events: str) -> pa.Table:
+    """The schedule of every key in the relation ``events`` (:func:`~featurepipe.core.windows.schedule_sql`):
+    keys, :data:`~featurepipe.core.windows.SCHEDULE_GROUP`, ``event_timestamp``, the
+    features, ``v`` in microseconds (``__event_us``) and :data:`POSITION` (0: the row at the
+    key's newest event), sorted by key, group, then ``v``."""
+    keys = ", ".join(quote(k) for k in shape.join_keys)
+    table = con.sql(f"SELECT *, epoch_us(event_timestamp) AS {EVENT_US} FROM ({schedule_sql(shape, events)}) "
+                    f"ORDER BY {keys}, {SCHEDULE_GROUP}, event_timestamp").to_arrow_table()
+    return with_positions(table, list(shape.join_keys))
 
 
 def with_positions(table: pa.Table, keys: list[str]) -> pa.Table:

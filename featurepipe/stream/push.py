@@ -32,17 +32,16 @@ from featurepipe.config import (
 )
 from featurepipe.core.db import connect
 from featurepipe.core.sql import literal, quote
-from featurepipe.core.windows import SCHEDULE_GROUP, ViewShape, horizon, micros, schedule_sql
-from featurepipe.definitions import AggregateView, aggregate_views
+from featurepipe.core.windows import history, micros
+from featurepipe.definitions import AggregateView, aggregate_views, shape
 from featurepipe.errors import InvalidInput
-from featurepipe.online.latest import EVENT_US
 from featurepipe.online.layout import feature_field, timestamp_field
 from featurepipe.online.plan import view_plan
 from featurepipe.online.schedule import schedule_field
 from featurepipe.online.writer import HashWriter
 from featurepipe.quality.contracts import load_contracts
 from featurepipe.stream.history import check_raw_history, unreadable_history
-from featurepipe.stream.online_rows import POSITION, online_batches, with_positions
+from featurepipe.stream.online_rows import POSITION, online_batches, schedule_rows
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -80,19 +79,13 @@ def touched_rows(con: duckdb.DuckDBPyConnection, view: AggregateView, events: st
     )
     # each key's events its schedule depends on (all of them when an aggregate without a
     # window is not ``last``)
-    reach = "" if any(a.window is None and a.function != "last" for a in view.aggregations) else \
-        f" AND epoch_us(r.{ts}) >= h.__newest - {micros(horizon(view.aggregations))}"
+    back = history(view.aggregations)
+    reach = "" if back is None else f" AND epoch_us(r.{ts}) >= h.__newest - {micros(back)}"
     needed = dict.fromkeys([*view.join_keys, view.timestamp_field, *(a.column for a in view.aggregations)])
     on = " AND ".join(f"r.{quote(k)} = h.{quote(k)}" for k in view.join_keys)
     con.execute(f"CREATE OR REPLACE TEMP TABLE __touched_events AS SELECT {', '.join(f'r.{quote(c)}' for c in needed)} "
                 f"FROM {raw} r JOIN __in_force h ON {on} WHERE r.{ts} IS NOT NULL{reach}")
-    shape = ViewShape(tuple(view.join_keys), view.timestamp_field, tuple(view.aggregations),
-                      {c: columns.types[c] for c in needed})
-    table = con.sql(
-        f"SELECT *, epoch_us(event_timestamp) AS {EVENT_US} FROM ({schedule_sql(shape, '__touched_events')}) "
-        f"ORDER BY {keys}, {SCHEDULE_GROUP}, event_timestamp"
-    ).to_arrow_table()
-    return with_positions(table, list(view.join_keys))
+    return schedule_rows(con, shape(view, {c: columns.types[c] for c in needed}), "__touched_events")
 
 
 def push_events(store: FeatureStore, events: pa.Table, source: str) -> PushResult:

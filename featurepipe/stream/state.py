@@ -26,10 +26,8 @@ import pyarrow as pa
 
 from featurepipe.batch.sql import aggregate_sql
 from featurepipe.core.sql import literal, quote
-from featurepipe.core.windows import SCHEDULE_GROUP, schedule_sql
-from featurepipe.online.latest import EVENT_US
 from featurepipe.stream.admission import Condition
-from featurepipe.stream.online_rows import with_positions
+from featurepipe.stream.online_rows import schedule_rows
 from featurepipe.stream.spec import StreamView
 from featurepipe.stream.watermark import NEG_INF, POS_INF, from_us, to_us, ts_sql
 
@@ -83,12 +81,8 @@ class WindowState:
                         f"(SELECT DISTINCT {keys} FROM {_EVENTS} WHERE {self.owned(i)}) a ON {join}")
         finally:
             con.unregister(_EVENTS)
-        rows = schedule_sql(v.shape, _TOUCHED)  # from each key's row in force on
-        table = con.sql(f"SELECT *, epoch_us(event_timestamp) AS {EVENT_US} FROM ({rows}) "
-                        f"ORDER BY {keys}, {SCHEDULE_GROUP}, event_timestamp").to_arrow_table()
-        if not table.num_rows:
-            return None
-        return with_positions(table, list(spec.join_keys))
+        table = schedule_rows(con, v.shape, _TOUCHED)
+        return table if table.num_rows else None
 
     def final_rows_sql(self, i: int, lo: int, hi: int) -> str:
         """SELECT of view ``i``'s change-point rows with ``v`` in ``[lo, hi)`` (microseconds,
