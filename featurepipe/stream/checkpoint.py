@@ -133,8 +133,20 @@ class CheckpointWriter:
 
     def start(self, ck: Checkpoint, con: duckdb.DuckDBPyConnection) -> None:
         """Write ``ck`` on a thread of its own (join ``ck.thread``; an error is in ``ck.error``)."""
-        ck.thread = threading.Thread(target=self.write, args=(ck, con), name=f"checkpoint-{ck.seq}", daemon=True)
+        ck.thread = threading.Thread(target=self._background, args=(ck, con), name=f"checkpoint-{ck.seq}",
+                                     daemon=True)
         ck.thread.start()
+
+    def _background(self, ck: Checkpoint, con: duckdb.DuckDBPyConnection) -> None:
+        """:meth:`write` at a lower CPU priority than the micro-batches: where cores are few,
+        the checkpoint's offline rows (the kernel's SQL over the frozen state, seconds of
+        CPU) would otherwise hold back the events being written online (Linux: a thread's
+        own nice value; elsewhere as it is)."""
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            pass
+        self.write(ck, con)
 
     def write(self, ck: Checkpoint, con: duckdb.DuckDBPyConnection) -> None:
         """Write ``ck`` on a cursor of ``con``, from the state's frozen copies; the manifest

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -82,6 +83,7 @@ class StreamJob:
         self._writers: list[Any] = []  # a HashWriter per view, while running
         self._recorder = CheckpointRecorder(self.data, o.job, o.worker, spec.views, spec.input_root, self.dead_dir)
         self.metrics = StreamMetrics(o.job, o.worker)
+        self._views = ThreadPoolExecutor(max_workers=max(1, len(spec.views)), thread_name_prefix="stream-view")
 
     # ------------------------------------------------------------ start
 
@@ -181,6 +183,7 @@ class StreamJob:
                             from_us(self._watermark()), self._latencies.all(), loop_seconds=loop_seconds)
 
     def close(self) -> None:
+        self._views.shutdown(wait=True)
         self.source.close()
         self.con.close()
         self.metrics.close()
@@ -205,8 +208,10 @@ class StreamJob:
         if len(result.dead) and o.worker == 0:
             self._dead.append(dead_letter_table(raw, result.dead, o.worker, datetime.now(timezone.utc)))
         if events.num_rows:
-            for i, (v, writer) in enumerate(zip(self.spec.views, self._writers)):
-                rows = self.state.update(i, events)
+            # every view's state at once (DuckDB, off the GIL), each written as it is ready
+            updates = [self._views.submit(self.state.update, i, events) for i in range(len(self.spec.views))]
+            for v, writer, update in zip(self.spec.views, self._writers, updates):
+                rows = update.result()
                 if rows is None:
                     continue
                 for batch in online_batches(rows, v.plan):

@@ -25,6 +25,7 @@ import duckdb
 import pyarrow as pa
 
 from featurepipe.batch.sql import aggregate_sql
+from featurepipe.core.db import configure
 from featurepipe.core.sql import literal, quote
 from featurepipe.stream.admission import Condition
 from featurepipe.stream.online_rows import schedule_rows
@@ -43,6 +44,11 @@ class WindowState:
                  timestamp: str, unique: Sequence[str], worker: int = 0, workers: int = 1) -> None:
         self.con = con
         self.views = list(views)
+        # one cursor per view, so that views update side by side (DuckDB runs each on its
+        # caller's thread without the GIL); temp tables and registered events are a cursor's own
+        self.cursors = [con.cursor() for _ in self.views]
+        for cur in self.cursors:
+            configure(cur)
         self.timestamp = timestamp
         self.unique = tuple(unique)
         self.worker, self.workers = worker, workers
@@ -68,8 +74,9 @@ class WindowState:
         its newest event + 1 us, then each window's later change points): keys, the group,
         ``event_timestamp``, the features, ``v`` in microseconds (``__event_us``) and the
         row's place among its key's (``__j``, 0: the row at the newest event), sorted by
-        key, group, then ``v``. None when no key of this worker was touched."""
-        con, v = self.con, self.views[i]
+        key, group, then ``v``. None when no key of this worker was touched. Views may be
+        updated at once from different threads (each on its own cursor)."""
+        con, v = self.cursors[i], self.views[i]
         spec, table = v.spec, self.tables[i]
         keys = self._keys_sql[i]
         con.register(_EVENTS, events)
