@@ -37,9 +37,11 @@ best settings above, each run from the same copy of the repo's registry and run 
 per entity over 30 days) and one windowed-aggregate view like the demo's user statistics
 (count, sum, mean, max over 1h / 24h / 7d, and the last event's time), each checkout's
 backfill run first (not timed), then ``FeatureStore.materialize`` with featurepipe's engine of
-this checkout (each entity's window schedule from its raw events), of ``--old-checkout``
-(default ``../main``: the latest row of its offline table, as before request-time windows), and
-Feast's ``local`` engine with the best settings over this checkout's offline table.
+this checkout (each entity's window schedule, as its backfill prepared them from the raw
+events; ``--compute`` removes them, so the materialisation computes them from the raw events),
+of ``--old-checkout`` (default ``../main``: the latest row of its offline table, as before
+request-time windows), and Feast's ``local`` engine with the best settings over this
+checkout's offline table.
 
     .venv/bin/python benchmarks/materialize.py --windowed --runs 3 --old-checkout /work/main
 """
@@ -510,7 +512,9 @@ def windowed_case(args: argparse.Namespace) -> None:
     if not (old / "featurepipe" / "feast" / "materialization_engine.py").is_file():
         raise SystemExit(f"{old}: not a featurepipe checkout (--old-checkout)")
     tmp = Path(tempfile.mkdtemp(prefix="bench-materialize-windowed-"))
-    checkouts = {"featurepipe": ROOT, "featurepipe-old": old, "feast-best": ROOT}
+    # featurepipe-computed: this checkout's engine with the backfill's prepared schedules put
+    # aside for its runs, so it computes them from the raw events
+    checkouts = {"featurepipe": ROOT, "featurepipe-computed": ROOT, "featurepipe-old": old, "feast-best": ROOT}
     engines = [e for e in checkouts if e not in args.skip]
     results: dict[str, list[dict[str, float]]] = {e: [] for e in engines}
     keys: dict[str, tuple[int, str]] = {}
@@ -536,8 +540,7 @@ def windowed_case(args: argparse.Namespace) -> None:
                 run_worker(repos[engine], "apply", env)
             backfilled: set[Path] = set()
             for engine in engines:
-                if engine == "featurepipe":
-                    continue  # schedules come from the raw events: no offline table needed
+                # featurepipe's backfill also prepares the schedules its materialisation reads
                 offline = tmp / ("offline-old" if engine == "featurepipe-old" else "offline-new")
                 if offline not in backfilled:
                     env = {"FEATUREPIPE_CHECKOUT": str(checkouts[engine]), "FEATUREPIPE_DATA_DIR": str(tmp / "d")}
@@ -548,7 +551,15 @@ def windowed_case(args: argparse.Namespace) -> None:
                 for engine in engines:
                     client.flushall()
                     env = {"FEATUREPIPE_CHECKOUT": str(checkouts[engine]), "FEATUREPIPE_DATA_DIR": str(tmp / "d")}
-                    result = run_worker(repos[engine], "materialize", env)
+                    prepared = tmp / "offline-new" / ".schedules" / f"{VIEW}.parquet"
+                    aside = prepared.with_name(prepared.name + ".aside")
+                    if engine == "featurepipe-computed" and prepared.exists():
+                        prepared.rename(aside)
+                    try:
+                        result = run_worker(repos[engine], "materialize", env)
+                    finally:
+                        if aside.exists():
+                            aside.rename(prepared)
                     results[engine].append(result)
                     keys[engine] = digest(server.port)
                     sample = list(client.scan_iter(count=1000))[:2000]
@@ -570,7 +581,7 @@ def windowed_case(args: argparse.Namespace) -> None:
               f"runs {[round(r['seconds'], 2) for r in results[engine]]}  peak RSS "
               f"{max(r['rss_mb'] for r in results[engine]):,.0f} MB  key p50 {memory[engine]:,.0f} B")
     if "featurepipe" in medians:
-        for other in ("featurepipe-old", "feast-best"):
+        for other in ("featurepipe-computed", "featurepipe-old", "feast-best"):
             if other in medians:
                 print(f"featurepipe (schedules) vs {other}: {medians[other] / medians['featurepipe']:.2f}x the speed")
 
@@ -585,7 +596,7 @@ def main() -> None:
                         help="offline rows per entity in the window (default 30: 3M rows)")
     parser.add_argument("--features", type=int, default=20, help="features in the view, half Int64, half Float64")
     parser.add_argument("--runs", type=int, default=1, help="runs per engine; the median is shown (default 1)")
-    parser.add_argument("--skip", action="append", default=[], choices=[*ENGINES, "featurepipe-old"],
+    parser.add_argument("--skip", action="append", default=[], choices=[*ENGINES, "featurepipe-old", "featurepipe-computed"],
                         help="leave an engine out")
     parser.add_argument("--no-double", action="store_true",
                         help="skip featurepipe's second run on a table twice as long")

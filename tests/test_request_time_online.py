@@ -522,3 +522,55 @@ def test_horizon_bounds_what_a_schedule_reads(online: Online) -> None:
             if data:
                 v = decode(data).v
                 assert int(v[-1]) - int(v[0]) <= reach
+
+
+# ---------------------------------------------------------------- schedules prepared by the backfill
+
+
+def test_prepared_schedules_write_the_bytes_a_computation_writes(online: Online) -> None:
+    """The schedules a backfill prepares (``prepare_online``) are read instead of computed by
+    a materialisation of the same raw files up to their newest event or later, and Redis
+    ends up with the very bytes the computation wrote; a changed raw file, a range ending
+    before the newest event or a changed view make the materialisation compute again."""
+    import os
+
+    from featurepipe.jobs.backfill import prepare_online
+    from featurepipe.jobs.materialize import materialize
+    from featurepipe.online.plan import view_plan
+
+    client = online.client()
+    files = [Path(view_plan(online.store.get_feature_view(v), online.store.config, online.store.project,
+                            online.store.registry).kernel.prepared) for v in VIEWS]
+    end = datetime(2100, 1, 1, tzinfo=timezone.utc)
+
+    def fresh(end: datetime) -> Any:
+        client.flushdb()
+        return materialize(online.store, start=datetime(1970, 1, 2, tzinfo=timezone.utc), end=end, progress=False)
+
+    try:
+        assert not any(r.prepared for r in fresh(end).per_view)
+        computed = {k: client.dump(k) for k in client.scan_iter(count=1000)}
+        prepare_online(online.store, list(VIEWS), progress=False)
+        assert all(f.is_file() for f in files)
+        read = fresh(end)
+        assert {r.view: r.prepared for r in read.per_view} == dict.fromkeys(VIEWS, True)
+        assert {k: client.dump(k) for k in client.scan_iter(count=1000)} == computed
+        # a range from after some entities' newest event: only the others, as computed
+        later = datetime.fromtimestamp(online.raw.newest_us / 1e6 - 86_400, timezone.utc)
+        partial = materialize(online.store, start=later, end=end, progress=False)
+        assert all(r.prepared for r in partial.per_view)
+        assert 0 < sum(r.entities for r in partial.per_view) < sum(r.entities for r in read.per_view)
+        # before the newest event: computed (the prepared rows are those after it; the
+        # labels' view counts by label time, whose newest is earlier)
+        before = fresh(datetime.fromtimestamp(online.raw.newest_us / 1e6 - 60, timezone.utc))
+        assert {r.view: r.prepared for r in before.per_view if r.view != LABELS} == {USERS: False, MERCHANTS: False}
+        # a raw file touched since: computed, the same bytes
+        raw = sorted((online.root / "data" / "raw" / "transactions").rglob("*.parquet"))[0]
+        stat = raw.stat()
+        os.utime(raw, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+        again = fresh(end)
+        assert not any(r.prepared for r in again.per_view)
+        assert {k: client.dump(k) for k in client.scan_iter(count=1000)} == computed
+    finally:
+        for f in files:
+            f.unlink(missing_ok=True)

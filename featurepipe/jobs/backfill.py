@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import date, datetime
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,35 @@ def backfill(
     without, the views are computed and published as they are.
     """
     if not quality:
-        return batch.backfill(store, views, start, end, progress)
-    names = [v.name for v in aggregate_views(store, views)]
-    with open_gate(store, names) as gate:
-        return batch.backfill(store, views, start, end, progress, gate=gate)
+        results = batch.backfill(store, views, start, end, progress)
+    else:
+        names = [v.name for v in aggregate_views(store, views)]
+        with open_gate(store, names) as gate:
+            results = batch.backfill(store, views, start, end, progress, gate=gate)
+    prepare_online(store, [r.view for r in results], quality, progress)
+    return results
+
+
+def prepare_online(store: FeatureStore, views: Sequence[str], quality: bool = True, progress: bool = True) -> None:
+    """Compute each windowed view's online schedules from its raw events now
+    (:func:`featurepipe.online.schedule_scan.prepare_schedules`), as a materialisation of
+    the same files (gated by the repo's contracts, with ``quality``) would: such a
+    materialisation then only reads them. Done after a backfill, which has just read
+    those events; a later change of the files makes the materialisation compute again."""
+    from tqdm import tqdm
+
+    from featurepipe.online.plan import view_plan
+    from featurepipe.online.schedule_scan import prepare_schedules
+    from featurepipe.quality.online_gate import input_exclusions
+
+    registry = store.registry
+    for name in tqdm(views, desc="prepare online", unit="view", disable=not progress or not views):
+        view = store.get_feature_view(name)
+        plan = view_plan(view, store.config, store.project, registry)
+        if plan.kernel is None:
+            continue
+        kernel = plan.kernel
+        if quality:
+            kernel = replace(kernel, exclude=input_exclusions(store.config, view, store.project, registry,
+                                                              kernel.path))
+        prepare_schedules(plan.query, kernel)

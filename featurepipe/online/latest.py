@@ -103,6 +103,7 @@ class LatestScan:
     files: list[str] = field(default_factory=list)
     blocked: dict[str, int] = field(default_factory=dict)  # failing rows per blocking condition
     blocked_sample: dict[str, list[dict[str, object]]] = field(default_factory=dict)
+    prepared: bool = False  # windowed views: the schedules were read from the backfill's prepared file
 
     def close(self) -> None:
         """End the scan's session (its temp tables go with it); the database stays for the next."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -21,7 +22,7 @@ from featurepipe.definitions import (
 )
 from featurepipe.errors import InvalidInput
 from featurepipe.online.latest import Column, LatestQuery
-from featurepipe.online.schedule_scan import KernelInput
+from featurepipe.online.schedule_scan import KernelInput, prepared_path
 from featurepipe.online.window import ViewPlan
 
 
@@ -45,6 +46,7 @@ def view_plan(view: FeatureView, repo_config: Any, project: str, registry: Any =
     versioning = bool(getattr(repo_config.registry, "enable_online_feature_view_versioning", False))
     kernel = kernel_input(view, repo_config, project, registry) if is_windowed(view) else None
     if kernel is not None:  # the keys and features are the kernel's columns, named as the view's
+        kernel = replace(kernel, prepared=str(prepared_path(path)))  # beside the offline table
         path, reverse = kernel.path, {}
     query = LatestQuery(
         path=path,

@@ -32,19 +32,26 @@ reason, so nothing of it is written).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from featurepipe.core import db
+from featurepipe.core.parquet_io import atomic_parquet
 from featurepipe.core.sql import literal, quote, ts_literal
 from featurepipe.core.threads import prefetch
 from featurepipe.core.windows import (
+    KERNEL_VERSION,
     SCHEDULE_GROUP,
     Aggregate,
     ViewShape,
@@ -66,6 +73,7 @@ from featurepipe.online.latest import (
     pinned_files,
     pinned_source,
 )
+from featurepipe.online.schedule import LAYOUT_VERSION
 
 # the schedules are computed in parts (entities split by the hash of their key), so that
 # the next part is computed while the one before is encoded and written
@@ -86,6 +94,7 @@ class KernelInput:
     timestamp: str
     aggregations: tuple[Aggregate, ...]
     exclude: tuple[str, ...] = ()
+    prepared: str | None = None  # where the backfill keeps the view's prepared schedules (see prepare_schedules)
 
 
 def open_schedules(query: LatestQuery, kernel: KernelInput, start: datetime, end: datetime,
@@ -122,28 +131,39 @@ def open_schedules(query: LatestQuery, kernel: KernelInput, start: datetime, end
     entities, window_rows = con.execute("SELECT count(*), coalesce(sum(__rows), 0) FROM __ents").fetchall()[0]
     if null_rows and null_key_file is not None:
         _copy_null_key_rows(con, source, query, keys, in_range, excluded, null_key_file)
-    on = " AND ".join(f"r.{quote(k)} = e.{quote(k)}" for k in keys)
-    # the events the schedules depend on: each entity's of its last horizon (all of them
-    # when an aggregate without a window is not ``last``: it counts the whole history)
-    back = history(kernel.aggregations)
-    reach = "" if back is None else f" AND epoch_us(r.{ts}) >= epoch_us(e.__last) - {micros(back)}"
-    con.execute(f"CREATE TEMP TABLE __ev AS SELECT r.* FROM __raw r JOIN __ents e ON {on} "
-                f"WHERE r.{ts} <= e.__last{reach}")
     shape = ViewShape(tuple(keys), kernel.timestamp, kernel.aggregations, types)
     names = [f.name for f in query.features]
     features = ", ".join(quote(n) for n in names)
     parts = max(1, min(_MAX_PARTS, int(entities) // _ENTITIES_PER_PART))
-
-    def computed(events: str) -> str:
-        return (f"(SELECT {key_list}, {SCHEDULE_GROUP}, epoch_us(event_timestamp) AS __v, {features} "
-                f"FROM ({schedule_sql(shape, events)}))")
-
     part = [f"hash({key_list}) % {parts} = {p}" for p in range(parts)] if parts > 1 else ["TRUE"]
-    if any(c.block for c in query.conditions):  # all counted before anything is written
-        con.execute(f"CREATE TEMP TABLE __sched AS SELECT * FROM {computed('__ev')}")
-        schedules = [f"(SELECT * FROM __sched WHERE {where})" for where in part]
-    else:  # streamed, each part's sort the only pass over its rows
-        schedules = [computed(f"(SELECT * FROM __ev WHERE {where})") for where in part]
+    prepared = _usable(kernel, shape, files, end)
+    order = f" ORDER BY {key_list}, {SCHEDULE_GROUP}, __v"
+    if prepared is not None:
+        # the backfill's rows of these very files: those of the entities with an event in
+        # [start, end] (their newest event is, as end is past the newest of all), kept in the
+        # file's order (sorted) by a session that keeps insertion order
+        con.close()
+        con = db.connect("default", threads)
+        order, part = "", ["TRUE"]  # one pass over the file, streamed (a part would read all of it)
+        rows = (f"(SELECT {key_list}, {SCHEDULE_GROUP}, __v, {features} FROM read_parquet({literal(prepared)}) "
+                f"WHERE __v0 > {_epoch_us(start)}")
+        if any(c.block for c in query.conditions):
+            con.execute(f"CREATE TEMP TABLE __sched AS SELECT * FROM {rows})")
+            schedules = [f"(SELECT * FROM __sched WHERE {where})" for where in part]
+        else:
+            schedules = [f"{rows} AND {where})" for where in part]
+    else:
+        _stage_events(con, kernel, keys)
+
+        def computed(events: str) -> str:
+            return (f"(SELECT {key_list}, {SCHEDULE_GROUP}, epoch_us(event_timestamp) AS __v, {features} "
+                    f"FROM ({schedule_sql(shape, events)}))")
+
+        if any(c.block for c in query.conditions):  # all counted before anything is written
+            con.execute(f"CREATE TEMP TABLE __sched AS SELECT * FROM {computed('__ev')}")
+            schedules = [f"(SELECT * FROM __sched WHERE {where})" for where in part]
+        else:  # streamed, each part's sort the only pass over its rows
+            schedules = [computed(f"(SELECT * FROM __ev WHERE {where})") for where in part]
     conditions = _scoped(query.conditions, kernel.aggregations, keys, names)
     blocked, sample = _blocked(con, conditions)
     reasons = ", ".join(f"CASE WHEN {c.fails} THEN {c.reason} END" for c in conditions)
@@ -151,16 +171,135 @@ def open_schedules(query: LatestQuery, kernel: KernelInput, start: datetime, end
     row_reason = f"concat_ws('; ', {reasons})" if conditions else "''"
     row_check = f"concat_ws(',', {checks})" if conditions else "''"
     sqls = [f"SELECT {key_list}, {SCHEDULE_GROUP}, __v AS {EVENT_US}, {', '.join(quote(n) for n in names)}, "
-            f"{row_reason} AS {REASON}, {row_check} AS {CHECK} FROM {relation} ORDER BY {key_list}, {SCHEDULE_GROUP}, __v"
+            f"{row_reason} AS {REASON}, {row_check} AS {CHECK} FROM {relation}{order}"
             for relation in schedules]
     schema = con.sql(sqls[0] + " LIMIT 0").to_arrow_table().schema
-    rows = pa.RecordBatchReader.from_batches(
-        schema.append(pa.field(FIRST, pa.bool_())),
-        (batch for table in prefetch((con.sql(sql).to_arrow_table() for sql in sqls), depth=1) for batch in
-         whole_entities(table.to_reader(batch_rows * _rows_per_entity(table, entities, parts)), keys,
-                        bool(query.conditions))))
+    if prepared is not None:  # sorted already: streamed as DuckDB reads it
+        per_entity = max(1, pq.read_metadata(prepared).num_rows // max(1, _entities_in(prepared, con)))
+        batches = whole_entities(con.sql(sqls[0]).to_arrow_reader(batch_rows * per_entity), keys,
+                                 bool(query.conditions))
+    else:  # each part computed (and sorted) while the one before is encoded and written
+        batches = (batch for table in prefetch((con.sql(sql).to_arrow_table() for sql in sqls), depth=1) for batch in
+                   whole_entities(table.to_reader(batch_rows * _rows_per_entity(table, entities, parts)), keys,
+                                  bool(query.conditions)))
+    rows = pa.RecordBatchReader.from_batches(schema.append(pa.field(FIRST, pa.bool_())), batches)
     return LatestScan(entities=int(entities), window_rows=int(window_rows), null_key_rows=int(null_rows),
-                      reader=rows, connection=con, files=files, blocked=blocked, blocked_sample=sample)
+                      reader=rows, connection=con, files=files, blocked=blocked, blocked_sample=sample,
+                      prepared=prepared is not None)
+
+
+def _stage_events(con: duckdb.DuckDBPyConnection, kernel: KernelInput, keys: Sequence[str]) -> None:
+    """Temp table ``__ev``: the events each entity of ``__ents`` (keys, ``__last``: its newest
+    event) has in its last horizon (all of them when an aggregate without a window is not
+    ``last``: it counts the whole history), from ``__raw``; what its schedule depends on."""
+    ts = quote(kernel.timestamp)
+    on = " AND ".join(f"r.{quote(k)} = e.{quote(k)}" for k in keys)
+    back = history(kernel.aggregations)
+    reach = "" if back is None else f" AND epoch_us(r.{ts}) >= epoch_us(e.__last) - {micros(back)}"
+    con.execute(f"CREATE TEMP TABLE __ev AS SELECT r.* FROM __raw r JOIN __ents e ON {on} "
+                f"WHERE r.{ts} <= e.__last{reach}")
+
+
+# ------------------------------------------------------------ prepared schedules
+
+PREPARED_METADATA_KEY = b"featurepipe.prepared_schedules"
+_PREPARED_FORMAT = 1
+
+
+def prepared_path(offline_path: str | Path) -> Path:
+    """Where a windowed view's prepared schedules live: ``.schedules/<view>.parquet`` beside
+    the folder of its offline table (``offline_path``: that folder, or its Parquet glob)."""
+    folder = Path(str(offline_path).split("/**")[0].rstrip("/"))
+    return folder.parent / ".schedules" / f"{folder.name}.parquet"
+
+
+def _identity(kernel: KernelInput, shape: ViewShape, files: Sequence[str]) -> dict[str, object]:
+    """What prepared schedules are valid for: this kernel's SQL over these events (the
+    view's keys, aggregates, column types, left-out rows, history) and the raw files
+    exactly as they are now (path, size, modification time)."""
+    sql = "\n".join([schedule_sql(shape, "__ev"), repr(history(kernel.aggregations)), *kernel.exclude])
+    stats = []
+    for f in files:
+        st = os.stat(f)
+        stats.append(f"{f}\t{st.st_size}\t{st.st_mtime_ns}")
+    return {"format": _PREPARED_FORMAT, "kernel": KERNEL_VERSION, "layout": LAYOUT_VERSION,
+            "sql": hashlib.sha256(sql.encode()).hexdigest(),
+            "files": hashlib.sha256("\n".join(stats).encode()).hexdigest()}
+
+
+def _usable(kernel: KernelInput, shape: ViewShape, files: Sequence[str], end: datetime) -> str | None:
+    """The prepared schedules' file when it holds exactly what a computation from the raw
+    events would give for a materialisation up to ``end``: the same :func:`_identity`, and
+    ``end`` at or after the newest event it saw. None otherwise (then the schedules are
+    computed)."""
+    if not kernel.prepared or not os.path.exists(kernel.prepared):
+        return None
+    identity = _identity(kernel, shape, files)
+    try:
+        metadata = pq.read_metadata(kernel.prepared).metadata or {}
+        stamp = json.loads(metadata[PREPARED_METADATA_KEY])
+    except (OSError, KeyError, ValueError, pa.ArrowException):
+        return None  # unreadable or not ours: compute
+    newest = stamp.pop("newest_us", None)
+    if stamp != identity or newest is None or _epoch_us(end) < newest:
+        return None
+    return kernel.prepared
+
+
+def prepare_schedules(query: LatestQuery, kernel: KernelInput, threads: int | None = None) -> int:
+    """Compute every entity's schedule from the raw events (what :func:`open_schedules`
+    computes for a range reaching past the newest event) and keep it in ``kernel.prepared``
+    (written atomically, sorted by key, group, ``v``; stamped with :func:`_identity`). A
+    materialisation of these very files then reads it instead of computing (the backfill
+    calls this after computing the offline table, so the work is done once per new data);
+    any change of the files, the view or its contract makes it compute again. Returns the
+    rows written (0: no events, and any earlier file removed)."""
+    assert kernel.prepared, "prepare_schedules needs kernel.prepared (the file to write)"
+    target = Path(kernel.prepared)
+    con = db.connect("default", threads)  # keeps insertion order: the file is written sorted
+    try:
+        files = pinned_files(con, kernel.path)
+        source = pinned_source(files)
+        types = {row[0]: str(row[1]) for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
+        keys = [k.source for k in query.join_keys]
+        shape = ViewShape(tuple(keys), kernel.timestamp, kernel.aggregations, types)
+        identity = _identity(kernel, shape, files)
+        ts = quote(kernel.timestamp)
+        key_list = ", ".join(quote(k) for k in keys)
+        not_null = " AND ".join(f"{quote(k)} IS NOT NULL" for k in keys)
+        excluded = "".join(f" AND NOT coalesce(({c}), FALSE)" for c in kernel.exclude)
+        columns = sorted({a.column for a in kernel.aggregations})
+        needed = ", ".join(quote(c) for c in dict.fromkeys([*keys, kernel.timestamp, *columns]))
+        con.execute(f"CREATE TEMP VIEW __raw AS SELECT {needed} FROM {source} WHERE {ts} IS NOT NULL{excluded}")
+        con.execute(f"CREATE TEMP TABLE __ents AS SELECT {key_list}, max({ts}) AS __last, count(*) AS __rows "
+                    f"FROM __raw WHERE {not_null} GROUP BY ALL")
+        newest = con.execute("SELECT max(epoch_us(__last)) FROM __ents").fetchall()[0][0]
+        if newest is None:
+            target.unlink(missing_ok=True)
+            return 0
+        _stage_events(con, kernel, keys)
+        aggregates = ", ".join(f"s.{quote(a.name)}" for a in kernel.aggregations)
+        on = " AND ".join(f"s.{quote(k)} = e.{quote(k)}" for k in keys)
+        table = con.sql(
+            f"SELECT {', '.join(f's.{quote(k)}' for k in keys)}, s.{SCHEDULE_GROUP}, epoch_us(s.event_timestamp) AS __v, "
+            f"{aggregates}, epoch_us(e.__last) + 1 AS __v0 FROM ({schedule_sql(shape, '__ev')}) s JOIN __ents e ON {on} "
+            f"ORDER BY {', '.join(f's.{quote(k)}' for k in keys)}, s.{SCHEDULE_GROUP}, __v").to_arrow_table()
+        stamp = json.dumps({**identity, "newest_us": int(newest)}).encode()
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), PREPARED_METADATA_KEY: stamp})
+        atomic_parquet(table, target)
+        return table.num_rows
+    finally:
+        con.close()
+
+
+def _epoch_us(value: datetime) -> int:
+    return (value - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1)
+
+
+def _entities_in(prepared: str, con: duckdb.DuckDBPyConnection) -> int:
+    """How many entities a prepared file holds (one row at its newest event each: ``__g = -1``)."""
+    return int(con.execute(f"SELECT count(*) FROM read_parquet({literal(prepared)}) "
+                           f"WHERE {SCHEDULE_GROUP} = -1").fetchall()[0][0])
 
 
 def _rows_per_entity(table: pa.Table, entities: int, parts: int) -> int:

@@ -119,6 +119,7 @@ class ViewMaterialization:
     newest_event: datetime | None = None  # newest event time among the rows written or kept
     files: list[str] = field(default_factory=list)  # the offline files read (raw files: windowed views)
     schedule_rows: int = 0  # windowed views: change-point rows in the schedules sent
+    prepared: bool = False  # windowed views: schedules read as the backfill prepared them (not computed)
 
     @property
     def rows_per_second(self) -> float:
@@ -222,6 +223,7 @@ def materialize_window(
     try:
         result.window_rows, result.entities = scan.window_rows, scan.entities
         result.files, result.null_key_rows = scan.files, scan.null_key_rows
+        result.prepared = scan.prepared
         if scan.null_key_rows:
             quarantine.rows += scan.null_key_rows
             if null_key_file is not None:

@@ -103,9 +103,7 @@ class MaterializeGate(Gate):
     def _input_exclusions(self, path: str) -> tuple[str, ...]:
         """SQL true for the raw rows the input source's contract row checks fail."""
         assert self.source_contract is not None
-        with connect() as con:
-            types = checks.describe(con, checks.parquet_relation(path))
-        return tuple(c.fails for c in checks.row_checks(self.source_contract, types) if "__dup_rank" not in c.fails)
+        return _exclusions(self.source_contract, path)
 
     def _describe(self, path: str) -> list[CheckResult]:
         """The contract's schema checks on the offline table's combined schema and on each
@@ -203,6 +201,27 @@ def open_materialize_gate(repo_config: Any, view: Any, project: str, registry: A
     gate = MaterializeGate(contracts, data_dir(repo), view.name, feature_view_hash(view, source), online, start, end)
     gate.source_contract = _source_contract(contracts, repo, source, registry, project, sources)
     return gate
+
+
+def _exclusions(contract: TableContract, path: str) -> tuple[str, ...]:
+    """SQL true for the rows of the Parquet ``path`` that ``contract``'s row checks fail."""
+    with connect() as con:
+        types = checks.describe(con, checks.parquet_relation(path))
+    return tuple(c.fails for c in checks.row_checks(contract, types) if "__dup_rank" not in c.fails)
+
+
+def input_exclusions(repo_config: Any, view: Any, project: str, registry: Any, path: str) -> tuple[str, ...]:
+    """The raw rows a gated materialisation of the windowed ``view`` leaves out (SQL true for
+    them, see :meth:`MaterializeGate.prepare`), from the repo's contracts: what the backfill
+    prepares a view's schedules with, so that such a materialisation can read them."""
+    name = view.tags.get(TAG_INPUT)
+    try:
+        source = registry.get_data_source(name, project) if name else None
+    except Exception:  # noqa: BLE001 - as open_materialize_gate: no source, no contract
+        source = None
+    repo = Path(repo_config.repo_path)
+    contract = _source_contract(load_contracts(repo), repo, source, registry, project, None)
+    return _exclusions(contract, path) if contract is not None else ()
 
 
 def _source_contract(contracts: Contracts, repo: Path, source: Any, registry: Any, project: str,

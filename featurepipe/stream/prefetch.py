@@ -65,7 +65,7 @@ class Prefetcher:
         A poll is asked for once: asking again while it is in flight would have the thread
         poll again right after it, so that the next batch would hold only what came in those
         milliseconds, and everything arriving while this batch is processed would wait one
-        batch more (measured: p50 latency 0.39 -> 0.26 s at 10k events/s)."""
+        batch more."""
         if not self._asked:
             self._asked = True
             self._need.set()
