@@ -134,6 +134,10 @@ def run_demo(repo: Path | None, rows: int, score: int, keep_running: bool) -> di
 
     _step(f"4/10 materialize into Redis ({online_connection_string(store.config).split(',')[0]})")
     t = time.perf_counter()
+    # the data was generated anew: the keys of an earlier run would win where their newest
+    # event is later than this run's, so they go first (Feast's own deletion of a project's keys)
+    views = [v for v in store.list_feature_views() if v.online]
+    store._get_provider().online_store.teardown(store.config, views, [])
     materialize(store)
     timings["materialize"] = time.perf_counter() - t
 

@@ -203,10 +203,14 @@ def materialize(start: datetime | None, end: datetime | None, incremental: bool,
                  max_rows_per_second=max_rows_per_second, batch_rows=batch_rows, progress=progress)
     if result.per_view:
         click.echo(table(
-            ["view", "rows", "entities", "written", "not newer", "quarantined", "seconds", "entities/s"],
+            ["view", "rows", "entities", "written", "not newer", "quarantined", "seconds", "entities/s", "schedules"],
             [[r.view, f"{r.window_rows:,}", f"{r.entities:,}", f"{r.written:,}", f"{r.skipped:,}",
-              f"{r.quarantined:,}", f"{r.seconds:.2f}", f"{r.rows_per_second:,.0f}"] for r in result.per_view],
+              f"{r.quarantined:,}", f"{r.seconds:.2f}", f"{r.rows_per_second:,.0f}",
+              ("prepared" if r.prepared else "computed") if r.schedule_rows else "-"] for r in result.per_view],
         ))
+        if any(r.schedule_rows and not r.prepared for r in result.per_view):
+            click.echo("schedules 'computed': from the raw events now (run `featurepipe backfill` after new data to "
+                       "have them prepared; a materialisation then only reads them)")
         for r in result.per_view:
             for path in r.quarantine_files:
                 click.echo(f"quarantined rows of {r.view}: {path}")
