@@ -124,19 +124,26 @@ def open_schedules(query: LatestQuery, kernel: KernelInput, start: datetime, end
     in_range = f"{ts} >= {ts_literal(start)} AND {ts} <= {ts_literal(end)}"
     needed = ", ".join(quote(c) for c in dict.fromkeys([*keys, kernel.timestamp, *columns]))
     con.execute(f"CREATE TEMP VIEW __raw AS SELECT {needed} FROM {source} WHERE {ts} IS NOT NULL{excluded}")
-    con.execute(f"CREATE TEMP TABLE __ents AS SELECT {key_list}, max({ts}) AS __last, count(*) AS __rows "
-                f"FROM __raw WHERE {in_range} GROUP BY ALL")
-    null_rows = con.execute(f"SELECT coalesce(sum(__rows), 0) FROM __ents WHERE NOT ({not_null})").fetchall()[0][0]
-    con.execute(f"DELETE FROM __ents WHERE NOT ({not_null})")
-    entities, window_rows = con.execute("SELECT count(*), coalesce(sum(__rows), 0) FROM __ents").fetchall()[0]
+    shape = ViewShape(tuple(keys), kernel.timestamp, kernel.aggregations, types)
+    prepared = _usable(kernel, shape, files, end)
+    if prepared is None:
+        con.execute(f"CREATE TEMP TABLE __ents AS SELECT {key_list}, max({ts}) AS __last, count(*) AS __rows "
+                    f"FROM __raw WHERE {in_range} GROUP BY ALL")
+        null_rows = con.execute(f"SELECT coalesce(sum(__rows), 0) FROM __ents WHERE NOT ({not_null})").fetchall()[0][0]
+        con.execute(f"DELETE FROM __ents WHERE NOT ({not_null})")
+        entities, window_rows = con.execute("SELECT count(*), coalesce(sum(__rows), 0) FROM __ents").fetchall()[0]
+    else:  # the entities are the prepared file's; the events are only counted
+        null_rows, window_rows = con.execute(
+            f"SELECT count(*) FILTER (WHERE NOT ({not_null})), count(*) FILTER (WHERE {not_null}) "
+            f"FROM __raw WHERE {in_range}").fetchall()[0]
+        entities = con.execute(f"SELECT count(*) FROM read_parquet({literal(prepared)}) "
+                               f"WHERE {SCHEDULE_GROUP} = -1 AND __v0 > {_epoch_us(start)}").fetchall()[0][0]
     if null_rows and null_key_file is not None:
         _copy_null_key_rows(con, source, query, keys, in_range, excluded, null_key_file)
-    shape = ViewShape(tuple(keys), kernel.timestamp, kernel.aggregations, types)
     names = [f.name for f in query.features]
     features = ", ".join(quote(n) for n in names)
     parts = max(1, min(_MAX_PARTS, int(entities) // _ENTITIES_PER_PART))
     part = [f"hash({key_list}) % {parts} = {p}" for p in range(parts)] if parts > 1 else ["TRUE"]
-    prepared = _usable(kernel, shape, files, end)
     order = f" ORDER BY {key_list}, {SCHEDULE_GROUP}, __v"
     if prepared is not None:
         # the backfill's rows of these very files: those of the entities with an event in
@@ -175,7 +182,8 @@ def open_schedules(query: LatestQuery, kernel: KernelInput, start: datetime, end
             for relation in schedules]
     schema = con.sql(sqls[0] + " LIMIT 0").to_arrow_table().schema
     if prepared is not None:  # sorted already: streamed as DuckDB reads it
-        per_entity = max(1, pq.read_metadata(prepared).num_rows // max(1, _entities_in(prepared, con)))
+        # rows per entity, about (a batch's entities need only be about batch_rows)
+        per_entity = max(1, min(1_000, pq.read_metadata(prepared).num_rows // max(1, int(entities))))
         batches = whole_entities(con.sql(sqls[0]).to_arrow_reader(batch_rows * per_entity), keys,
                                  bool(query.conditions))
     else:  # each part computed (and sorted) while the one before is encoded and written
@@ -294,12 +302,6 @@ def prepare_schedules(query: LatestQuery, kernel: KernelInput, threads: int | No
 
 def _epoch_us(value: datetime) -> int:
     return (value - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1)
-
-
-def _entities_in(prepared: str, con: duckdb.DuckDBPyConnection) -> int:
-    """How many entities a prepared file holds (one row at its newest event each: ``__g = -1``)."""
-    return int(con.execute(f"SELECT count(*) FROM read_parquet({literal(prepared)}) "
-                           f"WHERE {SCHEDULE_GROUP} = -1").fetchall()[0][0])
 
 
 def _rows_per_entity(table: pa.Table, entities: int, parts: int) -> int:
