@@ -295,7 +295,7 @@ def prepare_schedules(query: LatestQuery, kernel: KernelInput, threads: int | No
         stamp = json.dumps({**identity, "newest_us": int(newest)}).encode()
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), PREPARED_METADATA_KEY: stamp})
         atomic_parquet(table, target)
-        return table.num_rows
+        return int(table.num_rows)
     finally:
         con.close()
 
