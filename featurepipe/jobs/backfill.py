@@ -7,10 +7,15 @@ from dataclasses import replace
 from datetime import date, datetime
 from typing import TYPE_CHECKING
 
+from tqdm import tqdm
+
 from featurepipe.batch import backfill as batch
 from featurepipe.batch.backfill import BackfillResult
 from featurepipe.definitions import aggregate_views
+from featurepipe.online.plan import view_plan
+from featurepipe.online.schedule_scan import prepare_schedules
 from featurepipe.quality.gate import open_gate
+from featurepipe.quality.online_gate import input_exclusions
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -46,12 +51,6 @@ def prepare_online(store: FeatureStore, views: Sequence[str], quality: bool = Tr
     the same files (gated by the repo's contracts, with ``quality``) would: such a
     materialisation then only reads them. Done after a backfill, which has just read
     those events; a later change of the files makes the materialisation compute again."""
-    from tqdm import tqdm
-
-    from featurepipe.online.plan import view_plan
-    from featurepipe.online.schedule_scan import prepare_schedules
-    from featurepipe.quality.online_gate import input_exclusions
-
     registry = store.registry
     for name in tqdm(views, desc="prepare online", unit="view", disable=not progress or not views):
         view = store.get_feature_view(name)
