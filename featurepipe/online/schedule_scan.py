@@ -106,25 +106,13 @@ def open_schedules(query: LatestQuery, kernel: KernelInput, start: datetime, end
     range, ``null_key_rows`` the range's events without a join key (copied to
     ``null_key_file`` when given)."""
     con = connect(threads)
-    files = pinned_files(con, kernel.path)
-    source = pinned_source(files)
-    types = {row[0]: str(row[1]) for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
     keys = [k.source for k in query.join_keys]
-    columns = sorted({a.column for a in kernel.aggregations})
-    missing = sorted({c for c in [kernel.timestamp, *keys, *columns] if c not in types})
-    if missing:
-        raise InvalidInput(
-            f"{kernel.path} has no column(s) {missing}; it has {sorted(types)}. Check the view's input "
-            "source and its aggregations, then run `feast apply`"
-        )
+    files, source, shape = _raw_events(con, kernel, keys)
     ts = quote(kernel.timestamp)
     key_list = ", ".join(quote(k) for k in keys)
     not_null = " AND ".join(f"{quote(k)} IS NOT NULL" for k in keys)
     excluded = "".join(f" AND NOT coalesce(({c}), FALSE)" for c in kernel.exclude)
     in_range = f"{ts} >= {ts_literal(start)} AND {ts} <= {ts_literal(end)}"
-    needed = ", ".join(quote(c) for c in dict.fromkeys([*keys, kernel.timestamp, *columns]))
-    con.execute(f"CREATE TEMP VIEW __raw AS SELECT {needed} FROM {source} WHERE {ts} IS NOT NULL{excluded}")
-    shape = ViewShape(tuple(keys), kernel.timestamp, kernel.aggregations, types)
     prepared = _usable(kernel, shape, files, end)
     if prepared is None:
         con.execute(f"CREATE TEMP TABLE __ents AS SELECT {key_list}, max({ts}) AS __last, count(*) AS __rows "
@@ -194,6 +182,29 @@ def open_schedules(query: LatestQuery, kernel: KernelInput, start: datetime, end
     return LatestScan(entities=int(entities), window_rows=int(window_rows), null_key_rows=int(null_rows),
                       reader=rows, connection=con, files=files, blocked=blocked, blocked_sample=sample,
                       prepared=prepared is not None)
+
+
+def _raw_events(con: duckdb.DuckDBPyConnection, kernel: KernelInput, keys: Sequence[str]
+                ) -> tuple[list[str], str, ViewShape]:
+    """Pin the view's raw files and create temp view ``__raw``: their events with an event
+    time, less the rows ``kernel.exclude`` leaves out, in the columns the kernel reads.
+    Returns the files, their ``read_parquet`` and the view's shape (with the files' types);
+    raises when a column the view needs is missing."""
+    files = pinned_files(con, kernel.path)
+    source = pinned_source(files)
+    types = {row[0]: str(row[1]) for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
+    columns = sorted({a.column for a in kernel.aggregations})
+    missing = sorted({c for c in [kernel.timestamp, *keys, *columns] if c not in types})
+    if missing:
+        raise InvalidInput(
+            f"{kernel.path} has no column(s) {missing}; it has {sorted(types)}. Check the view's input "
+            "source and its aggregations, then run `feast apply`"
+        )
+    ts = quote(kernel.timestamp)
+    excluded = "".join(f" AND NOT coalesce(({c}), FALSE)" for c in kernel.exclude)
+    needed = ", ".join(quote(c) for c in dict.fromkeys([*keys, kernel.timestamp, *columns]))
+    con.execute(f"CREATE TEMP VIEW __raw AS SELECT {needed} FROM {source} WHERE {ts} IS NOT NULL{excluded}")
+    return files, source, ViewShape(tuple(keys), kernel.timestamp, kernel.aggregations, types)
 
 
 def _stage_events(con: duckdb.DuckDBPyConnection, kernel: KernelInput, keys: Sequence[str]) -> None:
@@ -266,19 +277,12 @@ def prepare_schedules(query: LatestQuery, kernel: KernelInput, threads: int | No
     target = Path(kernel.prepared)
     con = db.connect("default", threads)  # keeps insertion order: the file is written sorted
     try:
-        files = pinned_files(con, kernel.path)
-        source = pinned_source(files)
-        types = {row[0]: str(row[1]) for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
         keys = [k.source for k in query.join_keys]
-        shape = ViewShape(tuple(keys), kernel.timestamp, kernel.aggregations, types)
+        files, _, shape = _raw_events(con, kernel, keys)
         identity = _identity(kernel, shape, files)
         ts = quote(kernel.timestamp)
         key_list = ", ".join(quote(k) for k in keys)
         not_null = " AND ".join(f"{quote(k)} IS NOT NULL" for k in keys)
-        excluded = "".join(f" AND NOT coalesce(({c}), FALSE)" for c in kernel.exclude)
-        columns = sorted({a.column for a in kernel.aggregations})
-        needed = ", ".join(quote(c) for c in dict.fromkeys([*keys, kernel.timestamp, *columns]))
-        con.execute(f"CREATE TEMP VIEW __raw AS SELECT {needed} FROM {source} WHERE {ts} IS NOT NULL{excluded}")
         con.execute(f"CREATE TEMP TABLE __ents AS SELECT {key_list}, max({ts}) AS __last, count(*) AS __rows "
                     f"FROM __raw WHERE {not_null} GROUP BY ALL")
         newest = con.execute("SELECT max(epoch_us(__last)) FROM __ents").fetchall()[0][0]
