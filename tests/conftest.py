@@ -108,6 +108,17 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterat
         yield Pipeline(repo=repo, data=data, store=store, env=os.environ.copy(), plan_after_apply=plan)
 
 
+@pytest.fixture(scope="session")
+def spark() -> Iterator[Any]:
+    """One Spark session for the whole run (``local[2]``, driver on 127.0.0.1, UI off):
+    starting one takes about 10 s here, so every Spark test shares it and batches its cases."""
+    from featurepipe.core.spark import spark_session, stop_session
+
+    session = spark_session(master="local[2]", overrides={"spark.sql.shuffle.partitions": "4"})
+    yield session
+    stop_session()
+
+
 def redis_url_feast(url: str) -> str:
     from featurepipe.config import redis_url_to_feast
 
@@ -116,7 +127,7 @@ def redis_url_feast(url: str) -> str:
 
 # Fixtures that start a server or run `feast apply` (directly or through another fixture): a
 # test that uses none of them and is marked neither slow nor integration is in the fast tier.
-SERVICE_FIXTURES = frozenset({"redis_url", "private_redis", "kafka_bootstrap", "repo", "deployed"})
+SERVICE_FIXTURES = frozenset({"redis_url", "private_redis", "kafka_bootstrap", "repo", "deployed", "spark"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -38,6 +38,10 @@ LAZY_IMPORTS = {
     ("featurepipe.quality.runlog", "featurepipe.errors"): "kept beside the one raise that needs it",
     ("serving", "serving.server"):
         "the package's face: `import serving` (the client) must not load the server",
+    ("featurepipe.jobs.backfill", "featurepipe.jobs.spark_backfill"):
+        "the Spark engine is an extra: it (and pyspark) load only when --engine spark is asked for",
+    ("featurepipe.jobs.spark_backfill", "featurepipe.quality.spark_gate"):
+        "after require_spark(), so a missing pyspark or Java gets the message that says what to install",
     ("featurepipe.cli.group", "serving.command"):
         "`featurepipe serve` is the server's own command: loading it loads gRPC, so only when asked for",
 }

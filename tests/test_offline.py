@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from featurepipe.batch.backfill import BackfillResult
 from featurepipe.batch.backfill import backfill as batch_backfill
+from featurepipe.core.windows import KERNEL_VERSION
 from featurepipe.offline import index, pit
 from featurepipe.offline.entity import read_entity_frame
 from featurepipe.offline.infra import connect
@@ -758,7 +759,7 @@ def test_old_kernel_tables_are_refused_with_the_command_that_rebuilds_them(
     publish_events(window_repo, window_store, events)
     files = sorted((window_repo / "data" / "tables" / "user_windows").glob("date=*/*.parquet"))
     assert len(files) > 2
-    assert {pq.read_metadata(f).metadata[b"featurepipe.kernel"] for f in files} == {b"2"}
+    assert {pq.read_metadata(f).metadata[b"featurepipe.kernel"] for f in files} == {str(KERNEL_VERSION).encode()}
     entity_df = pd.DataFrame({"user_id": [1], "merchant_id": [1], "event_timestamp": [W0 + timedelta(hours=5)]})
     retrieve(window_store, entity_df, ["user_windows:n_1h"])  # fine, and its index is built
     _strip_kernel_version(files[1], None)  # one day written by the old backfill: a mixed table
@@ -851,7 +852,7 @@ def test_a_gate_rewrite_keeps_the_kernel_version(window_repo: Path, window_store
     view = next(v for v in aggregate_views(window_store) if v.name == "user_windows")
     backfill_view(view, gate=RewritingGate())
     files = sorted((window_repo / "data" / "tables" / "user_windows").glob("date=*/*.parquet"))
-    assert files and all(pq.read_metadata(f).metadata[b"featurepipe.kernel"] == b"2" for f in files)
+    assert files and all(pq.read_metadata(f).metadata[b"featurepipe.kernel"] == str(KERNEL_VERSION).encode() for f in files)
     retrieve(window_store, pd.DataFrame({"user_id": [1], "event_timestamp": [W0 + timedelta(hours=5)]}), ["user_windows:n_1h"])
 
 

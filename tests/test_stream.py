@@ -31,6 +31,7 @@ import pyarrow as pa
 import pytest
 import redis
 
+from featurepipe.core.windows import KERNEL_VERSION
 from tests.conftest import deployed_repo, redis_url_feast
 from tests.kafka_broker import kafka_bootstrap  # noqa: F401  (fixture)
 
@@ -218,7 +219,7 @@ def test_stream_equals_batch_out_of_order_with_bad_messages(stream_repo: StreamR
 
     for view in VIEWS:
         files = list((sr.data / "offline" / view).glob("date=*/stream-parity-w0-*.parquet"))
-        assert files and all(pq.read_schema(f).metadata[b"featurepipe.kernel"] == b"2" for f in files)
+        assert files and all(pq.read_schema(f).metadata[b"featurepipe.kernel"] == str(KERNEL_VERSION).encode() for f in files)
     # online: each key's row in force and its schedule
     _assert_online_in_force(sr, sink_db=3)
 

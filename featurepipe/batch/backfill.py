@@ -130,10 +130,7 @@ def backfill_view(
     columns = source_columns(con, view.input_path)
     columns.require(view)
     lo, hi = input_time_range(con, view)
-    start_dt = _day(_as_utc(start)) if start is not None else _day(lo)
-    end_dt = _day(_as_utc(end)) if end is not None else _day(hi + horizon(view.aggregations)) + timedelta(days=1)
-    if end_dt <= start_dt:
-        raise InvalidInput(f"backfill range is empty: start {start_dt:%Y-%m-%d} >= end {end_dt:%Y-%m-%d}")
+    start_dt, end_dt = backfill_range(view, lo, hi, start, end)
     sql = aggregate_sql(view, columns, start_dt, end_dt, source=checked_input)
     out = view.offline_path
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -152,16 +149,7 @@ def backfill_view(
             con, f"SELECT count(*), count(DISTINCT ({', '.join(quote(k) for k in view.join_keys)})) "
             f"FROM read_parquet({literal(str(staging / '**' / '*.parquet'))})"
         ) if staging.exists() else (0, 0)
-        out.mkdir(parents=True, exist_ok=True)
-        published = []
-        day = start_dt
-        while day < end_dt:
-            name = f"date={day:%Y-%m-%d}"
-            shutil.rmtree(out / name, ignore_errors=True)
-            if (staging / name).exists():
-                (staging / name).rename(out / name)
-                published.append(name)
-            day += timedelta(days=1)
+        published = publish_days(staging, out, start_dt, end_dt)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         con.close()
@@ -175,6 +163,35 @@ def backfill_view(
         end=end_dt,
         published=tuple(published),
     )
+
+
+def backfill_range(view: AggregateView, lo: datetime, hi: datetime, start: datetime | date | None,
+                   end: datetime | date | None) -> tuple[datetime, datetime]:
+    """The days ``[start, end)`` a backfill of ``view`` covers, given its input's first and last
+    event time ``lo`` and ``hi`` (default: from ``lo``'s day to the day after ``hi`` plus the
+    kernel's horizon, the last change point)."""
+    start_dt = _day(_as_utc(start)) if start is not None else _day(lo)
+    end_dt = _day(_as_utc(end)) if end is not None else _day(hi + horizon(view.aggregations)) + timedelta(days=1)
+    if end_dt <= start_dt:
+        raise InvalidInput(f"backfill range is empty: start {start_dt:%Y-%m-%d} >= end {end_dt:%Y-%m-%d}")
+    return start_dt, end_dt
+
+
+def publish_days(staging: Path, out: Path, start: datetime, end: datetime) -> list[str]:
+    """Replace each day partition of ``out`` in ``[start, end)`` by the staged one (each
+    atomically, by rename; a day with no staged rows is removed). Returns the partitions
+    published (``date=YYYY-MM-DD``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    published = []
+    day = start
+    while day < end:
+        name = f"date={day:%Y-%m-%d}"
+        shutil.rmtree(out / name, ignore_errors=True)
+        if (staging / name).exists():
+            (staging / name).rename(out / name)
+            published.append(name)
+        day += timedelta(days=1)
+    return published
 
 
 def backfill(
@@ -203,13 +220,21 @@ def backfill(
 def stamp_kernel_version(folder: Path) -> None:
     """Write the kernel version into every Parquet file under ``folder`` that lacks it
     (each file rewritten atomically, its rows and schema unchanged)."""
-    expected = str(KERNEL_VERSION).encode()
     for path in sorted(folder.glob("**/*.parquet")):
-        metadata = pq.read_metadata(path).metadata or {}
-        if metadata.get(KERNEL_METADATA_KEY.encode()) != expected:
-            table = pq.read_table(path, partitioning=None)
-            schema_metadata = {**(table.schema.metadata or {}), KERNEL_METADATA_KEY.encode(): expected}
-            atomic_parquet(table.replace_schema_metadata(schema_metadata), path)
+        stamp_file(str(path))
+
+
+def stamp_file(path: str) -> bool:
+    """Write the kernel version into one Parquet file when it lacks it (rewritten
+    atomically, rows and schema unchanged); True when it was rewritten."""
+    expected = str(KERNEL_VERSION).encode()
+    metadata = pq.read_metadata(path).metadata or {}
+    if metadata.get(KERNEL_METADATA_KEY.encode()) == expected:
+        return False
+    table = pq.read_table(path, partitioning=None)
+    schema_metadata = {**(table.schema.metadata or {}), KERNEL_METADATA_KEY.encode(): expected}
+    atomic_parquet(table.replace_schema_metadata(schema_metadata), Path(path))
+    return True
 
 
 def offline_files(path: Path) -> list[Path]:

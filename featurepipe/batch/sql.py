@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from featurepipe.core.sql import literal, quote, ts_literal
+from featurepipe.core.sql import DUCKDB, Dialect, literal
 from featurepipe.core.windows import ViewShape, change_point_sql, history, validate
 from featurepipe.definitions import AggregateView
 from featurepipe.errors import InvalidInput
@@ -50,6 +50,7 @@ def aggregate_sql(
     end: datetime | None = None,
     extra_input: str | None = None,
     source: str | None = None,
+    dialect: Dialect = DUCKDB,
 ) -> str:
     """SELECT of the view's change-point rows with ``event_timestamp`` in ``[start, end)``,
     ordered by time then key.
@@ -59,10 +60,12 @@ def aggregate_sql(
     partial recompute gives the rows a full one gives in its range. ``extra_input``, when
     given, is a relation (table name) unioned with the Parquet input (the push path uses
     it for events not yet on disk). ``source``, when given, is the relation read instead of
-    the Parquet input (the quality gate's rows that passed).
+    the Parquet input (the quality gate's rows that passed). ``dialect``: the engine the SQL
+    is for (Spark: ``source`` is required, the name of a temporary view of the input).
     """
     columns.require(view)
     validate(view.aggregations, view.name)
+    quote = dialect.quote
     keys = [quote(k) for k in view.join_keys]
     ts = quote(view.timestamp_field)
     needed = dict.fromkeys([*keys, ts, *(quote(a.column) for a in view.aggregations)])
@@ -70,14 +73,16 @@ def aggregate_sql(
     where = []
     first = input_start(view, start) if start is not None else None
     if first is not None:
-        where.append(f"{ts} >= {ts_literal(first)}")
+        where.append(f"{ts} >= {dialect.ts_literal(first)}")
     if end is not None:
-        where.append(f"{ts} < {ts_literal(end)}")
+        where.append(f"{ts} < {dialect.ts_literal(end)}")
+    if source is None and dialect is not DUCKDB:
+        raise ValueError(f"{dialect.name} SQL reads a named relation: pass source")
     source = source or f"read_parquet({literal(view.input_path)}, hive_partitioning = true, union_by_name = true)"
     inputs = f"SELECT {select_cols} FROM {source}"
     if extra_input:
-        inputs += f" UNION ALL BY NAME SELECT {select_cols} FROM {extra_input}"
+        inputs += f" UNION ALL SELECT {select_cols} FROM {extra_input}"
     events = f"(SELECT * FROM ({inputs}) {'WHERE ' + ' AND '.join(where) if where else ''})"
-    shape = ViewShape(view.join_keys, view.timestamp_field, view.aggregations, columns.types)
+    shape = ViewShape(view.join_keys, view.timestamp_field, view.aggregations, columns.types, dialect)
     return change_point_sql(shape, events, start, end)
 

@@ -117,9 +117,15 @@ def feast(repo: Path | None, args: tuple[str, ...]) -> None:
 @VIEWS_OPTION
 @click.option("--index/--no-index", default=True, show_default=True,
               help="Then build the offline index of the backfilled views (see `featurepipe index`).")
+@click.option("--engine", type=click.Choice(["duckdb", "spark"]), default=None,
+              help="Batch engine (default: $FEATUREPIPE_ENGINE, else `engine:` in the repo's featurepipe.yaml, "
+                   "else duckdb). spark needs `pip install 'featurepipe[spark]'` and Java 17+; where it runs: "
+                   "`spark:` in featurepipe.yaml or $FEATUREPIPE_SPARK_MASTER (default local[*]).")
 @REPO_OPTION
-def backfill(start: date | None, end: date | None, views: tuple[str, ...], index: bool, repo: Path | None) -> None:
-    """Compute the offline feature tables (each view's change-point rows) with DuckDB over the raw Parquet.
+def backfill(start: date | None, end: date | None, views: tuple[str, ...], index: bool, engine: str | None,
+             repo: Path | None) -> None:
+    """Compute the offline feature tables (each view's change-point rows) over the raw Parquet,
+    with DuckDB on this machine or with Spark (--engine spark): the same values either way.
 
     Only the day partitions in [start, end) are replaced, so reruns are idempotent. The
     offline index of each backfilled view is rebuilt afterwards (--no-index: leave it to
@@ -130,7 +136,7 @@ def backfill(start: date | None, end: date | None, views: tuple[str, ...], index
     from featurepipe.report import table
 
     store = load_store(repo)
-    results = run(store, views or None, start, end)
+    results = run(store, views or None, start, end, engine=engine)
     click.echo(table(
         ["view", "rows", "entities", "days", "seconds"],
         [[r.view, f"{r.rows:,}", f"{r.entities:,}", r.partitions, f"{r.seconds:.1f}"] for r in results],

@@ -21,23 +21,28 @@ each entity keeps its *schedule*: the row in force now and the rows of the drops
 come (at most one per non-empty bucket), so the server picks the row for the request's
 clock with no arithmetic on aggregates at all, and online equals offline to the bit.
 
-Sums and means of fractional columns run over ``DECIMAL(38, 9)`` (exact, so order-free);
-``mean`` is ``CAST(sum AS DOUBLE) / CAST(count AS DOUBLE)``, the form DuckDB and Spark
-compute to the same bits.
+Sums and means of fractional columns run over ``DECIMAL(38, 9)`` (exact, so order-free); a
+sum is that exact total cast to DOUBLE, a ``mean`` is that sum divided by ``CAST(NULLIF(count, 0) AS DOUBLE)``; min and max normalise -0.0 to 0.0.
+These are the forms DuckDB and Spark compute to the same bits; the SQL of both comes from
+here, per :class:`featurepipe.core.sql.Dialect` (tested on adversarial data in
+``tests/test_spark_engine.py``). One difference is left to the data: a DOUBLE input with more
+than 9 decimals is rounded to ``DECIMAL(38, 9)`` differently by the two engines (by 1e-9), so
+keep money at a few decimals or store it as DECIMAL.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Protocol
 
 from featurepipe.core.errors import InvalidInput
-from featurepipe.core.sql import quote
+from featurepipe.core.sql import DUCKDB, Dialect
 
-KERNEL_VERSION = 2
-"""Bumped when the meaning of a stored feature row changes (1: as of each event)."""
+KERNEL_VERSION = 3
+"""Bumped when the meaning of a stored feature row changes (1: as of each event; 2: min and
+max could keep -0.0 apart from 0.0, so DuckDB and Spark could disagree on their sign)."""
 
 KERNEL_METADATA_KEY = "featurepipe.kernel"
 """Parquet key-value metadata naming the kernel version a feature table was computed with
@@ -49,7 +54,7 @@ _HOUR = 60 * _MINUTE
 _DAY = 24 * _HOUR
 
 _INTEGER_TYPES = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT",
-                  "HUGEINT"}
+                  "HUGEINT", "INT", "LONG", "SHORT", "BYTE"}  # DuckDB's names, then Spark's
 
 
 class Aggregate(Protocol):
@@ -117,18 +122,31 @@ def history(aggregations: Sequence[Aggregate]) -> timedelta | None:
     return horizon(aggregations)
 
 
-def value_expr(agg: Aggregate, column_type: str) -> str:
+def value_expr(agg: Aggregate, column_type: str, dialect: Dialect = DUCKDB) -> str:
     """The expression an aggregate runs over (exact decimals for fractional sums and means;
-    epoch seconds for a timestamp column)."""
-    col = quote(agg.column)
+    epoch seconds for a timestamp column; ``+ 0.0`` makes -0.0 and 0.0 one value, so min and
+    max do not depend on which an engine meets first)."""
+    col = dialect.quote(agg.column)
     column_type = column_type.upper()
     if "TIMESTAMP" in column_type:
-        return f"(epoch_us({col}) / 1e6)"
+        return f"({dialect.epoch_us(col)} / 1e6)"
     if agg.function == "count" or column_type in _INTEGER_TYPES:
         return col
     if agg.function in ("sum", "mean"):
-        return f"CAST({col} AS DECIMAL(38, 9))"
-    return f"CAST({col} AS DOUBLE)"
+        if column_type.startswith("DECIMAL"):
+            return f"CAST({col} AS DECIMAL(38, 9))"
+        return exact_decimal(f"CAST({col} AS DOUBLE)", dialect)
+    return f"(CAST({col} AS DOUBLE) + 0.0)"
+
+
+def exact_decimal(double: str, dialect: Dialect = DUCKDB) -> str:
+    """A DOUBLE as ``DECIMAL(38, 9)``, the same in every engine: its whole part (exact as a
+    BIGINT) plus its fraction (``x - whole`` is exact; below 1, a cast to 9 decimals rounds
+    the same in both engines unless the double has more than 9 decimals). A plain cast is not
+    portable: DuckDB scales by 1e9 in floating point, which is off by 1e-9 for amounts above
+    2^53 / 1e9 (9,007,199.25), where Spark converts exactly."""
+    whole = dialect.trunc(double)
+    return f"(CAST({whole} AS DECIMAL(38, 9)) + CAST({double} - {whole} AS DECIMAL(38, 9)))"
 
 
 def _drops(windows: Sequence[timedelta]) -> list[str]:
@@ -149,6 +167,7 @@ class ViewShape:
     timestamp_field: str
     aggregations: tuple[Aggregate, ...]
     types: dict[str, str]
+    dialect: Dialect = DUCKDB
 
 
 @dataclass(frozen=True)
@@ -162,6 +181,7 @@ class _Columns:
 
 
 def _columns(view: ViewShape) -> _Columns:
+    d = view.dialect
     prefix: dict[str, str] = {}
     parts: dict[str, str] = {}
     for a in view.aggregations:
@@ -174,31 +194,31 @@ def _columns(view: ViewShape) -> _Columns:
                     "last takes a timestamp column and gives its epoch seconds"
                 )
             if a.column != view.timestamp_field:
-                parts[f"{k}_last"] = f"max(epoch_us({quote(a.column)}))"
+                parts[f"{k}_last"] = f"max({d.epoch_us(d.quote(a.column))})"
         elif a.function in ("count", "sum", "mean", "min", "max"):
-            parts.update(_partials(a, k, column_type))
+            parts.update(_partials(a, k, column_type, "", d))
         else:
             raise InvalidInput(f"aggregate {a.name!r}: unknown function {a.function!r}")
     windows = sorted({a.window for a in view.aggregations if a.window is not None})
     return _Columns(prefix, parts, windows)
 
 
-def _partials(a: Aggregate, k: str, column_type: str, only: str = "") -> dict[str, str]:
+def _partials(a: Aggregate, k: str, column_type: str, only: str = "", dialect: Dialect = DUCKDB) -> dict[str, str]:
     """The partial aggregates a count, sum, mean, min or max over column prefix ``k`` needs,
     each as SQL over a group of events (``only``: a FILTER clause appended to each):
     ``<k>_n`` the count of values, ``<k>_s`` their exact sum, ``<k>_min`` / ``<k>_max``."""
     out: dict[str, str] = {}
     if a.function in ("count", "sum", "mean"):
-        out[f"{k}_n"] = f"count({quote(a.column)}){only}"
+        out[f"{k}_n"] = f"count({dialect.quote(a.column)}){only}"
         if a.function != "count":
-            out[f"{k}_s"] = f"sum({value_expr(a, column_type)}){only}"
+            out[f"{k}_s"] = f"sum({value_expr(a, column_type, dialect)}){only}"
     elif a.function in ("min", "max"):
-        out[f"{k}_{a.function}"] = f"{a.function}({value_expr(a, column_type)}){only}"
+        out[f"{k}_{a.function}"] = f"{a.function}({value_expr(a, column_type, dialect)}){only}"
     return out
 
 
 def change_point_sql(view: ViewShape, events: str, start: datetime | None = None,
-                     end: datetime | None = None) -> str:
+                     end: datetime | None = None, dialect: Dialect | None = None) -> str:
     """SELECT of the view's rows at every change point ``v`` in ``[start, end)``: the join keys,
     ``event_timestamp`` (= ``v``, as TIMESTAMPTZ) and one column per aggregate, valid for
     ``v <= t`` until the key's next row; ordered by ``event_timestamp``, then the keys.
@@ -220,7 +240,11 @@ def change_point_sql(view: ViewShape, events: str, start: datetime | None = None
     change points (the counts packed side by side into HUGEINTs) gives both numbers; equality
     joins on them fetch the two groups' totals. No window frame moves row by row, no as-of
     join.
+
+    ``dialect`` (default: the shape's, DuckDB's) is the engine the SQL is written for.
     """
+    if dialect is not None:
+        view = replace(view, dialect=dialect)
     sql = _KernelSql(view)
     cols, key_list = sql.cols, sql.key_list
     # per window with a min or max: extremes of the group's block up to it (_p<i>) and from it (_s<i>)
@@ -243,9 +267,8 @@ def change_point_sql(view: ViewShape, events: str, start: datetime | None = None
     # the latest group before it and of the first group still in each window. Components are
     # packed 32 bits apiece, four to a HUGEINT, so one running sum counts them all (a key
     # may have up to 2**31 groups in the input)
-    marks = [f"SELECT {key_list}, __x + 1 AS __v, 1::HUGEINT AS __d0 FROM g"]
-    marks += [f"SELECT {key_list}, {drop} AS __v, {1 << bit}::HUGEINT AS __d{pack} FROM g"
-              for drop, (pack, bit) in zip(sql.drops, sql.components)]
+    marks = [sql.mark("__x + 1", 0, 0)]
+    marks += [sql.mark(drop, pack, bit) for drop, (pack, bit) in zip(sql.drops, sql.components)]
     bounds = []
     if start is not None:
         bounds.append(f"__v >= {_epoch_us(start)}")
@@ -281,7 +304,7 @@ def feature_groups(aggregations: Sequence[Aggregate], names: Sequence[str]) -> t
     return [by_name[n] for n in names], max(by_name.values(), default=-1) + 1
 
 
-def schedule_sql(view: ViewShape, events: str) -> str:
+def schedule_sql(view: ViewShape, events: str, dialect: Dialect | None = None) -> str:
     """SELECT of each key's *schedule*: the rows of :func:`change_point_sql` from the key's
     newest event ``x`` on, grouped by window. Columns: the join keys, ``__g``,
     ``event_timestamp`` (``v``) and one per aggregate; in no particular order (the caller
@@ -307,12 +330,15 @@ def schedule_sql(view: ViewShape, events: str) -> str:
     leaving after ``t``: per window, the events grouped by the instant their bucket leaves, and
     a running total over those buckets from the last one back (excluding the bucket itself).
     """
+    if dialect is not None:
+        view = replace(view, dialect=dialect)
+    d = view.dialect
     cols = _columns(view)
-    keys = [quote(k) for k in view.join_keys]
+    keys = [d.quote(k) for k in view.join_keys]
     key_list = ", ".join(keys)
-    ts = quote(view.timestamp_field)
+    ts = d.quote(view.timestamp_field)
     not_null = " AND ".join([f"{ts} IS NOT NULL", *(f"{k} IS NOT NULL" for k in keys)])
-    inputs = [quote(c) for c in cols.prefix if c not in view.join_keys]
+    inputs = [d.quote(c) for c in cols.prefix if c not in view.join_keys]
     drops = _drops(cols.windows)
     groups = schedule_groups(view.aggregations)
     types = {c: view.types[c].upper() for c in cols.prefix}
@@ -323,7 +349,7 @@ def schedule_sql(view: ViewShape, events: str) -> str:
         only = f" FILTER (WHERE {where})" if where else ""
         out: dict[str, str] = {}
         for a in aggs:
-            out.update(_partials(a, cols.prefix[a.column], types[a.column], only))
+            out.update(_partials(a, cols.prefix[a.column], types[a.column], only, d))
         return out
 
     def final(a: Aggregate, part: Callable[[str], str]) -> str:
@@ -332,14 +358,14 @@ def schedule_sql(view: ViewShape, events: str) -> str:
         if a.function == "last":
             if a.column == view.timestamp_field:
                 return "(__v0 - 1) / 1e6"
-            return f"max(epoch_us({quote(a.column)})) FILTER (WHERE __x = __v0 - 1) / 1e6"
+            return f"max({d.epoch_us(d.quote(a.column))}) FILTER (WHERE __x = __v0 - 1) / 1e6"
         if a.function in ("min", "max"):
             return f"CAST({part(f'{k}_{a.function}')} AS DOUBLE)"
         total = f"COALESCE({part(f'{k}_s')}, 0)" if a.function != "count" else ""
         return _finalised(a.function, f"COALESCE({part(f'{k}_n')}, 0)", total)
 
     def placeholder(a: Aggregate) -> str:
-        return "0::BIGINT" if a.function == "count" else "NULL::DOUBLE"
+        return "CAST(0 AS BIGINT)" if a.function == "count" else "CAST(NULL AS DOUBLE)"
 
     # the row at v0: every aggregate, a window's over the events whose bucket leaves after v0
     first_parts: dict[str, str] = {}
@@ -349,7 +375,7 @@ def schedule_sql(view: ViewShape, events: str) -> str:
     def of_group(g: int) -> Callable[[str], str]:
         return lambda p: first_parts[f"{p}_{g}"]
 
-    first = ", ".join(f"{final(a, of_group(g))} AS {quote(a.name)}" for a, g in zip(view.aggregations, groups))
+    first = ", ".join(f"{final(a, of_group(g))} AS {d.quote(a.name)}" for a, g in zip(view.aggregations, groups))
     selects = [f"SELECT {key_list}, -1 AS __g, __v0 AS __v, {first} FROM t GROUP BY {key_list}, __v0"]
     buckets = []
     for i, drop in enumerate(drops):
@@ -364,15 +390,15 @@ def schedule_sql(view: ViewShape, events: str) -> str:
             fn = "sum" if p.endswith(("_n", "_s")) else p.rsplit("_", 1)[1]
             return f"{fn}({p}) {after}"
 
-        values = ", ".join(f"{final(a, running) if g == i else placeholder(a)} AS {quote(a.name)}"
+        values = ", ".join(f"{final(a, running) if g == i else placeholder(a)} AS {d.quote(a.name)}"
                            for a, g in zip(view.aggregations, groups))
         selects.append(f"SELECT {key_list}, {i} AS __g, __v, {values} FROM b{i}")
     union = "\n  UNION ALL ".join(selects)
     more = "".join(",\n" + b for b in buckets)
     return f"""
-WITH src AS (SELECT {", ".join([*keys, f"epoch_us({ts}) AS __x", *inputs])} FROM {events} WHERE {not_null}),
+WITH src AS (SELECT {", ".join([*keys, f"{d.epoch_us(ts)} AS __x", *inputs])} FROM {events} WHERE {not_null}),
 t AS (SELECT *, max(__x) OVER (PARTITION BY {key_list}) + 1 AS __v0 FROM src){more}
-SELECT {key_list}, __g AS {SCHEDULE_GROUP}, make_timestamptz(__v) AS event_timestamp, {", ".join(quote(a.name) for a in view.aggregations)}
+SELECT {key_list}, __g AS {SCHEDULE_GROUP}, {d.timestamp("__v")} AS event_timestamp, {", ".join(d.quote(a.name) for a in view.aggregations)}
 FROM ({union})
 """.strip()
 
@@ -385,30 +411,40 @@ class _KernelSql:
 
     def __init__(self, view: ViewShape) -> None:
         self.view = view
+        self.dialect = d = view.dialect
         self.cols = _columns(view)
-        self.keys = [quote(k) for k in view.join_keys]
+        self.keys = [d.quote(k) for k in view.join_keys]
         self.key_list = ", ".join(self.keys)
         n = len(self.cols.windows)
-        self.packs = range(n // 4 + 1)
+        per = d.counters_per_pack
+        self.packs = range(n // per + 1)
         # where each window's bucket holding __x leaves it, and its count's (pack, bit offset)
         self.drops = _drops(self.cols.windows)
-        self.components = [((i + 1) // 4, 32 * ((i + 1) % 4)) for i in range(n)]
+        self.components = [((i + 1) // per, 32 * ((i + 1) % per)) for i in range(n)]
+
+    def mark(self, instant: str, pack: int, bit: int) -> str:
+        """A change point per group at ``instant``, counting 1 in component (``pack``, ``bit``)
+        (every other pack 0: the marks line up by position in one UNION ALL)."""
+        t = self.dialect.pack_type
+        counts = ", ".join(f"CAST({1 << bit if j == pack else 0} AS {t}) AS __d{j}" for j in self.packs)
+        return f"SELECT {self.key_list}, {instant} AS __v, {counts} FROM g"
 
     def groups(self, events: str, extremes: list[str]) -> str:
         """CTEs ``src`` (the events with a key and time), ``g`` (one row per key and instant:
         the partial aggregates) and ``e`` (``g`` numbered per key, ``__r``, with totals up to
         and including each group, ``_i``, and before it, ``_e``, and ``extremes``)."""
         view, cols, keys = self.view, self.cols, self.keys
-        ts = quote(view.timestamp_field)
+        d = self.dialect
+        ts = d.quote(view.timestamp_field)
         not_null = " AND ".join([f"{ts} IS NOT NULL", *(f"{k} IS NOT NULL" for k in keys)])
-        inputs = [quote(c) for c in cols.prefix if c not in view.join_keys]
+        inputs = [d.quote(c) for c in cols.prefix if c not in view.join_keys]
         totals = [p for p in cols.parts if p.endswith(("_n", "_s"))]
         running = ["row_number() OVER w AS __r"]
         running += [f"CAST(sum({p}) OVER w AS BIGINT) AS {p}_i" if p.endswith("_n") else f"sum({p}) OVER w AS {p}_i"
                     for p in totals]
         running = list(dict.fromkeys([*running, *extremes]))
         before = [f"{p}_i - COALESCE({p}, 0) AS {p}_e" for p in totals]
-        return f"""src AS (SELECT {", ".join([*keys, f"epoch_us({ts}) AS __x", *inputs])} FROM {events} WHERE {not_null}),
+        return f"""src AS (SELECT {", ".join([*keys, f"{d.epoch_us(ts)} AS __x", *inputs])} FROM {events} WHERE {not_null}),
 g AS (SELECT {", ".join([*keys, "__x", *(f"{sql} AS {p}" for p, sql in cols.parts.items())])}
       FROM src GROUP BY {self.key_list}, __x),
 e AS (SELECT {", ".join(["*", *before])} FROM (
@@ -422,12 +458,16 @@ e AS (SELECT {", ".join(["*", *before])} FROM (
         merged = ", ".join(f"sum(__d{j}) AS __d{j}" for j in self.packs)
         sums = ", ".join(f"COALESCE(sum(__d{j}) OVER w, 0) AS __d{j}" for j in self.packs)
 
+        per = self.dialect.counters_per_pack
+
         def component(j: int) -> str:
-            return f"((__d{j // 4} >> {32 * (j % 4)}) & 4294967295)::BIGINT"
+            if per == 1:
+                return f"__d{j}"
+            return f"CAST(((__d{j // per} >> {32 * (j % per)}) & 4294967295) AS BIGINT)"
 
         ranks = ", ".join([f"{component(0)} AS __rc",
                            *(f"{component(i + 1)} + 1 AS __r{i}" for i in range(len(self.cols.windows)))])
-        return f"""probes AS (SELECT {key_list}, __v, {merged} FROM ({" UNION ALL BY NAME ".join(marks)})
+        return f"""probes AS (SELECT {key_list}, __v, {merged} FROM ({" UNION ALL ".join(marks)})
   GROUP BY {key_list}, __v),
 ranked AS (SELECT {key_list}, __v, {ranks} FROM (
   SELECT {key_list}, __v, {sums} FROM probes WINDOW w AS (PARTITION BY {key_list} ORDER BY __v ROWS UNBOUNDED PRECEDING))
@@ -442,8 +482,8 @@ ranked AS (SELECT {key_list}, __v, {ranks} FROM (
 
         fetch = [f"{join_latest} e c ON {on('c', '__rc')}"]
         fetch += [f"LEFT JOIN e s{i} ON {on(f's{i}', f'__r{i}')}" for i in range(len(self.cols.windows))]
-        columns = ",\n    ".join(f"{o} AS {quote(a.name)}" for o, a in zip(outputs, self.view.aggregations))
-        return f"""SELECT {", ".join(f"p.{k}" for k in self.keys)}, make_timestamptz(p.__v) AS event_timestamp,
+        columns = ",\n    ".join(f"{o} AS {self.dialect.quote(a.name)}" for o, a in zip(outputs, self.view.aggregations))
+        return f"""SELECT {", ".join(f"p.{k}" for k in self.keys)}, {self.dialect.timestamp("p.__v")} AS event_timestamp,
     {columns}
 FROM ranked p
 {chr(10).join(fetch)}"""

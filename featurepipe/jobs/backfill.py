@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from featurepipe.batch import backfill as batch
 from featurepipe.batch.backfill import BackfillResult
+from featurepipe.core.spark import default_engine
 from featurepipe.definitions import aggregate_views
 from featurepipe.online.plan import view_plan
 from featurepipe.online.schedule_scan import prepare_schedules
@@ -28,13 +29,24 @@ def backfill(
     end: datetime | date | None = None,
     progress: bool = True,
     quality: bool = True,
+    engine: str | None = None,
 ) -> list[BackfillResult]:
     """Backfill every windowed-aggregate view of the registry (or the named ones).
 
     With ``quality`` (default), the repo's ``contracts.yaml`` gates the raw input and the
     feature rows, and the run is recorded under ``<data>/runs/`` (``featurepipe.quality``);
     without, the views are computed and published as they are.
+
+    ``engine``: ``duckdb`` or ``spark`` (default: the repo's, :func:`featurepipe.core.spark.default_engine`).
+    Both write the same tables. On DuckDB the windowed views' online schedules are then
+    prepared from the same files (:func:`prepare_online`); on Spark a materialisation from
+    Spark computes them itself.
     """
+    engine = engine or default_engine(store.repo_path)
+    if engine == "spark":
+        from featurepipe.jobs.spark_backfill import backfill_spark
+
+        return backfill_spark(store, views, start, end, progress, quality)
     if not quality:
         results = batch.backfill(store, views, start, end, progress)
     else:

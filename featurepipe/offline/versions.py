@@ -25,7 +25,7 @@ from featurepipe.core.windows import KERNEL_METADATA_KEY, KERNEL_VERSION
 from featurepipe.errors import InvalidInput
 from featurepipe.offline.view import ViewRequest
 
-MEANING = {1: "windows as of each event"}
+MEANING = {1: "windows as of each event", 2: "min and max could keep -0.0 apart from 0.0"}
 
 _CACHE: dict[tuple[object, ...], int] = {}
 _LOCK = threading.Lock()

@@ -3,11 +3,16 @@
 A relation here is a DuckDB ``FROM`` item whose rows carry ``__source_file`` and
 ``file_row_number`` (``read_parquet(..., filename='__source_file', file_row_number=true)``),
 so a failing row is identified by where it is stored and can be excluded downstream.
+
+The row checks (:func:`row_checks`) are SQL in either dialect (DuckDB's or Spark's, see
+:class:`~featurepipe.core.sql.Dialect`); the Spark gate (:mod:`featurepipe.quality.spark_gate`)
+runs them in its own scan and reads schemas and metadata with the functions here.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -16,14 +21,16 @@ from typing import Any
 import duckdb
 
 from featurepipe.core.db import one_row
-from featurepipe.core.sql import literal, quote
+from featurepipe.core.sql import DUCKDB, Dialect, literal, quote
 from featurepipe.quality import stats
 from featurepipe.quality.contracts import TableContract
 from featurepipe.quality.records import CheckResult
 from featurepipe.quality.stats import DayStats
 
 ROW_ID = ("__source_file", "file_row_number")
+DAY_US = 86_400_000_000
 _EPOCH = date(1970, 1, 1)
+_EPOCH_UTC = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _NUMERIC = ("INT", "DOUBLE", "FLOAT", "DECIMAL", "REAL", "NUMERIC")
 
 
@@ -36,6 +43,11 @@ class RowCheck:
     severity: str
     fails: str
     reason: str
+
+    @property
+    def ranked(self) -> bool:
+        """Whether the check compares a row with others (a uniqueness check: ``__dup_rank``)."""
+        return "__dup_rank" in self.fails
 
 
 def parquet_relation(glob: str) -> str:
@@ -280,18 +292,51 @@ def table_schema_checks(con: duckdb.DuckDBPyConnection, stage: str, contract: Ta
     return types, results + [_drift_result(stage, contract, d) for d in partial]
 
 
-def _value(v: Any) -> str:
-    return literal(v) if isinstance(v, str) else repr(v)
+def _value(v: Any, dialect: Dialect) -> str:
+    return dialect.literal(v) if isinstance(v, str) else repr(v)
 
 
-def row_checks(contract: TableContract, types: dict[str, str]) -> list[RowCheck]:
-    """The row-level checks of a contract that apply to the columns present."""
+def as_text(expr: str, duckdb_type: str, dialect: Dialect = DUCKDB) -> str:
+    """SQL giving the text DuckDB's ``CAST(expr AS VARCHAR)`` gives (a quarantine reason
+    quotes the failing value), in ``dialect``. Spark writes DOUBLE as Java does (``1.0E7``,
+    ``Infinity``): rewritten to DuckDB's shortest round-trip text (``10000000.0``, ``inf``),
+    which is Python's ``repr`` (equal on 200k values below 1e16; on Java before 19 some
+    values from 1e16 up and subnormals keep a digit more). TIMESTAMP WITH TIME ZONE gains
+    DuckDB's ``+00`` (Spark's session is UTC)."""
+    if dialect.name == "duckdb":
+        return f"CAST({expr} AS VARCHAR)"
+    s = f"CAST({expr} AS STRING)"
+    if duckdb_type == "TIMESTAMP WITH TIME ZONE":
+        return f"concat({s}, '+00')"
+    if duckdb_type not in ("DOUBLE", "FLOAT", "REAL"):
+        return s
+    sign = f"CASE WHEN startswith({s}, '-') THEN '-' ELSE '' END"
+    lead = f"regexp_extract({s}, '^-?([0-9])', 1)"
+    fraction = f"regexp_replace(regexp_extract({s}, '^-?[0-9]*\\\\.([0-9]*)', 1), '0+$', '')"
+    exp = f"try_cast(regexp_extract({s}, 'E(-?[0-9]+)$', 1) AS INT)"
+    digits = f"concat({lead}, {fraction})"
+    scientific = (f"concat({sign}, {lead}, CASE WHEN {fraction} = '' THEN '' ELSE concat('.', {fraction}) END, "
+                  f"'e', CASE WHEN {exp} < 0 THEN '-' ELSE '+' END, CASE WHEN abs({exp}) < 10 THEN '0' ELSE '' END, "
+                  f"abs({exp}))")
+    large = (f"CASE WHEN length({digits}) <= {exp} + 1 "
+             f"THEN concat({sign}, {digits}, repeat('0', {exp} + 1 - length({digits})), '.0') "
+             f"ELSE concat({sign}, substr({digits}, 1, {exp} + 1), '.', substr({digits}, {exp} + 2)) END")
+    small = f"concat({sign}, '0.', repeat('0', -{exp} - 1), {digits})"
+    return (f"(CASE WHEN {s} = 'NaN' THEN 'nan' WHEN {s} = 'Infinity' THEN 'inf' "
+            f"WHEN {s} = '-Infinity' THEN '-inf' WHEN NOT contains({s}, 'E') THEN {s} "
+            f"WHEN {exp} >= 16 OR {exp} < -4 THEN {scientific} WHEN {exp} >= 0 THEN {large} ELSE {small} END)")
+
+
+def row_checks(contract: TableContract, types: dict[str, str], dialect: Dialect = DUCKDB) -> list[RowCheck]:
+    """The row-level checks of a contract that apply to the columns present, as SQL of
+    ``dialect`` (``types``: DuckDB's type names, which the contract speaks)."""
+    quote, literal = dialect.quote, dialect.literal
     checks = []
     for col in contract.columns:
         if col.name not in types:
             continue
         q = quote(col.name)
-        text = f"CAST({q} AS VARCHAR)"
+        text = as_text(q, types[col.name], dialect)
         if not col.nullable:
             checks.append(RowCheck(f"{col.name}.not_null", col.name, col.severity,
                                    f"{q} IS NULL", literal(f"{col.name} is null")))
@@ -308,7 +353,7 @@ def row_checks(contract: TableContract, types: dict[str, str]) -> list[RowCheck]
             checks.append(RowCheck(f"{col.name}.range", col.name, col.severity, f"({' OR '.join(conds)})",
                                    f"{literal(col.name + ' = ')} || {text} || {literal(' outside ' + bounds)}"))
         if col.allowed is not None:
-            values = ", ".join(_value(v) for v in col.allowed)
+            values = ", ".join(_value(v, dialect) for v in col.allowed)
             checks.append(RowCheck(f"{col.name}.allowed", col.name, col.severity,
                                    f"{q} NOT IN ({values})",
                                    f"{literal(col.name + ' = ')} || {text} || ' not in the allowed values'"))
@@ -339,33 +384,61 @@ def scan(con: duckdb.DuckDBPyConnection, relation: str, checks: list[RowCheck],
     """Row count, failures per check, rows per day, newest event time and the per-day
     statistics of ``stat_columns``, in one scan (plus one distinct count for a uniqueness
     check)."""
-    plain = [c for c in checks if "__dup_rank" not in c.fails]
+    rows = con.execute(scan_sql(relation, checks, timestamp, stat_columns, modulus)).fetchall()
+    dups = duplicates(con, relation, contract.unique) if any(c.ranked for c in checks) else 0
+    return scan_result(rows, checks, contract, stage, stat_columns if timestamp else None, dups)
+
+
+def scan_sql(relation: str, checks: list[RowCheck], timestamp: str | None, stat_columns: list[str] | None,
+             modulus: int, dialect: Dialect = DUCKDB) -> str:
+    """The grouped query of a scan in ``dialect``: per day of the event time (days since
+    1970-01-01), rows, the newest event time (microseconds since the epoch), the failures
+    of each check but a uniqueness one, and the statistics of ``stat_columns``
+    (:func:`stats_sql`). :func:`scan_result` reads its rows."""
     # sum(CAST(cond AS INTEGER)) and an integer day: several times cheaper in DuckDB than
     # count(*) FILTER (WHERE cond) and date_trunc on a TIMESTAMPTZ
-    counts = [f"coalesce(sum(CAST({c.fails} AS INTEGER)), 0)" for c in plain]
-    keep_stats = stat_columns is not None and timestamp is not None
+    counts = [f"coalesce(sum(CAST({c.fails} AS INTEGER)), 0)" for c in checks if not c.ranked]
+    if stat_columns is not None and timestamp is not None:
+        counts += stats_sql(stat_columns, modulus, dialect)
+    day = newest = "CAST(NULL AS BIGINT)"
+    if timestamp:
+        ts = dialect.quote(timestamp)
+        day = f"{dialect.epoch_us(ts)} {'//' if dialect.name == 'duckdb' else 'div'} {DAY_US}"
+        newest = dialect.epoch_us(f"max({ts})")
+    return f"SELECT {day}, count(*), {newest}{''.join(', ' + c for c in counts)} FROM {relation} GROUP BY 1"
+
+
+def stats_sql(columns: list[str], modulus: int, dialect: Dialect = DUCKDB) -> list[str]:
+    """:func:`featurepipe.quality.stats.select_sql` in ``dialect`` (Spark's exact
+    ``percentile`` interpolates as DuckDB's ``quantile_cont`` does)."""
+    if dialect.name == "duckdb":
+        return stats.select_sql(columns, modulus)
+    sample = "" if modulus <= 1 else f" FILTER (WHERE file_row_number % {modulus} = 0)"
+    quantiles = ", ".join(str(q) for q in stats.QUANTILES)
+    out = []
+    for name in columns:
+        x = f"CAST({dialect.quote(name)} AS DOUBLE)"
+        out += [f"count({dialect.quote(name)})", f"sum({x})", f"sum({x} * {x})",
+                f"percentile({x}, array({quantiles})){sample}"]
+    return out
+
+
+def scan_result(rows: Sequence[Sequence[Any]], checks: list[RowCheck], contract: TableContract, stage: str,
+                stat_columns: list[str] | None, duplicate_rows: int = 0) -> Scan:
+    """The :class:`Scan` of the rows of :func:`scan_sql` (``stat_columns``: None when it kept
+    no statistics), with ``duplicate_rows`` the failures of a uniqueness check."""
+    plain = [c for c in checks if not c.ranked]
     columns = stat_columns or []
-    if keep_stats:
-        counts += stats.select_sql(columns, modulus)
-    ts = quote(timestamp) if timestamp else "NULL::TIMESTAMPTZ"
-    rows = con.execute(
-        f"SELECT epoch_us({ts}) // {86_400_000_000}, count(*), max({ts}){''.join(', ' + c for c in counts)} "
-        f"FROM {relation} GROUP BY 1"
-    ).fetchall()
     failed = {c.name: sum(int(r[3 + i]) for r in rows) for i, c in enumerate(plain)}
-    day_stats = [s for r in rows for s in stats.parse(stage, contract.name, columns, r[0], r[1], r[3 + len(plain):])
-                 ] if keep_stats else []
-    for c in checks:
-        if c not in plain:
-            failed[c.name] = duplicates(con, relation, contract.unique)
-    newest = max((r[2] for r in rows if r[2] is not None), default=None)
-    if isinstance(newest, datetime) and newest.tzinfo is None:
-        newest = newest.replace(tzinfo=timezone.utc)
+    failed.update({c.name: duplicate_rows for c in checks if c.ranked})
+    day_stats = [s for r in rows for s in stats.parse(stage, contract.name, columns, r[0], r[1],
+                                                       tuple(r[3 + len(plain):]))] if stat_columns is not None else []
+    newest_us = max((int(r[2]) for r in rows if r[2] is not None), default=None)
     return Scan(
         rows=sum(int(r[1]) for r in rows),
         failed=failed,
         rows_per_day={_EPOCH + timedelta(days=int(r[0])): int(r[1]) for r in rows if r[0] is not None},
-        newest=newest,
+        newest=None if newest_us is None else _EPOCH_UTC + timedelta(microseconds=newest_us),
         stats=sorted(day_stats, key=lambda s: (s.column, s.day)),
     )
 
@@ -390,25 +463,32 @@ def duplicates(con: duckdb.DuckDBPyConnection, relation: str, columns: tuple[str
     )[0])
 
 
+def failing_rows_sql(relation: str, checks: list[RowCheck], dialect: Dialect = DUCKDB) -> str:
+    """A SELECT (in ``dialect``) of every failing row of ``relation`` once, with its first
+    failing check (``quality_check``) and all its reasons (``quality_reason``); with a
+    uniqueness check, also its ``__dup_rank`` (to leave out: earlier rows with the same key
+    come first in storage order)."""
+    first = "CASE " + " ".join(f"WHEN {c.fails} THEN {dialect.literal(c.name)}" for c in checks) + " END"
+    reasons = "concat_ws('; ', " + ", ".join(f"CASE WHEN {c.fails} THEN {c.reason} END" for c in checks) + ")"
+    dup = next((c for c in checks if c.ranked), None)
+    ranked = relation
+    if dup is not None:
+        keys = ", ".join(dialect.quote(k) for k in dup.name[len("unique("):-1].split(", "))
+        ranked = (f"(SELECT *, row_number() OVER (PARTITION BY {keys} ORDER BY __source_file, "
+                  f"file_row_number) AS __dup_rank FROM {relation})")
+    return (f"SELECT * FROM (SELECT *, {first} AS quality_check, {reasons} AS quality_reason "
+            f"FROM {ranked}) AS __checked WHERE quality_check IS NOT NULL")
+
+
 def write_quarantine(con: duckdb.DuckDBPyConnection, relation: str, checks: list[RowCheck],
                      target: Path) -> int:
     """Write every failing row once, with its first failing check (``quality_check``) and all
     its reasons (``quality_reason``), and return how many rows were written."""
-    failing = [c for c in checks]
-    first = "CASE " + " ".join(f"WHEN {c.fails} THEN {literal(c.name)}" for c in failing) + " END"
-    reasons = "concat_ws('; ', " + ", ".join(f"CASE WHEN {c.fails} THEN {c.reason} END" for c in failing) + ")"
-    dup = next((c for c in checks if "__dup_rank" in c.fails), None)
-    ranked = relation
-    if dup is not None:
-        keys = ", ".join(quote(k) for k in dup.name[len("unique("):-1].split(", "))
-        ranked = (f"(SELECT *, row_number() OVER (PARTITION BY {keys} ORDER BY __source_file, "
-                  f"file_row_number) AS __dup_rank FROM {relation})")
     target.parent.mkdir(parents=True, exist_ok=True)
-    exclude = "EXCLUDE (__dup_rank)" if dup is not None else ""
+    exclude = "EXCLUDE (__dup_rank)" if any(c.ranked for c in checks) else ""
     con.execute(
-        f"COPY (SELECT * {exclude} FROM (SELECT *, {first} AS quality_check, {reasons} AS quality_reason "
-        f"FROM {ranked}) WHERE quality_check IS NOT NULL ORDER BY __source_file, file_row_number) "
-        f"TO {literal(str(target))} (FORMAT parquet, COMPRESSION zstd)"
+        f"COPY (SELECT * {exclude} FROM ({failing_rows_sql(relation, checks)}) "
+        f"ORDER BY __source_file, file_row_number) TO {literal(str(target))} (FORMAT parquet, COMPRESSION zstd)"
     )
     return int(one_row(con, f"SELECT count(*) FROM read_parquet({literal(str(target))})")[0])
 

@@ -8,6 +8,13 @@ feature files before they are published. Failing rows are written to
 ``quality_reason``; the batch goes on without them (rows in = rows passed on + rows
 quarantined), or stops with :class:`~featurepipe.errors.GateBlocked` (an InvalidInput) when a failing check
 is ``block``. On exit the gate appends the run record to ``<data>/runs/runs.jsonl``.
+
+What every engine shares (the contracts, the order of the checks, the bookkeeping and the
+run record) is :class:`BaseBatchGate`; where the rows are read is a
+:class:`~featurepipe.quality.row_engine.RowEngine`: DuckDB's for :class:`BatchGate`, Spark's
+for :class:`~featurepipe.quality.spark_gate.SparkBatchGate`. Schemas, file metadata, samples of the quarantine
+file and the stored statistics are read with DuckDB on either engine (footers and the
+gate's own small files, never the rows).
 """
 
 from __future__ import annotations
@@ -18,24 +25,25 @@ import logging
 import os
 import shutil
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import duckdb
 
 from featurepipe.config import data_dir, resolve_source_path
 from featurepipe.core.db import connect, one_row
-from featurepipe.core.sql import literal, quote
 from featurepipe.definitions import AggregateView, aggregate_views
 from featurepipe.errors import GateBlocked
 from featurepipe.quality import anomaly, checks, stats
-from featurepipe.quality.checks import parquet_relation
 from featurepipe.quality.contracts import Contracts, TableContract, load_contracts
 from featurepipe.quality.gate_base import Gate
 from featurepipe.quality.records import CheckResult, RunInput, RunOutput, RunRecord
+from featurepipe.quality.row_engine import DuckDBRows, RowEngine
+from featurepipe.quality.row_engine import passed_rows as passed_rows  # where 0.1 had it
 from featurepipe.quality.runlog import view_definition_hashes
 
 if TYPE_CHECKING:
@@ -107,17 +115,14 @@ def _column_metrics(day_stats: list[stats.DayStats]) -> dict[str, dict[str, floa
     return out
 
 
-def _newest_event(offline: Path, input_newest: datetime | None = None) -> str | None:
+def published_newest_event(rows: RowEngine, offline: Path, input_newest: datetime | None = None) -> str | None:
     """The newest event time in a published offline table (for freshness metrics): read
     from its newest day partition only; a windowed table's rows after its input's newest
     event (its windows emptying out) count as that event's row, 1 us after it."""
     days = sorted(p for p in offline.glob("date=*") if any(p.glob("*.parquet")))
     if not days:
         return None
-    with connect() as con:
-        newest: datetime | None = one_row(
-            con, f"SELECT max(event_timestamp) FROM read_parquet({literal(str(days[-1] / '*.parquet'))})"
-        )[0]
+    newest = rows.newest(str(days[-1] / "*.parquet"), "event_timestamp")
     if newest is None:
         return None
     newest = newest if newest.tzinfo else newest.replace(tzinfo=timezone.utc)
@@ -127,25 +132,12 @@ def _newest_event(offline: Path, input_newest: datetime | None = None) -> str | 
     return newest.isoformat()
 
 
-def _passed_with_ids(glob_path: str, quarantine_file: Path) -> str:
-    """The rows that passed, keeping their storage identity (for statistics on a sample)."""
-    return (
-        f"(SELECT __passed.* FROM {parquet_relation(glob_path)} AS __passed ANTI JOIN "
-        f"read_parquet({literal(str(quarantine_file))}) AS __quarantined USING (__source_file, file_row_number))"
-    )
+_Gate = TypeVar("_Gate", bound="BaseBatchGate")
 
 
-def passed_rows(glob_path: str, quarantine_file: Path) -> str:
-    """A DuckDB relation over the Parquet files without the quarantined rows."""
-    return (
-        f"(SELECT __passed.* EXCLUDE (__source_file, file_row_number) FROM {parquet_relation(glob_path)} "
-        f"AS __passed ANTI JOIN read_parquet({literal(str(quarantine_file))}) AS __quarantined "
-        "USING (__source_file, file_row_number))"
-    )
-
-
-class BatchGate(Gate):
-    """The quality gates and run record of one batch run (see the module doc)."""
+class BaseBatchGate(Gate, ABC):
+    """The quality gates and run record of one batch run, whatever engine reads the rows
+    (see the module doc); :class:`BatchGate` is DuckDB's, ``SparkBatchGate`` Spark's."""
 
     log: ClassVar[logging.Logger] = logging.getLogger(__name__)  # failed warnings are said here
 
@@ -178,10 +170,10 @@ class BatchGate(Gate):
                 return ref, self.contracts.sources[ref.name]
         return None
 
-    def check_input(self, con: duckdb.DuckDBPyConnection, view: AggregateView) -> str | None:
-        """Check the view's raw source (once per run). Returns the relation the batch must read
-        instead of the raw files when rows were quarantined, else None (read the files as
-        they are). Raises GateBlocked when a blocking check fails."""
+    def _check_input(self, meta: duckdb.DuckDBPyConnection, rows: RowEngine, view: AggregateView) -> str | None:
+        """Check the view's raw source (once per run): ``meta`` reads schemas and metadata,
+        ``rows`` the rows. Returns what the batch must read instead of the raw files when
+        rows were quarantined, else None. Raises GateBlocked when a blocking check fails."""
         if view.input_path in self._sources_checked:
             return self._sources_checked[view.input_path]
         found = self._source_for(view)
@@ -190,7 +182,7 @@ class BatchGate(Gate):
             return None
         ref, contract = found
         files = sorted(glob.glob(ref.path, recursive=True))
-        outcome = self._check(con, STAGE_RAW, contract, ref.path, ref.timestamp_field)
+        outcome = self._check(meta, rows, STAGE_RAW, contract, ref.path, ref.timestamp_field)
         self._input_newest[ref.path] = outcome.newest
         self._input_timestamp[ref.path] = ref.timestamp_field
         self._input_first_day[ref.path] = outcome.first_day
@@ -201,12 +193,13 @@ class BatchGate(Gate):
             "check_seconds": round(outcome.seconds, 4), "views": [],
             "schema": outcome.types, "columns": outcome.columns,
         }
-        relation = passed_rows(ref.path, outcome.quarantine_file) if outcome.quarantine_file else None
+        relation = rows.passed_rows(ref.path, outcome.quarantine_file) if outcome.quarantine_file else None
         self._sources_checked[view.input_path] = relation
         return relation
 
     # -- after the transformation ---------------------------------------------------------
-    def check_output(self, con: duckdb.DuckDBPyConnection, view: AggregateView, staging: Path) -> Path:
+    def _check_output(self, meta: duckdb.DuckDBPyConnection, rows: RowEngine, view: AggregateView,
+                      staging: Path) -> Path:
         """Check the staged feature files of ``view`` before they are published. Returns the
         folder to publish: ``staging`` itself, or a rewrite of it without quarantined rows."""
         for ref in self.sources:
@@ -229,9 +222,8 @@ class BatchGate(Gate):
         input_newest = self._input_newest.get(view.input_path)
         if input_newest is not None and self._input_timestamp.get(view.input_path) != view.timestamp_field:
             # the same files by another event time (the labels' arrival): its own newest
-            input_newest = one_row(con, f"SELECT max({quote(view.timestamp_field)}) FROM "
-                                        f"{parquet_relation(view.input_path)}")[0]
-        outcome = self._check(con, STAGE_FEATURES, contract, files, "event_timestamp",
+            input_newest = rows.newest(view.input_path, view.timestamp_field)
+        outcome = self._check(meta, rows, STAGE_FEATURES, contract, files, "event_timestamp",
                               input_newest=input_newest, warm_until=warm_until)
         self._staged_newest[view.name] = outcome.newest
         self._view_input_newest[view.name] = input_newest
@@ -241,11 +233,7 @@ class BatchGate(Gate):
         if outcome.quarantine_file is None:
             return staging
         cleaned = staging.with_name(staging.name + "-checked")
-        con.execute(
-            f"COPY (SELECT * FROM {passed_rows(files, outcome.quarantine_file)} "
-            f"ORDER BY event_timestamp, {', '.join(quote(k) for k in view.join_keys)}) TO {literal(str(cleaned))} "
-            "(FORMAT parquet, PARTITION_BY (date), FILENAME_PATTERN 'part-{i}', COMPRESSION zstd)"
-        )
+        rows.rewrite_passed(files, outcome.quarantine_file, cleaned, ["event_timestamp", *view.join_keys])
         shutil.rmtree(staging, ignore_errors=True)
         return cleaned
 
@@ -257,15 +245,19 @@ class BatchGate(Gate):
         newest = self._staged_newest.get(result.view)
         later = [p for p in out.glob("date=*") if p.name >= f"date={result.end:%Y-%m-%d}"]
         if newest is None or later or record.get("quarantined"):  # then the staged newest is not the table's
-            newest_event = _newest_event(out, self._view_input_newest.get(result.view))
+            newest_event = self._published_newest(out, self._view_input_newest.get(result.view))
         else:
             newest_event = (newest if newest.tzinfo else newest.replace(tzinfo=timezone.utc)).isoformat()
         record.update(rows=result.rows, entities=result.entities, partitions=partitions,
                       seconds=round(result.seconds, 4), start=result.start.isoformat(),
                       end=result.end.isoformat(), newest_event=newest_event)
 
+    @abstractmethod
+    def _published_newest(self, offline: Path, input_newest: datetime | None) -> str | None:
+        """The newest event of a published table (:func:`published_newest_event`), on the gate's engine."""
+
     # -- shared ------------------------------------------------------------------------------
-    def _check(self, con: duckdb.DuckDBPyConnection, stage: str, contract: TableContract,
+    def _check(self, meta: duckdb.DuckDBPyConnection, rows: RowEngine, stage: str, contract: TableContract,
                files: str, timestamp: str, input_newest: datetime | None = None,
                warm_until: date | None = None) -> GateOutcome:
         """Run a table's checks; ``input_newest`` (feature stage): the newest raw event time,
@@ -275,45 +267,43 @@ class BatchGate(Gate):
         The checks use every core: the backfill's own SQL runs on one thread so that a rerun
         writes the same bytes, but counts and statistics do not depend on the order rows
         are read in (float sums only in their last bits, which the detector ignores)."""
-        threads = one_row(con, "SELECT current_setting('threads')")[0]
-        con.execute(f"SET threads = {os.cpu_count() or 1}")
+        threads = one_row(meta, "SELECT current_setting('threads')")[0]
+        meta.execute(f"SET threads = {os.cpu_count() or 1}")
         try:
-            return self._check_tables(con, stage, contract, files, timestamp, input_newest, warm_until)
+            return self._check_tables(meta, rows, stage, contract, files, timestamp, input_newest, warm_until)
         finally:
-            con.execute(f"SET threads = {int(threads)}")
+            meta.execute(f"SET threads = {int(threads)}")
 
-    def _check_tables(self, con: duckdb.DuckDBPyConnection, stage: str, contract: TableContract,
-                      files: str, timestamp: str, input_newest: datetime | None,
+    def _check_tables(self, meta: duckdb.DuckDBPyConnection, rows: RowEngine, stage: str,
+                      contract: TableContract, files: str, timestamp: str, input_newest: datetime | None,
                       warm_until: date | None) -> GateOutcome:
         t0 = time.perf_counter()
-        relation = parquet_relation(files)
         # the combined schema and each file's own (footers only): the combined one hides a
         # file whose column DuckDB cannot cast, and the scan below would stop on it
-        described, results = checks.table_schema_checks(con, stage, contract, files)
+        described, results = checks.table_schema_checks(meta, stage, contract, files)
         if described is None or self.any_blocking(results):
             self.keep(results)
             raise self._blocked(stage, contract.name, results)
         types = described or {}
-        row_checks = checks.row_checks(contract, types)
+        row_checks = checks.row_checks(contract, types, rows.dialect)
         ts = timestamp if timestamp in types else None
         stat_columns = stats.stats_columns(contract, types, ts) if contract.anomalies and ts else None
-        modulus = stats.sample_modulus(con, files) if stat_columns is not None else 1
-        scan = checks.scan(con, relation, row_checks, contract, ts, stage, stat_columns, modulus)
+        modulus = stats.sample_modulus(meta, files) if stat_columns is not None else 1
+        scan = rows.scan(files, row_checks, contract, ts, stage, stat_columns, modulus)
         quarantine = None
         quarantined = 0
         day_stats = scan.stats
         if any(scan.failed.values()):
             quarantine = self.data / "quarantine" / stage / contract.name / f"{self.run_id}.parquet"
-            quarantined = checks.write_quarantine(con, relation, row_checks, quarantine)
+            quarantined = rows.write_quarantine(files, row_checks, quarantine)
             if stat_columns is not None and ts:  # statistics of what goes on, not of what was stopped
-                day_stats = stats.day_stats(con, stage, contract.name, _passed_with_ids(files, quarantine), ts,
-                                            stat_columns, modulus)
+                day_stats = rows.passed_day_stats(stage, contract.name, files, quarantine, ts, stat_columns, modulus)
         for rc in row_checks:
             n = scan.failed[rc.name]
             results.append(CheckResult(
                 stage, contract.name, rc.name, rc.column, rc.severity, n == 0, failed_rows=n, rows=scan.rows,
                 detail=f"{n:,} of {scan.rows:,} rows quarantined to {quarantine}" if n else "",
-                sample=checks.sample_rows(con, quarantine, rc.name) if n and quarantine else [],
+                sample=checks.sample_rows(meta, quarantine, rc.name) if n and quarantine else [],
             ))
         if input_newest is not None and scan.newest is not None and scan.newest > input_newest:
             # a windowed table holds rows after its newest event (its windows emptying out, up
@@ -334,7 +324,7 @@ class BatchGate(Gate):
             # windows): no event made them, so they are neither judged nor kept as history
             day_stats = [d for d in day_stats if d.day <= input_newest.date()]
         if contract.anomalies is not None and day_stats:
-            history = stats.load_history(self.data, stage, contract.name, con)
+            history = stats.load_history(self.data, stage, contract.name, meta)
             results += anomaly.judge(stage, contract.name, contract.anomalies, day_stats, history, self.now,
                                      warm_until)
         self.day_stats += day_stats
@@ -359,7 +349,7 @@ class BatchGate(Gate):
             checks=tuple(self.results),
         )
 
-    def __enter__(self) -> BatchGate:
+    def __enter__(self: _Gate) -> _Gate:
         self.start_lineage()
         return self
 
@@ -372,11 +362,39 @@ class BatchGate(Gate):
         self.publish(record)
 
 
-def open_gate(store: FeatureStore, views: list[str] | None = None, kind: str = "backfill") -> BatchGate:
-    """The gate of a run on ``store``'s repo: its ``contracts.yaml``, its data folder, its
+class BatchGate(BaseBatchGate):
+    """The batch gate on DuckDB: the checks run on the backfill's own connection."""
+
+    def check_input(self, con: duckdb.DuckDBPyConnection, view: AggregateView) -> str | None:
+        """Check the view's raw source (once per run). Returns the relation the batch must read
+        instead of the raw files when rows were quarantined, else None (read the files as
+        they are). Raises GateBlocked when a blocking check fails."""
+        return self._check_input(con, DuckDBRows(con), view)
+
+    def check_output(self, con: duckdb.DuckDBPyConnection, view: AggregateView, staging: Path) -> Path:
+        """Check the staged feature files of ``view`` before they are published. Returns the
+        folder to publish: ``staging`` itself, or a rewrite of it without quarantined rows."""
+        return self._check_output(con, DuckDBRows(con), view, staging)
+
+    def _published_newest(self, offline: Path, input_newest: datetime | None) -> str | None:
+        with connect() as con:
+            return published_newest_event(DuckDBRows(con), offline, input_newest)
+
+
+@dataclass(frozen=True)
+class GateSetup:
+    """What a batch gate of a repo is made of (see :func:`gate_setup`)."""
+
+    contracts: Contracts
+    data: Path
+    sources: list[SourceRef]
+    view_hashes: dict[str, str]
+
+
+def gate_setup(store: FeatureStore, views: list[str] | None = None) -> GateSetup:
+    """A batch gate's parts on ``store``'s repo: its ``contracts.yaml``, its data folder, its
     FileSources, and the definition hashes of ``views`` (default: every aggregate view)."""
     from feast import FileSource
-
 
     repo = Path(store.repo_path)
     sources = [
@@ -384,6 +402,13 @@ def open_gate(store: FeatureStore, views: list[str] | None = None, kind: str = "
         for s in store.list_data_sources() if isinstance(s, FileSource)
     ]
     names = views or [v.name for v in aggregate_views(store)]
-    return BatchGate(load_contracts(repo), data_dir(repo), sources, view_definition_hashes(store, names), kind)
+    return GateSetup(load_contracts(repo), data_dir(repo), sources, view_definition_hashes(store, names))
+
+
+def open_gate(store: FeatureStore, views: list[str] | None = None, kind: str = "backfill") -> BatchGate:
+    """The gate of a run on ``store``'s repo: its ``contracts.yaml``, its data folder, its
+    FileSources, and the definition hashes of ``views`` (default: every aggregate view)."""
+    setup = gate_setup(store, views)
+    return BatchGate(setup.contracts, setup.data, setup.sources, setup.view_hashes, kind)
 
 
