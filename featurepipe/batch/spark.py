@@ -189,7 +189,8 @@ def _name_like_duckdb(staging: Path) -> None:
 
 
 def _stamp(spark: SparkSession, staging: Path) -> None:
-    """The kernel version written into every staged file, on the executors (a file each)."""
+    """The kernel version written into every staged file, on the executors."""
     files = sorted(str(p) for p in staging.glob("date=*/*.parquet"))
     if files:
-        spark.sparkContext.parallelize(files, len(files)).map(stamp_file).count()
+        tasks = min(len(files), spark.sparkContext.defaultParallelism)  # a Python worker costs a start-up each
+        spark.sparkContext.parallelize(files, tasks).map(stamp_file).count()
