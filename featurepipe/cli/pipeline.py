@@ -186,10 +186,14 @@ def index(views: tuple[str, ...], repo: Path | None) -> None:
 @click.option("--batch-rows", type=click.IntRange(min=1), default=None,
               help="Rows encoded and sent together (default: the engine's, 5000).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar per view (default: on).")
+@click.option("--engine", type=click.Choice(["duckdb", "spark"]), default=None,
+              help="Where the latest values and window schedules are computed (default: the repo's engine, "
+                   "see `featurepipe backfill --help`). spark: computed in Spark and written to Redis from its "
+                   "executors, each partition on its own connection; the same bytes as duckdb.")
 @REPO_OPTION
 def materialize(start: datetime | None, end: datetime | None, incremental: bool, views: tuple[str, ...],
                 max_rows_per_second: float | None, batch_rows: int | None, progress: bool | None,
-                repo: Path | None) -> None:
+                engine: str | None, repo: Path | None) -> None:
     """Load the latest feature values into Redis, in Feast's layout.
 
     Uses the batch engine of feature_store.yaml (featurepipe's: DuckDB over the offline
@@ -199,14 +203,24 @@ def materialize(start: datetime | None, end: datetime | None, incremental: bool,
     quarantined to Parquet files (listed at the end), never written.
     """
     from featurepipe.config import load_store, online_connection_string
+    from featurepipe.core.spark import default_engine
     from featurepipe.jobs.materialize import materialize as run
     from featurepipe.report import table
 
     if incremental and start is not None:
         raise click.UsageError("--incremental starts where the last run ended; drop --start")
     store = load_store(repo)
-    result = run(store, start, end, list(views) or None, incremental=incremental,
-                 max_rows_per_second=max_rows_per_second, batch_rows=batch_rows, progress=progress)
+    if (engine or default_engine(store.repo_path)) == "spark":
+        if batch_rows is not None:
+            raise click.UsageError("--batch-rows sets the DuckDB engine's batches; Spark writes each partition "
+                                   "in the encoder's batches: drop it with --engine spark")
+        from featurepipe.jobs.spark_materialize import materialize_spark
+
+        result = materialize_spark(store, start, end, list(views) or None, incremental=incremental,
+                                   max_rows_per_second=max_rows_per_second, progress=progress)
+    else:
+        result = run(store, start, end, list(views) or None, incremental=incremental,
+                     max_rows_per_second=max_rows_per_second, batch_rows=batch_rows, progress=progress)
     if result.per_view:
         click.echo(table(
             ["view", "rows", "entities", "written", "not newer", "quarantined", "seconds", "entities/s", "schedules"],
