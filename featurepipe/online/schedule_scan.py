@@ -159,7 +159,7 @@ def open_schedules(query: LatestQuery, kernel: KernelInput, start: datetime, end
             schedules = [f"(SELECT * FROM __sched WHERE {where})" for where in part]
         else:  # streamed, each part's sort the only pass over its rows
             schedules = [computed(f"(SELECT * FROM __ev WHERE {where})") for where in part]
-    conditions = _scoped(query.conditions, kernel.aggregations, keys, names)
+    conditions = scoped_conditions(query.conditions, kernel.aggregations, keys, names)
     blocked, sample = _blocked(con, conditions)
     reasons = ", ".join(f"CASE WHEN {c.fails} THEN {c.reason} END" for c in conditions)
     checks = ", ".join(f"CASE WHEN {c.fails} THEN {literal(c.name)} END" for c in conditions)
@@ -313,7 +313,7 @@ def _rows_per_entity(table: pa.Table, entities: int, parts: int) -> int:
     return max(1, int(round(table.num_rows / max(1, entities / parts))))
 
 
-def _scoped(conditions: Sequence[RowCondition], aggregations: Sequence[Aggregate], keys: Sequence[str],
+def scoped_conditions(conditions: Sequence[RowCondition], aggregations: Sequence[Aggregate], keys: Sequence[str],
             names: Sequence[str]) -> list[RowCondition]:
     """The row conditions as they apply to schedule rows: a feature's on the row at the newest
     event and on its own window's rows (in another group's rows its column is a placeholder),

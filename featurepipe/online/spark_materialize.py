@@ -46,10 +46,10 @@ from featurepipe.online.schedule_scan import FIRST, whole_entities
 from featurepipe.online.spark_rows import SparkScan, TempViews, scan_latest, scan_schedules
 from featurepipe.online.window import (
     MaterializationBlocked,
+    QuarantineFiles,
     ViewMaterialization,
     ViewPlan,
     WindowOptions,
-    _Quarantine,
     encode,
     encode_with_schedules,
 )
@@ -163,7 +163,7 @@ def write_partition(job: PartitionWrite, batches: Iterator[pa.RecordBatch]) -> I
     context = TaskContext.get()
     part = context.partitionId() if context is not None else 0
     folder = Path(job.quarantine_dir) if job.quarantine_dir else None
-    quarantine = _Quarantine(folder, plan.view, f"{job.stamp}-p{part:05d}")
+    quarantine = QuarantineFiles(folder, plan.view, f"{job.stamp}-p{part:05d}")
     checks: dict[str, int] = {}
     written = skipped = restored = schedule_rows = entities = 0
     newest: int | None = None

@@ -45,7 +45,7 @@ from featurepipe.online.latest import (
     connect,
     pinned_files,
 )
-from featurepipe.online.schedule_scan import KernelInput, _scoped
+from featurepipe.online.schedule_scan import KernelInput, scoped_conditions
 
 # Spark type of each Feast ValueType name a value is checked and cast to (DUCKDB_TYPES' twin)
 SPARK_TYPES = {
@@ -111,7 +111,7 @@ def scan_schedules(spark: SparkSession, query: LatestQuery, kernel: KernelInput,
     events = views.add(staged)
     shape = ViewShape(tuple(keys), kernel.timestamp, kernel.aggregations, types)
     names = [f.name for f in query.features]
-    conditions = [_in_spark(c) for c in _scoped(query.conditions, kernel.aggregations, keys, names)]
+    conditions = [_in_spark(c) for c in scoped_conditions(query.conditions, kernel.aggregations, keys, names)]
     computed = views.add(spark.sql(
         f"SELECT {key_list}, {SCHEDULE_GROUP}, {SPARK.epoch_us('event_timestamp')} AS {EVENT_US}, "
         f"{', '.join(q(n) for n in names)} FROM ({schedule_sql(shape, events, dialect=SPARK)})"))

@@ -163,7 +163,7 @@ def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
-class _Quarantine:
+class QuarantineFiles:
     """Bad rows of one run, appended to one Parquet file (created on the first bad row)."""
 
     def __init__(self, folder: Path | None, view: str, stamp: str) -> None:
@@ -211,7 +211,7 @@ def materialize_window(
     start, end = _utc(start), _utc(end)
     result = ViewMaterialization(view=plan.view, start=start, end=end)
     stamp = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-    quarantine = _Quarantine(options.quarantine_dir, plan.view, stamp)
+    quarantine = QuarantineFiles(options.quarantine_dir, plan.view, stamp)
     null_key_file = quarantine.folder / f"{stamp}-null-keys.parquet" if quarantine.folder else None
     if plan.kernel is not None:
         scan = open_schedules(plan.query, plan.kernel, start, end, batch_rows=options.batch_rows,
