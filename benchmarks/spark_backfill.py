@@ -80,6 +80,19 @@ def java_children() -> list[int]:
     return found
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of processes (this one included), in seconds."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in [os.getpid(), *pids]:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def digest(path: Path, keys: list[str]) -> str:
     import pyarrow.parquet as pq
 
@@ -97,16 +110,17 @@ def digest(path: Path, keys: list[str]) -> str:
 def child(engine: str, raw: Path, out: Path, repeats: int) -> None:
     """One engine's runs in this process; prints RESULT {json}."""
     t0 = time.perf_counter()
-    seconds, startup = [], 0.0
+    seconds, cpu, startup = [], [], 0.0
     target = view(raw, out)
     if engine == "duckdb":
         from featurepipe.batch.backfill import backfill_view
 
         startup = time.perf_counter() - t0
         for _ in range(repeats):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), cpu_seconds([])
             backfill_view(target)
             seconds.append(time.perf_counter() - t)
+            cpu.append(cpu_seconds([]) - c)
         jvm = 0.0
     else:
         from featurepipe.batch.spark import backfill_view as spark_backfill
@@ -116,11 +130,12 @@ def child(engine: str, raw: Path, out: Path, repeats: int) -> None:
         spark = spark_session(master=f"local[{cores}]", overrides={"spark.sql.shuffle.partitions": str(2 * int(cores))})
         startup = time.perf_counter() - t0
         for _ in range(repeats):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), cpu_seconds(java_children())
             spark_backfill(target, spark=spark)
             seconds.append(time.perf_counter() - t)
+            cpu.append(cpu_seconds(java_children()) - c)
         jvm = sum(peak_rss_mb(p) for p in java_children())
-    print("RESULT " + json.dumps({"seconds": seconds, "startup": startup, "rss_mb": peak_rss_mb(),
+    print("RESULT " + json.dumps({"seconds": seconds, "cpu": cpu, "startup": startup, "rss_mb": peak_rss_mb(),
                                   "jvm_rss_mb": jvm, "digest": digest(out, ["user_id"])}), flush=True)
 
 
@@ -162,18 +177,21 @@ def main() -> None:
         print()
         base = statistics.median(s for r in results["duckdb"] for s in r["seconds"])
         print(f"{'engine':15s} {'first run':>10s} {'warm (median)':>14s} {'s / M events':>13s} {'vs duckdb':>10s} "
-              f"{'peak RSS MB':>12s}  digest")
+              f"{'CPU s / M events':>17s} {'peak RSS MB':>12s}  digest")
         for engine in engines:
             runs = results[engine]
             first = statistics.median(r["seconds"][0] for r in runs)
             warm_runs = [s for r in runs for s in (r["seconds"][1:] or r["seconds"])]
             warm = statistics.median(warm_runs)
+            cpu = statistics.median([c for r in runs for c in (r["cpu"][1:] or r["cpu"])])
             rss = max(r["rss_mb"] + r["jvm_rss_mb"] for r in runs)
             digests = sorted({r["digest"] for r in runs})
             print(f"{engine:15s} {first:10.2f} {warm:14.2f} {warm / args.rows * 1e6:13.2f} {warm / base:9.1f}x "
-                  f"{rss:12,.0f}  {','.join(digests)}")
+                  f"{cpu / args.rows * 1e6:17.1f} {rss:12,.0f}  {','.join(digests)}")
         same = len({r["digest"] for rs in results.values() for r in rs}) == 1
         print(f"\nequal values on every engine: {same}")
+        print("CPU s: user + system time of the process (and its JVM) during a warm backfill: the core-seconds a "
+              "cluster spends per million events")
 
 
 if __name__ == "__main__":
