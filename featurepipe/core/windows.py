@@ -27,7 +27,8 @@ These are the forms DuckDB and Spark compute to the same bits; the SQL of both c
 here, per :class:`featurepipe.core.sql.Dialect` (tested on adversarial data in
 ``tests/test_spark_engine.py``). One difference is left to the data: a DOUBLE input with more
 than 9 decimals is rounded to ``DECIMAL(38, 9)`` differently by the two engines (by 1e-9), so
-keep money at a few decimals or store it as DECIMAL.
+keep money at a few decimals or store it as DECIMAL. So is a single amount above 2^53 / 1e9
+(9,007,199.25): DuckDB scales it by 1e9 in floating point, Spark reads its decimal text.
 """
 
 from __future__ import annotations
@@ -133,20 +134,8 @@ def value_expr(agg: Aggregate, column_type: str, dialect: Dialect = DUCKDB) -> s
     if agg.function == "count" or column_type in _INTEGER_TYPES:
         return col
     if agg.function in ("sum", "mean"):
-        if column_type.startswith("DECIMAL"):
-            return f"CAST({col} AS DECIMAL(38, 9))"
-        return exact_decimal(f"CAST({col} AS DOUBLE)", dialect)
+        return f"CAST({col} AS DECIMAL(38, 9))"
     return f"(CAST({col} AS DOUBLE) + 0.0)"
-
-
-def exact_decimal(double: str, dialect: Dialect = DUCKDB) -> str:
-    """A DOUBLE as ``DECIMAL(38, 9)``, the same in every engine: its whole part (exact as a
-    BIGINT) plus its fraction (``x - whole`` is exact; below 1, a cast to 9 decimals rounds
-    the same in both engines unless the double has more than 9 decimals). A plain cast is not
-    portable: DuckDB scales by 1e9 in floating point, which is off by 1e-9 for amounts above
-    2^53 / 1e9 (9,007,199.25), where Spark converts exactly."""
-    whole = dialect.trunc(double)
-    return f"(CAST({whole} AS DECIMAL(38, 9)) + CAST({double} - {whole} AS DECIMAL(38, 9)))"
 
 
 def _drops(windows: Sequence[timedelta]) -> list[str]:
