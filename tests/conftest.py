@@ -57,6 +57,13 @@ class Pipeline:
             env=self.env, capture_output=True, text=True, timeout=300,
         )
 
+    def run_many(self, *commands: tuple[str, ...]) -> list[subprocess.CompletedProcess[str]]:
+        """Several read-only featurepipe commands on this repo, one after another in one
+        process (each process pays Feast's import): a result of its own for each."""
+        from tests.cli_batch import run_commands
+
+        return run_commands([(*args, "--repo", str(self.repo)) for args in commands], env=self.env)
+
 
 @contextmanager
 def deployed_repo(base: Path, redis_url: str, rows: int, days: int, seed: int = 7,

@@ -22,6 +22,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from featurepipe.redis_server import LocalRedis, _pid_alive, free_port
+from tests.cli_batch import run_commands
 from tests.conftest import Pipeline
 
 SERVICE = "fraud_detection_v1"
@@ -35,24 +36,12 @@ def cli(repo: Path, *args: str, env: dict[str, str] | None = None, timeout: floa
                           timeout=timeout)
 
 
-def cli_at_once(repo: Path, commands: list[tuple[str, ...]], env: dict[str, str] | None = None,
-                timeout: float = 300) -> list[subprocess.CompletedProcess[str]]:
-    """:func:`cli` of each command, all started at once (as users run read-only commands side
-    by side); the results in the order given."""
-    procs = [subprocess.Popen([sys.executable, "-m", "featurepipe.cli", *args, "--repo", str(repo)],
-                              env=env if env is not None else CLEAN_ENV, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for args in commands]
-    done = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=timeout)
-            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    finally:
-        for proc in procs:  # ours, by handle: none is left behind if one times out
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return done
+def cli_in_one_process(repo: Path, commands: list[tuple[str, ...]], env: dict[str, str] | None = None,
+                       timeout: float = 300) -> list[subprocess.CompletedProcess[str]]:
+    """:func:`cli` of each read-only command, one after another in one process (each
+    ``featurepipe`` process pays Feast's import): each with its own exit code and output."""
+    return run_commands([(*args, "--repo", str(repo)) for args in commands],
+                        env=env if env is not None else CLEAN_ENV, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -342,10 +331,11 @@ def test_every_read_only_command_works_after_the_demo(demo_project: Path) -> Non
     stream = next(r for r in runs if r.kind == KIND_STREAM)
     assert stream.ok and stream.stream is not None and stream.inputs[0].rows == 2_000
 
-    # the read-only commands side by side (each process pays Feast's import on its own)
-    status, prometheus, report, view, feature, info = (_ok(done) for done in cli_at_once(repo, [
+    # the read-only commands in one process (each featurepipe process pays Feast's import)
+    status, prometheus, report, view, feature, info, index, skew = (_ok(done) for done in cli_in_one_process(repo, [
         ("status",), ("status", "--prometheus"), ("report",), ("lineage", "user_transaction_stats"),
-        ("lineage", "amount_sum_1h"), ("lineage", "user_transaction_stats:txn_count_1h", "--json")]))
+        ("lineage", "amount_sum_1h"), ("lineage", "user_transaction_stats:txn_count_1h", "--json"),
+        ("index",), ("skew", "--sample", "200")]))
     for view_name in VIEWS:
         assert view_name in status
     assert stream.run_id in status and "stream_checkpoint" in status and "checks of run" in status
@@ -368,11 +358,9 @@ def test_every_read_only_command_works_after_the_demo(demo_project: Path) -> Non
     info = json.loads(info)
     assert info["feature"] == "txn_count_1h" and info["runs"] and info["online"] and info["stream"]
 
-    index = _ok(cli(repo, "index"))
     for view_name in VIEWS:
         assert view_name in index
 
-    skew = _ok(cli(repo, "skew", "--sample", "200"))
     assert "online and offline agree" in skew
 
 
@@ -407,7 +395,7 @@ def test_an_old_run_log_does_not_crash_the_commands(demo_project: Path, tmp_path
     log.write_text("".join(json.dumps(r) + "\n" for r in OLD_RUN_LOG) + '{"run_id": "torn\n' + current)
     env = {**CLEAN_ENV, "REDIS_URL": "redis://127.0.0.1:1/0"}  # read-only commands need no Redis
     commands = [("status", "--runs", "20"), ("status", "--prometheus"), ("report",), ("lineage", "amount_sum_1h")]
-    for args, done in zip(commands, cli_at_once(repo, commands, env=env), strict=True):
+    for args, done in zip(commands, cli_in_one_process(repo, commands, env=env), strict=True):
         out = _ok(done)
         assert f"{log} line 3 is not a run record" in done.stderr, (args, done.stderr[-2000:])
         if args[0] == "status" and len(args) == 3:

@@ -14,6 +14,7 @@ import dataclasses
 import io
 import json
 import shutil
+import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -334,12 +335,42 @@ def test_contract_errors_say_what_to_fix(tmp_path: Path) -> None:
         load_contracts(tmp_path)
 
 
-def test_status_and_lineage_on_a_real_run(pipeline: Pipeline) -> None:
+@dataclasses.dataclass
+class PipelineCommands:
+    """The read-only commands' results on the shared pipeline, with the run log and the
+    metrics file they read."""
+
+    status: subprocess.CompletedProcess[str]
+    lineage_json: subprocess.CompletedProcess[str]
+    lineage_text: subprocess.CompletedProcess[str]
+    prometheus: subprocess.CompletedProcess[str]
+    report: subprocess.CompletedProcess[str]
+    report_page: Path
+    runs: list[RunRecord]
+    metrics_file: str
+
+
+@pytest.fixture(scope="module")
+def pipeline_commands(pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> PipelineCommands:
+    """`status`, `lineage` (of a feature as JSON, of a view), `status --prometheus` and
+    `report` on the shared pipeline, one after another in one process (each featurepipe
+    process pays Feast's import). They only read: the run log is the same after them."""
+    page = tmp_path_factory.mktemp("quality-report") / "quality.html"
+    runs = read_runs(pipeline.data)
+    metrics_file = (pipeline.data / "metrics" / "featurepipe.prom").read_text()
+    status, lineage_json, lineage_text, prometheus, report = pipeline.run_many(
+        ("status",), ("lineage", "amount_sum_1h", "--json"), ("lineage", "user_transaction_stats"),
+        ("status", "--prometheus"), ("report", "--out", str(page)))
+    assert [r.to_json() for r in read_runs(pipeline.data)] == [r.to_json() for r in runs]
+    return PipelineCommands(status, lineage_json, lineage_text, prometheus, report, page, runs, metrics_file)
+
+
+def test_status_and_lineage_on_a_real_run(pipeline: Pipeline, pipeline_commands: PipelineCommands) -> None:
     """On the shared pipeline: whatever backfills other tests ran, every recorded run is ok,
     its checks pass (a partial backfill of an older range is not called stale), and the
     lineage maps every published partition of the view to the run that last wrote it, and
     names the materialisation that put it online."""
-    runs = [r for r in read_runs(pipeline.data)  # (other modules materialise repo copies of their own here too)
+    runs = [r for r in pipeline_commands.runs  # (other modules materialise repo copies of their own here too)
             if r.kind == "backfill" or r.outputs[0].view in VIEWS]
     assert runs and all(r.status == "ok" for r in runs)
     assert all(c.passed for r in runs for c in r.checks), [
@@ -347,13 +378,12 @@ def test_status_and_lineage_on_a_real_run(pipeline: Pipeline) -> None:
     backfills = [r for r in runs if r.kind == "backfill"]
     materialised = [r for r in runs if r.kind == "materialize"]
     assert backfills and {r.outputs[0].view for r in materialised} == set(VIEWS)
-    status = pipeline.run("status")
+    status, shown, text = pipeline_commands.status, pipeline_commands.lineage_json, pipeline_commands.lineage_text
     assert status.returncode == 0, status.stderr[-2000:]
     for word in ("freshness", "user_transaction_stats", "merchant_fraud", "OK", "online newest",
                  f"checks of run {backfills[-1].run_id} (backfill, ok): ", "materialize user_transaction_stats, ok",
                  " 0 failed"):
         assert word in status.stdout, status.stdout
-    shown = pipeline.run("lineage", "amount_sum_1h", "--json")
     assert shown.returncode == 0, shown.stderr[-2000:]
     info = json.loads(shown.stdout)
     assert info["view"] == "user_transaction_stats" and info["feature"] == "amount_sum_1h"
@@ -374,13 +404,13 @@ def test_status_and_lineage_on_a_real_run(pipeline: Pipeline) -> None:
     # emptying out), among the raw files that materialisation read (pushes add others later)
     last = [r for r in materialised if r.outputs[0].view == "user_transaction_stats"][-1]
     assert online["newest_event"] == newest_event_row(last.inputs[0].files, "event_timestamp").isoformat()
-    text = pipeline.run("lineage", "user_transaction_stats")
+    assert text.returncode == 0, text.stderr[-2000:]
     assert "online: materialised by run " in text.stdout and "computed as" not in text.stdout, text.stdout
     with pytest.raises(NotFound, match="no feature view or feature named 'nope'"):
         resolve(aggregate_views(pipeline.store), "nope")
 
 
-def test_status_prometheus_and_the_metrics_file(pipeline: Pipeline) -> None:
+def test_status_prometheus_and_the_metrics_file(pipeline: Pipeline, pipeline_commands: PipelineCommands) -> None:
     """The metrics printed and the textfile-collector file parse, and say what the run log says."""
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -388,11 +418,11 @@ def test_status_prometheus_and_the_metrics_file(pipeline: Pipeline) -> None:
         return {(s.name, tuple(sorted(s.labels.items()))): s.value
                 for family in text_string_to_metric_families(text) for s in family.samples}
 
-    shown = pipeline.run("status", "--prometheus")
+    shown = pipeline_commands.prometheus
     assert shown.returncode == 0, shown.stderr[-2000:]
     printed = samples(shown.stdout)
-    in_file = samples((pipeline.data / "metrics" / "featurepipe.prom").read_text())
-    runs = read_runs(pipeline.data)
+    in_file = samples(pipeline_commands.metrics_file)
+    runs = pipeline_commands.runs
     ok_backfills = [r for r in runs if r.kind == "backfill" and r.status == "ok"]
     assert printed[("featurepipe_runs_total", (("job", "backfill"), ("status", "ok")))] == len(ok_backfills)
     raw = (("job", "backfill"), ("stage", "raw"), ("table", "transactions"))
@@ -961,12 +991,12 @@ def latest_of(runs: list[RunRecord]) -> list[RunRecord]:
     return latest_runs(runs)
 
 
-def test_report_command_on_the_pipeline(pipeline: Pipeline, tmp_path: Path) -> None:
-    shown = pipeline.run("report", "--out", str(tmp_path / "quality.html"))
+def test_report_command_on_the_pipeline(pipeline_commands: PipelineCommands) -> None:
+    shown = pipeline_commands.report
     assert shown.returncode == 0, shown.stderr[-2000:]
-    runs = read_runs(pipeline.data)
-    assert shown.stdout.startswith(f"wrote {tmp_path / 'quality.html'} ({len(runs)} runs, ")
-    page = (tmp_path / "quality.html").read_text()
+    runs = pipeline_commands.runs
+    assert shown.stdout.startswith(f"wrote {pipeline_commands.report_page} ({len(runs)} runs, ")
+    page = pipeline_commands.report_page.read_text()
     last_backfill = [r for r in runs if r.kind == "backfill"][-1]
     assert 'id="distributions"' in page and last_backfill.run_id in page
     assert page.count("data:image/png;base64,") == int(shown.stdout.split(", ")[1].split()[0]) >= 4 + 13

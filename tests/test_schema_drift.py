@@ -30,6 +30,7 @@ import pytest
 
 from featurepipe.quality.contracts import ColumnContract, TableContract
 from featurepipe.quality.runlog import read_runs
+from tests.cli_batch import run_commands
 from tests.conftest import deployed_repo
 
 ROWS, DAYS = 3_000, 5
@@ -52,14 +53,15 @@ class Deployed:
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
     """A copy of the demo repo with its own data, ``feast apply``, a clean backfill and a
-    clean materialisation through the CLI, into a redis-server of its own."""
+    clean materialisation through the CLI (one process: the setup, not what is tested), into a
+    redis-server of its own."""
     from featurepipe.redis_server import RedisServer
 
     with RedisServer() as server, deployed_repo(tmp_path_factory.mktemp("drift"), server.url, ROWS, DAYS) \
             as (repo, data):
         d = Deployed(repo, data, server.url, os.environ.copy())
-        for args in (("backfill",), ("materialize", "--no-progress")):
-            done = d.cli(*args)
+        for done in run_commands([("backfill", "--repo", str(repo)), ("materialize", "--no-progress", "--repo", str(repo))],
+                                 env=d.env):
             assert done.returncode == 0, done.stderr[-3000:]
         yield d
 

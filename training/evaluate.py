@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from training.dataset import LABEL
-from training.model import features_matrix
+from training.model import features_matrix, model_threads
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -48,12 +48,13 @@ def evaluate(model: FraudModel, test: pd.DataFrame, importance_rows: int = 20_00
     cols = model.metadata["feature_columns"]
     x = features_matrix(test, cols)
     y = test[LABEL].to_numpy()
-    scores = model.model.predict_proba(x)[:, 1]
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(test), size=min(importance_rows, len(test)), replace=False)
-    perm = permutation_importance(
-        model.model, x[pick], y[pick], scoring="average_precision", n_repeats=3, random_state=seed
-    )
+    with model_threads(len(test)):  # one tree walk per tree, repeat and feature: thousands of small calls
+        scores = model.model.predict_proba(x)[:, 1]
+        perm = permutation_importance(
+            model.model, x[pick], y[pick], scoring="average_precision", n_repeats=3, random_state=seed
+        )
     importance = dict(sorted(zip(cols, perm.importances_mean.tolist()), key=lambda kv: -kv[1]))
     slices = []
     days = test["transaction_time"].dt.strftime("%Y-%m-%d").to_numpy()

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from featurepipe.errors import InvalidInput
 from training.dataset import LABEL, TrainingSet
 from training.evaluate import write_report
-from training.model import FraudModel, features_matrix
+from training.model import FraudModel, features_matrix, model_threads
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -141,9 +141,7 @@ def train_model(
 def fit_classifier(train: pd.DataFrame, columns: list[str]) -> Any:
     """The classifier: gradient-boosted trees that take missing values (features outside their TTL)."""
     from sklearn.ensemble import HistGradientBoostingClassifier
-    from threadpoolctl import threadpool_limits
 
     model = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.1, random_state=0)
-    # small sets gain nothing from OpenMP threads, and spinning threads crawl on a busy machine
-    with threadpool_limits(limits=1 if len(train) < 200_000 else None):
+    with model_threads(len(train)):
         return model.fit(features_matrix(train, columns), train[LABEL].to_numpy())
