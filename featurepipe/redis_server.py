@@ -11,6 +11,9 @@ Two kinds:
   temporary folder), stopped by PID when the block ends: the tests' fixtures and
   :func:`run_with_redis`, ``featurepipe redis run -- COMMAND`` or ``python -m
   featurepipe.redis_server -- COMMAND`` (runs COMMAND with ``REDIS_URL`` set).
+* :class:`RedisClusterServers`, throw-away primaries of one Redis Cluster (no replicas, the
+  16,384 slots split evenly), each on a port whose cluster bus port (+10,000) is free too:
+  the tests' cluster fixture and the cluster benchmarks.
 
 ``python -m featurepipe.redis_server --ensure-binary`` installs ``redis-server`` with
 apt-get when it is missing and we are root on Debian/Ubuntu.
@@ -28,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -75,9 +79,11 @@ def free_port() -> int:
 class RedisServer:
     """A ``redis-server`` child process on 127.0.0.1; use as a context manager."""
 
-    def __init__(self, workdir: Path | None = None, port: int | None = None) -> None:
+    def __init__(self, workdir: Path | None = None, port: int | None = None,
+                 extra_args: Sequence[str] = ()) -> None:
         self.port = port or free_port()
         self.workdir = workdir
+        self.extra_args = list(extra_args)  # more redis-server settings (--name value ...)
         self.process: subprocess.Popen[bytes] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
@@ -96,7 +102,7 @@ class RedisServer:
             workdir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(workdir.resolve()), "--protected-mode", "yes"],
+             "--appendonly", "no", "--dir", str(workdir.resolve()), "--protected-mode", "yes", *self.extra_args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -129,7 +135,142 @@ class RedisServer:
             self._tmp.cleanup()
             self._tmp = None
 
+    def kill(self) -> None:
+        """SIGKILL the server (ours, by its process handle): a crash, for failover tests."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
     def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+CLUSTER_SLOTS = 16_384
+CLUSTER_BUS_OFFSET = 10_000
+
+
+def cluster_port(attempts: int = 200) -> int:
+    """A free port on 127.0.0.1 whose cluster bus port (``port + 10000``) is free too."""
+    for _ in range(attempts):
+        port = free_port()
+        if port + CLUSTER_BUS_OFFSET <= 65_535 and _port_free(port + CLUSTER_BUS_OFFSET):
+            return port
+    raise BackendUnavailable(f"found no free port whose +{CLUSTER_BUS_OFFSET} bus port is free in {attempts} tries")
+
+
+class RedisClusterServers:
+    """``nodes`` redis-server primaries of one Redis Cluster on 127.0.0.1, no replicas, the
+    slots split evenly in node order; use as a context manager (stopped by PID at the end).
+
+    ``cluster-require-full-coverage no``: while a primary is down, the others go on serving
+    their slots (what featurepipe's server is tested on; the default stops the whole cluster).
+    :meth:`kill` and :meth:`restart` crash and bring back one node on its port and with its
+    ``nodes.conf``, so it rejoins owning the same slots.
+    """
+
+    def __init__(self, nodes: int = 3, node_timeout_ms: int = 2_000) -> None:
+        if nodes < 1:
+            raise ValueError("a cluster needs at least one node")
+        self.count = nodes
+        self.node_timeout_ms = node_timeout_ms
+        self.servers: list[RedisServer] = []
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def ports(self) -> list[int]:
+        return [s.port for s in self.servers]
+
+    @property
+    def connection_string(self) -> str:
+        """Feast's form for ``redis_type: redis_cluster``: ``host:port,host:port,...``."""
+        return ",".join(f"127.0.0.1:{p}" for p in self.ports)
+
+    def slot_ranges(self, index: int) -> tuple[int, int]:
+        """The first and last slot node ``index`` was given."""
+        per = CLUSTER_SLOTS // self.count
+        first = index * per
+        return first, CLUSTER_SLOTS - 1 if index == self.count - 1 else first + per - 1
+
+    def start(self, timeout: float = 30.0) -> RedisClusterServers:
+        import redis
+
+        Path(".redis").mkdir(exist_ok=True)
+        self._tmp = tempfile.TemporaryDirectory(prefix="redis-cluster-", dir=".redis")
+        try:
+            for i in range(self.count):
+                server = RedisServer(workdir=Path(self._tmp.name) / f"node-{i}", port=cluster_port(),
+                                     extra_args=self._cluster_args())
+                self.servers.append(server)
+                server.start()
+            for i, server in enumerate(self.servers):
+                with redis.Redis(port=server.port) as client:
+                    client.execute_command("CLUSTER", "ADDSLOTSRANGE", *self.slot_ranges(i))
+            with redis.Redis(port=self.ports[0]) as first:
+                for port in self.ports[1:]:
+                    first.execute_command("CLUSTER", "MEET", "127.0.0.1", port)
+            self.wait_ok(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _cluster_args(self) -> list[str]:
+        return ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(self.node_timeout_ms), "--cluster-require-full-coverage", "no"]
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Until every running node says the cluster is ok, knows every node and has every
+        slot of every node covered (raises BackendUnavailable after ``timeout``)."""
+        import redis
+
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                ready = True
+                for server in self.servers:
+                    with redis.Redis(port=server.port, socket_timeout=1) as client:
+                        info = client.execute_command("CLUSTER", "INFO")
+                        text = info.decode() if isinstance(info, bytes) else str(info)
+                        nodes = client.execute_command("CLUSTER", "NODES")
+                        nodes = nodes.decode() if isinstance(nodes, bytes) else str(nodes)
+                    last = f"node {server.port}: {text.splitlines()[0]}"
+                    if ("cluster_state:ok" not in text or f"cluster_known_nodes:{self.count}" not in text
+                            or "fail" in nodes or "handshake" in nodes):
+                        ready = False
+                        break
+                if ready:
+                    return
+            except redis.RedisError as exc:
+                last = str(exc)
+            time.sleep(0.05)
+        raise BackendUnavailable(f"the Redis Cluster on ports {self.ports} was not ready in {timeout}s ({last})")
+
+    def kill(self, index: int) -> None:
+        """SIGKILL node ``index`` (a primary lost)."""
+        self.servers[index].kill()
+
+    def restart(self, index: int, timeout: float = 30.0) -> None:
+        """Start node ``index`` again on its port with its ``nodes.conf``; wait until the
+        cluster is whole again."""
+        self.servers[index].start()
+        self.wait_ok(timeout)
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+        self.servers = []
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> RedisClusterServers:
         return self.start()
 
     def __exit__(
