@@ -8,7 +8,10 @@ Every command resolves these the same way:
 * Redis (the online store): ``$REDIS_URL`` (``redis://[:password@]host:port[/db]``,
   ``rediss://`` for TLS), else the ``connection_string`` of ``feature_store.yaml``, else the
   repo's own local ``redis-server`` (:class:`featurepipe.redis_server.LocalRedis`, files under
-  ``<repo>/.redis/``), started on demand and left running between commands.
+  ``<repo>/.redis/``), started on demand and left running between commands;
+* a Redis Cluster (``redis_type: redis_cluster``, as Feast configures it): the seed nodes of
+  ``connection_string`` (``host1:port1,host2:port2,...``; ``$REDIS_URL``, which names one
+  server, does not apply). :func:`online_target` gives either as a :class:`RedisTarget`.
 
 The demo repo's ``feature_store.yaml`` names featurepipe's online store type
 (:class:`featurepipe.feast.online_store.FeaturepipeRedisOnlineStore`, Feast's Redis store
@@ -20,6 +23,7 @@ Repos whose ``feature_store.yaml`` still reads ``${FEATUREPIPE_REDIS}`` keep wor
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
@@ -161,11 +165,16 @@ def redis_connection_kwargs(connection_string: str) -> dict[str, Any]:
     if len(nodes) != 1 or ":" not in nodes[0]:
         raise InvalidInput(
             f"Redis connection string {connection_string!r} must name exactly one host:port "
-            "(Redis Cluster and Sentinel are not supported here); "
+            "(for a Redis Cluster set redis_type: redis_cluster in feature_store.yaml); "
             "set REDIS_URL=redis://host:port/db"
         )
     host, _, port = nodes[0].rpartition(":")
-    kwargs: dict[str, Any] = {"host": host, "port": int(port)}
+    return {"host": host, "port": int(port), **_redis_options(connection_string)}
+
+
+def _redis_options(connection_string: str) -> dict[str, Any]:
+    """The ``name=value`` options of a Feast connection string that redis-py takes."""
+    out: dict[str, Any] = {}
     for part in connection_string.split(","):
         name, sep, value = part.partition("=")
         if not sep:
@@ -173,8 +182,99 @@ def redis_connection_kwargs(connection_string: str) -> dict[str, Any]:
         kind = _REDIS_OPTIONS.get(name.strip())
         if kind is None:
             continue  # Feast-only options (e.g. skip_full_coverage_check) do not apply
-        kwargs[name.strip()] = _parse_bool(value) if kind is bool else kind(value)
-    return kwargs
+        out[name.strip()] = _parse_bool(value) if kind is bool else kind(value)
+    return out
+
+
+REDIS_CLUSTER = "redis_cluster"
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """Where the online store is: one Redis server, or the seed nodes of a Redis Cluster, with
+    the redis-py options (password, TLS...) of the connection string. Picklable: Spark's
+    executors and the stream workers build their clients from it."""
+
+    nodes: tuple[tuple[str, int], ...]
+    cluster: bool = False
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """redis-py keyword arguments: host and port of a single server, and the options."""
+        out = dict(self.options)
+        if not self.cluster:
+            out = {"host": self.nodes[0][0], "port": self.nodes[0][1], **out}
+        return out
+
+    def client(self, **extra: Any) -> Any:
+        """A redis-py client: ``redis.Redis`` for one server, ``redis.cluster.RedisCluster``
+        for a cluster (slot map from the seed nodes; while a primary is down the others' slots
+        stay usable). ``extra``: more client arguments (timeouts)."""
+        if not self.cluster:
+            import redis
+
+            return redis.Redis(**self.kwargs, **extra)
+        from redis.cluster import ClusterNode, RedisCluster
+
+        extra.pop("retry", None)  # RedisCluster has its own (cluster_error_retry_attempts)
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in self.nodes], require_full_coverage=False,
+                            **self.kwargs, **extra)
+
+    def describe(self) -> str:
+        """For messages and lineage: ``redis://host:port/db`` or ``redis-cluster://h1:p1,h2:p2``."""
+        if self.cluster:
+            return "redis-cluster://" + ",".join(f"{h}:{p}" for h, p in self.nodes)
+        return f"redis://{self.nodes[0][0]}:{self.nodes[0][1]}/{self.kwargs.get('db', 0)}"
+
+    @property
+    def feast_form(self) -> str:
+        """Feast's ``connection_string`` for this target."""
+        parts = [f"{h}:{p}" for h, p in self.nodes]
+        parts += [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in self.options]
+        return ",".join(parts)
+
+
+def redis_type(repo_config: Any) -> str:
+    """The ``redis_type`` of a Feast ``RepoConfig``'s online store (``redis`` when unset)."""
+    value = getattr(repo_config.online_store, "redis_type", "redis")
+    return str(getattr(value, "value", value))
+
+
+def cluster_target(connection_string: str) -> RedisTarget:
+    """The :class:`RedisTarget` of a Redis Cluster's ``connection_string``
+    (``host1:port1,host2:port2,...,password=...``, Feast's form for ``redis_cluster``)."""
+    nodes = [part.strip() for part in connection_string.split(",") if part.strip() and "=" not in part]
+    if not nodes or any(":" not in n or not n.rpartition(":")[2].isdigit() for n in nodes):
+        raise InvalidInput(
+            f"Redis Cluster connection_string {connection_string!r} must list its nodes as "
+            "host1:port1,host2:port2,... (any one node is enough to find the others)")
+    options = _redis_options(connection_string)
+    if options.pop("db", 0) != 0:
+        raise InvalidInput(f"Redis Cluster connection_string {connection_string!r} names a database: a cluster "
+                           "has only database 0; drop db=")
+    return RedisTarget(tuple((n.rpartition(":")[0], int(n.rpartition(":")[2])) for n in nodes), True,
+                       tuple(options.items()))
+
+
+def online_target(repo_config: Any) -> RedisTarget:
+    """Where a Feast ``RepoConfig``'s online store is (see the module doc): a cluster's seed
+    nodes for ``redis_type: redis_cluster``, else the one server of
+    :func:`online_connection_string`."""
+    kind = redis_type(repo_config)
+    if kind == REDIS_CLUSTER:
+        configured = str(getattr(repo_config.online_store, "connection_string", "") or "")
+        if not configured or "${" in configured:
+            raise InvalidInput(
+                "online_store redis_type: redis_cluster needs the cluster's nodes in feature_store.yaml: "
+                'connection_string: "host1:port1,host2:port2,host3:port3"')
+        return cluster_target(configured)
+    if kind != "redis":
+        raise InvalidInput(f"online_store redis_type {kind!r} is not supported by featurepipe; use redis "
+                           "(one server) or redis_cluster")
+    kwargs = redis_connection_kwargs(online_connection_string(repo_config))
+    host, port = kwargs.pop("host"), kwargs.pop("port")
+    return RedisTarget(((host, port),), False, tuple(kwargs.items()))
 
 
 def load_store(repo: str | os.PathLike[str] | None = None) -> FeatureStore:

@@ -89,7 +89,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 def run_demo(repo: Path | None, rows: int, score: int, keep_running: bool) -> dict[str, Any]:
     """Run the demo; return the summary figures."""
-    from featurepipe.config import data_dir, find_repo, load_store, online_connection_string
+    from featurepipe.config import data_dir, find_repo, load_store, online_target
     from featurepipe.generate import generate_transactions
     from featurepipe.jobs.backfill import backfill
     from featurepipe.jobs.materialize import materialize
@@ -132,7 +132,7 @@ def run_demo(repo: Path | None, rows: int, score: int, keep_running: bool) -> di
     print(table(["view", "rows", "entities", "seconds"],
                 [[r.view, f"{r.rows:,}", f"{r.entities:,}", f"{r.seconds:.1f}"] for r in results]))
 
-    _step(f"4/10 materialize into Redis ({online_connection_string(store.config).split(',')[0]})")
+    _step(f"4/10 materialize into Redis ({online_target(store.config).describe()})")
     t = time.perf_counter()
     # the data was generated anew: the keys of an earlier run would win where their newest
     # event is later than this run's, so they go first (Feast's own deletion of a project's keys)

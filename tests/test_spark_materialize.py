@@ -172,18 +172,3 @@ def test_spark_materialisation_writes_the_bytes_duckdb_writes(deployed: Deployed
     assert [(r.written, r.skipped) for r in again.per_view] == [
         (0, outcome["merchant_fraud"][1]), (0, outcome[PLAIN][1] - 1)]  # (the plain view's quarantined row)
     assert _content(client) == before
-
-
-def test_contract_conditions_read_the_same_in_spark() -> None:
-    """The contract checks' DuckDB SQL in Spark's dialect: identifiers in backticks (quotes
-    doubled inside), literals kept (a backslash doubled: Spark reads it as an escape), VARCHAR
-    casts as STRING, nothing inside a literal touched."""
-    from featurepipe.online.spark_rows import spark_condition
-
-    assert spark_condition('"amount" < 0 OR isnan("amount")') == "`amount` < 0 OR isnan(`amount`)"
-    assert spark_condition('"a""b" NOT IN (\'it\'\'s\', \'x\\y\', \'AS VARCHAR\')') == \
-        "`a\"b` NOT IN ('it''s', 'x\\\\y', 'AS VARCHAR')"
-    assert spark_condition("'v = ' || CAST(\"odd`name\" AS varchar) || ' outside'") == \
-        "'v = ' || CAST(`odd``name` AS STRING) || ' outside'"
-    with pytest.raises(ValueError, match="unterminated"):
-        spark_condition("\"amount")

@@ -16,8 +16,6 @@ executor and the driver see (a shared filesystem here; the day swaps are renames
 
 from __future__ import annotations
 
-import glob
-import os
 import shutil
 import time
 import uuid
@@ -28,7 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from featurepipe.batch.backfill import BackfillResult, backfill_range, publish_days, stamp_file
 from featurepipe.batch.sql import SourceColumns, aggregate_sql
-from featurepipe.core.spark import spark_session
+from featurepipe.core.spark import read_source, spark_session
 from featurepipe.core.sql import SPARK
 from featurepipe.core.windows import validate
 from featurepipe.definitions import AggregateView, aggregate_views
@@ -52,32 +50,6 @@ class SparkBackfillHook(Protocol):
 
     def view_done(self, result: BackfillResult) -> None:
         """After publishing one view."""
-
-
-def input_files(path: str) -> list[str]:
-    """The Parquet files of a raw source glob, sorted (NotFound when there are none)."""
-    if "://" in path:
-        return [path.replace("/**/", "/*/")]  # remote storage: Spark expands the glob itself
-    files = sorted(glob.glob(path, recursive=True))
-    if not files:
-        raise NotFound(f"no Parquet files match {path}; run `featurepipe generate` (or put raw data there) first")
-    return files
-
-
-def base_path(path: str) -> str:
-    """The folder a source glob starts in (hive partitions ``k=v`` below it become columns)."""
-    parts = path.split("/")
-    for i, part in enumerate(parts):
-        if any(c in part for c in "*?["):
-            return "/".join(parts[:i]) or "/"
-    return os.path.dirname(path)
-
-
-def read_source(spark: SparkSession, path: str) -> DataFrame:
-    """The raw Parquet of a source glob, as DuckDB's ``read_parquet(..., hive_partitioning,
-    union_by_name)`` reads it: columns merged by name, ``k=v`` folders as columns."""
-    return (spark.read.option("basePath", base_path(path)).option("mergeSchema", "true")
-            .parquet(*input_files(path)))
 
 
 def spark_columns(frame: DataFrame) -> SourceColumns:

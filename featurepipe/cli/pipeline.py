@@ -202,7 +202,7 @@ def materialize(start: datetime | None, end: datetime | None, incremental: bool,
     completes it. Rows with a null join key or a value that does not fit its type are
     quarantined to Parquet files (listed at the end), never written.
     """
-    from featurepipe.config import load_store, online_connection_string
+    from featurepipe.config import load_store, online_target
     from featurepipe.core.spark import default_engine
     from featurepipe.jobs.materialize import materialize as run
     from featurepipe.report import table
@@ -235,7 +235,7 @@ def materialize(start: datetime | None, end: datetime | None, incremental: bool,
             for path in r.quarantine_files:
                 click.echo(f"quarantined rows of {r.view}: {path}")
     click.echo(
-        f"materialized {', '.join(result.views)} into Redis {online_connection_string(store.config).split(',')[0]} "
+        f"materialized {', '.join(result.views)} into Redis {online_target(store.config).describe()} "
         f"in {result.seconds:.1f}s"
     )
 

@@ -20,6 +20,7 @@ bit (UTC session time, ANSI arithmetic, exact decimal subtraction, micros timest
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import sys
@@ -30,10 +31,10 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from featurepipe.core.errors import InvalidInput
+from featurepipe.core.errors import InvalidInput, NotFound
 
 if TYPE_CHECKING:
-    from pyspark.sql import SparkSession
+    from pyspark.sql import DataFrame, SparkSession
 
 REPO_SETTINGS = "featurepipe.yaml"
 """The repo's own settings file (beside ``feature_store.yaml``): ``engine`` and ``spark``."""
@@ -166,3 +167,29 @@ def stop_session() -> None:
         active = SparkSession.getActiveSession()
         if active is not None:
             active.stop()
+
+
+def input_files(path: str) -> list[str]:
+    """The Parquet files of a raw source glob, sorted (NotFound when there are none)."""
+    if "://" in path:
+        return [path.replace("/**/", "/*/")]  # remote storage: Spark expands the glob itself
+    files = sorted(glob.glob(path, recursive=True))
+    if not files:
+        raise NotFound(f"no Parquet files match {path}; run `featurepipe generate` (or put raw data there) first")
+    return files
+
+
+def base_path(path: str) -> str:
+    """The folder a source glob starts in (hive partitions ``k=v`` below it become columns)."""
+    parts = path.split("/")
+    for i, part in enumerate(parts):
+        if any(c in part for c in "*?["):
+            return "/".join(parts[:i]) or "/"
+    return os.path.dirname(path)
+
+
+def read_source(spark: SparkSession, path: str) -> DataFrame:
+    """The raw Parquet of a source glob, as DuckDB's ``read_parquet(..., hive_partitioning,
+    union_by_name)`` reads it: columns merged by name, ``k=v`` folders as columns."""
+    return (spark.read.option("basePath", base_path(path)).option("mergeSchema", "true")
+            .parquet(*input_files(path)))

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -49,15 +49,16 @@ from feast.infra.registry.base_registry import BaseRegistry
 from feast.repo_config import FeastConfigBaseModel
 from pydantic import StrictBool, StrictInt
 
-from featurepipe.config import data_dir, online_connection_string, redis_connection_kwargs
+from featurepipe.config import data_dir, online_target
 from featurepipe.online.layout import ENTITY_KEY_SERIALIZATION_VERSION, KEY_TYPE_IDS
 from featurepipe.online.plan import view_plan
 from featurepipe.online.window import (
     ViewMaterialization,
+    ViewPlan,
     WindowOptions,
     materialize_window,
 )
-from featurepipe.quality.online_gate import open_materialize_gate
+from featurepipe.quality.online_gate import MaterializeGate, open_materialize_gate
 from featurepipe.quality.openlineage import preload
 from featurepipe.quality.publish import batch
 
@@ -156,9 +157,37 @@ class _CallState:
     sources: dict[str, Any] = field(default_factory=dict)  # registry data sources by name
 
 
-def _default_quarantine(repo_path: Path | None) -> Path | None:
+def window_options(settings: FeaturepipeMaterializationEngineConfig, repo_path: Path | str | None) -> WindowOptions:
+    """The options of a materialisation run with ``settings`` (feature_store.yaml's engine
+    section, with the run's overrides): quarantine under the repo's data folder by default."""
+    quarantine = Path(settings.quarantine_dir) if settings.quarantine_dir else (
+        data_dir(Path(repo_path)) / "quarantine" / "materialize" if repo_path else None)
+    return WindowOptions(
+        batch_rows=settings.batch_rows,
+        max_rows_per_second=settings.max_rows_per_second or None,
+        threads=settings.threads,
+        quarantine_dir=quarantine,
+        progress=settings.progress,
+        restore=settings.restore,
+    )
 
-    return data_dir(Path(repo_path)) / "quarantine" / "materialize" if repo_path else None
+
+def gated(gate: MaterializeGate | None, plan: ViewPlan,
+          run: Callable[[ViewPlan], ViewMaterialization]) -> ViewMaterialization:
+    """``run`` of a view's plan behind its ``gate`` (None: ungated), whichever engine runs it:
+    the plan prepared by the gate (a blocking schema check raises before anything is written),
+    the gate finished with the result, or with the error, which is raised again."""
+    try:
+        if gate is not None:
+            plan = gate.prepare(plan)
+        result = run(plan)
+    except BaseException as exc:
+        if gate is not None:
+            gate.finish(None, exc)
+        raise
+    if gate is not None:
+        gate.finish(result)
+    return result
 
 
 def unsupported_reason(view: FeatureView, repo_config: Any) -> str | None:
@@ -168,8 +197,8 @@ def unsupported_reason(view: FeatureView, repo_config: Any) -> str | None:
     online = repo_config.online_store
     if not isinstance(online, RedisOnlineStoreConfig):
         return f"online store is {type(online).__name__}, not Redis"
-    if online.redis_type != RedisType.redis:
-        return f"redis_type {online.redis_type.value} (only a single Redis server is supported)"
+    if online.redis_type not in (RedisType.redis, RedisType.redis_cluster):
+        return f"redis_type {online.redis_type.value} (one Redis server or a Redis Cluster are supported)"
     if repo_config.entity_key_serialization_version != ENTITY_KEY_SERIALIZATION_VERSION:
         return f"entity_key_serialization_version {repo_config.entity_key_serialization_version}"
     source = view.batch_source
@@ -271,18 +300,7 @@ class FeaturepipeMaterializationEngine(ComputeEngine):
 
     def options(self) -> WindowOptions:
         """The run options: feature_store.yaml's, then :func:`run_options` overrides."""
-        merged = self.config.model_copy(update=_overrides)
-        quarantine = Path(merged.quarantine_dir) if merged.quarantine_dir else _default_quarantine(
-            self.repo_config.repo_path
-        )
-        return WindowOptions(
-            batch_rows=merged.batch_rows,
-            max_rows_per_second=merged.max_rows_per_second or None,
-            threads=merged.threads,
-            quarantine_dir=quarantine,
-            progress=merged.progress,
-            restore=merged.restore,
-        )
+        return window_options(self.config.model_copy(update=_overrides), self.repo_config.repo_path)
 
     def _local_engine(self) -> ComputeEngine:
         if self._fallback is None:
@@ -310,7 +328,6 @@ class FeaturepipeMaterializationEngine(ComputeEngine):
                          registry: BaseRegistry | None = None) -> ViewMaterialization:
         """Materialise one view's window now and return what it did (with ``quality``, behind
         the view's contract checks, recorded in the run log)."""
-        import redis
 
 
         plan = view_plan(view, self.repo_config, project, registry)
@@ -322,20 +339,9 @@ class FeaturepipeMaterializationEngine(ComputeEngine):
                 gate = open_materialize_gate(self.repo_config, view, project, registry, start, end,
                                              sources=state.sources)
             if state.client is None:
-                state.client = redis.Redis(
-                    **redis_connection_kwargs(online_connection_string(self.repo_config)),
-                    socket_timeout=300,
-                )
-            try:
-                if gate is not None:
-                    plan = gate.prepare(plan)
-                result = materialize_window(plan, start, end, state.client, options)
-            except BaseException as exc:
-                if gate is not None:
-                    gate.finish(None, exc)
-                raise
-            if gate is not None:
-                gate.finish(result)
+                state.client = online_target(self.repo_config).client(socket_timeout=300)
+            client = state.client
+            result = gated(gate, plan, lambda prepared: materialize_window(prepared, start, end, client, options))
         for results in _collectors:
             results.append(replace(result))
         return result

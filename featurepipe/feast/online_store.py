@@ -11,7 +11,8 @@ it), so Feast's SDK, CLI and featurepipe read and write the same hashes. The dif
 where the server is: ``$REDIS_URL`` when set, else ``connection_string`` when given, else the
 repo's own local ``redis-server`` under ``<repo>/.redis/``, started on demand
 (:class:`featurepipe.redis_server.LocalRedis`). ``FeatureStore(repo_path=...)`` then works
-from a notebook or a shell with no variables set.
+from a notebook or a shell with no variables set. With ``redis_type: redis_cluster`` the
+nodes are those of ``connection_string``, as in Feast.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import functools
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
-from feast.infra.online_stores.redis import RedisOnlineStore, RedisOnlineStoreConfig
+from feast.infra.online_stores.redis import RedisOnlineStore, RedisOnlineStoreConfig, RedisType
 from pydantic import StrictStr
 
-from featurepipe.config import ONLINE_STORE_TYPE, redis_connection_string
+from featurepipe.config import ONLINE_STORE_TYPE, cluster_target, redis_connection_string
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -65,7 +66,10 @@ class FeaturepipeRedisOnlineStore(RedisOnlineStore):
     _repo_path: Any = None
 
     def _resolved(self, online_store_config: RedisOnlineStoreConfig) -> RedisOnlineStoreConfig:
-        conn = redis_connection_string(self._repo_path, online_store_config.connection_string)
+        if online_store_config.redis_type == RedisType.redis_cluster:  # its nodes, as configured (checked)
+            conn = cluster_target(online_store_config.connection_string).feast_form
+        else:
+            conn = redis_connection_string(self._repo_path, online_store_config.connection_string)
         return online_store_config.model_copy(update={"connection_string": conn})
 
     def _get_client(self, online_store_config: RedisOnlineStoreConfig) -> Any:

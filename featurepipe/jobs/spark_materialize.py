@@ -14,15 +14,17 @@ from __future__ import annotations
 import contextlib
 import time
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from featurepipe.config import data_dir, online_connection_string, redis_connection_kwargs
+from featurepipe.config import RedisTarget, online_target
 from featurepipe.core.spark import spark_session
+from featurepipe.core.sql import SPARK
 from featurepipe.errors import InvalidInput
 from featurepipe.feast.materialization_engine import (
     FeaturepipeMaterializationEngineConfig,
+    gated,
     unsupported_reason,
+    window_options,
 )
 from featurepipe.jobs.materialize import EPOCH, MaterializeResult
 from featurepipe.online.plan import view_plan
@@ -67,9 +69,11 @@ def materialize_spark(
     engine = config.batch_engine
     settings = engine if isinstance(engine, FeaturepipeMaterializationEngineConfig) else \
         FeaturepipeMaterializationEngineConfig()
-    options = _options(settings, config.repo_path, max_rows_per_second, progress)
+    overrides = {"max_rows_per_second": max_rows_per_second, "progress": progress}
+    options = window_options(settings.model_copy(update={k: v for k, v in overrides.items() if v is not None}),
+                             config.repo_path)
     quality = settings.quality and config.repo_path is not None
-    redis_kwargs = redis_connection_kwargs(online_connection_string(config))
+    target = online_target(config)
     session = spark or spark_session(config.repo_path)
     sources: dict[str, Any] = {}
     per_view: list[ViewMaterialization] = []
@@ -82,7 +86,7 @@ def materialize_spark(
                                    "run `featurepipe materialize` without --engine spark (Feast's own engine "
                                    "handles it)")
             view_start = _incremental_start(view) if incremental else _utc(start or EPOCH)
-            per_view.append(_one_view(store, view, view_start, end, session, redis_kwargs, options, partitions,
+            per_view.append(_one_view(store, view, view_start, end, session, target, options, partitions,
                                       quality, sources))
             store.registry.apply_materialization(view, store.project, view_start, end)
     return MaterializeResult(views=names, start=None if incremental else _utc(start or EPOCH), end=end,
@@ -90,33 +94,14 @@ def materialize_spark(
 
 
 def _one_view(store: FeatureStore, view: FeatureView, start: datetime, end: datetime, spark: SparkSession,
-              redis_kwargs: dict[str, Any], options: WindowOptions, partitions: int | None, quality: bool,
+              target: RedisTarget, options: WindowOptions, partitions: int | None, quality: bool,
               sources: dict[str, Any]) -> ViewMaterialization:
     """One view behind its quality gate (as the DuckDB engine runs it), with its run record."""
     plan = view_plan(view, store.config, store.project, store.registry)
     gate = open_materialize_gate(store.config, view, store.project, store.registry, start, end,
-                                 sources=sources) if quality else None
-    try:
-        if gate is not None:
-            plan = gate.prepare(plan)
-        result = materialize_view_spark(spark, plan, start, end, redis_kwargs, options, partitions)
-    except BaseException as exc:
-        if gate is not None:
-            gate.finish(None, exc)
-        raise
-    if gate is not None:
-        gate.finish(result)
-    return result
-
-
-def _options(settings: FeaturepipeMaterializationEngineConfig, repo_path: Path | None,
-             max_rows_per_second: float | None, progress: bool | None) -> WindowOptions:
-    """The engine's options of feature_store.yaml, then this run's."""
-    quarantine = Path(settings.quarantine_dir) if settings.quarantine_dir else (
-        data_dir(Path(repo_path)) / "quarantine" / "materialize" if repo_path else None)
-    rate = settings.max_rows_per_second if max_rows_per_second is None else max_rows_per_second
-    return WindowOptions(max_rows_per_second=rate or None, quarantine_dir=quarantine,
-                         progress=settings.progress if progress is None else progress, restore=settings.restore)
+                                 sources=sources, dialect=SPARK) if quality else None
+    return gated(gate, plan, lambda prepared: materialize_view_spark(spark, prepared, start, end, target,
+                                                                    options, partitions))
 
 
 def _incremental_start(view: FeatureView) -> datetime:

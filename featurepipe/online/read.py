@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from featurepipe.config import online_connection_string, redis_connection_kwargs
+from featurepipe.config import online_target
 from featurepipe.errors import InvalidInput, NotFound
 from featurepipe.online import codec
 from featurepipe.online.layout import feature_field, timestamp_field
@@ -84,18 +84,17 @@ def online_features(
     and sum 0, the rest None).
     """
     import pandas as pd
-    import redis
 
     requested = _resolve(store, features)
     frame = entity_rows if isinstance(entity_rows, pd.DataFrame) else pd.DataFrame(list(entity_rows))
     at_us = _micros(at) if at is not None else time.time_ns() // 1000
-    client = redis.Redis(**redis_connection_kwargs(online_connection_string(store.config)))
+    client = online_target(store.config).client()  # one server, or a cluster (its pipeline splits per node)
     try:
         keys = {id(r): _keys(frame, r, store.project) for r in requested}
         pipe = client.pipeline(transaction=False)
         for r in requested:
             for key in keys[id(r)]:
-                pipe.hmget(key, r.fields)  # type: ignore[arg-type]
+                pipe.hmget(key, r.fields)
         replies = pipe.execute()
     finally:
         client.close()

@@ -25,19 +25,18 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import redis
 from pyspark.sql import SparkSession
 
+from featurepipe.config import RedisTarget
 from featurepipe.core.sql import SPARK
 from featurepipe.core.windows import SCHEDULE_GROUP
 from featurepipe.online.latest import CHECK, EVENT_US, REASON
@@ -63,11 +62,11 @@ _COUNTS_DDL = ("entities long, written long, skipped long, restored long, quaran
 
 
 def materialize_view_spark(spark: SparkSession, plan: ViewPlan, start: datetime, end: datetime,
-                           redis_kwargs: Mapping[str, Any], options: WindowOptions = WindowOptions(),
+                           target: RedisTarget, options: WindowOptions = WindowOptions(),
                            partitions: int | None = None) -> ViewMaterialization:
     """Write the latest value (windowed views: the window schedule) of every entity with a row
     (an event) in ``[start, end]`` of one view into Redis from Spark's executors, which
-    connect with ``redis_kwargs`` (redis-py's ``Redis(...)`` arguments). ``partitions``:
+    connect to ``target`` (one server or a Redis Cluster). ``partitions``:
     how many tasks write (default: one per ~1,000 entities, at most Spark's shuffle
     partitions)."""
     from tqdm import tqdm
@@ -98,7 +97,7 @@ def materialize_view_spark(spark: SparkSession, plan: ViewPlan, start: datetime,
         if plan.kernel is not None:  # whole entities, each in key, group, time order
             rows = rows.sortWithinPartitions(*keys, SCHEDULE_GROUP, EVENT_US)
         rate = options.max_rows_per_second / parts if options.max_rows_per_second else None
-        job = PartitionWrite(plan, dict(redis_kwargs), stamp, str(options.quarantine_dir or "") or None,
+        job = PartitionWrite(plan, target, stamp, str(options.quarantine_dir or "") or None,
                              options.restore, rate)
         with tqdm(total=scan.entities, desc=plan.view, unit="rows", unit_scale=True,
                   disable=not options.progress, leave=True) as bar:
@@ -147,7 +146,7 @@ class PartitionWrite:
     """What a task needs to write its partition (pickled to the executors)."""
 
     plan: ViewPlan
-    redis_kwargs: dict[str, Any]
+    target: RedisTarget
     stamp: str  # the run's quarantine file stamp
     quarantine_dir: str | None
     restore: bool = True
@@ -174,7 +173,7 @@ def write_partition(job: PartitionWrite, batches: Iterator[pa.RecordBatch]) -> I
         keys = [k.name for k in plan.query.join_keys]
         rows = whole_entities(reader, keys, bool(plan.query.conditions)) if windowed else iter(reader)
         to_bytes = encode_with_schedules if windowed else encode
-        client = redis.Redis(**job.redis_kwargs, socket_timeout=300)
+        client = job.target.client(socket_timeout=300)
         writer = HashWriter(client, timestamp_field(plan.view), plan.fields, ttl_seconds=plan.key_ttl_seconds,
                             max_rows_per_second=job.max_rows_per_second, restore=job.restore)
         try:

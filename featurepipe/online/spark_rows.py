@@ -14,15 +14,14 @@ writes them):
   flagged in ``__reason``, not cast half-way).
 
 Both count the entities, their rows and the rows without a join key first, as the DuckDB
-scans do, and evaluate the contract's row conditions (written in DuckDB's SQL by
-:mod:`featurepipe.quality.checks`, read in Spark's by :func:`spark_condition`) on the same
+scans do, and evaluate the contract's row conditions (written in Spark's SQL by
+:mod:`featurepipe.quality.checks` for a gate opened with the Spark dialect) on the same
 rows; a blocking condition's failures are counted before anything is written.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -87,7 +86,7 @@ def scan_schedules(spark: SparkSession, query: LatestQuery, kernel: KernelInput,
     src = views.add(source)
     ts, key_list = q(kernel.timestamp), ", ".join(q(k) for k in keys)
     not_null = " AND ".join(f"{q(k)} IS NOT NULL" for k in keys)
-    excluded = "".join(f" AND NOT coalesce(({spark_condition(c)}), FALSE)" for c in kernel.exclude)
+    excluded = "".join(f" AND NOT coalesce(({c}), FALSE)" for c in kernel.exclude)
     in_range = f"{ts} >= {SPARK.ts_literal(start)} AND {ts} <= {SPARK.ts_literal(end)}"
     needed = ", ".join(q(c) for c in dict.fromkeys([*keys, kernel.timestamp, *columns]))
     raw = views.add(spark.sql(f"SELECT {needed} FROM {src} WHERE {ts} IS NOT NULL{excluded}"))
@@ -111,7 +110,7 @@ def scan_schedules(spark: SparkSession, query: LatestQuery, kernel: KernelInput,
     events = views.add(staged)
     shape = ViewShape(tuple(keys), kernel.timestamp, kernel.aggregations, types)
     names = [f.name for f in query.features]
-    conditions = [_in_spark(c) for c in scoped_conditions(query.conditions, kernel.aggregations, keys, names)]
+    conditions = scoped_conditions(query.conditions, kernel.aggregations, keys, names)
     computed = views.add(spark.sql(
         f"SELECT {key_list}, {SCHEDULE_GROUP}, {SPARK.epoch_us('event_timestamp')} AS {EVENT_US}, "
         f"{', '.join(q(n) for n in names)} FROM ({schedule_sql(shape, events, dialect=SPARK)})"))
@@ -171,8 +170,7 @@ def scan_latest(spark: SparkSession, query: LatestQuery, start: datetime, end: d
         null_keys = spark.sql(f"SELECT *, {message} AS quarantine_reason FROM {window} "
                               f"WHERE NOT ({not_null})").drop(*private)
     names = [k.name for k in query.join_keys] + [EVENT_US] + [f.name for f in query.features]
-    conditions = [_in_spark(c) for c in query.conditions]
-    out, blocked, sample = _checked(spark, rows, conditions, names, reason=REASON if reasons else None)
+    out, blocked, sample = _checked(spark, rows, query.conditions, names, reason=REASON if reasons else None)
     parts = partitions or _partitions(spark, int(entities))
     return SparkScan(out, int(entities), int(window_rows), int(null_rows), files, parts, null_keys, blocked, sample)
 
@@ -273,40 +271,3 @@ def _cast(col: Column, source_type: str) -> tuple[str, str | None]:
         bad = f"({bad} OR ({src} IS NOT NULL AND {cast} <> {src}))"
         cast = f"CASE WHEN {cast} = {src} THEN {cast} END"
     return cast, bad
-
-
-def _in_spark(condition: RowCondition) -> RowCondition:
-    return RowCondition(condition.name, condition.column, spark_condition(condition.fails),
-                        spark_condition(condition.reason), condition.block)
-
-
-def spark_condition(sql: str) -> str:
-    """A contract check's SQL (:func:`featurepipe.quality.checks.row_checks`: DuckDB's dialect)
-    in Spark's: ``"name"`` identifiers in backticks, string literals with Spark's escapes,
-    ``CAST(... AS VARCHAR)`` as ``STRING``. Everything else those checks write (``IS NULL``,
-    comparisons, ``isnan``, ``NOT IN``, ``||``, ``CASE``) reads the same in both."""
-    out, i, n = [], 0, len(sql)
-    while i < n:
-        if sql[i] in "'\"":
-            quote, j, text = sql[i], i + 1, []
-            while True:
-                if j >= n:
-                    raise InvalidInput(f"unterminated {quote} in SQL condition {sql!r}")
-                if sql[j] == quote:
-                    if j + 1 < n and sql[j + 1] == quote:
-                        text.append(quote)
-                        j += 2
-                        continue
-                    break
-                text.append(sql[j])
-                j += 1
-            out.append(SPARK.literal("".join(text)) if quote == "'" else SPARK.quote("".join(text)))
-            i = j + 1
-        else:
-            j = min((k for k in (sql.find("'", i), sql.find('"', i)) if k >= 0), default=n)
-            out.append(_VARCHAR.sub("AS STRING", sql[i:j]))
-            i = j
-    return "".join(out)
-
-
-_VARCHAR = re.compile(r"\bAS\s+VARCHAR\b", flags=re.IGNORECASE)

@@ -26,13 +26,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
-from featurepipe.config import (
-    data_dir,
-    online_connection_string,
-    redis_connection_kwargs,
-    resolve_source_path,
-)
+from featurepipe.config import data_dir, online_target, resolve_source_path
 from featurepipe.core.db import connect
+from featurepipe.core.sql import DUCKDB, Dialect
 from featurepipe.definitions import TAG_INPUT
 from featurepipe.online.latest import DUCKDB_TYPES, RowCondition
 from featurepipe.online.schedule_scan import schedule_types
@@ -52,8 +48,9 @@ class MaterializeGate(Gate):
     log: ClassVar[logging.Logger] = logging.getLogger(__name__)  # failed warnings are said here
 
     def __init__(self, contracts: Contracts, data: Path, view: str, definition_hash: str | None,
-                 online_store: str, start: datetime, end: datetime) -> None:
+                 online_store: str, start: datetime, end: datetime, dialect: Dialect = DUCKDB) -> None:
         super().__init__(contracts, data, "materialize")
+        self.dialect = dialect  # the SQL of the row conditions: the engine's that evaluates them
         self.contract: TableContract | None = contracts.feature_views.get(view)
         self.source_contract: TableContract | None = None  # a windowed view's input (see prepare)
         self.view = view
@@ -93,7 +90,7 @@ class MaterializeGate(Gate):
         features = {f.name: DUCKDB_TYPES.get(f.value_type, "") for f in plan.query.features}
         self.conditions = [
             RowCondition(rc.name, rc.column, rc.fails, rc.reason, rc.severity == "block")
-            for rc in checks.row_checks(self.contract, features) if rc.column in features
+            for rc in checks.row_checks(self.contract, features, self.dialect) if rc.column in features
         ]
         keys = [(k.name, self.contract.column(k.name)) for k in plan.query.join_keys]
         self.keys = [name for name, spec in keys if spec is not None and not spec.nullable]
@@ -103,7 +100,7 @@ class MaterializeGate(Gate):
     def _input_exclusions(self, path: str) -> tuple[str, ...]:
         """SQL true for the raw rows the input source's contract row checks fail."""
         assert self.source_contract is not None
-        return _exclusions(self.source_contract, path)
+        return _exclusions(self.source_contract, path, self.dialect)
 
     def _describe(self, path: str) -> list[CheckResult]:
         """The contract's schema checks on the offline table's combined schema and on each
@@ -175,12 +172,14 @@ class MaterializeGate(Gate):
 
 
 def open_materialize_gate(repo_config: Any, view: Any, project: str, registry: Any,
-                          start: datetime, end: datetime, sources: dict[str, Any] | None = None) -> MaterializeGate:
+                          start: datetime, end: datetime, sources: dict[str, Any] | None = None,
+                          dialect: Dialect = DUCKDB) -> MaterializeGate:
     """The gate of one view's materialisation by the featurepipe engine: the repo's
     contracts, its data folder, the view's definition hash and the Redis it writes to.
 
     ``sources`` keeps the registry's data sources by name across the views of one call
-    (each lookup reads the registry file again)."""
+    (each lookup reads the registry file again). ``dialect``: the SQL dialect of the engine
+    that evaluates the row conditions (DuckDB's, or Spark's for ``--engine spark``)."""
 
     repo = Path(repo_config.repo_path)
     source = None
@@ -195,19 +194,20 @@ def open_materialize_gate(repo_config: Any, view: Any, project: str, registry: A
                 source = None
             if sources is not None:
                 sources[name] = source
-    kw = redis_connection_kwargs(online_connection_string(repo_config))
-    online = f"redis://{kw['host']}:{kw['port']}/{kw.get('db', 0)}"
+    online = online_target(repo_config).describe()
     contracts = load_contracts(repo)
-    gate = MaterializeGate(contracts, data_dir(repo), view.name, feature_view_hash(view, source), online, start, end)
+    gate = MaterializeGate(contracts, data_dir(repo), view.name, feature_view_hash(view, source), online, start, end,
+                           dialect)
     gate.source_contract = _source_contract(contracts, repo, source, registry, project, sources)
     return gate
 
 
-def _exclusions(contract: TableContract, path: str) -> tuple[str, ...]:
-    """SQL true for the rows of the Parquet ``path`` that ``contract``'s row checks fail."""
+def _exclusions(contract: TableContract, path: str, dialect: Dialect = DUCKDB) -> tuple[str, ...]:
+    """SQL (in ``dialect``) true for the rows of the Parquet ``path`` that ``contract``'s row
+    checks fail."""
     with connect() as con:
         types = checks.describe(con, checks.parquet_relation(path))
-    return tuple(c.fails for c in checks.row_checks(contract, types) if "__dup_rank" not in c.fails)
+    return tuple(c.fails for c in checks.row_checks(contract, types, dialect) if "__dup_rank" not in c.fails)
 
 
 def input_exclusions(repo_config: Any, view: Any, project: str, registry: Any, path: str) -> tuple[str, ...]:

@@ -20,9 +20,7 @@ are read on the driver with DuckDB: metadata and the gate's own small files, nev
 
 from __future__ import annotations
 
-import glob
 import logging
-import os
 import shutil
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -36,9 +34,9 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from featurepipe.core.db import connect
+from featurepipe.core.spark import read_source
 from featurepipe.core.sql import SPARK, Dialect
 from featurepipe.definitions import AggregateView
-from featurepipe.errors import NotFound
 from featurepipe.quality import checks
 from featurepipe.quality.checks import ROW_ID, RowCheck, Scan, parquet_relation
 from featurepipe.quality.contracts import Contracts, TableContract
@@ -52,15 +50,6 @@ if TYPE_CHECKING:
 # dropped and the escapes decoded ('+' kept: url_decode would read it as a space)
 SOURCE_FILE = "url_decode(replace(regexp_replace(_metadata.file_path, '^file:(//)?', ''), '+', '%2B'))"
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-
-
-def base_path(files: str) -> str:
-    """The folder a Parquet glob starts in (hive partitions ``k=v`` below it become columns)."""
-    parts = files.split("/")
-    for i, part in enumerate(parts):
-        if any(c in part for c in "*?["):
-            return "/".join(parts[:i]) or "/"
-    return os.path.dirname(files)
 
 
 class SparkRows:
@@ -84,17 +73,11 @@ class SparkRows:
         name, ``k=v`` folders as columns, in DuckDB's column order."""
         if files in self._frames:
             return self._frames[files]
-        read = self._read(files).select("*", F.expr(SOURCE_FILE).alias("__source_file"),
+        read = read_source(self.spark, files).select("*", F.expr(SOURCE_FILE).alias("__source_file"),
                            F.col("_metadata.row_index").alias("file_row_number"))
         order = [r[0] for r in self.meta.execute(f"DESCRIBE SELECT * FROM {parquet_relation(files)}").fetchall()]
         self._frames[files] = read.select(*(F.col(SPARK.quote(c)) for c in order))
         return self._frames[files]
-
-    def _read(self, files: str) -> DataFrame:
-        found = sorted(glob.glob(files, recursive=True))
-        if not found:
-            raise NotFound(f"no Parquet files match {files}")
-        return self.spark.read.option("basePath", base_path(files)).option("mergeSchema", "true").parquet(*found)
 
     def view(self, frame: DataFrame) -> str:
         """``frame`` as a temporary view; its name."""
@@ -136,7 +119,7 @@ class SparkRows:
         return checks.scan_result(rows, [], TableContract(table), stage, columns).stats
 
     def newest(self, files: str, column: str) -> datetime | None:
-        row = self._read(files).selectExpr(SPARK.epoch_us(f"max({SPARK.quote(column)})")).first()
+        row = read_source(self.spark, files).selectExpr(SPARK.epoch_us(f"max({SPARK.quote(column)})")).first()
         return None if row is None or row[0] is None else _EPOCH + timedelta(microseconds=int(row[0]))
 
     def passed_rows(self, files: str, quarantine: Path) -> str:

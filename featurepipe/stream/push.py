@@ -21,15 +21,9 @@ from typing import TYPE_CHECKING
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
-import redis
 
 from featurepipe.batch.backfill import source_columns
-from featurepipe.config import (
-    find_repo,
-    online_connection_string,
-    redis_connection_kwargs,
-    source_path,
-)
+from featurepipe.config import find_repo, online_target, source_path
 from featurepipe.core.db import connect
 from featurepipe.core.sql import literal, quote
 from featurepipe.core.windows import history, micros
@@ -144,7 +138,7 @@ def push_events(store: FeatureStore, events: pa.Table, source: str) -> PushResul
                                  done="The events were not appended and nothing was pushed online") from exc
     con.close()
     rows_by_view: dict[str, int] = {}
-    client = redis.Redis(**redis_connection_kwargs(online_connection_string(store.config)))
+    client = online_target(store.config).client()
     try:
         for view, rows in computed:
             rows_by_view[view.name] = int(sum(p == 0 for p in rows.column(POSITION).to_pylist()))

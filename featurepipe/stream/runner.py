@@ -13,24 +13,22 @@ from featurepipe.stream.engine import StreamJob, StreamOptions, StreamResult
 
 
 def redis_client(url: str | None = None, store: Any = None, **kwargs: Any) -> Any:
-    """A redis-py client for ``url`` (default: the online store's Redis of ``store``, or of
-    the repo found as :func:`featurepipe.config.find_repo` does)."""
+    """A redis-py client for ``url`` (default: the online store of ``store``, one server or a
+    cluster, or the Redis of the repo found as :func:`featurepipe.config.find_repo` does)."""
     import redis
 
     from featurepipe.config import (
-        online_connection_string,
+        online_target,
         redis_connection_kwargs,
         redis_connection_string,
         redis_url_to_feast,
     )
 
     if url:
-        conn = redis_url_to_feast(url)
-    elif store is not None:
-        conn = online_connection_string(store.config)
-    else:
-        conn = redis_connection_string()
-    return redis.Redis(**redis_connection_kwargs(conn), **kwargs)
+        return redis.Redis(**redis_connection_kwargs(redis_url_to_feast(url)), **kwargs)
+    if store is not None:
+        return online_target(store.config).client(**kwargs)
+    return redis.Redis(**redis_connection_kwargs(redis_connection_string()), **kwargs)
 
 
 def open_source(options: StreamOptions, *, stream: str | None = None, stream_url: str | None = None,
@@ -56,7 +54,7 @@ def run_job(repo: str | Path | None, options: StreamOptions, *, stream: str | No
     from featurepipe.config import load_store
 
     store = load_store(repo)
-    source = open_source(options, stream=stream, stream_url=stream_url or _online_url(store),
+    source = open_source(options, stream=stream, stream_url=stream_url or stream_url_of(store, stream or options.source),
                          bootstrap=bootstrap, topic=topic)
     job = StreamJob(store, source, redis_client(store=store, socket_timeout=60), options)
     if metrics_port is not None:
@@ -74,12 +72,22 @@ def run_job(repo: str | Path | None, options: StreamOptions, *, stream: str | No
         job.close()
 
 
-def _online_url(store: Any) -> str:
-    """The online store's Redis as a URL (where the Redis stream lives by default)."""
-    from featurepipe.config import online_connection_string, redis_connection_kwargs
+def stream_url_of(store: Any, stream: str) -> str:
+    """Where the Redis stream ``stream`` lives by default: the online store's Redis; on a
+    Redis Cluster, the primary that owns the stream's key (a stream is one key: Redis Streams
+    is the single-worker transport; several workers read Kafka)."""
+    from featurepipe.config import online_target
 
-    kw = redis_connection_kwargs(online_connection_string(store.config))
-    return f"redis://{kw['host']}:{kw['port']}/{kw.get('db', 0)}"
+    target = online_target(store.config)
+    if target.cluster:
+        client = target.client()
+        try:
+            node = client.get_node_from_key(stream)
+            return f"redis://{node.host}:{node.port}/0"
+        finally:
+            client.close()
+    host, port = target.nodes[0]
+    return f"redis://{host}:{port}/{target.kwargs.get('db', 0)}"
 
 
 def event_payloads(table: pa.Table) -> Iterator[bytes]:
@@ -103,6 +111,8 @@ def publish_parquet(repo: str | Path | None, events: Path | None, *, source: str
     if events is None:
         store = load_store(repo)
         path = source_path(store, source)
+        if stream_url is None and not bootstrap:
+            stream_url = stream_url_of(store, stream or source)
     else:
         path = str(events / "**" / "*.parquet") if events.is_dir() else str(events)
     con = db.connect()
