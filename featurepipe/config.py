@@ -242,19 +242,32 @@ def redis_type(repo_config: Any) -> str:
 
 
 def cluster_target(connection_string: str) -> RedisTarget:
-    """The :class:`RedisTarget` of a Redis Cluster's ``connection_string``
-    (``host1:port1,host2:port2,...,password=...``, Feast's form for ``redis_cluster``)."""
-    nodes = [part.strip() for part in connection_string.split(",") if part.strip() and "=" not in part]
-    if not nodes or any(":" not in n or not n.rpartition(":")[2].isdigit() for n in nodes):
-        raise InvalidInput(
-            f"Redis Cluster connection_string {connection_string!r} must list its nodes as "
-            "host1:port1,host2:port2,... (any one node is enough to find the others)")
+    """The :class:`RedisTarget` of a Redis Cluster's ``connection_string`` (Feast's form for
+    ``redis_type: redis_cluster``: any of its nodes, then options).
+
+    >>> cluster_target("10.0.0.5:7000,10.0.0.6:7000,password=s3cret").describe()
+    'redis-cluster://10.0.0.5:7000,10.0.0.6:7000'
+    """
+    nodes: list[tuple[str, int]] = []
+    for part in (p.strip() for p in connection_string.split(",")):
+        if not part or "=" in part:
+            continue
+        host, colon, port = part.rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65_536:
+            raise InvalidInput(
+                f"Redis Cluster connection string {connection_string!r}: {part!r} is not "
+                'host:port; write redis_type: redis_cluster with connection_string: '
+                '"host1:port1,host2:port2" (options after the nodes, e.g. ",password=...")')
+        nodes.append((host, int(port)))
+    if not nodes:
+        raise InvalidInput(f"Redis Cluster connection string {connection_string!r} names no node; write "
+                           'connection_string: "host1:port1,host2:port2"')
     options = _redis_options(connection_string)
-    if options.pop("db", 0) != 0:
-        raise InvalidInput(f"Redis Cluster connection_string {connection_string!r} names a database: a cluster "
-                           "has only database 0; drop db=")
-    return RedisTarget(tuple((n.rpartition(":")[0], int(n.rpartition(":")[2])) for n in nodes), True,
-                       tuple(options.items()))
+    db = options.pop("db", 0)
+    if db != 0:
+        raise InvalidInput(f"Redis Cluster connection string {connection_string!r} asks for db={db}; cluster "
+                           "nodes have only database 0: remove `db=`")
+    return RedisTarget(tuple(nodes), True, tuple(options.items()))
 
 
 def online_target(repo_config: Any) -> RedisTarget:

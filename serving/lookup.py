@@ -2,9 +2,10 @@
 
 The steps, each in its own module: check the request against its plan
 (:mod:`serving.validation`), turn the join-key values into Redis keys
-(:mod:`serving.layout`), send one pipelined round trip of HMGETs (:mod:`serving.fetch`;
-one per distinct entity key of each hash the plan reads: views with the same join keys
-share one hash), decode the replies into columns (:mod:`serving.columns`), run the
+(:mod:`serving.layout`), send one pipelined round trip of HMGETs (:mod:`serving.fetch`,
+on a Redis Cluster one per node at once: :mod:`serving.cluster_fetch`; one HMGET per
+distinct entity key of each hash the plan reads: views with the same join keys share one
+hash), decode the replies into columns (:mod:`serving.columns`), run the
 on-demand views (:mod:`serving.on_demand`), and frame the response (:mod:`serving.wire`).
 The stored Value and Timestamp bytes are copied into the serialized response; only the
 inputs of on-demand views are parsed. Nothing goes through pandas.
@@ -17,11 +18,13 @@ from operator import itemgetter
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 
 from serving import wire
 from serving.clock import request_clock
+from serving.cluster_fetch import ClusterFetcher
 from serving.columns import OUTSIDE_MAX_AGE, PRESENT, decode_replies, stored_values
-from serving.fetch import RedisFetcher
+from serving.fetch import Fetcher, RedisFetcher
 from serving.layout import encode_entity_column
 from serving.on_demand import run_on_demand
 from serving.plan import FeatureOut, Plan
@@ -34,23 +37,33 @@ class OnlineReader:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: redis.Redis | RedisCluster,
         max_rows: int = 1000,
         on_fetch: Callable[[float], None] | None = None,
         clock: Callable[[], int] | None = None,
     ) -> None:
-        self.fetcher = RedisFetcher(client, on_fetch)  # on_fetch: seconds of each round trip
+        self.client = client  # the Redis (or Redis Cluster) client the reader fetches through
+        # on_fetch: seconds of each request's round trips
+        self.fetcher: Fetcher = (
+            ClusterFetcher(client, on_fetch) if isinstance(client, RedisCluster)
+            else RedisFetcher(client, on_fetch)
+        )
         self.max_rows = max_rows
         self.clock = clock or request_clock()  # microseconds since the epoch, now
 
-    @property
-    def client(self) -> redis.Redis:
-        """The Redis client the reader fetches through."""
-        return self.fetcher.client
-
     def ping(self) -> bool:
-        """True when Redis answers a PING."""
+        """True when Redis answers a PING (on a cluster: every primary)."""
         return self.fetcher.ping()
+
+    @property
+    def node_health(self) -> Mapping[str, bool]:
+        """``host:port`` of each Redis node (each primary of a cluster), and whether it
+        answered the last PING, or was found down by a request since."""
+        return self.fetcher.node_health
+
+    def close(self) -> None:
+        """Close the Redis connections."""
+        self.fetcher.close()
 
     def read(
         self,

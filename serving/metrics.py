@@ -2,7 +2,8 @@
 
 Names start with ``featurepipe_serving_``. ``feature_service`` is the requested feature
 service, ``features`` for a list of feature references, and ``unknown`` for a name that
-is not in the registry (so a caller cannot grow the label set at will).
+is not in the registry (so a caller cannot grow the label set at will). ``node`` is a
+Redis node's ``host:port`` (the one server, or each primary of a Redis Cluster).
 """
 
 from __future__ import annotations
@@ -37,7 +38,13 @@ class ServerMetrics:
             registry=self.registry,
         )
         self.redis_up = Gauge(
-            "featurepipe_serving_redis_up", "1 while Redis answers PING", registry=self.registry,
+            "featurepipe_serving_redis_up", "1 while Redis answers PING (a cluster: every primary)",
+            registry=self.registry,
+        )
+        self.redis_node_up = Gauge(
+            "featurepipe_serving_redis_node_up",
+            "1 while the Redis node (each primary of a cluster) answers PING", ["node"],
+            registry=self.registry,
         )
         self.registry_reloads = Counter(
             "featurepipe_serving_registry_reloads", "Registry reloads after `feast apply`",

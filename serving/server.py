@@ -2,7 +2,7 @@
 
 Besides ServingService (``GetOnlineFeatures``, ``GetFeastServingInfo``: see
 :mod:`serving.servicer`) it serves the standard ``grpc.health.v1.Health`` (SERVING while
-Redis answers a PING, :mod:`serving.health`) and server reflection, so ``grpcurl`` and load
+Redis answers a PING, on a Redis Cluster every primary: :mod:`serving.health`) and server reflection, so ``grpcurl`` and load
 balancers work out of the box; optionally TLS, bearer tokens (:mod:`serving.auth`) and
 Prometheus metrics (:mod:`serving.metrics`). :class:`~serving.options.ServerOptions` says
 how it runs.
@@ -127,9 +127,9 @@ class FeatureServer:
             if self.metrics is not None and self.metrics_port is not None:
                 self.metrics_port = self.metrics.serve_http(self.host, self.metrics_port)
         except BaseException:
-            self._reader.client.close()
+            self._reader.close()
             raise
-        self._health.set(self._reader.ping())
+        self._health.set(self._reader.ping(), self._reader.node_health)
         assert self._grpc is not None
         self._grpc.start()
         self._monitor = threading.Thread(target=self._watch, name="serve-monitor", daemon=True)
@@ -153,7 +153,7 @@ class FeatureServer:
             ) from exc
         client = backend.connect(
             config.connection_string, timeout=self.options.redis_timeout,
-            max_connections=self.options.max_workers + 4,
+            max_connections=self.options.max_workers + 4, redis_type=config.redis_type,
         )
         observe = self.metrics.redis_latency.observe if self.metrics is not None else None
         self._reader = OnlineReader(client, max_rows=self.options.max_rows, on_fetch=observe,
@@ -210,7 +210,8 @@ class FeatureServer:
         try:
             return self._reader.read(plan, request.entities, request.request_context)
         except BackendUnavailable:
-            self._health.set(False)
+            nodes = self._reader.node_health  # a cluster with a primary down still serves the others' keys
+            self._health.set(len(nodes) > 1 and any(nodes.values()), nodes)
             raise
 
     def refresh(self, force: bool = False) -> bool:
@@ -241,7 +242,7 @@ class FeatureServer:
         assert self._reader is not None
         interval, since_refresh = self.options.health_interval, 0.0
         while not self._stopping.wait(interval):
-            self._health.set(self._reader.ping())
+            self._health.set(self._reader.ping(), self._reader.node_health)
             since_refresh += interval
             if since_refresh >= self.options.registry_refresh_seconds:
                 since_refresh = 0.0
@@ -263,7 +264,7 @@ class FeatureServer:
             self._monitor.join(timeout=self.options.redis_timeout + 1)
             self._monitor = None
         if self._reader is not None:
-            self._reader.client.close()
+            self._reader.close()
         if self.metrics is not None:
             self.metrics.close()
         self._health.close()

@@ -462,7 +462,9 @@ def test_workers_share_the_port_and_drain_on_sigterm(pipeline: Any,
                 ready += 1
         assert ready == 2, "both workers should serve"
         for _ in range(16):  # separate connections: the kernel spreads them over the workers
-            with FeatureClient(f"127.0.0.1:{port}") as client:
+            # (a local subchannel pool: gRPC would otherwise reuse one pooled TCP connection)
+            with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) \
+                    as channel, FeatureClient(f"127.0.0.1:{port}", channel=channel) as client:
                 assert client.get_features(hd_ids, features=[f"{USER_VIEW}:txn_count_1h"])
         per_worker = []
         for i in range(2):

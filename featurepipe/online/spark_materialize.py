@@ -39,6 +39,7 @@ from pyspark.sql import SparkSession
 from featurepipe.config import RedisTarget
 from featurepipe.core.sql import SPARK
 from featurepipe.core.windows import SCHEDULE_GROUP
+from featurepipe.online.cluster_writer import open_hash_writer
 from featurepipe.online.latest import CHECK, EVENT_US, REASON
 from featurepipe.online.layout import timestamp_field
 from featurepipe.online.schedule_scan import FIRST, whole_entities
@@ -52,7 +53,6 @@ from featurepipe.online.window import (
     encode,
     encode_with_schedules,
 )
-from featurepipe.online.writer import HashWriter
 
 _COUNTS = pa.schema([("entities", pa.int64()), ("written", pa.int64()), ("skipped", pa.int64()),
                      ("restored", pa.int64()), ("quarantined", pa.int64()), ("schedule_rows", pa.int64()),
@@ -174,7 +174,7 @@ def write_partition(job: PartitionWrite, batches: Iterator[pa.RecordBatch]) -> I
         rows = whole_entities(reader, keys, bool(plan.query.conditions)) if windowed else iter(reader)
         to_bytes = encode_with_schedules if windowed else encode
         client = job.target.client(socket_timeout=300)
-        writer = HashWriter(client, timestamp_field(plan.view), plan.fields, ttl_seconds=plan.key_ttl_seconds,
+        writer = open_hash_writer(client, timestamp_field(plan.view), plan.fields, ttl_seconds=plan.key_ttl_seconds,
                             max_rows_per_second=job.max_rows_per_second, restore=job.restore)
         try:
             with writer:

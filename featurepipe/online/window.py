@@ -34,6 +34,7 @@ from featurepipe.core.threads import prefetch
 from featurepipe.core.windows import SCHEDULE_GROUP, feature_groups
 from featurepipe.errors import GateBlocked
 from featurepipe.online import codec
+from featurepipe.online.cluster_writer import open_hash_writer
 from featurepipe.online.latest import (
     CHECK,
     EVENT_US,
@@ -47,7 +48,7 @@ from featurepipe.online.layout import feature_field, timestamp_field
 from featurepipe.online.schedule import schedule_field
 from featurepipe.online.schedule_scan import FIRST, KernelInput, open_schedules
 from featurepipe.online.schedule_writer import encode_schedules, schedule_columns
-from featurepipe.online.writer import EncodedRows, HashWriter
+from featurepipe.online.writer import EncodedRows
 
 if TYPE_CHECKING:
     import redis
@@ -230,7 +231,7 @@ def materialize_window(
                 quarantine.files.append(str(null_key_file))
         result.quarantined, result.quarantine_files = quarantine.rows, quarantine.files
         _stop_if_blocked(plan, scan, result, null_key_file)
-        writer = HashWriter(
+        writer = open_hash_writer(
             client,
             timestamp_field(plan.view),
             plan.fields,

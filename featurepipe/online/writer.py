@@ -13,10 +13,17 @@ The command is built as raw RESP bytes (:mod:`featurepipe.online.rows`) and sent
 redis-py connection; the next batch is encoded while the server runs the previous one.
 ``EVAL`` (not ``EVALSHA``) carries the 1.5 kB script in every batch of thousands of rows,
 so a server that lost its script cache (restart, ``SCRIPT FLUSH``) needs no retry logic.
+
+On a Redis Cluster node a command may touch keys of one slot only, so the per-key mode
+(``per_key=True``, driven by :mod:`featurepipe.online.cluster_writer`) sends one ``EVALSHA``
+of :data:`WRITE_SCRIPT_PER_KEY` per row instead, each answering one line like ``RESTORE``;
+rows the node answers ``-MOVED``, ``-ASK``, ``-NOSCRIPT``, ``-TRYAGAIN`` or ``-CLUSTERDOWN``
+are kept in :attr:`HashWriter.refused` for the caller to send again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import time
 import uuid
@@ -95,10 +102,22 @@ return {written, fresh}
 # The streaming engine recomputes a row when a late event lands in its window and writes it
 # again with the same event time: there a row replaces one of equal event time.
 WRITE_SCRIPT_REPLACE_EQUAL = WRITE_SCRIPT.replace("nn <= on", "nn < on")
+# One key per call (cluster nodes): the reply is one integer, written + 2 * (the key was new).
+WRITE_SCRIPT_PER_KEY = WRITE_SCRIPT.replace("return {written, fresh}", "return written + 2 * fresh")
+WRITE_SCRIPT_PER_KEY_REPLACE_EQUAL = WRITE_SCRIPT_PER_KEY.replace("nn <= on", "nn < on")
 _CRLF = b"\r\n"
 _OK = b"+OK\r\n"
 _SCRIPT = WRITE_SCRIPT.encode()
 _SCRIPT_REPLACE_EQUAL = WRITE_SCRIPT_REPLACE_EQUAL.encode()
+_SCRIPT_PER_KEY = WRITE_SCRIPT_PER_KEY.encode()
+_SCRIPT_PER_KEY_REPLACE_EQUAL = WRITE_SCRIPT_PER_KEY_REPLACE_EQUAL.encode()
+_ASKING = b"*1\r\n$6\r\nASKING\r\n"
+# A cluster node's answers that name a row to send again (elsewhere, later, after SCRIPT LOAD).
+RETRY_ERRORS = (b"-MOVED ", b"-ASK ", b"-NOSCRIPT", b"-TRYAGAIN", b"-CLUSTERDOWN")
+
+
+class ConnectionLost(BackendUnavailable):
+    """The connection to Redis failed or closed: the server is down or unreachable."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +140,14 @@ class WriteCounts:
     written: int = 0
     skipped: int = 0  # not newer than what Redis holds
     restored: int = 0  # of written: new keys created with RESTORE
+
+
+@dataclass(frozen=True)
+class RefusedRows:
+    """Rows a cluster node did not write, each with the error line it answered (``-MOVED 12 host:port``)."""
+
+    batch: EncodedRows
+    errors: list[bytes]
 
 
 def bulk(piece: Piece) -> list[Piece]:
@@ -150,7 +177,7 @@ class _ReplyLines:
         while self.buf.count(b"\r\n") < count:
             chunk = self.sock.recv(1 << 20)
             if not chunk:
-                raise BackendUnavailable("Redis closed the connection while replies were pending")
+                raise ConnectionLost("Redis closed the connection while replies were pending")
             self.buf += chunk
         if self.buf.startswith(_OK * count) if count <= 64 else self.buf[:5 * count] == _OK * count:
             del self.buf[:5 * count]
@@ -164,12 +191,31 @@ class _ReplyLines:
         del self.buf[:pos]
         return out
 
+    def digits(self, count: int) -> np.ndarray | None:
+        """The next ``count`` replies when they are all one-digit integers (``:0`` .. ``:9``),
+        as an array; None (nothing consumed) when any is not: then read :meth:`lines`."""
+        size = 4 * count
+        while len(self.buf) < size and self.buf.count(b"\r\n") < count:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise ConnectionLost("Redis closed the connection while replies were pending")
+            self.buf += chunk
+        if len(self.buf) < size:
+            return None
+        block = np.frombuffer(bytes(self.buf[:size]), dtype=np.uint8).reshape(count, 4)
+        digit = block[:, 1].astype(np.int64) - 0x30
+        if not ((block[:, 0] == 0x3A) & (block[:, 2] == 0x0D) & (block[:, 3] == 0x0A)
+                & (digit >= 0) & (digit <= 9)).all():
+            return None
+        del self.buf[:size]
+        return digit
+
 
 @dataclass
 class _Sent:
     """A command on the wire whose replies are still to be read."""
 
-    kind: str  # "restore": one reply per row; "lua": one reply
+    kind: str  # "restore": one reply per row; "lua": one reply (per-key mode: one per row); "asking": two per row
     batch: EncodedRows
 
 
@@ -183,6 +229,11 @@ class HashWriter:
     switches to the script while most keys already exist (a rerun, an incremental run),
     and back. ``RESTORE`` is used only if a probe shows the server builds, from our
     payload, exactly the hash that ``HSET`` builds.
+
+    ``per_key=True`` (a Redis Cluster primary, see :mod:`featurepipe.online.cluster_writer`):
+    one ``EVALSHA`` per row instead of one ``EVAL`` per batch, the script loaded at the start;
+    rows the node redirects are kept in :attr:`refused`, not raised. ``probe_tag``: a hash
+    tag of a slot the node owns, for the ``RESTORE`` probe's two keys.
     """
 
     def __init__(
@@ -194,6 +245,8 @@ class HashWriter:
         max_rows_per_second: float | None = None,
         restore: bool = True,
         replace_equal: bool = False,
+        per_key: bool = False,
+        probe_tag: bytes | None = None,
     ) -> None:
         self.client = client
         self.counts = WriteCounts()
@@ -214,6 +267,12 @@ class HashWriter:
         self._replies: _ReplyLines | None = None
         self._want_restore = restore
         self._script = _SCRIPT_REPLACE_EQUAL if replace_equal else _SCRIPT
+        self.per_key = per_key
+        if per_key:
+            self._script = _SCRIPT_PER_KEY_REPLACE_EQUAL if replace_equal else _SCRIPT_PER_KEY
+        self.script_sha = hashlib.sha1(self._script).hexdigest().encode()
+        self._probe_tag = probe_tag
+        self.refused: list[RefusedRows] = []  # per-key mode: rows to send again (see RETRY_ERRORS)
         self.restore_available = False
         self._prefer_restore = True
         self._max_value = 64
@@ -228,10 +287,12 @@ class HashWriter:
             self._sock = cast("socket.socket | None", self._conn._sock)
             assert self._sock is not None
             self._replies = _ReplyLines(self._sock)
+            if self.per_key:
+                self.load_script()
             if self._want_restore:
                 self.restore_available = self._probe_restore()
         except redis.ConnectionError as exc:
-            raise BackendUnavailable(f"cannot reach Redis: {exc}; check REDIS_URL / online_store") from exc
+            raise ConnectionLost(f"cannot reach Redis: {exc}; check REDIS_URL / online_store") from exc
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
@@ -254,11 +315,7 @@ class HashWriter:
         keys, _ = rows.join(bulk(batch.keys))
         row_pieces = [p for v in (batch.timestamps, *batch.values) for p in bulk(v)]
         args, _ = rows.join(row_pieces)
-        head_args = list(self._head_args)
-        if self._schedule is not None:  # the header every schedule of this view starts with
-            first = batch.values[self._schedule]
-            header = bytes(first.data[0, :14])
-            head_args[4], head_args[5] = header[:4], header[8:14]
+        head_args = self._batch_head_args(batch)
         return b"".join([
             b"*%d\r\n" % nargs,
             *(_bulk_const(h) for h in head),
@@ -266,6 +323,31 @@ class HashWriter:
             *(_bulk_const(a) for a in head_args),
             args.tobytes(),
         ])
+
+    def per_key_command(self, batch: EncodedRows, asking: bool = False) -> bytes:
+        """One ``EVALSHA <sha> 1 <key> <head args> <ts> <values>`` per row (a cluster node
+        takes one slot per command), each after ``ASKING`` when ``asking``, as RESP bytes."""
+        n = batch.count
+        head_args = self._batch_head_args(batch)
+        nargs = 4 + len(head_args) + 1 + len(batch.values)
+        head = b"".join([_ASKING if asking else b"", b"*%d\r\n" % nargs, _bulk_const(b"EVALSHA"),
+                         _bulk_const(self.script_sha), _bulk_const(b"1")])
+        middle = b"".join(_bulk_const(a) for a in head_args)
+        flat, _ = rows.join([
+            rows.constant(head, n),
+            *bulk(batch.keys),
+            rows.constant(middle, n),
+            *(p for v in (batch.timestamps, *batch.values) for p in bulk(v)),
+        ])
+        return flat.tobytes()
+
+    def _batch_head_args(self, batch: EncodedRows) -> list[bytes]:
+        head_args = list(self._head_args)
+        if self._schedule is not None:  # the header every schedule of this view starts with
+            first = batch.values[self._schedule]
+            header = bytes(first.data[0, :14])
+            head_args[4], head_args[5] = header[:4], header[8:14]
+        return head_args
 
     def restore_command(self, batch: EncodedRows) -> bytes:
         """One ``RESTORE key ttl payload`` per row (no ``REPLACE``: existing keys are refused)."""
@@ -287,6 +369,12 @@ class HashWriter:
         """Send ``batch``; replies of earlier batches are read meanwhile."""
         if batch.count == 0:
             return
+        self.send(batch)
+        self._drain(keep=1)
+        self._throttle(batch.count)
+
+    def send(self, batch: EncodedRows) -> None:
+        """Send ``batch`` without reading any reply (then :meth:`wait`; :meth:`write` does both)."""
         if self.restore_available and self._prefer_restore:
             ok = self._restorable(batch)
             if ok.all():
@@ -296,17 +384,41 @@ class HashWriter:
                 self._send("lua", split_rows(batch, ~ok))
         else:
             self._send("lua", batch)
-        self._drain(keep=1)
-        self._throttle(batch.count)
+
+    def wait(self, pending: int = 0) -> None:
+        """Read replies until at most ``pending`` commands are outstanding."""
+        self._drain(keep=pending)
 
     def flush(self) -> None:
         """Wait for every batch sent."""
         self._drain(keep=0)
 
+    def send_asking(self, batch: EncodedRows) -> None:
+        """Per-key mode: send every row as ``ASKING`` + ``EVALSHA`` (a slot being imported here)."""
+        assert self.per_key, "ASKING is for cluster nodes (per_key=True)"
+        self._send("asking", batch)
+
+    def load_script(self) -> None:
+        """``SCRIPT LOAD`` the per-key script (again: after a ``-NOSCRIPT``)."""
+        try:
+            self.client.script_load(self._script)
+        except redis.ConnectionError as exc:
+            raise ConnectionLost(f"cannot reach Redis: {exc}") from exc
+
+    def take_refused(self) -> list[RefusedRows]:
+        """The rows refused so far (per-key mode), handed over once."""
+        refused, self.refused = self.refused, []
+        return refused
+
     def _send(self, kind: str, batch: EncodedRows) -> None:
         if batch.count == 0:
             return
-        payload = self.restore_command(batch) if kind == "restore" else self.lua_command(batch)
+        if kind == "restore":
+            payload = self.restore_command(batch)
+        elif self.per_key:
+            payload = self.per_key_command(batch, asking=kind == "asking")
+        else:
+            payload = self.lua_command(batch)
         assert self._sock is not None, "use HashWriter as a context manager"
         self._sock.sendall(payload)
         self._queue.append(_Sent(kind, batch))
@@ -317,6 +429,9 @@ class HashWriter:
         while len(self._queue) > keep:
             sent = self._queue.popleft()
             n = sent.batch.count
+            if sent.kind != "restore" and self.per_key:
+                self._read_per_key(sent)
+                continue
             if sent.kind == "lua":
                 (head,) = replies.lines(1) or [_OK]
                 if not head.startswith(b"*2"):
@@ -329,18 +444,58 @@ class HashWriter:
                 continue
             lines = replies.lines(n)
             busy = np.zeros(n, dtype=bool)
+            again: dict[int, bytes] = {}
             if lines is not None:
                 for i, line in enumerate(lines):
                     if line.startswith(b"-BUSYKEY"):
                         busy[i] = True
+                    elif self.per_key and line.startswith(RETRY_ERRORS):
+                        again[i] = line
                     elif not line.startswith(b"+"):
                         raise BackendUnavailable(f"Redis refused RESTORE: {line.decode(errors='replace')}")
             nbusy = int(busy.sum())
-            self.counts.written += n - nbusy
-            self.counts.restored += n - nbusy
+            self.counts.written += n - nbusy - len(again)
+            self.counts.restored += n - nbusy - len(again)
+            if again:
+                self._refuse(sent.batch, again)
             if nbusy:
                 self._send("lua", split_rows(sent.batch, busy))
                 self._prefer_restore = nbusy * 2 <= n
+
+    def _read_per_key(self, sent: _Sent) -> None:
+        """The replies of per-key ``EVALSHA`` rows: ``:0`` .. ``:3`` (written + 2 * new), or errors."""
+        replies = self._replies
+        assert replies is not None
+        n = sent.batch.count
+        codes = replies.digits(n) if sent.kind == "lua" else None
+        again: dict[int, bytes] = {}
+        if codes is None:
+            lines = replies.lines(2 * n if sent.kind == "asking" else n)
+            if lines is None:  # +OK for every row: not the script's answer
+                raise BackendUnavailable("Redis answered +OK to EVALSHA of the write script")
+            if sent.kind == "asking":
+                lines = lines[1::2]  # each after ASKING's +OK
+            codes = np.full(n, -1, dtype=np.int64)
+            for i, line in enumerate(lines):
+                if line.startswith(b":"):
+                    codes[i] = int(line[1:])
+                elif line.startswith(RETRY_ERRORS):
+                    again[i] = line
+                else:
+                    raise BackendUnavailable(f"Redis refused the write script: {line.decode(errors='replace')}")
+        done = codes[codes >= 0]
+        written, fresh = int((done & 1).sum()), int((done >> 1).sum())
+        self.counts.written += written
+        self.counts.skipped += len(done) - written
+        if again:
+            self._refuse(sent.batch, again)
+        if self.restore_available and fresh * 2 > n:
+            self._prefer_restore = True
+
+    def _refuse(self, batch: EncodedRows, errors: dict[int, bytes]) -> None:
+        keep = np.zeros(batch.count, dtype=bool)
+        keep[list(errors)] = True
+        self.refused.append(RefusedRows(split_rows(batch, keep), [errors[i] for i in sorted(errors)]))
 
     def _throttle(self, n: int) -> None:
         self._sent_rows += n
@@ -365,8 +520,12 @@ class HashWriter:
             return False
         sample = [b"\x08\x01", *(b"\x29" + bytes(8) for _ in self.feature_fields)]
         sample[-1] = b""  # a null value
-        tag = uuid.uuid4().hex
-        restored, built = f"featurepipe:probe:{tag}:r".encode(), f"featurepipe:probe:{tag}:h".encode()
+        if self._probe_tag is None:
+            tag = uuid.uuid4().hex
+            restored, built = f"featurepipe:probe:{tag}:r".encode(), f"featurepipe:probe:{tag}:h".encode()
+        else:  # one hash tag: both keys in one slot of this cluster node (the 2-key DEL below)
+            restored = b"featurepipe:probe:{%s}:r" % self._probe_tag
+            built = b"featurepipe:probe:{%s}:h" % self._probe_tag
 
         def one(value: bytes) -> Piece:
             return rows.from_flat(np.frombuffer(value, np.uint8), np.array([0, len(value)]))

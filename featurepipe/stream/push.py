@@ -29,10 +29,10 @@ from featurepipe.core.sql import literal, quote
 from featurepipe.core.windows import history, micros
 from featurepipe.definitions import AggregateView, aggregate_views, shape
 from featurepipe.errors import InvalidInput
+from featurepipe.online.cluster_writer import open_hash_writer
 from featurepipe.online.layout import feature_field, timestamp_field
 from featurepipe.online.plan import view_plan
 from featurepipe.online.schedule import schedule_field
-from featurepipe.online.writer import HashWriter
 from featurepipe.quality.contracts import load_contracts
 from featurepipe.stream.history import check_raw_history, unreadable_history
 from featurepipe.stream.online_rows import POSITION, online_batches, schedule_rows
@@ -145,7 +145,7 @@ def push_events(store: FeatureStore, events: pa.Table, source: str) -> PushResul
             if rows.num_rows:
                 plan = view_plan(store.get_feature_view(view.name), store.config, store.project)
                 fields = [*(feature_field(plan.view, f.name) for f in plan.features), schedule_field(plan.view)]
-                with HashWriter(client, timestamp_field(plan.view), fields, ttl_seconds=plan.key_ttl_seconds,
+                with open_hash_writer(client, timestamp_field(plan.view), fields, ttl_seconds=plan.key_ttl_seconds,
                                 replace_equal=True) as writer:
                     for batch in online_batches(rows, plan):
                         writer.write(batch)
