@@ -119,7 +119,8 @@ def serve(ctx: click.Context, /, repo: str | None, workers: int, log_format: str
     port (SO_REUSEPORT; the kernel spreads connections among them): each is a full server
     with its own Redis connections; worker i serves metrics on --metrics-port + i.
     SIGTERM / SIGINT drain every worker (--grace seconds) and exit. Redis comes from the
-    repo's feature_store.yaml, overridden by REDIS_URL. Exit status 2: bad options or repo.
+    repo's feature_store.yaml, overridden by REDIS_URL (one server; a Redis Cluster's nodes
+    are those of connection_string). Exit status 2: bad options or repo.
     """
     configure(log_format)
     try:
