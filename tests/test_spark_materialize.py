@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import redis
+import redis.crc
 
 from featurepipe.redis_server import RedisServer
 from tests.conftest import feast_cli
@@ -172,3 +173,39 @@ def test_spark_materialisation_writes_the_bytes_duckdb_writes(deployed: Deployed
     assert [(r.written, r.skipped) for r in again.per_view] == [
         (0, outcome["merchant_fraud"][1]), (0, outcome[PLAIN][1] - 1)]  # (the plain view's quarantined row)
     assert _content(client) == before
+
+
+def test_spark_executors_write_into_a_redis_cluster(deployed: Deployed, spark: Any) -> None:
+    """A materialisation from Spark (a windowed view and the plain one) into a 3-node Redis
+    Cluster (``redis_type: redis_cluster``): each executor's writer splits its rows per
+    primary; every key, found on the primary owning its slot, holds the fields DuckDB's
+    engine writes into one server."""
+    from featurepipe.feast.online_store import FeaturepipeRedisOnlineStoreConfig
+    from featurepipe.jobs.materialize import materialize
+    from featurepipe.jobs.spark_materialize import materialize_spark
+    from featurepipe.redis_server import RedisClusterServers
+
+    client, start, end = deployed.client, datetime(2020, 1, 1, tzinfo=timezone.utc), deployed.end
+    views = ["merchant_fraud", PLAIN]
+    client.flushdb()
+    materialize(deployed.store, start=start, end=end, views=views, progress=False)
+    expected = _content(client)
+    with RedisClusterServers() as cluster:
+        from feast import FeatureStore
+
+        online = FeaturepipeRedisOnlineStoreConfig(redis_type="redis_cluster",
+                                                   connection_string=cluster.connection_string)
+        config = deployed.store.config.model_copy()
+        config.online_config, config._online_store = online, None  # (Feast builds online_store from these)
+        store = FeatureStore(repo_path=str(deployed.repo), config=config)
+        assert store.config.online_store.redis_type.value == "redis_cluster"
+        sparked = materialize_spark(store, start=start, end=end, views=views, progress=False, partitions=3,
+                                    spark=spark)
+        assert all(r.written > 0 for r in sparked.per_view), [(r.view, r.written, r.skipped, r.entities) for r in sparked.per_view]
+        got: dict[bytes, dict[bytes, bytes]] = {}
+        for i, port in enumerate(cluster.ports):
+            first, last = cluster.slot_ranges(i)
+            node = _content(redis.Redis(port=port))
+            assert node and all(first <= redis.crc.key_slot(k) <= last for k in node)
+            got.update(node)
+    assert got == expected
