@@ -134,7 +134,9 @@ class KafkaBackend:
         assert publish_kafka(self.bootstrap, name, payloads, key_of=key_of) == len(payloads)
 
     def publish_without_payload(self, name: str, key: str) -> None:
-        producer = Producer({"bootstrap.servers": self.bootstrap, "enable.idempotence": True})
+        # Kafka's default (murmur2) partitioner, as publish_kafka's: the same key, the same partition
+        producer = Producer({"bootstrap.servers": self.bootstrap, "enable.idempotence": True,
+                             "partitioner": "murmur2_random"})
         producer.produce(name, value=None, key=key)
         assert producer.flush(30) == 0
 

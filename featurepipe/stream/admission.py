@@ -1,12 +1,17 @@
 """Admission of a decoded micro-batch: which events update features, which become dead
 letters, and why.
 
-An event leaves at the first step it fails, in this order:
+A message a route stage produced again after a crash (:func:`redelivered`) is no event
+at all: it is dropped before these steps, without a dead letter. An event leaves at the
+first step it fails, in this order:
 
 1. **decode** (:mod:`featurepipe.stream.decode`): the message is not a JSON object of the
    source's schema;
 2. **row checks** (:func:`check_rows`): the source contract's row checks, then a null event
    time or join key; a failed ``block`` check stops the job before anything is written;
+   on a keyed topic read by a consumer group, then **partition** (:func:`misplaced`): the
+   event's key belongs in another partition (the producer did not key by it with Kafka's
+   default partitioner), so another worker may hold the key's state;
 3. **lateness** (:func:`find_late`): older than its partition's watermark when it arrived,
    or than the rows the job has already made final;
 4. **duplicates** (:func:`find_duplicates`): an earlier event of this batch, or one the
@@ -33,6 +38,7 @@ import pyarrow.compute as pc
 from featurepipe.core.errors import InvalidInput
 from featurepipe.core.sql import literal, quote
 from featurepipe.stream.decode import MSG, Decoded
+from featurepipe.stream.keys import KeySet, entity_keys, partition_of
 from featurepipe.stream.source import RawBatch
 from featurepipe.stream.watermark import POS_INF, arrival_watermarks, duration_us, from_us
 
@@ -133,6 +139,48 @@ def check_rows(con: duckdb.DuckDBPyConnection, events: pa.Table, conditions: Seq
         con.unregister(_CHECKED)
     return DeadLetters(np.asarray([b[0] for b in bad], dtype=np.int64), tuple(b[1] for b in bad),
                        tuple(b[2] for b in bad))
+
+
+def redelivered(raw: RawBatch, origin_max: Mapping[str, int]) -> tuple[np.ndarray, dict[str, int]]:
+    """Which messages of ``raw`` (bool mask) a route stage produced again: a route that
+    crashed before its checkpoint produces its input again from there, and a keyed
+    partition receives, from each input partition, its messages in input order; so a
+    message whose origin offset is not past the newest one seen from its input partition
+    (``origin_max``: input partition -> offset, not changed) came before. Also returns
+    ``origin_max`` after the batch."""
+    newest = dict(origin_max)
+    mask = np.zeros(len(raw), dtype=bool)
+    if raw.origins is None:
+        return mask, newest
+    for i, origin in enumerate(raw.origins):
+        if origin is None:
+            continue
+        name, _, offset = origin.rpartition(":")
+        at = int(offset)
+        if at <= newest.get(name, -1):
+            mask[i] = True
+        else:
+            newest[name] = at
+    return mask, newest
+
+
+def misplaced(events: pa.Table, keys: KeySet, partition: int, partitions: int) -> DeadLetters:
+    """The events (none with a null key: the row checks took those) whose key Kafka's
+    default partitioner puts in another partition than ``partition`` of ``partitions``: a
+    keyed topic holds each key in one partition, or the key's events would be split
+    between workers."""
+    if not events.num_rows:
+        return DeadLetters.empty()
+    home = partition_of(entity_keys(events, keys), partitions)
+    wrong = np.flatnonzero(home != partition)
+    if not len(wrong):
+        return DeadLetters.empty()
+    msg = events.column(MSG).to_numpy()[wrong]
+    reasons = tuple(
+        f"partition: the event's {', '.join(keys)} belongs in partition {int(home[i])} of {partitions} (murmur2 "
+        f"of its key), it came in partition {partition}; the producer must key messages by {', '.join(keys)} "
+        "with Kafka's default (murmur2) partitioner" for i in wrong)
+    return DeadLetters(np.asarray(msg, dtype=np.int64), ("partition",) * len(wrong), reasons)
 
 
 def blocking_error(failures: DeadLetters, rules: AdmissionRules, raw: RawBatch) -> InvalidInput | None:

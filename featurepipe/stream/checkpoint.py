@@ -58,62 +58,70 @@ class Checkpoint:
         return self.thread is None or not self.thread.is_alive()
 
 
-def fingerprint(state: WindowState, workers: int, lateness: timedelta, types: dict[str, str]) -> str:
-    """A hash of what a checkpoint's state depends on: the views, the worker count, the
-    lateness, the source's types and the kernel version (what a row means, and so how
-    far back the state reaches). A checkpoint is only resumed under the same one."""
+def fingerprint(state: WindowState, workers: int, lateness: timedelta, types: dict[str, str],
+                partitions: int | None = None) -> str:
+    """A hash of what a checkpoint's state depends on: the views, the worker count (or, for a
+    partition of a keyed topic, the topic's partition count: which keys the partition
+    holds), the lateness, the source's types and the kernel version (what a row means, and
+    so how far back the state reaches). A checkpoint is only resumed under the same one."""
     import hashlib
 
-    spec = {
+    spec: dict[str, Any] = {
         "kernel": KERNEL_VERSION,
         "views": [asdict(v.spec) | {"offline_path": str(v.spec.offline_path)} for v in state.views],
         "workers": workers,
         "lateness_us": duration_us(lateness),
         "types": types,
     }
+    if partitions is not None:
+        spec["partitions"] = partitions
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def read_manifest(state_dir: Path, want: str, job: str, worker: int) -> dict[str, Any] | None:
+def read_manifest(state_dir: Path, want: str, job: str, unit: int | str) -> dict[str, Any] | None:
     """The manifest of the newest checkpoint in ``state_dir`` (None: none yet); raises
-    :class:`InvalidInput` when it was written under another fingerprint than ``want``."""
+    :class:`InvalidInput` when it was written under another fingerprint than ``want``
+    (``unit``: the worker's index, or the name of a keyed topic's partition state)."""
     manifest = state_dir / MANIFEST
     if not manifest.exists():
         return None
     m: dict[str, Any] = json.loads(manifest.read_text())
     if m["fingerprint"] != want:
+        who = f"worker {unit}" if isinstance(unit, int) else f"partition {unit}"
         raise InvalidInput(
-            f"stream job {job!r} worker {worker}: the checkpoint in "
-            f"{state_dir} was written for other definitions, worker count or kernel version "
+            f"stream job {job!r} {who}: the checkpoint in "
+            f"{state_dir} was written for other definitions, worker or partition count or kernel version "
             f"({m['fingerprint']} vs {want}); start a new --job or delete that folder"
         )
     return m
 
 
 class CheckpointWriter:
-    """Writes the checkpoints of worker ``worker`` of stream job ``job``.
+    """Writes the checkpoints of one share of stream job ``job``'s state: ``unit`` is
+    ``w<worker>`` (a worker's whole state) or the name of a keyed topic's partition.
 
-    Its files are named ``stream-<job>-w<worker>-<seq>.parquet``: the offline rows under each
-    view's offline folder and, for worker 0 only, the dead letters in ``dead_dir`` and the
-    raw archive under ``input_root``; snapshots and the manifest go to ``state_dir``.
+    Its files are named ``stream-<job>-<unit>-<seq>.parquet``: the offline rows under each
+    view's offline folder and, when ``shared_outputs``, the dead letters in ``dead_dir`` and
+    the raw archive under ``input_root``; snapshots and the manifest go to ``state_dir``.
     """
 
-    def __init__(self, job: str, worker: int, state: WindowState, state_dir: Path, dead_dir: Path,
-                 input_root: Path, timestamp: str) -> None:
-        self.job, self.worker, self.state = job, worker, state
+    def __init__(self, job: str, unit: str, state: WindowState, state_dir: Path, dead_dir: Path,
+                 input_root: Path, timestamp: str, shared_outputs: bool = True) -> None:
+        self.job, self.unit, self.state = job, unit, state
         self.state_dir, self.dead_dir, self.input_root, self.timestamp = state_dir, dead_dir, input_root, timestamp
+        self.shared_outputs = shared_outputs
 
     def tag(self, seq: int) -> str:
-        return f"stream-{self.job}-w{self.worker}-{seq:08d}"
+        return f"stream-{self.job}-{self.unit}-{seq:08d}"
 
     def snapshot(self, seq: int) -> Path:
         return self.state_dir / f"seq-{seq:08d}"
 
     def own_files(self) -> list[Path]:
-        """Every offline, dead-letter and raw-archive file this worker wrote."""
-        pattern = f"stream-{self.job}-w{self.worker}-*.parquet"
+        """Every offline, dead-letter and raw-archive file this share's checkpoints wrote."""
+        pattern = f"stream-{self.job}-{self.unit}-*.parquet"
         roots = [v.spec.offline_path for v in self.state.views]
-        if self.worker == 0:
+        if self.shared_outputs:
             roots += [self.dead_dir, self.input_root]
         files: list[Path] = []
         for root in roots:
@@ -128,25 +136,12 @@ class CheckpointWriter:
                 f.unlink()
                 removed += 1
         if removed:
-            log.warning("stream %s: removed %d file(s) of an interrupted checkpoint", self.job, removed)
+            log.warning("stream %s %s: removed %d file(s) of an interrupted checkpoint", self.job, self.unit, removed)
         return removed
 
     def start(self, ck: Checkpoint, con: duckdb.DuckDBPyConnection) -> None:
         """Write ``ck`` on a thread of its own (join ``ck.thread``; an error is in ``ck.error``)."""
-        ck.thread = threading.Thread(target=self._background, args=(ck, con), name=f"checkpoint-{ck.seq}",
-                                     daemon=True)
-        ck.thread.start()
-
-    def _background(self, ck: Checkpoint, con: duckdb.DuckDBPyConnection) -> None:
-        """:meth:`write` at a lower CPU priority than the micro-batches: where cores are few,
-        the checkpoint's offline rows (the kernel's SQL over the frozen state, seconds of
-        CPU) would otherwise hold back the events being written online (Linux: a thread's
-        own nice value; elsewhere as it is)."""
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-        except (AttributeError, OSError):
-            pass
-        self.write(ck, con)
+        start_round([(self, ck)], con)
 
     def write(self, ck: Checkpoint, con: duckdb.DuckDBPyConnection) -> None:
         """Write ``ck`` on a cursor of ``con``, from the state's frozen copies; the manifest
@@ -187,6 +182,28 @@ class CheckpointWriter:
         except BaseException as exc:  # re-raised by the main thread
             ck.error = exc
         ck.seconds = time.perf_counter() - t0
+
+
+def start_round(round_: list[tuple[CheckpointWriter, Checkpoint]], con: duckdb.DuckDBPyConnection) -> None:
+    """Write the checkpoints of several shares one after another on one thread of its own
+    (each ``ck.thread`` is it), at a lower CPU priority than the micro-batches: where cores
+    are few, the checkpoint's offline rows (the kernel's SQL over the frozen state, seconds
+    of CPU) would otherwise hold back the events being written online (Linux: a thread's
+    own nice value; elsewhere as it is)."""
+
+    def background() -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            pass
+        for writer, ck in round_:
+            writer.write(ck, con)
+
+    thread = threading.Thread(target=background, name=f"checkpoint-{round_[0][1].seq}" if round_ else "checkpoint",
+                              daemon=True)
+    for _, ck in round_:
+        ck.thread = thread
+    thread.start()
 
 
 def kernel_tagged(table: pa.Table) -> pa.Table:

@@ -21,8 +21,9 @@ METADATA_TIMEOUT_SECONDS = 5.0
 
 
 def check_topic(client: Any, bootstrap: str, topic: str,
-                timeout_seconds: float = METADATA_TIMEOUT_SECONDS) -> None:
-    """Raise InvalidInput if ``topic`` does not exist, BackendUnavailable if no broker answers.
+                timeout_seconds: float = METADATA_TIMEOUT_SECONDS) -> Any:
+    """The topic's metadata (``.partitions``); raise InvalidInput if ``topic`` does not
+    exist, BackendUnavailable if no broker answers.
 
     Asks for the metadata of all topics: a request naming the topic would make brokers
     with automatic topic creation (Tansu always) create it.
@@ -45,6 +46,7 @@ def check_topic(client: Any, bootstrap: str, topic: str,
             f"{', '.join(known) or 'none'}); check the topic name, or create it with "
             "featurepipe.stream.kafka.create_topic or publish events first"
         )
+    return found
 
 
 def publish_kafka(bootstrap: str, topic: str, events: Iterable[bytes],
@@ -53,45 +55,69 @@ def publish_kafka(bootstrap: str, topic: str, events: Iterable[bytes],
     """Produce JSON events (from ``encode_event``) to ``topic``; returns how many.
 
     ``key_of(payload)`` gives a message key (events with one key go to one partition, in
-    order); without it the producer spreads them. The producer is idempotent, so retries
-    neither duplicate nor reorder messages. Raises if any delivery failed.
+    order: Kafka's default murmur2 partitioner, as Java clients place them); without it the
+    producer spreads them. The producer is idempotent, so retries neither duplicate nor
+    reorder messages. Raises if any delivery failed.
     """
-    from confluent_kafka import KafkaError, KafkaException, Producer
-
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
-                         "linger.ms": 5, "logger": log})
-    check_topic(producer, bootstrap, topic)
-    failures: list[KafkaError] = []
-
-    def delivered(err: KafkaError | None, _msg: Any) -> None:
-        if err is not None:
-            failures.append(err)
-
+    producer = KeyedProducer(bootstrap, [topic])
     n = 0
     for payload in events:
-        key = key_of(payload) if key_of is not None else None
+        producer.produce(topic, payload, key_of(payload) if key_of is not None else None)
+        n += 1
+    producer.flush(flush_timeout_seconds)
+    return n
+
+
+class KeyedProducer:
+    """An idempotent producer that places keyed messages as Kafka's Java clients do
+    (``partitioner=murmur2_random``: murmur2 of the key; a message without a key goes to a
+    random partition). :meth:`flush` raises unless every message so far was delivered.
+    Checks that ``topics`` exist first."""
+
+    def __init__(self, bootstrap: str, topics: Iterable[str]) -> None:
+        from confluent_kafka import Producer
+
+        self.bootstrap = bootstrap
+        self._producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5,
+                                   "partitioner": "murmur2_random", "logger": log})
+        for topic in topics:
+            check_topic(self._producer, bootstrap, topic)
+        self._failures: list[Any] = []
+        self._sent = 0
+
+    def _delivered(self, err: Any, _msg: Any) -> None:
+        if err is not None:
+            self._failures.append(err)
+
+    def produce(self, topic: str, value: bytes, key: bytes | str | None = None,
+                headers: list[tuple[str, str | bytes | None]] | None = None) -> None:
+        """Queue one message (waits for deliveries while the local queue is full)."""
+        from confluent_kafka import KafkaException
+
         while True:
             try:
-                producer.produce(topic, value=payload, key=key, on_delivery=delivered)
+                self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=self._delivered)
                 break
             except BufferError:  # local queue full: wait for deliveries
-                producer.poll(0.5)
+                self._producer.poll(0.5)
             except KafkaException as exc:
-                raise BackendUnavailable(f"producing to {topic!r} at {bootstrap}: {exc}") from exc
-        producer.poll(0)
-        n += 1
-    undelivered = producer.flush(flush_timeout_seconds)
-    if undelivered:
-        raise BackendUnavailable(
-            f"{undelivered} of {n} events to Kafka topic {topic!r} at {bootstrap} were not "
-            f"delivered within {flush_timeout_seconds:g}s"
-        )
-    if failures:
-        raise BackendUnavailable(
-            f"{len(failures)} of {n} events to Kafka topic {topic!r} at {bootstrap} failed; "
-            f"first error: {failures[0].str()}"
-        )
-    return n
+                raise BackendUnavailable(f"producing to {topic!r} at {self.bootstrap}: {exc}") from exc
+        self._producer.poll(0)
+        self._sent += 1
+
+    def flush(self, timeout_seconds: float = 60.0) -> None:
+        """Wait until every queued message is delivered; raise BackendUnavailable if one was not."""
+        undelivered = self._producer.flush(timeout_seconds)
+        if undelivered:
+            raise BackendUnavailable(
+                f"{undelivered} of {self._sent} messages to Kafka at {self.bootstrap} were not "
+                f"delivered within {timeout_seconds:g}s"
+            )
+        if self._failures:
+            raise BackendUnavailable(
+                f"{len(self._failures)} of {self._sent} messages to Kafka at {self.bootstrap} failed; "
+                f"first error: {self._failures[0].str()}"
+            )
 
 
 def create_topic(bootstrap: str, topic: str, partitions: int = 1, replication_factor: int = 1,

@@ -41,6 +41,9 @@ class StreamMetrics:
                                "Event-time watermark (epoch seconds): rows before it are final", names, registry=r)
         self.checkpoints = Gauge("featurepipe_stream_checkpoints", "Checkpoints written (over all runs)",
                                  names, registry=r)
+        self.partitions = Gauge("featurepipe_stream_partitions",
+                                "Partitions of keyed topics this worker holds (a consumer group's share)",
+                                names, registry=r)
         self._server: Any = None
 
     def batch(self, messages: int, accepted: int, dead: int, seconds: float) -> None:
@@ -57,6 +60,9 @@ class StreamMetrics:
         h = self.latency_seconds.labels(**self._labels)
         for value in seconds[::step]:
             h.observe(float(value))
+
+    def held(self, partitions: int) -> None:
+        self.partitions.labels(**self._labels).set(partitions)
 
     def offline(self, view: str, rows: int) -> None:
         self.offline_rows.labels(**self._labels, view=view).inc(rows)

@@ -37,10 +37,18 @@ class StreamOptions:
     latency_samples: int = 0  # keep up to this many event-to-online latencies (benchmarks)
     prefetch: bool = True  # poll the next micro-batch on a thread while this one is processed
     bootstrap: bool = False  # a new job loads its state from the source's Parquet history
+    # keyed Kafka topics read by a consumer group: state and checkpoint per partition, which
+    # moves between the workers of the group (featurepipe.stream.share); else one state
+    partitioned: bool = False
 
     def __post_init__(self) -> None:
-        if self.workers < 1 or not 0 <= self.worker < self.workers:
+        if self.workers < 1 or self.worker < 0 or (self.worker >= self.workers and not self.partitioned):
             raise InvalidInput(f"worker must be in [0, workers); got worker {self.worker} of {self.workers}")
+        if self.partitioned and self.workers != 1:
+            raise InvalidInput(
+                f"a partitioned job's workers share the partitions of a Kafka consumer group: start as many as "
+                f"you like, each with its own --worker index, and leave --workers at 1 (got {self.workers}); "
+                "--workers splits the keys of a Redis stream")
         if self.allowed_lateness < timedelta(0):
             raise InvalidInput("allowed lateness must be >= 0")
         if self.max_batch < 1:
@@ -56,6 +64,7 @@ class Counters:
     dead: int = 0  # could not be decoded or failed a contract check
     late: int = 0
     duplicate: int = 0
+    redelivered: int = 0  # a route stage's second copy of a message, dropped (no event, no dead letter)
     online_rows: int = 0
     offline_rows: int = 0
     checkpoints: int = 0

@@ -19,11 +19,14 @@ from featurepipe.stream.spec import StreamView
 
 class CheckpointRecorder:
     """Appends a :class:`RunRecord` per checkpoint of worker ``worker`` of job ``job`` to the
-    run log under ``data``, counting the messages since the previous record (or :meth:`since`)."""
+    run log under ``data``, counting the messages since the previous record (or :meth:`since`).
+    ``unit`` names the share of the state checkpointed (default ``w<worker>``: all of it; a
+    keyed topic's partition otherwise), and so the record (``<job>-<unit>-<seq>``)."""
 
     def __init__(self, data: Path, job: str, worker: int, views: Sequence[StreamView], input_root: Path,
-                 dead_dir: Path) -> None:
+                 dead_dir: Path, unit: str | None = None) -> None:
         self.data, self.job, self.worker, self.views = data, job, worker, list(views)
+        self.unit = unit or f"w{worker}"
         self.input_root, self.dead_dir = input_root, dead_dir
         self._counters: dict[str, int] = {}
 
@@ -42,7 +45,7 @@ class CheckpointRecorder:
         finished = manifest["written_at"]
         started = (datetime.fromisoformat(finished) - timedelta(seconds=ck.seconds)).isoformat()
         append_run(self.data, RunRecord(
-            run_id=f"{self.job}-w{self.worker}-{manifest['seq']:08d}",
+            run_id=f"{self.job}-{self.unit}-{manifest['seq']:08d}",
             kind=KIND_STREAM, status="ok", started=started, finished=finished, seconds=round(ck.seconds, 4),
             code_version=code_version(), definitions_hash=manifest["fingerprint"],
             inputs=(RunInput(

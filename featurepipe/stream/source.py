@@ -41,9 +41,29 @@ class RawBatch:
     positions: dict[str, str] = field(default_factory=dict)  # partition -> position after this batch
     ids: list[str] = field(default_factory=list)  # a message id each (its position), for dead letters
     publish_ms: np.ndarray | None = None  # when each message entered the broker (epoch ms), if known
+    # per message, the raw message a route stage produced it from ("<topic>:<partition>:<offset>"),
+    # None for a message that says nothing (see featurepipe.stream.route); None: no message says
+    origins: list[str | None] | None = None
 
     def __len__(self) -> int:
         return len(self.payloads)
+
+    def take(self, index: np.ndarray) -> RawBatch:
+        """The messages at ``index`` (ascending), with positions only of the partitions they
+        come from (each the position after its last message in the whole batch: a message
+        left out lies in another share of the batch, never between two taken ones)."""
+        index = np.asarray(index, dtype=np.int64)
+        parts = self.partitions[index]
+        names = {self.partition_names[int(p)] for p in np.unique(parts)}
+        return RawBatch(
+            payloads=[self.payloads[int(i)] for i in index],
+            partitions=parts,
+            partition_names=self.partition_names,
+            positions={k: v for k, v in self.positions.items() if k in names},
+            ids=[self.ids[int(i)] for i in index] if self.ids else [],
+            publish_ms=None if self.publish_ms is None else self.publish_ms[index],
+            origins=None if self.origins is None else [self.origins[int(i)] for i in index],
+        )
 
 
 class EventSource(Protocol):

@@ -8,6 +8,7 @@ files yet, from the columns its contract declares.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,20 +68,8 @@ def resolve_spec(store: FeatureStore, options: StreamOptions, con: duckdb.DuckDB
     """The job's source, checks and views; raises :class:`InvalidInput` (or
     :class:`NotFound` for a source without files or declared types) saying what to fix."""
     o = options
-    try:
-        source = store.get_data_source(o.source)
-    except Exception as exc:  # feast raises DataSourceObjectNotFoundException
-        raise InvalidInput(f"the registry has no data source {o.source!r}; check --source or run feast apply") from exc
-    source_glob = resolve_source_path(repo, source.path) if hasattr(source, "path") else None
-    specs = [v for v in aggregate_views(store, o.views)
-             if v.input_path == source_glob
-             and v.timestamp_field == source.timestamp_field]
-    if not specs:
-        raise InvalidInput(
-            f"no windowed-aggregate view reads source {o.source!r} by {source.timestamp_field!r}; "
-            "nothing to compute from this stream"
-        )
-    glob, timestamp = str(source_glob), source.timestamp_field
+    source, specs = source_views(store, o.source, o.views, repo)
+    glob, timestamp = str(resolve_source_path(repo, source.path)), source.timestamp_field
     contracts = load_contracts(repo)
     contract = contracts.sources.get(o.source)
     # each raw file's own schema, before its types are taken or its rows bootstrapped
@@ -109,6 +98,27 @@ def resolve_spec(store: FeatureStore, options: StreamOptions, con: duckdb.DuckDB
         unique=tuple(contract.unique) if contract and contract.unique else (),
         key_columns=tuple(key_columns), views=tuple(views),
     )
+
+
+def source_views(store: FeatureStore, source_name: str, views: Sequence[str] | None,
+                 repo: Path) -> tuple[Any, list[AggregateView]]:
+    """The Feast data source ``source_name`` and the windowed-aggregate views (of ``views``,
+    default all) that read it by its timestamp field; :class:`InvalidInput` when there is
+    no such source or no such view."""
+    try:
+        source = store.get_data_source(source_name)
+    except Exception as exc:  # feast raises DataSourceObjectNotFoundException
+        raise InvalidInput(f"the registry has no data source {source_name!r}; check --source or run feast apply") from exc
+    source_glob = resolve_source_path(repo, source.path) if hasattr(source, "path") else None
+    specs = [v for v in aggregate_views(store, views)
+             if v.input_path == source_glob
+             and v.timestamp_field == source.timestamp_field]
+    if not specs:
+        raise InvalidInput(
+            f"no windowed-aggregate view reads source {source_name!r} by {source.timestamp_field!r}; "
+            "nothing to compute from this stream"
+        )
+    return source, specs
 
 
 def source_types(con: duckdb.DuckDBPyConnection, path: str, source: str, contract: Any) -> dict[str, str]:

@@ -18,7 +18,7 @@ bootstrap its state from the source's Parquet history instead.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import duckdb
@@ -38,10 +38,11 @@ _TOUCHED = "__touched"  # the state's events of the keys a micro-batch touched, 
 
 
 class WindowState:
-    """The state tables of one worker (``worker`` of ``workers``) on connection ``con``."""
+    """The state tables of one worker (``worker`` of ``workers``) on connection ``con``, or of
+    one partition of a keyed topic; ``prefix`` tells the tables of several states apart."""
 
     def __init__(self, con: duckdb.DuckDBPyConnection, views: Sequence[StreamView], types: dict[str, str],
-                 timestamp: str, unique: Sequence[str], worker: int = 0, workers: int = 1) -> None:
+                 timestamp: str, unique: Sequence[str], worker: int = 0, workers: int = 1, prefix: str = "") -> None:
         self.con = con
         self.views = list(views)
         # one cursor per view, so that views update side by side (DuckDB runs each on its
@@ -52,13 +53,14 @@ class WindowState:
         self.timestamp = timestamp
         self.unique = tuple(unique)
         self.worker, self.workers = worker, workers
-        self.tables = [f"state_{i}" for i in range(len(self.views))]
+        self.tables = [f"{prefix}state_{i}" for i in range(len(self.views))]
+        self.seen = f"{prefix}seen"
         self._keys_sql = [", ".join(quote(k) for k in v.spec.join_keys) for v in self.views]
         for table, v in zip(self.tables, self.views):
             con.execute(f"CREATE TABLE {table} ({', '.join(f'{quote(c)} {types[c]}' for c in v.needed)})")
         if self.unique:
             cols = ", ".join(f"{quote(c)} {types[c]}" for c in self.unique)
-            con.execute(f"CREATE TABLE seen ({cols}, __ts TIMESTAMPTZ)")
+            con.execute(f"CREATE TABLE {self.seen} ({cols}, __ts TIMESTAMPTZ)")
 
     def owned(self, i: int) -> str:
         """SQL condition: the row's key of view ``i`` belongs to this worker."""
@@ -109,7 +111,7 @@ class WindowState:
         self.con.register(_KEYS, events)
         try:
             return self.con.sql(
-                f"SELECT DISTINCT {cols} FROM {_KEYS} e WHERE EXISTS (SELECT 1 FROM seen s WHERE {match})"
+                f"SELECT DISTINCT {cols} FROM {_KEYS} e WHERE EXISTS (SELECT 1 FROM {self.seen} s WHERE {match})"
             ).to_arrow_table()
         finally:
             self.con.unregister(_KEYS)
@@ -121,7 +123,7 @@ class WindowState:
         self.con.register(_EVENTS, events)
         try:
             cols = ", ".join(quote(c) for c in self.unique)
-            self.con.execute(f"INSERT INTO seen SELECT {cols}, {quote(self.timestamp)} FROM {_EVENTS}")
+            self.con.execute(f"INSERT INTO {self.seen} SELECT {cols}, {quote(self.timestamp)} FROM {_EVENTS}")
         finally:
             self.con.unregister(_EVENTS)
 
@@ -136,7 +138,7 @@ class WindowState:
         for i, table in enumerate(self.tables):
             self.con.execute(f"CREATE OR REPLACE TABLE {self.frozen(i)} AS SELECT * FROM {table}")
         if self.unique:
-            self.con.execute("CREATE OR REPLACE TABLE ck_seen AS SELECT * FROM seen")
+            self.con.execute(f"CREATE OR REPLACE TABLE ck_{self.seen} AS SELECT * FROM {self.seen}")
 
     def prune(self, watermark_us: int) -> None:
         """Drop what no row at or after the watermark needs: events older than the
@@ -147,30 +149,43 @@ class WindowState:
             self.con.execute(
                 f"DELETE FROM {table} WHERE {quote(self.timestamp)} < {ts_sql(watermark_us - v.horizon_us)}")
         if self.unique:
-            self.con.execute(f"DELETE FROM seen WHERE __ts < {ts_sql(watermark_us)}")
+            self.con.execute(f"DELETE FROM {self.seen} WHERE __ts < {ts_sql(watermark_us)}")
 
     def save(self, cur: duckdb.DuckDBPyConnection, folder: Path) -> None:
         """Write the frozen copies to ``folder`` (on ``cur``, a cursor of the writer's thread)."""
-        for i, table in enumerate(self.tables):
-            cur.execute(f"COPY {self.frozen(i)} TO {literal(str(folder / (table + '.parquet')))} (FORMAT parquet)")
+        for i in range(len(self.tables)):
+            cur.execute(f"COPY {self.frozen(i)} TO {literal(str(folder / f'state_{i}.parquet'))} (FORMAT parquet)")
         if self.unique:
-            cur.execute(f"COPY ck_seen TO {literal(str(folder / 'seen.parquet'))} (FORMAT parquet)")
+            cur.execute(f"COPY ck_{self.seen} TO {literal(str(folder / 'seen.parquet'))} (FORMAT parquet)")
 
     def load(self, folder: Path) -> None:
         """Add the snapshot in ``folder`` (written by :meth:`save`) to the tables."""
-        for table in self.tables:
-            f = folder / f"{table}.parquet"
+        for i, table in enumerate(self.tables):
+            f = folder / f"state_{i}.parquet"
             if f.exists():
                 self.con.execute(f"INSERT INTO {table} SELECT * FROM read_parquet({literal(str(f))})")
         if self.unique and (folder / "seen.parquet").exists():
-            self.con.execute(f"INSERT INTO seen SELECT * FROM read_parquet({literal(str(folder / 'seen.parquet'))})")
+            self.con.execute(f"INSERT INTO {self.seen} SELECT * FROM read_parquet({literal(str(folder / 'seen.parquet'))})")
 
-    def bootstrap(self, source_glob: str, checks: Sequence[Condition]) -> tuple[int | None, int]:
+    def drop(self) -> None:
+        """Drop every table (and frozen copy) and close the cursors: the state moved to another worker."""
+        for cur in self.cursors:
+            cur.close()
+        names = [*self.tables, *(self.frozen(i) for i in range(len(self.tables)))]
+        if self.unique:
+            names += [self.seen, f"ck_{self.seen}"]
+        for name in names:
+            self.con.execute(f"DROP TABLE IF EXISTS {name}")
+
+    def bootstrap(self, source_glob: str, checks: Sequence[Condition],
+                  owned_keys: Callable[[int, str], str] | None = None) -> tuple[int | None, int]:
         """Load each view's owned events of the source's Parquet history within its
         horizon before the newest event, leaving out rows with a null key or that
-        fail ``checks`` (as the batch gate leaves them out). Returns the newest event time
-        in microseconds (None: no history) and the rows loaded. DuckDB's conversion error
-        on a file it cannot read is raised as it is."""
+        fail ``checks`` (as the batch gate leaves them out). ``owned_keys(i, relation)``,
+        when given, names a relation of the keys of view ``i`` this state owns among those
+        of ``relation`` (a keyed topic's partition owns the keys hashed to it). Returns the
+        newest event time in microseconds (None: no history) and the rows loaded. DuckDB's
+        conversion error on a file it cannot read is raised as it is."""
         con, ts = self.con, quote(self.timestamp)
         source = f"read_parquet({literal(source_glob)}, hive_partitioning = true, union_by_name = true)"
         try:
@@ -185,9 +200,12 @@ class WindowState:
         for i, (table, v) in enumerate(zip(self.tables, self.views)):
             cols = ", ".join(quote(c) for c in v.needed)
             keys_ok = " AND ".join(f"{quote(k)} IS NOT NULL" for k in v.spec.join_keys)
-            con.execute(
-                f"INSERT INTO {table} SELECT {cols} FROM {source} WHERE {ts} >= {ts_sql(newest_us + 1 - v.horizon_us)} "
-                f"AND {keys_ok} AND NOT coalesce({bad}, FALSE) AND {self.owned(i)}"
-            )
+            rows = (f"SELECT {cols} FROM {source} WHERE {ts} >= {ts_sql(newest_us + 1 - v.horizon_us)} "
+                    f"AND {keys_ok} AND NOT coalesce({bad}, FALSE) AND {self.owned(i)}")
+            if owned_keys is not None:
+                con.execute(f"CREATE OR REPLACE TEMP TABLE __history AS {rows}")
+                join = " AND ".join(f"h.{quote(k)} = o.{quote(k)}" for k in v.spec.join_keys)
+                rows = f"SELECT h.* FROM __history h SEMI JOIN ({owned_keys(i, '__history')}) o ON {join}"
+            con.execute(f"INSERT INTO {table} {rows}")
             loaded += con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
         return newest_us, loaded
