@@ -32,9 +32,12 @@ notebooks: install
 redis-stop: install
 	$(VENV)/bin/featurepipe redis stop
 
+# Two pytest-xdist workers (TEST_WORKERS=0: one process); each module, and all of Spark's
+# tests, on one worker (tests/conftest.py groups them).
+TEST_WORKERS ?= 2
 test: lint
 	$(PY) -m featurepipe.redis_server --ensure-binary
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -m fast $(PYTEST_ARGS)

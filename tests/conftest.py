@@ -141,7 +141,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Mark every test ``fast`` that needs no server and is not ``slow`` or ``integration``
     (SQLMesh's habit: the quick tier is what is left, so a new test lands in a tier without
     thinking; `make test-fast` runs it)."""
+    spark_modules = {item.nodeid.split("::", 1)[0] for item in items if "spark" in getattr(item, "fixturenames", ())}
     for item in items:
         uses = set(getattr(item, "fixturenames", ()))
         if not uses & SERVICE_FIXTURES and not any(item.get_closest_marker(m) for m in ("slow", "integration")):
             item.add_marker(pytest.mark.fast)
+        # `make test` runs two pytest-xdist workers with --dist loadgroup: a module's tests stay
+        # on one worker (its module fixtures are built once), and every Spark test on one (one
+        # JVM, one session, as in a serial run)
+        module = item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group("spark" if module in spark_modules else module))
