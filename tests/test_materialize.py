@@ -49,6 +49,16 @@ DB_FEAST, DB_OURS, DB_PUSHED, DB_INCREMENTAL, DB_KILLED = 8, 9, 10, 11, 12
 DB_TYPES_FEAST, DB_TYPES_OURS, DB_TYPES_SCRIPT = 13, 14, 15
 
 
+@pytest.fixture(scope="module", autouse=True)
+def own_data_folders() -> Iterator[None]:
+    """The repo copies here keep their run logs and metrics in their own data folders, not
+    in the shared pipeline's (``$FEATUREPIPE_DATA_DIR``, which the session's pipeline fixture
+    sets and other modules read). Session fixtures are set up before this one."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("FEATUREPIPE_DATA_DIR", raising=False)
+        yield
+
+
 # ---------------------------------------------------------------- helpers
 
 

@@ -36,6 +36,16 @@ ENGINE = "featurepipe.feast.materialization_engine.FeaturepipeMaterializationEng
 Content = dict[bytes, dict[bytes, bytes]]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def own_data_folders() -> Iterator[None]:
+    """The repo copies here keep their run logs and metrics in their own data folders, not
+    in the shared pipeline's (``$FEATUREPIPE_DATA_DIR``, which the session's pipeline fixture
+    sets and other modules read). Session fixtures are set up before this one."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("FEATUREPIPE_DATA_DIR", raising=False)
+        yield
+
+
 def repo_at(base: Path, name: str, registry: Path, online: str, extra_engine: str = "") -> Path:
     """A repo folder with its own registry copy whose online store is ``online`` (the YAML
     lines under ``online_store:``), materialised by featurepipe's engine."""
