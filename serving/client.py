@@ -17,12 +17,23 @@ It does not import the Feast SDK (see :mod:`serving.protos`), so it loads in wel
 second. Errors come back as featurepipe errors: ``InvalidInput`` (fix the request),
 ``NotFound`` (unknown feature service or feature), ``BackendUnavailable`` (retried
 ``retries`` times with backoff, then raised).
+
+Replicas: give several addresses (``["10.0.0.1:6566", "10.0.0.2:6566"]``, or one string
+``"10.0.0.1:6566,10.0.0.2:6566"``) or a gRPC name (``"dns:///features.internal:6566"``,
+``"ipv4:10.0.0.1:6566,10.0.0.2:6566"``) and the client opens one channel with gRPC's
+``round_robin`` policy: a connection to every address, calls spread over those that are
+ready. A replica that is down or draining drops out of the rotation, so the retry of an
+UNAVAILABLE call is picked from the others (see :func:`channel_target`). One plain
+``host:port`` connects as before (gRPC's default ``pick_first``).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import cached_property
 from typing import Any
@@ -141,8 +152,95 @@ def build_request(
     return request
 
 
+# gRPC's own name schemes: a target naming one leaves the addresses to gRPC's resolver
+_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
+ROUND_ROBIN = ("grpc.lb_policy_name", "round_robin")
+
+
+@dataclass(frozen=True)
+class ChannelTarget:
+    """What a client's channel connects to: gRPC's target string and channel options.
+
+    ``display`` names the server(s) in error messages (the addresses as given).
+    """
+
+    target: str
+    options: tuple[tuple[str, Any], ...]
+    display: str
+
+
+def channel_target(target: str | Sequence[str]) -> ChannelTarget:
+    """The channel for one server address, several replicas, or a gRPC name.
+
+    * ``"host:port"`` (one address): as given, no options: gRPC's default ``pick_first``.
+    * several ``"host:port"`` (a list, or one comma-separated string): one channel over all
+      of them with ``round_robin``. IP addresses become an ``ipv4:``/``ipv6:`` target; host
+      names are resolved here, once (gRPC resolves only one name per channel), so give
+      replicas that come and go one DNS name instead.
+    * a gRPC name (``dns:///features.internal:6566``, ``ipv4:a:p,b:p``, ...): as given, with
+      ``round_robin``, so every address the name resolves to takes calls.
+
+    With several addresses the ``:authority``, and so the name a TLS certificate must hold,
+    is the first address's (gRPC's own default, the whole list, matches no certificate).
+    """
+    if isinstance(target, str):
+        text = target.strip()
+        if text.startswith(("ipv4:", "ipv6:")):  # the first address names them all (TLS)
+            first = text.split(":", 1)[1].lstrip("/").split(",")[0]
+            return ChannelTarget(text, (ROUND_ROBIN, ("grpc.default_authority", first)), text)
+        if text.startswith(_SCHEMES):
+            return ChannelTarget(text, (ROUND_ROBIN,), text)
+        addresses = [a.strip() for a in text.split(",") if a.strip()]
+    else:
+        addresses = [str(a).strip() for a in target if str(a).strip()]
+    if not addresses:
+        raise InvalidInput(f"no server address in target {target!r}; pass 'host:port', a list "
+                           "of them, or a gRPC name such as 'dns:///features.internal:6566'")
+    display = ",".join(addresses)
+    if len(addresses) == 1:
+        return ChannelTarget(addresses[0], (), display)
+    family, hosts = _resolve(addresses)
+    authority = ("grpc.default_authority", addresses[0])
+    return ChannelTarget(f"{family}:{','.join(hosts)}", (ROUND_ROBIN, authority), display)
+
+
+def _resolve(addresses: Sequence[str]) -> tuple[str, list[str]]:
+    """``("ipv4" | "ipv6", ["ip:port", ...])`` for ``host:port`` addresses: one family, in
+    order, each address once (a name may stand for several)."""
+    found: dict[str, list[str]] = {"ipv4": [], "ipv6": []}
+    named: list[set[str]] = []  # the families each address resolved to
+    for address in addresses:
+        host, sep, port = address.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit():
+            raise InvalidInput(f"server address {address!r} is not 'host:port'; e.g. "
+                               "'10.0.0.1:6566' or '[::1]:6566'")
+        try:
+            ips = [ipaddress.ip_address(host)]
+        except ValueError:  # a host name
+            try:
+                infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+            except OSError as exc:
+                raise InvalidInput(f"cannot resolve server address {address!r} ({exc}); check "
+                                   "the name, or give its IP address") from exc
+            ips = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+        families = set()
+        for ip in ips:
+            family = f"ipv{ip.version}"
+            families.add(family)
+            entry = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+            if entry not in found[family]:
+                found[family].append(entry)
+        named.append(families)
+    for family in ("ipv4", "ipv6"):
+        if all(family in families for families in named):
+            return family, found[family]
+    raise InvalidInput(f"server addresses {', '.join(addresses)} mix IPv4 and IPv6 hosts; one "
+                       "channel balances over one family: give addresses of one")
+
+
 def _channel_args(
-    target: str, root_certificates: bytes | None, token: str | None
+    root_certificates: bytes | None, token: str | None
 ) -> tuple[grpc.ChannelCredentials | None, tuple[tuple[str, str], ...]]:
     credentials = (
         grpc.ssl_channel_credentials(root_certificates) if root_certificates is not None else None
@@ -155,9 +253,13 @@ class FeatureClient:
     """Fetches online features from a featurepipe (or Feast) gRPC feature server.
 
     Args:
-        target: ``host:port`` of the server.
+        target: ``host:port`` of the server; or its replicas: a list of ``host:port``, a
+            comma-separated string of them, or a gRPC name such as
+            ``dns:///features.internal:6566`` (calls spread round robin: :func:`channel_target`).
         timeout: seconds allowed for each attempt.
-        retries: further attempts after an UNAVAILABLE answer, with exponential backoff.
+        retries: further attempts after an UNAVAILABLE answer, with exponential backoff;
+            with replicas each retry is picked from those still ready (another replica
+            when the one that failed is down or draining).
         backoff: seconds before the first retry (doubling after each).
         channel: an existing gRPC channel to use instead of opening one (not closed by us).
         root_certificates: PEM CA certificate(s): connect with TLS.
@@ -166,7 +268,7 @@ class FeatureClient:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         timeout: float = 1.0,
         retries: int = 2,
         backoff: float = 0.05,
@@ -174,15 +276,20 @@ class FeatureClient:
         root_certificates: bytes | None = None,
         token: str | None = None,
     ) -> None:
-        self.target = target
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
         self._own_channel = channel is None
-        credentials, self._metadata = _channel_args(target, root_certificates, token)
+        credentials, self._metadata = _channel_args(root_certificates, token)
         if channel is None:
-            channel = (grpc.secure_channel(target, credentials) if credentials is not None
-                       else grpc.insecure_channel(target))
+            where = channel_target(target)
+            options = list(where.options)
+            channel = (grpc.secure_channel(where.target, credentials, options=options)
+                       if credentials is not None
+                       else grpc.insecure_channel(where.target, options=options))
+            self.target = where.display
+        else:
+            self.target = target if isinstance(target, str) else ",".join(target)
         self._channel = channel
         self._get_online_features = self._channel.unary_unary(
             protos.GET_ONLINE_FEATURES,
@@ -218,6 +325,11 @@ class FeatureClient:
         return str(self._call(self._get_info, protos.GetFeastServingInfoRequest()).version)
 
     def _call(self, method: Any, request: Any) -> Any:
+        # The retries are this loop's, not a service-config retryPolicy: each attempt has the
+        # whole timeout, the error counts the attempts, and one address behaves as before.
+        # Each attempt is a new round_robin pick (the next ready replica; one that is down
+        # has left the rotation). gRPC's transparent retries, on by default, already resend
+        # a call that never reached a server (one refused by a replica draining on SIGTERM).
         attempt = 0
         while True:
             try:
@@ -248,13 +360,11 @@ class FeatureClient:
 def _error(
     target: str, timeout: float, code: grpc.StatusCode, details: str, retried: int
 ) -> FeaturepipeError:
+    who = f"feature servers {target}" if "," in target else f"feature server {target}"
     if code == grpc.StatusCode.UNAVAILABLE:
-        details = f"feature server {target} unavailable after {retried + 1} attempt(s): {details}"
+        details = f"{who} unavailable after {retried + 1} attempt(s): {details}"
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        details = (
-            f"feature server {target} did not answer within {timeout}s; raise timeout= or "
-            "check the server"
-        )
+        details = f"{who} did not answer within {timeout}s; raise timeout= or check the server"
     return error_for(code, details)
 
 
@@ -267,7 +377,7 @@ class AsyncFeatureClient:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         timeout: float = 1.0,
         retries: int = 2,
         backoff: float = 0.05,
@@ -276,13 +386,16 @@ class AsyncFeatureClient:
     ) -> None:
         from grpc import aio
 
-        self.target = target
+        where = channel_target(target)
+        self.target = where.display
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
-        credentials, self._metadata = _channel_args(target, root_certificates, token)
-        self._channel = (aio.secure_channel(target, credentials) if credentials is not None
-                         else aio.insecure_channel(target))
+        credentials, self._metadata = _channel_args(root_certificates, token)
+        options = list(where.options)
+        self._channel = (aio.secure_channel(where.target, credentials, options=options)
+                         if credentials is not None
+                         else aio.insecure_channel(where.target, options=options))
         self._get_online_features = self._channel.unary_unary(
             protos.GET_ONLINE_FEATURES,
             request_serializer=protos.GetOnlineFeaturesRequest.SerializeToString,

@@ -3,16 +3,33 @@
 A file registry is parsed straight into Feast's ``Registry`` message with the protos of
 :mod:`serving.protos`. The result is a :class:`Definitions`: small immutable descriptions
 of the project's feature views, on-demand feature views and feature services. Only
-registries that are not a local file (SQL, S3, remote) go through Feast's SDK, which then
-is imported on first use. Names end in ``Def`` (and the type enum is
+registries that are not a local file (SQL, S3, GCS, remote) go through Feast's SDK, which
+then is imported on first use. Names end in ``Def`` (and the type enum is
 :data:`ServedValueType`) so that none shadows Feast's ``Field`` or ``ValueType``.
+
+:class:`RegistryWatcher` tells the server when the registry changed, as cheaply as its kind
+allows; unchanged bytes are never parsed again (no new catalog, no plans rebuilt):
+
+* file: ``stat()`` (modification time and size); when they moved, the file is read and its
+  SHA-256 compared with that of the last parse.
+* SQL (``registry_type: sql``): one query for the project's ``last_updated_timestamp`` in
+  Feast's ``feast_metadata`` table, which every apply and delete stamps; when it moved, the
+  registry is built (Feast's ``SqlRegistry.proto()``: one query per object table) and its
+  digest compared. Feast stamps whole seconds, so a stamp younger than
+  :data:`RACY_SECONDS` is always followed by the digest check (a second apply within the
+  same second keeps the stamp). With ``purge_feast_metadata`` there is no stamp: digest only.
+* S3, GCS, remote and any other kind: Feast's registry stores offer no ETag or
+  last-modified, so every check fetches the registry (one object download, or the remote
+  registry's ``Proto`` call) and compares the digest; only the parse is saved.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -182,6 +199,115 @@ def registry_bytes(config: ServingRepoConfig) -> bytes:
 
     store = FeatureStore(repo_path=str(config.repo))
     return bytes(store.registry.proto().SerializeToString())
+
+
+RACY_SECONDS = 5.0
+"""A change token younger than this (by the server's clock) is not trusted alone: the next
+check compares digests too. It covers changes stamped within the same second (a SQL
+registry's stamp has whole seconds) and a few seconds of clock skew between the host that
+ran ``feast apply`` and the server (git's "racily clean" index entries, the same idea)."""
+
+
+@dataclass(frozen=True)
+class ChangeToken:
+    """What a cheap look at the registry saw: ``value`` moves whenever the registry
+    changes; ``at`` is when it last changed (epoch seconds, by the writer's clock)."""
+
+    value: Hashable
+    at: float
+
+
+class RegistryWatcher:
+    """The registry's definitions, read again only when the registry changed.
+
+    ``check()`` takes the kind's change token first (see the module doc); an unchanged
+    token older than :data:`RACY_SECONDS` ends the check there. Otherwise the serialized
+    registry is fetched and its SHA-256 compared with that of the last parse: only new
+    bytes are parsed. ``fetches`` and ``parses`` count the work done. Not thread-safe: the
+    server calls it from its one registry thread (and once at start).
+
+    Example::
+
+        watcher = RegistryWatcher(read_repo_config(repo))
+        definitions = watcher.check(force=True)  # the first read
+        watcher.check()                          # None until the registry changes
+    """
+
+    def __init__(self, config: ServingRepoConfig, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.fetches = 0
+        self.parses = 0
+        self._clock = clock
+        self._token: ChangeToken | None = None
+        self._settled = False  # whether self._token was old enough to be trusted alone
+        self._digest: bytes | None = None
+        self._feast_registry: Any = None  # Feast's registry object, kept (not a file)
+
+    def check(self, force: bool = False) -> Definitions | None:
+        """New definitions when the registry changed since the last parse (always when
+        ``force``), else None. Raises what reading or parsing raises; the next check
+        then tries again."""
+        now = self._clock()
+        token = self._change_token()  # before the fetch: a change in between is seen next time
+        if not force and token is not None and token == self._token and self._settled:
+            return None
+        data = self._fetch()
+        self.fetches += 1
+        digest = hashlib.sha256(data).digest()
+        definitions = None
+        if force or digest != self._digest:
+            definitions = parse_registry(data, self.config.project)
+            self.parses += 1
+        self._token, self._digest = token, digest
+        self._settled = token is not None and now - token.at >= RACY_SECONDS
+        return definitions
+
+    def _change_token(self) -> ChangeToken | None:
+        file = self.config.registry_file
+        if file is not None:
+            try:
+                st = file.stat()
+            except FileNotFoundError:
+                return ChangeToken("missing", 0.0)
+            return ChangeToken((st.st_mtime_ns, st.st_size), st.st_mtime)
+        return _sql_change_token(self._registry(), self.config.project)
+
+    def _fetch(self) -> bytes:
+        if self.config.registry_file is not None:
+            return registry_bytes(self.config)
+        from feast.infra.registry.registry import Registry
+
+        registry = self._registry()
+        if isinstance(registry, Registry):  # object stores: proto() answers from its cache
+            registry.refresh()
+        # deterministic: map fields in key order, so equal registries give equal digests
+        return bytes(registry.proto().SerializeToString(deterministic=True))
+
+    def _registry(self) -> Any:
+        """Feast's registry object for this repo, made once (a SQL registry's engine and
+        connection pool are kept between checks)."""
+        if self._feast_registry is None:
+            from feast import FeatureStore
+
+            self._feast_registry = FeatureStore(repo_path=str(self.config.repo)).registry
+        return self._feast_registry
+
+
+def _sql_change_token(registry: Any, project: str) -> ChangeToken | None:
+    """The project's ``last_updated_timestamp`` in a SQL registry's ``feast_metadata``
+    table; None for any other registry, or when Feast keeps no such row."""
+    from feast.infra.registry.sql import FeastMetadataKeys, SqlRegistry, feast_metadata
+    from sqlalchemy import select
+
+    if not isinstance(registry, SqlRegistry) or registry.purge_feast_metadata:
+        return None
+    query = select(feast_metadata.c.last_updated_timestamp).where(
+        feast_metadata.c.project_id == project,
+        feast_metadata.c.metadata_key == FeastMetadataKeys.LAST_UPDATED_TIMESTAMP.value,
+    )
+    with registry.read_engine.connect() as connection:
+        stamp = connection.execute(query).scalar()
+    return None if stamp is None else ChangeToken(int(stamp), float(stamp))
 
 
 def parse_registry(data: bytes, project: str) -> Definitions:

@@ -17,8 +17,10 @@ or blocking, as ``featurepipe serve`` does: ``serve(repo, port=6566, announce=cl
 
 The process never imports the Feast SDK, pandas or DuckDB: the registry is parsed with
 Feast's generated protos (:mod:`serving.registry`). Feature metadata is resolved into a
-cache once; a background thread re-reads the registry when its file changes (checked
-every ``registry_refresh_seconds``), so ``feast apply`` takes effect without a restart.
+cache once; a background thread checks the registry every ``registry_refresh_seconds`` and
+swaps in a new catalog only when it changed (:class:`~serving.registry.RegistryWatcher`
+says what each kind of registry costs to check), so ``feast apply`` takes effect without a
+restart and requests never wait for a check.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from serving.options import (
     TlsFiles,
 )
 from serving.plan import Plan
-from serving.registry import parse_registry, registry_bytes
+from serving.registry import RegistryWatcher
 from serving.repo_config import ServingRepoConfig, check_servable, read_repo_config
 from serving.servicer import SERVICE_NAME, ServingServicer
 from serving.validation import parse_request
@@ -102,9 +104,11 @@ class FeatureServer:
         self._reader: OnlineReader | None = None
         self._grpc: grpc.Server | None = None
         self._health = HealthStatus(self.metrics)
-        self._registry_signature: tuple[int, int] | None = None
+        self._registry: RegistryWatcher | None = None
+        self._refreshing = threading.Lock()  # refresh() is public: one check at a time
         self._stopping = threading.Event()
         self._monitor: threading.Thread | None = None
+        self._registry_monitor: threading.Thread | None = None
 
     @property
     def address(self) -> str:
@@ -134,6 +138,9 @@ class FeatureServer:
         self._grpc.start()
         self._monitor = threading.Thread(target=self._watch, name="serve-monitor", daemon=True)
         self._monitor.start()
+        self._registry_monitor = threading.Thread(target=self._watch_registry,
+                                                  name="serve-registry", daemon=True)
+        self._registry_monitor.start()
         logger.info("serving %s on %s", SERVICE_NAME, self.address,
                     extra={"port": self.port, "pid": os.getpid()})
         return self
@@ -142,6 +149,7 @@ class FeatureServer:
         export_redis_env(self.repo)
         self.config = config = read_repo_config(find_repo(self.repo))
         check_servable(config)
+        self._registry = RegistryWatcher(config)
         try:
             self.refresh(force=True)
         except FeaturepipeError:
@@ -215,42 +223,36 @@ class FeatureServer:
             raise
 
     def refresh(self, force: bool = False) -> bool:
-        """Reload the registry into a new catalog if it changed; True when reloaded."""
-        assert self.config is not None
-        file = self.config.registry_file
-        signature = None
-        if file is not None:
-            try:
-                st = file.stat()
-                signature = (st.st_mtime_ns, st.st_size)
-            except FileNotFoundError:
-                signature = (0, 0)
-            if not force and signature == self._registry_signature:
-                return False
-        data = registry_bytes(self.config) if signature != (0, 0) else b""
-        catalog = Catalog(parse_registry(data, self.config.project))
+        """Swap in a new catalog if the registry changed (always when ``force``); True when
+        swapped. Requests in flight keep the catalog they started with."""
+        assert self._registry is not None, "start() the server first"
+        with self._refreshing:
+            definitions = self._registry.check(force)
+        if definitions is None:
+            return False
+        catalog = Catalog(definitions)
         if not catalog.services and not catalog.views:
             logger.warning("the registry holds no feature views; run `featurepipe apply`")
         self._catalog = catalog
-        self._registry_signature = signature
         if self.metrics is not None and not force:
             self.metrics.registry_reloads.inc()
         return True
 
     def _watch(self) -> None:
-        """Background loop: PING Redis for the health status, re-read a changed registry."""
+        """Background loop: PING Redis for the health status."""
         assert self._reader is not None
-        interval, since_refresh = self.options.health_interval, 0.0
-        while not self._stopping.wait(interval):
+        while not self._stopping.wait(self.options.health_interval):
             self._health.set(self._reader.ping(), self._reader.node_health)
-            since_refresh += interval
-            if since_refresh >= self.options.registry_refresh_seconds:
-                since_refresh = 0.0
-                try:
-                    if self.refresh():
-                        logger.info("registry changed: feature metadata reloaded")
-                except Exception:  # keep serving the last good catalog
-                    logger.warning("could not reload the registry; keeping the last one", exc_info=True)
+
+    def _watch_registry(self) -> None:
+        """Background loop: check the registry for changes, on a thread of its own so a slow
+        registry (an object store, a remote one) delays neither requests nor health."""
+        while not self._stopping.wait(self.options.registry_refresh_seconds):
+            try:
+                if self.refresh():
+                    logger.info("registry changed: feature metadata reloaded")
+            except Exception:  # keep serving the last good catalog
+                logger.warning("could not reload the registry; keeping the last one", exc_info=True)
 
     def stop(self, grace: float | None = 1.0) -> None:
         """Stop serving: health goes NOT_SERVING, new calls are refused, and calls in
@@ -263,6 +265,9 @@ class FeatureServer:
         if self._monitor is not None:
             self._monitor.join(timeout=self.options.redis_timeout + 1)
             self._monitor = None
+        if self._registry_monitor is not None:  # a check under way is left to finish (daemon)
+            self._registry_monitor.join(timeout=1.0)
+            self._registry_monitor = None
         if self._reader is not None:
             self._reader.close()
         if self.metrics is not None:
