@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import redis
+import redis.crc
 
 from featurepipe.core.windows import KERNEL_VERSION
 from tests.conftest import deployed_repo, redis_url_feast
@@ -660,3 +661,41 @@ def _stored_value(x: Any) -> Any:
         return int(x)
     x = float(x)
     return None if x != x else x
+
+
+def test_the_stream_job_writes_into_a_redis_cluster(stream_repo: StreamRepo) -> None:
+    """The same events through the stream job with the online store on a 3-node Redis
+    Cluster: each key (on the primary owning its slot) holds exactly what the job writes
+    into one server."""
+    from redis.cluster import ClusterNode, RedisCluster
+
+    from featurepipe.redis_server import RedisClusterServers
+    from featurepipe.stream.engine import StreamJob
+    from featurepipe.stream.runner import open_source
+
+    sr = stream_repo
+    messages = _payloads(sr.events)
+    _publish(sr.redis_url, "to-cluster", messages)
+    single = redis.Redis.from_url(_base_url(sr.redis_url) + "/9")
+    single.flushdb()
+    options = {"max_events": len(messages), "max_batch": 900, "checkpoint_seconds": 0.5}
+    _run(sr, "to-cluster", _options("to-single", **options), sink_db=9)
+    expected = _redis_dump(sr.redis_url, 9)
+    assert expected
+    with RedisClusterServers() as cluster:
+        client = RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", p) for p in cluster.ports])
+        source = open_source(_options("to-cluster"), stream="to-cluster", stream_url=_base_url(sr.redis_url) + "/0")
+        job = StreamJob(sr.store, source, client, _options("to-cluster", **options))
+        try:
+            result = job.run()
+        finally:
+            job.close()
+        assert result.counters.accepted == sr.events.num_rows
+        got: dict[bytes, dict[bytes, bytes]] = {}
+        for i, port in enumerate(cluster.ports):
+            first, last = cluster.slot_ranges(i)
+            node = redis.Redis(port=port)
+            keys = [k for k in node.scan_iter(count=1000) if not k.startswith(b"featurepipe:probe:")]
+            assert keys and all(first <= redis.crc.key_slot(k) <= last for k in keys)
+            got.update({k: node.hgetall(k) for k in keys})
+    assert got == expected
