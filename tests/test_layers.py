@@ -24,6 +24,7 @@ LAZY_MODULES = {
     "featurepipe.cli.training": "CLI: a command imports its stage when it runs",
     "featurepipe.cli.local": "CLI: a command imports its stage when it runs",
     "featurepipe.cli.stream": "CLI: a command imports its stage when it runs",
+    "featurepipe.cli.online": "CLI: a command imports its stage when it runs",
     "featurepipe.demo": "CLI: the demo imports each step's stage when the step runs",
     "featurepipe.stream.runner": "CLI: `featurepipe stream` sub-commands import their source when they run",
     "serving.command": "CLI: `featurepipe serve` / `python -m serving` import the server when it starts",

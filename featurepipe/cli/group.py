@@ -12,6 +12,7 @@ import warnings
 import click
 
 from featurepipe.cli.local import notebooks, redis
+from featurepipe.cli.online import online
 from featurepipe.cli.pipeline import (
     apply,
     backfill,
@@ -22,7 +23,8 @@ from featurepipe.cli.pipeline import (
     materialize,
     push,
 )
-from featurepipe.cli.quality import lineage, report, status
+from featurepipe.cli.quality import catalog, lineage, report, status
+from featurepipe.cli.registry import registry
 from featurepipe.cli.stream import stream
 from featurepipe.cli.training import evaluate, leakage, skew, train
 from featurepipe.errors import FeaturepipeError
@@ -69,6 +71,7 @@ def main() -> None:
       featurepipe push          new events -> updated features online
       featurepipe stream run    live events -> windowed features online and offline
       featurepipe demo          all of the above, end to end
+      featurepipe online        Redis lost: rebuild it from the offline store, verify it
 
     Redis: REDIS_URL=redis://host:port/db (default 127.0.0.1:6379).
     """
@@ -77,7 +80,9 @@ def main() -> None:
 for _command in (
     generate, apply, feast, backfill, index, materialize, push, demo,  # the pipeline (serve: above)
     train, evaluate, leakage, skew,  # training
-    status, lineage, report,  # data quality
+    status, lineage, report, catalog,  # data quality and the data dictionary
     stream, redis, notebooks,
+    registry,  # the Feast registry: backup, restore
+    online,  # the online store as a whole: rebuild, verify
 ):
     main.add_command(_command)

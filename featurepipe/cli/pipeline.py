@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -121,21 +121,32 @@ def feast(repo: Path | None, args: tuple[str, ...]) -> None:
               help="Batch engine (default: $FEATUREPIPE_ENGINE, else `engine:` in the repo's featurepipe.yaml, "
                    "else duckdb). spark needs `pip install 'featurepipe[spark]'` and Java 17+; where it runs: "
                    "`spark:` in featurepipe.yaml or $FEATUREPIPE_SPARK_MASTER (default local[*]).")
+@click.option("--plan", "plan_only", is_flag=True,
+              help="Only say what the backfill would do: per view the raw files it reads (count, bytes, rows from "
+                   "the Parquet footers), the days it replaces, the rows it would write and an estimated time. "
+                   "Reads metadata only and writes nothing.")
 @REPO_OPTION
 def backfill(start: date | None, end: date | None, views: tuple[str, ...], index: bool, engine: str | None,
-             repo: Path | None) -> None:
+             plan_only: bool, repo: Path | None) -> None:
     """Compute the offline feature tables (each view's change-point rows) over the raw Parquet,
     with DuckDB on this machine or with Spark (--engine spark): the same values either way.
 
     Only the day partitions in [start, end) are replaced, so reruns are idempotent. The
     offline index of each backfilled view is rebuilt afterwards (--no-index: leave it to
     the first retrieval).
+
+    --plan prints the plan instead and changes nothing. Time estimates: DuckDB from the
+    view's last backfills in the run log (else 15 CPU-seconds per million events), Spark
+    from 150 CPU-seconds per million events per core (docs/benchmarks.md).
     """
     from featurepipe.config import load_store
     from featurepipe.jobs.backfill import backfill as run
     from featurepipe.report import table
 
     store = load_store(repo)
+    if plan_only:
+        _echo_plan(store, views, start, end, engine)
+        return
     results = run(store, views or None, start, end, engine=engine)
     click.echo(table(
         ["view", "rows", "entities", "days", "seconds"],
@@ -143,6 +154,30 @@ def backfill(start: date | None, end: date | None, views: tuple[str, ...], index
     ))
     if index and results:
         _echo_indexes(store, [r.view for r in results])
+
+
+def _echo_plan(store: FeatureStore, views: tuple[str, ...], start: date | None, end: date | None,
+               engine: str | None) -> None:
+    from featurepipe.jobs.plan import plan_backfill
+    from featurepipe.report import table
+
+    plan = plan_backfill(store, views or None, start, end, engine=engine)
+    click.echo(f"backfill plan ({plan.engine}); nothing was run or written\n")
+    click.echo(table(
+        ["view", "files", "MB", "file rows", "events read", "days (UTC)", "days (new)", "est. rows out",
+         "est. seconds"],
+        [[v.view, f"{v.files:,}", f"{v.bytes / 1e6:,.1f}", f"{v.rows:,}", f"{v.events:,}",
+          f"{v.start:%Y-%m-%d} .. {v.end - timedelta(days=1):%Y-%m-%d}",
+          f"{v.days} ({v.days_new})", f"{v.output_rows:,}", f"{v.seconds:,.1f}"] for v in plan.views],
+    ))
+    for v in plan.views:
+        since = (f"the events from {v.read_from:%Y-%m-%d %H:%M} UTC on (start - the windows' horizon)"
+                 if v.read_from else "every event (an aggregate without a window)")
+        click.echo(f"\n{v.view}: reads {since} in {v.input_path}\n  rows out: {v.output_basis}\n"
+                   f"  time: {v.seconds_basis}")
+    startup = f" + {plan.startup_seconds:.0f}s Spark session start-up" if plan.startup_seconds else ""
+    click.echo(f"\ntotal: about {plan.seconds:,.0f}s{startup and ' (' + startup[3:] + ' included)'}, "
+               "plus the offline index rebuild unless --no-index")
 
 
 def _echo_indexes(store: FeatureStore, views: list[str] | None) -> None:

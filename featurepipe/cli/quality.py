@@ -167,3 +167,27 @@ def report(out: Path | None, last: int, repo: Path | None) -> None:
     info = write_report(data, out or data / "reports" / "quality.html", aggregate_views(load_store(root)),
                         load_contracts(root), last)
     click.echo(f"wrote {info.path} ({info.runs} runs, {info.figures} figures)")
+
+
+@click.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder to write catalog.md / catalog.html into (default: <data>/catalog).")
+@click.option("--format", "fmt", type=click.Choice(["md", "html", "both"]), default="both", show_default=True,
+              help="Markdown, one self-contained HTML page, or both.")
+@REPO_OPTION
+def catalog(out: Path | None, fmt: str, repo: Path | None) -> None:
+    """Write the data dictionary, from the registry: every entity, data source, feature view,
+    feature and feature service, with types, descriptions (derived from the aggregation where
+    the definitions give none), window semantics, TTL, owner, tags, freshness SLA and checks
+    from contracts.yaml, inputs, and the feature services that use each view."""
+    from featurepipe.config import data_dir, find_repo, load_store
+    from featurepipe.quality.catalog import plural, write_catalog
+    from featurepipe.quality.contracts import load_contracts
+
+    root = find_repo(repo)
+    formats = ("md", "html") if fmt == "both" else (fmt,)
+    files = write_catalog(load_store(root), load_contracts(root), out or data_dir(root) / "catalog", formats)
+    c = files.counts
+    click.echo(f"wrote {', '.join(str(p) for p in files.paths)}: {plural(c['entities'], 'entity')}, "
+               f"{plural(c['data_sources'], 'data source')}, {plural(c['feature_views'], 'feature view')} with "
+               f"{plural(c['features'], 'feature')}, {plural(c['feature_services'], 'feature service')}")
