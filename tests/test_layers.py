@@ -204,7 +204,7 @@ LAYERS: dict[str, int] = {
     "batch": 1, "offline": 1, "online": 1, "stream": 1, "quality": 1, "serving": 1, "training": 1,
     "generate": 1, "report": 1,
     "feast": 2, "jobs": 2,
-    "cli": 3, "demo": 3,
+    "cli": 3, "demo": 3, "orchestration": 3,
 }
 LAYER_NAMES = {0: "core", 1: "stages", 2: "Feast adapters and jobs", 3: "entry points"}
 
