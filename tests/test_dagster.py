@@ -167,6 +167,21 @@ def test_a_range_of_partitions_backfills_in_one_run(deployed: Deployed) -> None:
 
 
 @needs_dagster
+def test_a_partition_without_change_points_publishes_nothing(deployed: Deployed) -> None:
+    """``merchant_fraud`` reads the labels' arrival time: on the first day none has arrived,
+    so its backfill of that day has no row to write. The run succeeds, publishes nothing for
+    it, and its run record says 0 rows (an empty staging folder is not read as Parquet)."""
+    from featurepipe.quality.runlog import read_runs
+
+    before = _tree(deployed.data / "offline" / "merchant_fraud")
+    result = _run(deployed, partition=deployed.days[0], assets=("merchant_fraud",))
+    assert result.success, [e.message for e in _events(result, "STEP_FAILURE")]
+    assert _tree(deployed.data / "offline" / "merchant_fraud") == before
+    run = read_runs(deployed.data)[-1]
+    assert run.kind == "backfill" and run.ok and [(o.view, o.rows) for o in run.outputs] == [("merchant_fraud", 0)]
+
+
+@needs_dagster
 def test_the_daily_job_materialises_the_online_store(deployed: Deployed) -> None:
     import duckdb
     import redis

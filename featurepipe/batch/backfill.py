@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from featurepipe.batch.sql import SourceColumns, aggregate_sql
 from featurepipe.core.db import connect, one_row
-from featurepipe.core.parquet_io import atomic_parquet
+from featurepipe.core.parquet_io import atomic_parquet, has_parquet
 from featurepipe.core.sql import literal, quote
 from featurepipe.core.windows import KERNEL_METADATA_KEY, KERNEL_VERSION, horizon
 from featurepipe.definitions import AggregateView, aggregate_views
@@ -148,7 +148,7 @@ def backfill_view(
         rows, entities = one_row(
             con, f"SELECT count(*), count(DISTINCT ({', '.join(quote(k) for k in view.join_keys)})) "
             f"FROM read_parquet({literal(str(staging / '**' / '*.parquet'))})"
-        ) if staging.exists() else (0, 0)
+        ) if has_parquet(staging) else (0, 0)  # (no change point in the range: an empty folder)
         published = publish_days(staging, out, start_dt, end_dt)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -27,3 +27,9 @@ def atomic_parquet(table: pa.Table, target: Path, **options: Any) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return target
+
+
+def has_parquet(folder: Path) -> bool:
+    """True when ``folder`` holds a Parquet file anywhere below it (DuckDB's partitioned
+    ``COPY`` of no rows leaves the folder, empty)."""
+    return folder.is_dir() and any(folder.glob("**/*.parquet"))

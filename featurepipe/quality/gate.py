@@ -36,6 +36,7 @@ import duckdb
 
 from featurepipe.config import data_dir, resolve_source_path
 from featurepipe.core.db import connect, one_row
+from featurepipe.core.parquet_io import has_parquet
 from featurepipe.definitions import AggregateView, aggregate_views
 from featurepipe.errors import GateBlocked
 from featurepipe.quality import anomaly, checks, stats
@@ -211,7 +212,7 @@ class BaseBatchGate(Gate, ABC):
                                   "quarantine_files": (), "check_seconds": 0.0,
                                   "definition_hash": self.view_hashes.get(view.name)}
         self.outputs[view.name] = record
-        if contract is None or not staging.exists():
+        if contract is None or not has_parquet(staging):  # (no change point in the range)
             if contract is not None and contract.volume is not None:
                 self.keep([CheckResult(STAGE_FEATURES, view.name, "volume", None, contract.volume.severity,
                                        contract.volume.min_rows <= 0, detail="no rows written")])
