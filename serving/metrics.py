@@ -38,7 +38,7 @@ class ServerMetrics:
             registry=self.registry,
         )
         self.redis_up = Gauge(
-            "featurepipe_serving_redis_up", "1 while Redis answers PING (a cluster: every primary)",
+            "featurepipe_serving_redis_up", "1 while Redis answers PING (a cluster: while any primary does; one primary: featurepipe_serving_redis_node_up)",
             registry=self.registry,
         )
         self.redis_node_up = Gauge(
